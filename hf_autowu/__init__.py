@@ -1,0 +1,21 @@
+"""hf_autowu: AutoWU, an automatic loss-driven learning-rate schedule, for PyTorch and the Hugging Face stack."""
+
+from .config import AutoWUConfig
+from .gp import ClosedFormLossCurveGP, LossCurveGP
+from .reference import ReferenceSwitchTest
+from .scheduler import AutoWU, SwitchTestRecord
+from .switch_test import SwitchTester, SwitchTestOutcome, minimum_in_past_probability
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoWU",
+    "AutoWUConfig",
+    "ClosedFormLossCurveGP",
+    "LossCurveGP",
+    "ReferenceSwitchTest",
+    "SwitchTestOutcome",
+    "SwitchTestRecord",
+    "SwitchTester",
+    "minimum_in_past_probability",
+]

@@ -1,0 +1,193 @@
+"""`AutoWUConfig`: every option of the AutoWU scheduler, validated once at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ramp import COOLDOWN_TYPES, WARMUP_TYPES
+
+PRESETS = ("robust", "paper")
+WARMUP_UNITS = ("step", "epoch")
+DECAY_PHASE_STATS = (None, "loss")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class AutoWUConfig:
+    """Options of the AutoWU learning-rate scheduler.
+
+    The first group are the options of the reference implementation, with its names and defaults. The
+    constants of the switch test (`confidence`, `patience`, `n_tests`) and its cadence (`test_interval`) are
+    options too. `preset` selects between the behaviour of the paper and hf_autowu's robust default; the
+    options that depend on it default to `None`, meaning "as the preset says" (see the `effective_*`
+    properties).
+
+    Every field carries `metadata["help"]`, so `transformers.HfArgumentParser` turns the dataclass into
+    command-line flags.
+
+    Raises:
+        `ValueError`: when an option is out of range, naming the option and what is allowed.
+    """
+
+    min_lr: float = field(default=1e-5, metadata=_help("Learning rate at the start of warmup."))
+    max_lr: float = field(
+        default=1.0, metadata=_help("Ceiling of the warmup ramp (reached after the maximum warmup).")
+    )
+    max_warmup_fraction: float = field(
+        default=0.5, metadata=_help("Largest fraction of the step budget that warmup may last, in [0, 1].")
+    )
+    warmup_type: str = field(default="exp", metadata=_help("Warmup ramp: 'exp' (geometric) or 'linear'."))
+    warmup_unit: str = field(
+        default="step", metadata=_help("Grow the LR every 'step' or once per 'epoch' (needs steps per epoch).")
+    )
+    immediate_cooldown: bool = field(
+        default=False,
+        metadata=_help("Cosine-decay right after the switch (True) or hold the LR until the cooldown (False)."),
+    )
+    decay_phase_stat: str | None = field(
+        default=None,
+        metadata=_help("While holding: None decays by `decay_phase_factor` per epoch; 'loss' reduces on plateau."),
+    )
+    decay_phase_factor: float = field(
+        default=1.0, metadata=_help("Per-epoch (or per-plateau) LR factor while holding, in (0, 1].")
+    )
+    cooldown_fraction: float = field(
+        default=0.2, metadata=_help("Fraction of the budget at its end spent in cooldown, in [0, 1].")
+    )
+    cooldown_type: str = field(default="cosine", metadata=_help("Cooldown shape: 'cosine' or 'half_cosine'."))
+    device: str = field(default="cpu", metadata=_help("Device on which the Gaussian process is computed."))
+    confidence: float = field(
+        default=0.95, metadata=_help("A prediction votes 'minimum is in the past' above this probability.")
+    )
+    patience: int = field(default=3, metadata=_help("Number of consecutive passed switch tests needed to switch."))
+    n_tests: int = field(default=5, metadata=_help("Number of GP predictions (votes) per switch test."))
+    test_interval: int | None = field(
+        default=None,
+        metadata=_help(
+            "Steps between switch tests. Default: with preset 'paper', one epoch (or 1/50 of the budget without "
+            "epochs); with preset 'robust', whenever the warmup LR has grown by `test_lr_growth`."
+        ),
+    )
+    preset: str = field(
+        default="robust",
+        metadata=_help("'robust' (hf_autowu's default) or 'paper' (the published algorithm, for reproduction)."),
+    )
+    test_lr_growth: float | None = field(
+        default=None,
+        metadata=_help("Robust cadence: test whenever the warmup LR has grown by this factor (default 1.1)."),
+    )
+    standardize_losses: bool | None = field(
+        default=None, metadata=_help("Standardise the losses before the GP fit (default: True for 'robust').")
+    )
+    divergence_guard: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Switch at once, without patience, on a non-finite loss or a loss back above its starting level "
+            "(default: True for 'robust')."
+        ),
+    )
+    estimate_at_cap: bool | None = field(
+        default=None,
+        metadata=_help(
+            "When warmup ends without a switch, decay from the GP's best LR instead of the LR reached "
+            "(default: True for 'robust')."
+        ),
+    )
+    seed: int = field(default=0, metadata=_help("Seed of the subsampling generator (same on every process)."))
+
+    def __post_init__(self) -> None:
+        self._check_positive_finite("min_lr")
+        self._check_positive_finite("max_lr")
+        if not self.min_lr < self.max_lr:
+            raise ValueError(
+                f"`min_lr` must be smaller than `max_lr`, got min_lr={self.min_lr}, max_lr={self.max_lr}."
+            )
+        self._check_fraction("max_warmup_fraction")
+        self._check_fraction("cooldown_fraction")
+        self._check_choice("warmup_type", WARMUP_TYPES)
+        self._check_choice("warmup_unit", WARMUP_UNITS)
+        self._check_choice("decay_phase_stat", DECAY_PHASE_STATS)
+        self._check_choice("cooldown_type", COOLDOWN_TYPES)
+        self._check_choice("preset", PRESETS)
+        if not isinstance(self.immediate_cooldown, bool):
+            raise ValueError(f"`immediate_cooldown` must be True or False, got {self.immediate_cooldown!r}.")
+        if not (_is_real(self.decay_phase_factor) and 0.0 < self.decay_phase_factor <= 1.0):
+            raise ValueError(f"`decay_phase_factor` must be in (0, 1], got {self.decay_phase_factor!r}.")
+        if not (_is_real(self.confidence) and 0.0 < self.confidence < 1.0):
+            raise ValueError(f"`confidence` must be in (0, 1), got {self.confidence!r}.")
+        self._check_positive_int("patience")
+        self._check_positive_int("n_tests")
+        if self.test_interval is not None:
+            self._check_positive_int("test_interval")
+        if self.test_lr_growth is not None and not (
+            _is_real(self.test_lr_growth) and 1.0 < self.test_lr_growth < math.inf
+        ):
+            raise ValueError(f"`test_lr_growth` must be a finite number > 1, got {self.test_lr_growth!r}.")
+        for name in ("standardize_losses", "divergence_guard", "estimate_at_cap"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
+        if not isinstance(self.device, str):
+            self.device = str(self.device)
+
+    @property
+    def is_robust(self) -> bool:
+        """Whether the robust preset is selected."""
+        return self.preset == "robust"
+
+    @property
+    def effective_test_lr_growth(self) -> float | None:
+        """LR growth between two switch tests, or `None` when tests come every `test_interval` steps."""
+        if self.test_interval is not None or not self.is_robust:
+            return None
+        return 1.1 if self.test_lr_growth is None else self.test_lr_growth
+
+    @property
+    def effective_standardize_losses(self) -> bool:
+        """Whether losses are standardised before the GP fit."""
+        return self.is_robust if self.standardize_losses is None else self.standardize_losses
+
+    @property
+    def effective_divergence_guard(self) -> bool:
+        """Whether a diverging loss switches at once."""
+        return self.is_robust if self.divergence_guard is None else self.divergence_guard
+
+    @property
+    def effective_estimate_at_cap(self) -> bool:
+        """Whether a warmup that hits its cap decays from the GP's estimate of the best LR."""
+        return self.is_robust if self.estimate_at_cap is None else self.estimate_at_cap
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (JSON- and `weights_only`-safe)."""
+        return dataclasses.asdict(self)
+
+    def _check_positive_finite(self, name: str) -> None:
+        value = getattr(self, name)
+        if not (_is_real(value) and 0.0 < value < math.inf):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+    def _check_fraction(self, name: str) -> None:
+        value = getattr(self, name)
+        if not (_is_real(value) and 0.0 <= value <= 1.0):
+            raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+
+    def _check_choice(self, name: str, allowed: tuple) -> None:
+        value = getattr(self, name)
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

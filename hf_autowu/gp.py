@@ -1,0 +1,230 @@
+"""The Gaussian process that smooths the warmup loss curve.
+
+`LossCurveGP` is the model as a GPyTorch exact GP: constant mean, scaled RBF kernel with a fixed
+lengthscale, Gaussian likelihood. `ClosedFormLossCurveGP` evaluates exactly the same model without GPyTorch's
+per-call overhead: the RBF kernel on [0, 1] with lengthscale 0.2 has numerical rank ~21, so a Nystroem factor
+reproduces it to ~1e-15 and turns every solve into a small r x r one. The hyperparameters follow the same
+Adam trajectory as `torch.optim.Adam` on GPyTorch's raw parameters (same softplus constraints, same update
+rule), which the tests check against `LossCurveGP`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import gpytorch
+import torch
+
+LENGTHSCALE = 0.2
+NOISE_INIT = 1e-3
+NOISE_FLOOR = 1e-4  # GPyTorch's GaussianLikelihood constraint: noise = softplus(raw) + 1e-4
+FIT_ITERATIONS = 100
+FIT_LR = 0.01
+GRID_SIZE = 500
+VARIANCE_JITTER = 1e-4  # added to the variance of f_i - f_k, as in ALGORITHM.md
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_FACTOR_TOLERANCE = 1e-15
+_FACTOR_CANDIDATES = 4001
+
+
+class LossCurveGP(gpytorch.models.ExactGP):
+    """Exact GP regression of the loss curve on the normalised time axis [0, 1].
+
+    Args:
+        likelihood (`gpytorch.likelihoods.GaussianLikelihood`): The observation model.
+        lengthscale (`float`, *optional*, defaults to 0.2): RBF lengthscale; it is fixed (not trained).
+    """
+
+    def __init__(self, likelihood: gpytorch.likelihoods.GaussianLikelihood, lengthscale: float = LENGTHSCALE):
+        super().__init__(None, None, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        self.covar_module.base_kernel.lengthscale = lengthscale
+        self.covar_module.base_kernel.raw_lengthscale.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def softplus(x: float) -> float:
+    """`torch.nn.functional.softplus` (threshold 20) on a float."""
+    return x if x > 20.0 else math.log1p(math.exp(x))
+
+
+def inverse_softplus(y: float) -> float:
+    """Inverse of `softplus` (GPyTorch's `inv_softplus`)."""
+    return y + math.log(-math.expm1(-y))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 if x > 20.0 else 1.0 / (1.0 + math.exp(-x))
+
+
+def rbf(a: torch.Tensor, b: torch.Tensor, lengthscale: float) -> torch.Tensor:
+    """RBF correlation `exp(-(a_i - b_j)^2 / (2 l^2))` between the points of `a` (..., n) and `b` (..., m)."""
+    return torch.exp(-0.5 * ((a.unsqueeze(-1) - b.unsqueeze(-2)) / lengthscale) ** 2)
+
+
+@lru_cache(maxsize=8)
+def _nystroem_basis(lengthscale: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivot points `Z` and the Cholesky factor of `rbf(Z, Z)`, chosen by pivoted Cholesky on a fine grid.
+
+    With them, `features(x) = L^-1 rbf(Z, x)` satisfies `features(a) @ features(b).T == rbf(a, b)` to ~1e-15
+    anywhere in [0, 1].
+    """
+    candidates = torch.linspace(0.0, 1.0, _FACTOR_CANDIDATES, dtype=torch.float64)
+    residual = torch.ones_like(candidates)
+    columns: list[torch.Tensor] = []
+    pivots: list[int] = []
+    while float(residual.max()) > _FACTOR_TOLERANCE and len(pivots) < _FACTOR_CANDIDATES:
+        p = int(residual.argmax())
+        pivots.append(p)
+        column = rbf(candidates, candidates[p : p + 1], lengthscale)[:, 0]
+        for previous in columns:
+            column = column - previous * previous[p]
+        column = column / residual[p].sqrt()
+        columns.append(column)
+        residual = residual - column**2
+    points = candidates[pivots]
+    chol = torch.linalg.cholesky(rbf(points, points, lengthscale))
+    return points.to(device=device, dtype=dtype), chol.to(device=device, dtype=dtype)
+
+
+def kernel_features(x: torch.Tensor, lengthscale: float = LENGTHSCALE) -> torch.Tensor:
+    """Low-rank features `H` (..., n, r) with `H @ H.mT == rbf(x, x)` to ~1e-15, for points `x` in [0, 1]."""
+    points, chol = _nystroem_basis(lengthscale, x.dtype, str(x.device))
+    cross = rbf(points, x, lengthscale)  # (..., r, n)
+    return torch.linalg.solve_triangular(chol, cross, upper=False).mT
+
+
+class ClosedFormLossCurveGP:
+    """`LossCurveGP` and its persistent Adam optimizer, evaluated in closed form.
+
+    Holds the three trained raw hyperparameters (constant mean, raw outputscale, raw noise) and Adam's moments
+    as plain floats, so its state is tiny, exact and `weights_only`-safe.
+
+    Args:
+        device (`str`, *optional*, defaults to `"cpu"`): Device of the prediction tensors.
+    """
+
+    _NAMES = ("raw_mean", "raw_outputscale", "raw_noise")
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.lengthscale = softplus(inverse_softplus(LENGTHSCALE))
+        self.raw = [0.0, 0.0, inverse_softplus(NOISE_INIT - NOISE_FLOOR)]
+        self.adam_step = 0
+        self.exp_avg = [0.0, 0.0, 0.0]
+        self.exp_avg_sq = [0.0, 0.0, 0.0]
+
+    @property
+    def mean(self) -> float:
+        """The constant mean."""
+        return self.raw[0]
+
+    @property
+    def outputscale(self) -> float:
+        """The kernel's output scale (prior variance of the latent function)."""
+        return softplus(self.raw[1])
+
+    @property
+    def noise(self) -> float:
+        """The observation noise variance."""
+        return softplus(self.raw[2]) + NOISE_FLOOR
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, mean_init: float) -> None:
+        """Continue training the hyperparameters on `(x, y)`: `FIT_ITERATIONS` Adam steps on the exact MLL.
+
+        Args:
+            x (`torch.Tensor`): Inputs in [0, 1], shape (n,).
+            y (`torch.Tensor`): Targets, shape (n,), finite.
+            mean_init (`float`): Value the constant mean is reset to before training.
+        """
+        x = x.to(device="cpu", dtype=torch.float64)
+        y = y.to(device="cpu", dtype=torch.float64)
+        n = y.numel()
+        u, singular, _ = torch.linalg.svd(kernel_features(x, self.lengthscale), full_matrices=False)
+        eig = (singular**2).numpy()
+        uy = (u.mT @ y).numpy()
+        u1 = u.sum(dim=0).numpy()
+        yy, y1 = float(y @ y), float(y.sum())
+        rest = n - eig.size  # directions of the kernel with zero eigenvalue
+        self.raw[0] = mean_init
+        for _ in range(FIT_ITERATIONS):
+            m, s, noise = self.raw[0], self.outputscale, self.noise
+            z = uy - m * u1
+            d = s * eig + noise
+            inv_d = 1.0 / d
+            z_inv_d = z * inv_d
+            resid = max(yy - 2.0 * m * y1 + m * m * n - float(z @ z), 0.0)
+            # gradients of the negative MLL / n, as ExactMarginalLogLikelihood divides by n
+            g_mean = (-float(z_inv_d @ u1) + (m * n - y1 + float(z @ u1)) / noise) / n
+            g_dd = 0.5 * (inv_d - z_inv_d**2)
+            g_scale = float(g_dd @ eig) / n
+            g_noise = (float(g_dd.sum()) + 0.5 * (rest / noise - resid / noise**2)) / n
+            self._adam_update((g_mean, g_scale * _sigmoid(self.raw[1]), g_noise * _sigmoid(self.raw[2])))
+
+    def _adam_update(self, grads: tuple[float, float, float]) -> None:
+        """One `torch.optim.Adam` step (lr 0.01, default betas and eps) on the raw hyperparameters."""
+        beta1, beta2 = _ADAM_BETAS
+        self.adam_step += 1
+        step_size = FIT_LR / (1.0 - beta1**self.adam_step)
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2**self.adam_step)
+        for i, g in enumerate(grads):
+            self.exp_avg[i] += (g - self.exp_avg[i]) * (1.0 - beta1)
+            self.exp_avg_sq[i] = self.exp_avg_sq[i] * beta2 + (1.0 - beta2) * g * g
+            denom = math.sqrt(self.exp_avg_sq[i]) / bias_correction2_sqrt + _ADAM_EPS
+            self.raw[i] -= step_size * self.exp_avg[i] / denom
+
+    def predict(self, x: torch.Tensor, y: torch.Tensor, grid_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Posterior of the latent function on `grid`, given observations `(x, y)`, batched over subsamples.
+
+        Args:
+            x (`torch.Tensor`): Inputs, shape (b, n).
+            y (`torch.Tensor`): Targets, shape (b, n).
+            grid_features (`torch.Tensor`): `kernel_features` of the prediction points, shape (g, r); the last
+                point is "now".
+
+        Returns:
+            `dict`: `mean` (b, g), `variance` (b, g), and `diff_variance` (b, g - 1), the variance of
+            `f(grid[i]) - f(grid[-1])`.
+
+        Raises:
+            `torch.linalg.LinAlgError`: when the posterior is not numerically positive definite.
+        """
+        m, s, noise = self.mean, self.outputscale, self.noise
+        feats = kernel_features(x, self.lengthscale)  # (b, n, r)
+        rank = feats.shape[-1]
+        eye = torch.eye(rank, dtype=feats.dtype, device=feats.device)
+        # K = s F F^T + noise I; with A = noise I + s F^T F: K^-1 F = F A^-1 (push-through identity)
+        a_chol, info = torch.linalg.cholesky_ex(noise * eye + s * feats.mT @ feats)
+        if bool(info.any()):
+            raise torch.linalg.LinAlgError("GP posterior is not positive definite")
+        weights = torch.cholesky_solve(feats.mT @ (y - m).unsqueeze(-1), a_chol)  # (b, r, 1)
+        mean = m + s * (grid_features @ weights).squeeze(-1)
+        # posterior covariance of the grid: noise * s * G A^-1 G^T
+        half = torch.linalg.solve_triangular(a_chol, grid_features.mT.expand(feats.shape[0], -1, -1), upper=False)
+        variance = noise * s * (half**2).sum(dim=-2)
+        diff = half[..., :-1] - half[..., -1:]
+        diff_variance = noise * s * (diff**2).sum(dim=-2)
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(diff_variance).all())):
+            raise torch.linalg.LinAlgError("GP posterior is not finite")
+        return {"mean": mean, "variance": variance, "diff_variance": diff_variance}
+
+    def state_dict(self) -> dict:
+        """Hyperparameters and Adam state as plain floats."""
+        return {
+            "raw": list(self.raw),
+            "adam_step": self.adam_step,
+            "exp_avg": list(self.exp_avg),
+            "exp_avg_sq": list(self.exp_avg_sq),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        self.raw = [float(v) for v in state["raw"]]
+        self.adam_step = int(state["adam_step"])
+        self.exp_avg = [float(v) for v in state["exp_avg"]]
+        self.exp_avg_sq = [float(v) for v in state["exp_avg_sq"]]

@@ -1,0 +1,459 @@
+"""`AutoWU`: the learning-rate scheduler (phase machine and the torch scheduler contract)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .config import AutoWUConfig
+from .distributed import broadcast_floats, mean_over_processes
+from .ramp import cooldown_factor, warmup_lr
+from .switch_test import SwitchTester, SwitchTestOutcome
+
+PHASES = ("warmup", "decay", "cooldown")
+_PLATEAU_PATIENCE = 5
+_PLATEAU_THRESHOLD = 1e-4
+
+
+@dataclass
+class SwitchTestRecord:
+    """One switch test, as kept in `AutoWU.tests`.
+
+    Attributes:
+        step (`int`): Optimizer steps done when the test ran.
+        probability (`float`): Mean probability that the minimum is in the past.
+        votes (`int`): Predictions that voted "past".
+        passed (`bool`): Whether the test passed.
+        lr_estimate (`float`): The LR at the smoothed minimum.
+        lr (`float`): The LR of the most recent step.
+    """
+
+    step: int
+    probability: float
+    votes: int
+    passed: bool
+    lr_estimate: float
+    lr: float
+
+
+class AutoWU:
+    """Automatic warmup and decay of the learning rate, driven by the training loss.
+
+    The LR grows from `min_lr` (exponentially by default) while a Gaussian process smooths the loss; once
+    the smoothed minimum is confidently in the past, the LR jumps to the LR at that minimum and decays to 0
+    by the end of the step budget. Call `step(loss)` once after every optimizer step.
+
+    Parameter groups keep their relative learning rates: the computed LR applies to the group(s) with the
+    largest LR configured in the optimizer, and every other group is scaled by its configured ratio to it.
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): The optimizer whose LRs are set.
+        steps_per_epoch (`int`, *optional*): Optimizer steps per epoch (the reference's second argument).
+        total_epochs (`int` or `float`, *optional*): Epochs in the budget.
+        total_steps (`int`, *optional*): The step budget; defaults to `steps_per_epoch * total_epochs`.
+        config (`AutoWUConfig`, *optional*): The options; keyword `options` override its fields.
+        **options: Any field of `AutoWUConfig` (`min_lr`, `immediate_cooldown`, `preset`, ...).
+
+    Example:
+
+    ```python
+    scheduler = AutoWU(optimizer, len(train_loader), total_epochs, immediate_cooldown=True)
+    for epoch in range(total_epochs):
+        for inputs, targets in train_loader:
+            loss = criterion(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step(loss)
+    ```
+
+    Raises:
+        `ValueError`: on an invalid budget or option.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        steps_per_epoch: int | None = None,
+        total_epochs: float | None = None,
+        *,
+        total_steps: int | None = None,
+        config: AutoWUConfig | None = None,
+        **options: Any,
+    ):
+        if config is None:
+            config = AutoWUConfig(**options)
+        elif options:
+            config = AutoWUConfig(**{**config.to_dict(), **options})
+        self.config = config
+        self.optimizer = optimizer
+        self.steps_per_epoch = _check_optional_positive_int("steps_per_epoch", steps_per_epoch)
+        self.total_steps = self._resolve_budget(total_steps, total_epochs)
+        if config.warmup_unit == "epoch" and self.steps_per_epoch is None:
+            raise ValueError("`warmup_unit='epoch'` needs `steps_per_epoch`.")
+        if not config.immediate_cooldown and (config.decay_phase_stat == "loss" or config.decay_phase_factor != 1.0):
+            if self.steps_per_epoch is None:
+                raise ValueError("`decay_phase_stat`/`decay_phase_factor` act per epoch and need `steps_per_epoch`.")
+
+        configured = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+        top = max(configured)
+        self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
+
+        self.warmup_steps = int(config.max_warmup_fraction * self.total_steps)
+        self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
+        self._tester = SwitchTester(
+            confidence=config.confidence,
+            n_tests=config.n_tests,
+            standardize_losses=config.effective_standardize_losses,
+            seed=config.seed,
+            device=config.device,
+        )
+        self._switch_listeners: list[Callable[[AutoWU], None]] = []
+
+        self.last_step = 0
+        self.phase = "warmup"
+        self.switch_step: int | None = None
+        self.switch_reason: str | None = None
+        self.peak_lr: float | None = None
+        self.tests: list[SwitchTestRecord] = []
+        self.last_outcome: SwitchTestOutcome | None = None
+        self._history = torch.empty(0, dtype=torch.float64)
+        self._pending: list[torch.Tensor | float] = []
+        self._passes: list[bool] = []
+        self._next_test = self._test_step_after(0)
+        self._lr = config.min_lr
+        self._hold_epoch = 0
+        self._plateau_best = math.inf
+        self._plateau_bad_epochs = 0
+        self._cooldown_from: tuple[int, float] | None = None
+
+        if self.warmup_steps <= 0:
+            self._lr = config.max_lr
+            self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
+        self._apply_lr()
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record the loss of the optimizer step that just ran and set the LR of the next one.
+
+        Args:
+            loss (`torch.Tensor` or `float`): The step's training loss. A tensor may live on any device; it is
+                only moved to the host at the next switch test, so this call adds no device sync. Needed
+                during warmup, and every step with `decay_phase_stat="loss"`; may be `None` otherwise.
+        """
+        if self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss"):
+            self._pending.append(_detach_loss(loss))
+        self.last_step += 1
+        t = self.last_step
+        if self.phase == "warmup":
+            if t >= self.warmup_steps or t >= self.cooldown_start:
+                self._end_warmup_at_cap(t)
+            elif t >= self._next_test:
+                self._run_test(t)
+        elif self.phase == "decay" and self.steps_per_epoch is not None:
+            self._maybe_decay_per_epoch(t)
+        if self.phase != "cooldown" and t >= self.cooldown_start:
+            self._enter_cooldown(t)
+        self._apply_lr()
+
+    def get_last_lr(self) -> list[float]:
+        """The LR of every parameter group for the next optimizer step."""
+        return [self._lr * ratio for ratio in self.group_ratios]
+
+    def lr_at(self, step: int) -> float:
+        """The LR (of the largest group) that the current schedule gives optimizer step `step`.
+
+        Exact for every step of the warmup ramp and from the current step on; it does not predict a switch.
+        """
+        if self.phase == "warmup":
+            return self._ramp(step)
+        if self.phase == "cooldown" or step >= self.cooldown_start:
+            start, lr0 = self._cooldown_from or (self.cooldown_start, self._lr)
+            progress = (step - start) / max(self.total_steps - start, 1)
+            return lr0 * cooldown_factor(min(max(progress, 0.0), 1.0), self.config.cooldown_type)
+        return self._lr
+
+    def add_switch_listener(self, listener: Callable[[AutoWU], None]) -> None:
+        """Call `listener(scheduler)` once, when warmup ends (after `peak_lr` and `switch_step` are set)."""
+        self._switch_listeners.append(listener)
+
+    def sync_pending_losses(self) -> None:
+        """Average the losses not yet tested over all processes now (a collective: call it on every process).
+
+        Integrations call this before a checkpoint so that the saved state holds the cross-process mean
+        losses; otherwise they are kept per process and averaged at the next test.
+        """
+        self._flush_pending()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe)."""
+        return {
+            "config": self.config.to_dict(),
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "group_ratios": list(self.group_ratios),
+            "last_step": self.last_step,
+            "phase": self.phase,
+            "switch_step": self.switch_step,
+            "switch_reason": self.switch_reason,
+            "peak_lr": self.peak_lr,
+            "lr": self._lr,
+            "tests": [asdict(record) for record in self.tests],
+            "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
+            "history": self._history.clone(),
+            "pending": _pending_to_tensor(self._pending),
+            "passes": list(self._passes),
+            "next_test": self._next_test,
+            "hold_epoch": self._hold_epoch,
+            "plateau_best": self._plateau_best,
+            "plateau_bad_epochs": self._plateau_bad_epochs,
+            "cooldown_from": list(self._cooldown_from) if self._cooldown_from is not None else None,
+            "tester": self._tester.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a `state_dict()`; the optimizer's LRs are set to the restored schedule."""
+        saved_config = AutoWUConfig(**state_dict["config"])
+        if saved_config != self.config:
+            warnings.warn(
+                "AutoWU: loading a state saved with other options; the saved options are used.", stacklevel=2
+            )
+            self.config = saved_config
+        self.total_steps = int(state_dict["total_steps"])
+        self.steps_per_epoch = state_dict["steps_per_epoch"]
+        self.warmup_steps = int(self.config.max_warmup_fraction * self.total_steps)
+        self.cooldown_start = self.total_steps - int(self.config.cooldown_fraction * self.total_steps)
+        self.group_ratios = [float(r) for r in state_dict["group_ratios"]]
+        self.last_step = int(state_dict["last_step"])
+        self.phase = state_dict["phase"]
+        self.switch_step = state_dict["switch_step"]
+        self.switch_reason = state_dict["switch_reason"]
+        self.peak_lr = state_dict["peak_lr"]
+        self._lr = float(state_dict["lr"])
+        self.tests = [SwitchTestRecord(**record) for record in state_dict["tests"]]
+        outcome = state_dict["last_outcome"]
+        self.last_outcome = SwitchTestOutcome(**outcome) if outcome is not None else None
+        self._history = state_dict["history"].to(torch.float64).clone()
+        self._pending = [float(v) for v in state_dict["pending"].tolist()]
+        self._passes = [bool(v) for v in state_dict["passes"]]
+        self._next_test = int(state_dict["next_test"])
+        self._hold_epoch = int(state_dict["hold_epoch"])
+        self._plateau_best = float(state_dict["plateau_best"])
+        self._plateau_bad_epochs = int(state_dict["plateau_bad_epochs"])
+        cooldown_from = state_dict["cooldown_from"]
+        self._cooldown_from = (int(cooldown_from[0]), float(cooldown_from[1])) if cooldown_from else None
+        self._tester = SwitchTester(
+            confidence=self.config.confidence,
+            n_tests=self.config.n_tests,
+            standardize_losses=self.config.effective_standardize_losses,
+            seed=self.config.seed,
+            device=self.config.device,
+        )
+        self._tester.load_state_dict(state_dict["tester"])
+        self._apply_lr()
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """The warmup losses tested so far (cross-process means, float64, CPU)."""
+        return self._history
+
+    # ------------------------------------------------------------------ warmup
+
+    def _ramp(self, step: int) -> float:
+        """LR of optimizer step `step` on the warmup ramp."""
+        cfg = self.config
+        if cfg.warmup_unit == "epoch":
+            epochs = int(cfg.max_warmup_fraction * self.total_steps / self.steps_per_epoch)
+            return warmup_lr(
+                step // self.steps_per_epoch,
+                min_lr=cfg.min_lr,
+                max_lr=cfg.max_lr,
+                length=max(epochs, 1),
+                warmup_type=cfg.warmup_type,
+            )
+        return warmup_lr(
+            step, min_lr=cfg.min_lr, max_lr=cfg.max_lr, length=self.warmup_steps, warmup_type=cfg.warmup_type
+        )
+
+    def _test_step_after(self, step: int) -> int:
+        """The step count at which the next switch test runs, after one at `step`."""
+        cfg = self.config
+        growth = cfg.effective_test_lr_growth
+        if growth is None or cfg.warmup_unit == "epoch":
+            interval = cfg.test_interval or self.steps_per_epoch or max(1, self.total_steps // 50)
+            return step + interval
+        # robust cadence: the next step whose ramp LR has grown by `growth` since the last tested step
+        target = growth * self._ramp(max(step - 1, 0))
+        if cfg.warmup_type == "exp":
+            per_step = math.log(cfg.max_lr / cfg.min_lr) / self.warmup_steps
+            k = math.ceil(math.log(target / cfg.min_lr) / per_step - 1e-9)
+        else:
+            k = math.ceil((target - cfg.min_lr) / (cfg.max_lr - cfg.min_lr) * self.warmup_steps - 1e-9)
+        return max(k + 1, step + 1)
+
+    def _run_test(self, t: int) -> None:
+        """A switch test after `t` steps; switch when the last `patience` tests passed."""
+        self._next_test = self._test_step_after(t)
+        self._flush_pending()
+        current_lr = self._ramp(t - 1)
+        diverged = self.config.effective_divergence_guard and self._saw_non_finite_since_last_test(t)
+        outcome = self._tester.run(
+            self._history, current_lr=current_lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
+        )
+        # every process takes the main process's decision
+        votes, estimate, rising, diverged = broadcast_floats(
+            [outcome.votes, outcome.lr_estimate, outcome.rising, diverged] if outcome else [-1, math.nan, 0, diverged]
+        )
+        diverged = bool(diverged)
+        if votes >= 0:
+            if outcome is None:  # cannot happen with identical inputs; keep the processes in step regardless
+                outcome = SwitchTestOutcome([], 0, False, estimate, False, [], [])
+            outcome.votes = int(votes)
+            outcome.passed = votes > self.config.n_tests / 2
+            outcome.lr_estimate = estimate
+            outcome.rising = bool(rising)
+            self.last_outcome = outcome
+            self.tests.append(
+                SwitchTestRecord(t, outcome.probability, outcome.votes, outcome.passed, estimate, current_lr)
+            )
+            self._passes = (self._passes + [outcome.passed])[-self.config.patience :]
+            if self.config.effective_divergence_guard and outcome.passed and outcome.rising:
+                diverged = True
+        if diverged:
+            self._switch(t, self._best_known_estimate(), reason="divergence")
+        elif len(self._passes) == self.config.patience and all(self._passes):
+            self._switch(t, estimate, reason="test")
+
+    def _saw_non_finite_since_last_test(self, t: int) -> bool:
+        since = self.tests[-1].step if self.tests else 0
+        recent = self._history[since:t]
+        return bool((~torch.isfinite(recent)).any())
+
+    def _best_known_estimate(self) -> float:
+        """The LR at the smoothed minimum from the latest successful test, else `min_lr`."""
+        if self.last_outcome is not None and math.isfinite(self.last_outcome.lr_estimate):
+            return self.last_outcome.lr_estimate
+        return self.config.min_lr
+
+    def _end_warmup_at_cap(self, t: int) -> None:
+        """Warmup ran out of steps without a switch."""
+        lr = self._ramp(t - 1)
+        if self.config.effective_estimate_at_cap:
+            self._flush_pending()
+            outcome = self._tester.run(
+                self._history, current_lr=lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
+            )
+            (estimate,) = broadcast_floats([outcome.lr_estimate if outcome else math.nan])
+            if math.isfinite(estimate):
+                lr = estimate
+                self.last_outcome = outcome
+        self._switch(t, lr, reason="cap")
+
+    def _switch(self, t: int, lr: float, reason: str) -> None:
+        lr = min(max(lr, 0.0), self.config.max_lr) if math.isfinite(lr) else self.config.min_lr
+        self._enter_decay(step=t, lr=lr, reason=reason)
+
+    def _enter_decay(self, step: int, lr: float, reason: str) -> None:
+        self._pending.clear()
+        self.switch_step = step
+        self.switch_reason = reason
+        self.peak_lr = lr
+        self._lr = lr
+        self.phase = "decay"
+        if self.config.immediate_cooldown:
+            self._enter_cooldown(step)
+        for listener in self._switch_listeners:
+            listener(self)
+
+    # ------------------------------------------------------------------ decay and cooldown
+
+    def _maybe_decay_per_epoch(self, t: int) -> None:
+        """Per-epoch decay while holding: by a factor, or by a factor on a plateau of the epoch's mean loss."""
+        cfg = self.config
+        if cfg.decay_phase_stat is None and cfg.decay_phase_factor == 1.0:
+            return
+        if (t - self.switch_step) % self.steps_per_epoch:
+            return
+        self._hold_epoch += 1
+        if cfg.decay_phase_stat is None:
+            self._lr *= cfg.decay_phase_factor
+            return
+        epoch_losses = mean_over_processes(_pending_to_tensor(self._pending)) if self._pending else None
+        self._pending.clear()
+        if epoch_losses is None:
+            return
+        finite = epoch_losses[torch.isfinite(epoch_losses)]
+        mean_loss = float(finite.mean()) if finite.numel() else math.inf
+        if mean_loss < self._plateau_best * (1.0 - _PLATEAU_THRESHOLD):
+            self._plateau_best = mean_loss
+            self._plateau_bad_epochs = 0
+        else:
+            self._plateau_bad_epochs += 1
+        if self._plateau_bad_epochs > _PLATEAU_PATIENCE:
+            self._lr *= cfg.decay_phase_factor
+            self._plateau_bad_epochs = 0
+
+    def _enter_cooldown(self, t: int) -> None:
+        self.phase = "cooldown"
+        self._pending.clear()
+        self._cooldown_from = (t, self._lr)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _apply_lr(self) -> None:
+        """Set the LR of the next step (`self.last_step`) in every parameter group."""
+        if self.phase != "decay":
+            self._lr = self.lr_at(self.last_step)
+        for group, ratio in zip(self.optimizer.param_groups, self.group_ratios, strict=False):
+            group["lr"] = self._lr * ratio
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            values = mean_over_processes(_pending_to_tensor(self._pending))
+            self._history = torch.cat([self._history, values])
+            self._pending.clear()
+
+    def _resolve_budget(self, total_steps: int | None, total_epochs: float | None) -> int:
+        if total_steps is None:
+            if self.steps_per_epoch is None or total_epochs is None:
+                raise ValueError("Give `total_steps`, or both `steps_per_epoch` and `total_epochs`.")
+            if not (isinstance(total_epochs, (int, float)) and total_epochs > 0):
+                raise ValueError(f"`total_epochs` must be a number > 0, got {total_epochs!r}.")
+            total_steps = math.ceil(self.steps_per_epoch * total_epochs)
+        return _check_optional_positive_int("total_steps", total_steps)
+
+
+def _check_optional_positive_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    return value
+
+
+def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
+    """The loss as a detached scalar tensor (no sync) or a float."""
+    if loss is None:
+        raise ValueError("`AutoWU.step(loss)` needs the step's loss during warmup (a tensor or a float).")
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")
+        return loss.detach().reshape(())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise ValueError(f"`loss` must be a tensor or a float, got {type(loss).__name__}.")
+
+
+def _pending_to_tensor(pending: list[torch.Tensor | float]) -> torch.Tensor:
+    """Stack buffered losses into one float64 tensor (on their device when they are all tensors on one)."""
+    if not pending:
+        return torch.empty(0, dtype=torch.float64)
+    if all(isinstance(v, torch.Tensor) for v in pending) and len({v.device for v in pending}) == 1:
+        return torch.stack([v.to(torch.float64) for v in pending])
+    return torch.tensor([float(v) for v in pending], dtype=torch.float64)

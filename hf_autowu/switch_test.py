@@ -1,0 +1,229 @@
+"""The switch test: is the minimum of the smoothed warmup loss confidently in the past?
+
+This is the fast path used by `AutoWU`. `hf_autowu.reference` holds a slow, step-by-step version written
+from the specification; the tests check that both make the same decisions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .gp import GRID_SIZE, VARIANCE_JITTER, ClosedFormLossCurveGP, kernel_features
+from .ramp import lr_at_fraction
+
+MIN_FINITE_LOSSES = 3
+FIT_SUBSAMPLE = 100
+PREDICT_SUBSAMPLE = 500
+MAX_GP_FAILURES = 10
+
+
+@dataclass
+class SwitchTestOutcome:
+    """What one switch test found.
+
+    Attributes:
+        probabilities (`list[float]`): Per prediction, the probability that the minimum is in the past.
+        votes (`int`): Predictions whose probability exceeds the confidence.
+        passed (`bool`): Whether more than half of the predictions voted "past".
+        lr_estimate (`float`): Mean over predictions of the LR at the argmin of the posterior mean.
+        rising (`bool`): Whether the posterior mean now is above its value at the start of the history.
+        grid_mean (`list[float]`): Posterior mean on the grid (loss units, averaged over predictions).
+        grid_std (`list[float]`): Posterior standard deviation of the latent curve on the grid (loss units).
+    """
+
+    probabilities: list[float]
+    votes: int
+    passed: bool
+    lr_estimate: float
+    rising: bool
+    grid_mean: list[float] = field(repr=False)
+    grid_std: list[float] = field(repr=False)
+
+    @property
+    def probability(self) -> float:
+        """Mean probability over the predictions."""
+        return sum(self.probabilities) / len(self.probabilities) if self.probabilities else math.nan
+
+
+def minimum_in_past_probability(mean: torch.Tensor, diff_variance: torch.Tensor) -> torch.Tensor:
+    """`max_{i<k} P(f_i < f_k)` for a Gaussian posterior, `k` the last grid point.
+
+    Args:
+        mean (`torch.Tensor`): Posterior means, shape (..., g).
+        diff_variance (`torch.Tensor`): Variances of `f_i - f_k` for i < k, shape (..., g - 1).
+
+    Returns:
+        `torch.Tensor`: the probability, shape (...).
+    """
+    gap = mean[..., -1:] - mean[..., :-1]
+    z = gap / (diff_variance.clamp_min(0.0) + VARIANCE_JITTER).sqrt()
+    return torch.special.ndtr(z.max(dim=-1).values)
+
+
+def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """At most `size` of `indices`, drawn without replacement by `generator`, in their original order.
+
+    The generator is only consumed when there is something to draw, so equal histories draw equally.
+    """
+    if indices.numel() <= size:
+        return indices
+    picked = torch.ones(indices.numel()).multinomial(size, generator=generator)
+    return indices[picked.sort().values]
+
+
+def standardize(losses: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Shift and scale `losses` so that its finite entries have mean 0 and standard deviation 1.
+
+    Returns:
+        `tuple`: the standardised losses, and the (shift, scale) that undo it.
+    """
+    values = losses[finite]
+    shift = float(values.mean())
+    scale = float(values.std(correction=0)) if values.numel() > 1 else 0.0
+    if not (scale > 0.0 and scale < float("inf")):
+        scale = 1.0
+    return (losses - shift) / scale, shift, scale
+
+
+class SwitchTester:
+    """Runs switch tests on a growing loss history, keeping the GP and the subsampling generator between tests.
+
+    Args:
+        confidence (`float`): A prediction votes "past" when its probability exceeds this.
+        n_tests (`int`): Number of predictions per test.
+        standardize_losses (`bool`): Standardise the losses before fitting (scale-invariant decisions).
+        seed (`int`): Seed of the subsampling generator.
+        device (`str`): Device of the prediction tensors.
+    """
+
+    def __init__(self, *, confidence: float, n_tests: int, standardize_losses: bool, seed: int, device: str = "cpu"):
+        self.confidence = confidence
+        self.n_tests = n_tests
+        self.standardize_losses = standardize_losses
+        self.device = device
+        self.gp = ClosedFormLossCurveGP(device=device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._grid = torch.linspace(0.0, 1.0, GRID_SIZE, dtype=torch.float64, device=device)
+        self._grid_features = kernel_features(self._grid, self.gp.lengthscale)
+
+    def run(
+        self, losses: torch.Tensor, *, current_lr: float, min_lr: float, warmup_type: str
+    ) -> SwitchTestOutcome | None:
+        """Fit the GP to `losses` and test whether the minimum is in the past.
+
+        Args:
+            losses (`torch.Tensor`): All losses recorded in warmup, float64 on the CPU; non-finite ones hold
+                their place on the time axis but are not fitted.
+            current_lr (`float`): LR of the most recent step (the end of the time axis).
+            min_lr (`float`): LR at the start of the history.
+            warmup_type (`str`): `"exp"` or `"linear"`, to map the argmin back to an LR.
+
+        Returns:
+            `SwitchTestOutcome`, or `None` when the test cannot be made (fewer than 3 finite losses, or the GP
+            failed numerically `MAX_GP_FAILURES` times; a warning says so).
+        """
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the matrices are small: threads only add contention with training
+        try:
+            return self._run(losses, current_lr=current_lr, min_lr=min_lr, warmup_type=warmup_type)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(
+        self, losses: torch.Tensor, *, current_lr: float, min_lr: float, warmup_type: str
+    ) -> SwitchTestOutcome | None:
+        finite = torch.isfinite(losses)
+        valid = finite.nonzero().squeeze(-1)
+        if valid.numel() < MIN_FINITE_LOSSES:
+            return None
+        shift, scale = 0.0, 1.0
+        if self.standardize_losses:
+            losses, shift, scale = standardize(losses, finite)
+        n_total = losses.numel()
+
+        fit_idx = subsample_sorted(valid, FIT_SUBSAMPLE, self.generator)
+        before = self.gp.state_dict()
+        self.gp.fit(fit_idx.double() / n_total, losses[fit_idx], mean_init=float(losses[valid].mean()))
+        if not all(math.isfinite(v) for v in self.gp.raw):
+            self.gp.load_state_dict(before)
+            warnings.warn("AutoWU: the GP fit diverged numerically; this switch test is skipped.", stacklevel=2)
+            return None
+
+        predictions = self._predict(valid, losses, n_total)
+        if predictions is None:
+            return None
+        mean, variance, diff_variance = predictions
+        probabilities = minimum_in_past_probability(mean, diff_variance)
+        votes = int((probabilities > self.confidence).sum())
+        argmin_fraction = self._grid[mean.argmin(dim=-1)].tolist()
+        lr_estimates = [
+            lr_at_fraction(x, min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type) for x in argmin_fraction
+        ]
+        avg_mean = mean.mean(dim=0)
+        return SwitchTestOutcome(
+            probabilities=probabilities.tolist(),
+            votes=votes,
+            passed=votes > self.n_tests / 2,
+            lr_estimate=sum(lr_estimates) / len(lr_estimates),
+            rising=bool(avg_mean[-1] > avg_mean[0]),
+            grid_mean=(avg_mean * scale + shift).tolist(),
+            grid_std=(variance.mean(dim=0).clamp_min(0.0).sqrt() * scale).tolist(),
+        )
+
+    def _predict(
+        self, valid: torch.Tensor, losses: torch.Tensor, n_total: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`n_tests` posterior predictions, each conditioned on its own subsample (one when all fit in one)."""
+        distinct = valid.numel() > PREDICT_SUBSAMPLE
+        subsamples = [
+            subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator) for _ in range(self.n_tests if distinct else 1)
+        ]
+        try:
+            out = self._predict_batch(subsamples, losses, n_total)
+        except torch.linalg.LinAlgError:
+            out = self._predict_with_retries(subsamples, valid, losses, n_total)
+            if out is None:
+                return None
+        if not distinct:
+            out = [t.expand(self.n_tests, -1) for t in out]
+        return out[0], out[1], out[2]
+
+    def _predict_batch(self, subsamples: list[torch.Tensor], losses: torch.Tensor, n_total: int) -> list[torch.Tensor]:
+        idx = torch.stack(subsamples)
+        x = (idx.double() / n_total).to(self.device)
+        y = losses[idx].to(self.device)
+        post = self.gp.predict(x, y, self._grid_features)
+        return [post["mean"].cpu(), post["variance"].cpu(), post["diff_variance"].cpu()]
+
+    def _predict_with_retries(
+        self, subsamples: list[torch.Tensor], valid: torch.Tensor, losses: torch.Tensor, n_total: int
+    ) -> list[torch.Tensor] | None:
+        results, failures = [], 0
+        pending = list(subsamples)
+        while pending:
+            idx = pending.pop(0)
+            try:
+                results.append(self._predict_batch([idx], losses, n_total))
+            except torch.linalg.LinAlgError:
+                failures += 1
+                warnings.warn(
+                    f"AutoWU: GP prediction failed numerically ({failures} time(s)); retrying.", stacklevel=3
+                )
+                if failures >= MAX_GP_FAILURES:
+                    warnings.warn("AutoWU: GP kept failing; this switch test is skipped.", stacklevel=3)
+                    return None
+                pending.append(subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator))
+        return [torch.cat(parts) for parts in zip(*results, strict=False)]
+
+    def state_dict(self) -> dict:
+        """GP hyperparameters, optimizer moments and generator state."""
+        return {"gp": self.gp.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        self.gp.load_state_dict(state["gp"])
+        self.generator.set_state(state["generator"])
