@@ -131,6 +131,7 @@ class AutoWU:
         self._plateau_best = math.inf
         self._plateau_bad_epochs = 0
         self._cooldown_from: tuple[int, float] | None = None
+        self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if self.warmup_steps <= 0:
             self._lr = config.max_lr
@@ -167,17 +168,31 @@ class AutoWU:
         return [self._lr * ratio for ratio in self.group_ratios]
 
     def lr_at(self, step: int) -> float:
-        """The LR (of the largest group) that the current schedule gives optimizer step `step`.
+        """The LR (of the largest group) that the schedule gives optimizer step `step`, as known now.
 
-        Exact for every step of the warmup ramp and from the current step on; it does not predict a switch.
+        Exact for every step up to `last_step`; for later steps it is the plan without a future switch or
+        per-epoch decay.
+
+        Args:
+            step (`int`): A step index in [0, total_steps).
+
+        Returns:
+            `float`: the learning rate.
         """
-        if self.phase == "warmup":
+        if self.switch_step is None or step < self.switch_step:
             return self._ramp(step)
-        if self.phase == "cooldown" or step >= self.cooldown_start:
-            start, lr0 = self._cooldown_from or (self.cooldown_start, self._lr)
-            progress = (step - start) / max(self.total_steps - start, 1)
-            return lr0 * cooldown_factor(min(max(progress, 0.0), 1.0), self.config.cooldown_type)
-        return self._lr
+        if self._cooldown_from is not None and step >= self._cooldown_from[0]:
+            start, lr0 = self._cooldown_from
+        elif step >= self.cooldown_start:
+            start, lr0 = self.cooldown_start, self._lr
+        else:
+            return next(lr for s, lr in reversed(self.lr_changes) if s <= step)
+        progress = (step - start) / max(self.total_steps - start, 1)
+        return lr0 * cooldown_factor(min(progress, 1.0), self.config.cooldown_type)
+
+    def lr_schedule(self) -> list[float]:
+        """`lr_at(step)` for every step of the budget (the largest group's LR)."""
+        return [self.lr_at(step) for step in range(self.total_steps)]
 
     def add_switch_listener(self, listener: Callable[[AutoWU], None]) -> None:
         """Call `listener(scheduler)` once, when warmup ends (after `peak_lr` and `switch_step` are set)."""
@@ -214,6 +229,7 @@ class AutoWU:
             "plateau_best": self._plateau_best,
             "plateau_bad_epochs": self._plateau_bad_epochs,
             "cooldown_from": list(self._cooldown_from) if self._cooldown_from is not None else None,
+            "lr_changes": [list(change) for change in self.lr_changes],
             "tester": self._tester.state_dict(),
         }
 
@@ -248,6 +264,7 @@ class AutoWU:
         self._plateau_bad_epochs = int(state_dict["plateau_bad_epochs"])
         cooldown_from = state_dict["cooldown_from"]
         self._cooldown_from = (int(cooldown_from[0]), float(cooldown_from[1])) if cooldown_from else None
+        self.lr_changes = [(int(step), float(lr)) for step, lr in state_dict["lr_changes"]]
         self._tester = SwitchTester(
             confidence=self.config.confidence,
             n_tests=self.config.n_tests,
@@ -365,6 +382,7 @@ class AutoWU:
         self.switch_reason = reason
         self.peak_lr = lr
         self._lr = lr
+        self.lr_changes.append((step, lr))
         self.phase = "decay"
         if self.config.immediate_cooldown:
             self._enter_cooldown(step)
@@ -382,7 +400,7 @@ class AutoWU:
             return
         self._hold_epoch += 1
         if cfg.decay_phase_stat is None:
-            self._lr *= cfg.decay_phase_factor
+            self._set_decay_lr(t, self._lr * cfg.decay_phase_factor)
             return
         epoch_losses = mean_over_processes(_pending_to_tensor(self._pending)) if self._pending else None
         self._pending.clear()
@@ -396,8 +414,12 @@ class AutoWU:
         else:
             self._plateau_bad_epochs += 1
         if self._plateau_bad_epochs > _PLATEAU_PATIENCE:
-            self._lr *= cfg.decay_phase_factor
+            self._set_decay_lr(t, self._lr * cfg.decay_phase_factor)
             self._plateau_bad_epochs = 0
+
+    def _set_decay_lr(self, t: int, lr: float) -> None:
+        self._lr = lr
+        self.lr_changes.append((t, lr))
 
     def _enter_cooldown(self, t: int) -> None:
         self.phase = "cooldown"
