@@ -1,0 +1,295 @@
+"""Data and model helpers shared by the AutoWU timm examples.
+
+`train_timm_accelerate.py` and `train_timm_trainer.py` both import this module. It turns a Hub dataset, a local
+ImageNet-style folder or the embedded handwritten digits into `datasets` splits, builds the timm model and its
+preprocessing, and batches images for either training loop.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import timm
+import torch
+from datasets.distributed import split_dataset_by_node
+from datasets.exceptions import DatasetNotFoundError
+from PIL import Image
+from sklearn.datasets import load_digits
+from timm.data import create_transform, resolve_data_config
+
+# The paper's recipe (ImageNet) and the settings used when no data argument is given (scikit-learn's digits).
+PAPER_DEFAULTS = {"model": "resnet50", "image_size": None, "batch_size": 256, "epochs": 120}
+EMBEDDED_DEFAULTS = {"model": "test_resnet", "image_size": 32, "batch_size": 64, "epochs": 15}
+
+VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "test")
+
+
+class ExampleInputError(ValueError):
+    """A problem with the user's data or model arguments, reported as one line without a traceback."""
+
+
+@dataclass
+class ImageData:
+    """Train and validation splits of an image classification dataset.
+
+    Args:
+        train (`datasets.Dataset` or `datasets.IterableDataset`): The training split.
+        validation (`datasets.Dataset` or `datasets.IterableDataset`): The validation split.
+        label_names (`list[str]`): The class names; their number is the number of classes.
+        num_train_examples (`int`): Rows in the training split (known for streamed splits from the dataset info).
+        image_column (`str`): The column holding the images.
+        label_column (`str`): The column holding the integer labels.
+        embedded (`bool`): Whether this is the embedded digits dataset.
+    """
+
+    train: datasets.Dataset | datasets.IterableDataset
+    validation: datasets.Dataset | datasets.IterableDataset
+    label_names: list[str]
+    num_train_examples: int
+    image_column: str = "image"
+    label_column: str = "label"
+    embedded: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def load_digits_dataset(seed: int = 0) -> datasets.DatasetDict:
+    """Scikit-learn's bundled handwritten digits (1797 8x8 grayscale images) as an image dataset.
+
+    Args:
+        seed (`int`): Seed of the stratified 80/20 train/validation split.
+
+    Returns:
+        `datasets.DatasetDict`: "train" and "validation" splits with an `image` (PIL) and a `label` column.
+    """
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
+    )
+    full = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target.tolist()}, features=features
+    )
+    splits = full.train_test_split(test_size=0.2, seed=seed, stratify_by_column="label")
+    return datasets.DatasetDict({"train": splits["train"], "validation": splits["test"]})
+
+
+def _load_folders(
+    train_dir: str, val_dir: str, streaming: bool
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    for flag, path in (("--train-dir", train_dir), ("--val-dir", val_dir)):
+        if not os.path.isdir(path):
+            raise ExampleInputError(f"{flag} {path!r} is not a directory")
+    data_files = {"train": os.path.join(train_dir, "**"), "validation": os.path.join(val_dir, "**")}
+    try:
+        return datasets.load_dataset("imagefolder", data_files=data_files, streaming=streaming)
+    except (FileNotFoundError, ValueError) as err:
+        raise ExampleInputError(
+            f"no images found under {train_dir!r} / {val_dir!r} (expected one subfolder of images per class): "
+            f"{_first_line(err)}"
+        ) from err
+
+
+def _load_hub(name: str, streaming: bool) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    try:
+        return datasets.load_dataset(name, streaming=streaming)
+    except (DatasetNotFoundError, OSError) as err:
+        raise ExampleInputError(
+            f"cannot load dataset {name!r} from the Hub ({_first_line(err)}); a gated dataset needs `hf auth login` "
+            "and accepted terms, an offline machine needs it in the local cache"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _num_examples(split: datasets.Dataset | datasets.IterableDataset, name: str) -> int:
+    if isinstance(split, datasets.Dataset):
+        return len(split)
+    split_info = (split.info.splits or {}).get(name)
+    if split_info is None or not split_info.num_examples:
+        raise ExampleInputError(
+            f"the size of the streamed {name!r} split is not in the dataset's metadata; pass --train-samples"
+        )
+    return split_info.num_examples
+
+
+def load_image_data(
+    dataset: str | None = None,
+    train_dir: str | None = None,
+    val_dir: str | None = None,
+    streaming: bool = False,
+    train_samples: int | None = None,
+    seed: int = 0,
+) -> ImageData:
+    """Load the training and validation splits of an image classification dataset.
+
+    Exactly one source is used: a Hub dataset (`dataset`), a pair of local folders in the ImageNet layout
+    (`train_dir`/`val_dir`, one subfolder per class, read by the `imagefolder` builder) or, with neither, the
+    embedded digits dataset.
+
+    Args:
+        dataset (`str`, *optional*): Name of a dataset on the Hugging Face Hub, e.g. `"ILSVRC/imagenet-1k"`.
+        train_dir (`str`, *optional*): Folder of training images, one subfolder per class.
+        val_dir (`str`, *optional*): Folder of validation images with the same class subfolders.
+        streaming (`bool`): Stream the splits (`datasets.IterableDataset`) instead of preparing them on disk.
+        train_samples (`int`, *optional*): Size of the training split, for streamed datasets whose metadata lacks it.
+        seed (`int`): Seed of the embedded dataset's train/validation split.
+
+    Returns:
+        `ImageData`: The splits, the class names and the column names.
+
+    Raises:
+        `ExampleInputError`: A missing or empty folder, an unreachable or gated Hub dataset, or a dataset without an
+        image column, a class-label column or a validation split.
+    """
+    if dataset and (train_dir or val_dir):
+        raise ExampleInputError("use either --dataset or --train-dir/--val-dir, not both")
+    if bool(train_dir) != bool(val_dir):
+        missing = "--train-dir" if not train_dir else "--val-dir"
+        raise ExampleInputError(f"{missing} is missing: --train-dir and --val-dir go together")
+    if not dataset and not train_dir:
+        if streaming:
+            raise ExampleInputError("--streaming needs --dataset or --train-dir/--val-dir")
+        splits = load_digits_dataset(seed)
+        return ImageData(
+            splits["train"],
+            splits["validation"],
+            splits["train"].features["label"].names,
+            len(splits["train"]),
+            embedded=True,
+        )
+
+    splits = _load_hub(dataset, streaming) if dataset else _load_folders(train_dir, val_dir, streaming)
+    source = dataset or f"{train_dir} / {val_dir}"
+    if "train" not in splits:
+        raise ExampleInputError(f"{source} has no 'train' split (splits: {', '.join(splits)})")
+    val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in splits), None)
+    if val_name is None:
+        raise ExampleInputError(f"{source} has no validation split (splits: {', '.join(splits)})")
+    train = splits["train"]
+    features = train.features or {}
+    image_column = next((col for col, feat in features.items() if isinstance(feat, datasets.Image)), None)
+    label_column = next((col for col, feat in features.items() if isinstance(feat, datasets.ClassLabel)), None)
+    if image_column is None or label_column is None:
+        raise ExampleInputError(f"{source} needs an image column and a class-label column (features: {features})")
+    num_train_examples = train_samples or _num_examples(train, "train")
+    return ImageData(
+        train, splits[val_name], features[label_column].names, num_train_examples, image_column, label_column
+    )
+
+
+def shard_for_process(
+    split: datasets.Dataset | datasets.IterableDataset, process_index: int, num_processes: int
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The part of a split that one process reads (whole files for a streamed split when they divide evenly).
+
+    Args:
+        split (`datasets.Dataset` or `datasets.IterableDataset`): The split to share out.
+        process_index (`int`): This process's rank.
+        num_processes (`int`): The number of processes.
+
+    Returns:
+        The same type of dataset, holding this process's share; the shares are disjoint and cover the split.
+    """
+    return split_dataset_by_node(split, rank=process_index, world_size=num_processes)
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:
+    """A randomly initialised timm model.
+
+    Args:
+        name (`str`): A timm architecture name, e.g. `"resnet50"` or `"efficientnet_b0"`.
+        num_classes (`int`): Size of the classifier head.
+        kwargs: Passed on to `timm.create_model`.
+
+    Returns:
+        `torch.nn.Module`: The model.
+
+    Raises:
+        `ExampleInputError`: `name` is not a timm architecture.
+    """
+    check_model_name(name)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def check_model_name(name: str) -> None:
+    """Raise `ExampleInputError` unless `name` is a timm architecture.
+
+    Args:
+        name (`str`): The architecture name to check.
+    """
+    if not timm.is_model(name):
+        raise ExampleInputError(f"unknown timm model {name!r} (see `timm.list_models()`)")
+
+
+def recipe_label_smoothing(model_name: str) -> float:
+    """The paper recipe's label smoothing: 0.1 for EfficientNets, none otherwise.
+
+    Args:
+        model_name (`str`): The timm architecture name.
+
+    Returns:
+        `float`: The label smoothing factor.
+    """
+    return 0.1 if model_name.startswith("efficientnet") else 0.0
+
+
+def create_transforms(
+    model: torch.nn.Module, image_size: int | None = None, embedded: bool = False
+) -> tuple[Callable, Callable]:
+    """Training and evaluation preprocessing from the model's timm data config.
+
+    Args:
+        model (`torch.nn.Module`): A timm model (its `pretrained_cfg` gives the defaults).
+        image_size (`int`, *optional*): Square input size overriding the model's default.
+        embedded (`bool`): Gentler augmentation for the embedded digits (no flips, milder crops).
+
+    Returns:
+        `tuple`: `(train_transform, eval_transform)`, each mapping a PIL image to a normalised tensor.
+    """
+    data_config = resolve_data_config({"input_size": (3, image_size, image_size)} if image_size else {}, model=model)
+    augment = {"hflip": 0.0, "scale": (0.6, 1.0)} if embedded else {}
+    return create_transform(**data_config, is_training=True, **augment), create_transform(**data_config)
+
+
+class ImageCollator:
+    """Turns a list of dataset rows into a batch: `{"pixel_values": (B, 3, H, W) tensor, "labels": (B,) tensor}`.
+
+    Args:
+        transform (`Callable`): Maps an RGB PIL image to a tensor.
+        image_column (`str`): The column holding the images.
+        label_column (`str`): The column holding the integer labels.
+    """
+
+    def __init__(self, transform: Callable, image_column: str = "image", label_column: str = "label"):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pixel_values = torch.stack([self.transform(row[self.image_column].convert("RGB")) for row in rows])
+        labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Count the rows whose label is among the `k` highest logits, for each `k`.
+
+    Args:
+        logits (`torch.Tensor`): `(batch, num_classes)` scores.
+        labels (`torch.Tensor`): `(batch,)` integer labels.
+        ks (`tuple[int, ...]`): The values of `k` (clipped to the number of classes).
+
+    Returns:
+        `torch.Tensor`: One count per `k`, on the device of `logits`.
+    """
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+    hits = top == labels.unsqueeze(-1)
+    return torch.stack([hits[:, :k].any(dim=-1).sum() for k in ks])

@@ -1,0 +1,354 @@
+"""Train a timm image classifier with AutoWU in a hand-written Accelerate loop.
+
+The same file runs on one CPU, one GPU or many GPUs and nodes:
+
+    python examples/train_timm_accelerate.py                      # embedded digits, a few minutes on a CPU
+    accelerate launch examples/train_timm_accelerate.py --dataset ILSVRC/imagenet-1k --mixed-precision bf16
+
+AutoWU picks the warmup length and the peak learning rate from the training loss; the run ends with one summary
+line: the step at which warmup ended, the peak learning rate it chose, the validation accuracy and the wall time.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from timm.layers import convert_sync_batchnorm
+from timm.optim import create_optimizer_v2
+from timm_data import (
+    EMBEDDED_DEFAULTS,
+    PAPER_DEFAULTS,
+    ExampleInputError,
+    ImageCollator,
+    check_model_name,
+    create_model,
+    create_transforms,
+    load_image_data,
+    recipe_label_smoothing,
+    shard_for_process,
+    topk_correct,
+)
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hf_autowu import AutoWU
+
+PHASE_CODES = {"warmup": 0, "decay": 1, "cooldown": 2}
+OPTIMIZER_KWARGS = {
+    "adamp": {"delta": 0.1, "wd_ratio": 0.1},
+    "lamb": {},
+    "adamw": {},
+}
+
+
+class RunHistory:
+    """The learning rate of every optimizer step so far; saved with each checkpoint so a resumed run continues it."""
+
+    def __init__(self):
+        self.lr: list[float] = []
+
+    @property
+    def completed_steps(self) -> int:
+        return len(self.lr)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"lr": list(self.lr)}
+
+    def load_state_dict(self, state_dict: dict[str, list[float]]) -> None:
+        self.lr = list(state_dict["lr"])
+
+
+def autowu_log_values(scheduler: AutoWU) -> dict[str, float]:
+    """AutoWU's readable state as `autowu/*` scalars for the trackers.
+
+    Args:
+        scheduler (`AutoWU`): The scheduler.
+
+    Returns:
+        `dict[str, float]`: phase (0 warmup, 1 decay, 2 cooldown), lr, and once available p_min_in_past and votes of
+        the latest switch test, switch_step and peak_lr.
+    """
+    values = {"autowu/phase": PHASE_CODES[scheduler.phase], "autowu/lr": max(scheduler.get_last_lr())}
+    if scheduler.tests:
+        values["autowu/p_min_in_past"] = scheduler.tests[-1].probability
+        values["autowu/votes"] = scheduler.tests[-1].votes
+    if scheduler.switch_step is not None:
+        values["autowu/switch_step"] = scheduler.switch_step
+        values["autowu/peak_lr"] = scheduler.peak_lr
+    return values
+
+
+def find_checkpoint(path: str, output_dir: str) -> str:
+    """Resolve `--resume`: a checkpoint folder, or "latest" for the newest one under `output_dir/checkpoints`.
+
+    Args:
+        path (`str`): The `--resume` value.
+        output_dir (`str`): The run's output folder.
+
+    Returns:
+        `str`: The checkpoint folder to load.
+    """
+    if path != "latest":
+        if not os.path.isdir(path):
+            raise ExampleInputError(f"--resume {path!r} is not a checkpoint folder")
+        return path
+    root = os.path.join(output_dir, "checkpoints")
+    names = [name for name in os.listdir(root) if re.fullmatch(r"step_\d+", name)] if os.path.isdir(root) else []
+    if not names:
+        raise ExampleInputError(f"--resume latest: no checkpoint under {root!r}")
+    return os.path.join(root, max(names, key=lambda name: int(name.split("_")[1])))
+
+
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) over the validation split, which the processes share out between them.
+
+    Args:
+        accelerator (`Accelerator`): The run's accelerator.
+        model (`torch.nn.Module`): The (unwrapped) model.
+        loader (`DataLoader`): This process's share of the validation split.
+
+    Returns:
+        `tuple[float, float]`: Top-1 and top-5 accuracy in percent.
+    """
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.long, device=accelerator.device)
+    with torch.no_grad(), accelerator.autocast():
+        for batch in loader:
+            labels = batch["labels"].to(accelerator.device)
+            logits = model(batch["pixel_values"].to(accelerator.device))
+            counts[:2] += topk_correct(logits, labels)
+            counts[2] += labels.numel()
+    correct1, correct5, total = accelerator.reduce(counts, "sum").tolist()
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+def training_function(config: dict, args: argparse.Namespace) -> dict:
+    """Train and evaluate one model with AutoWU.
+
+    Args:
+        config (`dict`): Hyperparameters: model, image_size, batch_size, epochs, opt, weight_decay, label_smoothing,
+            seed.
+        args (`argparse.Namespace`): Data, precision, checkpointing and logging options.
+
+    Returns:
+        `dict`: The summary: switch_step, peak_lr, top1, top5, wall_time_s, steps.
+    """
+    start_time = time.time()
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        cpu=args.cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(config["seed"])
+    check_model_name(config["model"])
+    with accelerator.main_process_first():
+        data = load_image_data(args.dataset, args.train_dir, args.val_dir, args.streaming, args.train_samples)
+
+    model = create_model(config["model"], data.num_classes)
+    if args.sync_bn or (args.sync_bn is None and config["model"].startswith("efficientnet")):
+        if accelerator.num_processes > 1 and accelerator.device.type != "cpu":
+            model = convert_sync_batchnorm(model)
+    train_transform, eval_transform = create_transforms(model, config["image_size"], data.embedded)
+    loader_kwargs = {"batch_size": config["batch_size"], "num_workers": args.num_workers}
+    train_collator = ImageCollator(train_transform, data.image_column, data.label_column)
+    eval_collator = ImageCollator(eval_transform, data.image_column, data.label_column)
+    val_shard = shard_for_process(data.validation, accelerator.process_index, accelerator.num_processes)
+    val_loader = DataLoader(val_shard, collate_fn=eval_collator, **loader_kwargs)
+    if args.streaming:
+        # Each process reads its own files (split_dataset_by_node); an epoch is cut to the same number of batches on
+        # every process so that none waits for gradients the others never send.
+        train_shard = shard_for_process(
+            data.train.shuffle(seed=config["seed"], buffer_size=args.shuffle_buffer),
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        train_loader = DataLoader(train_shard, collate_fn=train_collator, **loader_kwargs)
+        global_batch = config["batch_size"] * accelerator.num_processes * args.gradient_accumulation_steps
+        batches_per_epoch = data.num_train_examples // global_batch * args.gradient_accumulation_steps
+    else:
+        train_loader = DataLoader(data.train, shuffle=True, drop_last=True, collate_fn=train_collator, **loader_kwargs)
+    optimizer = create_optimizer_v2(
+        model, opt=config["opt"], lr=1.0, weight_decay=config["weight_decay"], **OPTIMIZER_KWARGS[config["opt"]]
+    )
+    if args.streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ExampleInputError(f"the training split ({data.num_train_examples} images) is smaller than one batch")
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    # Not passed to `accelerator.prepare`: AutoWU is stepped once per optimizer step by this loop, with the loss.
+    scheduler = AutoWU(
+        optimizer, steps_per_epoch, config["epochs"], immediate_cooldown=args.decay == "cos", preset=args.preset
+    )
+    history = RunHistory()
+    accelerator.register_for_checkpointing(scheduler, history)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.report_to != "none":
+        accelerator.init_trackers("autowu", {k: str(v) if v is None else v for k, v in config.items()})
+
+    if args.resume:
+        checkpoint = find_checkpoint(args.resume, args.output_dir)
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+    total_steps = steps_per_epoch * config["epochs"]
+    max_steps = min(total_steps, args.max_train_steps or total_steps)
+    start_epoch, skip_steps = divmod(history.completed_steps, steps_per_epoch)
+    progress = tqdm(
+        total=max_steps, initial=history.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    top1 = top5 = float("nan")
+    for epoch in range(start_epoch, config["epochs"]):
+        if history.completed_steps >= max_steps:
+            break
+        model.train()
+        epoch_loader = train_loader
+        if args.streaming:
+            train_shard.set_epoch(epoch)
+        else:
+            train_loader.set_epoch(epoch)
+        if epoch == start_epoch and skip_steps:
+            epoch_loader = accelerator.skip_first_batches(train_loader, skip_steps * args.gradient_accumulation_steps)
+        step_loss, micro_batches = 0.0, 0
+        for batch_index, batch in enumerate(epoch_loader):
+            if args.streaming and batch_index >= batches_per_epoch:
+                break
+            with accelerator.accumulate(model):
+                pixel_values = batch["pixel_values"].to(accelerator.device)
+                labels = batch["labels"].to(accelerator.device)
+                loss = criterion(model(pixel_values), labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            step_loss, micro_batches = step_loss + loss.detach(), micro_batches + 1
+            if not accelerator.sync_gradients:
+                continue
+            history.lr.append(max(group["lr"] for group in optimizer.param_groups))
+            # This process's loss, still on the device: AutoWU averages it over the processes itself, once per
+            # switch test, so the loop adds neither a host sync nor a collective per step.
+            autowu_loss = step_loss / micro_batches
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step(autowu_loss)
+            step_loss, micro_batches = 0.0, 0
+            progress.update(1)
+            completed = history.completed_steps
+            if args.report_to != "none" and completed % args.log_every == 0:
+                accelerator.log({"train/loss": autowu_loss.item(), **autowu_log_values(scheduler)}, step=completed)
+            if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
+                scheduler.sync_pending_losses()  # a collective: the saved state then holds cross-process means
+                accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{completed}"))
+            if completed >= max_steps:
+                break
+        top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)
+        progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {max(scheduler.get_last_lr()):.3e}")
+        if args.report_to != "none":
+            accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_values(scheduler)}, step=completed)
+    progress.close()
+    accelerator.end_training()
+
+    summary = {
+        "switch_step": scheduler.switch_step,
+        "switch_reason": scheduler.switch_reason,
+        "peak_lr": scheduler.peak_lr,
+        "top1": top1,
+        "top5": top5,
+        "wall_time_s": round(time.time() - start_time, 1),
+        "steps": history.completed_steps,
+    }
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+            json.dump({**summary, "lr": history.lr}, f)
+    peak = "n/a" if scheduler.peak_lr is None else f"{scheduler.peak_lr:.4g}"
+    accelerator.print(
+        f"AutoWU summary: switch_step={scheduler.switch_step} ({scheduler.switch_reason}) peak_lr={peak} "
+        f"top1={top1:.2f}% top5={top5:.2f}% "
+        f"steps={history.completed_steps} wall_time={summary['wall_time_s']}s"
+    )
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = parser.add_argument_group("data (none of them: the embedded digits dataset)")
+    data.add_argument("--dataset", help="a Hub dataset with image and class-label columns, e.g. ILSVRC/imagenet-1k")
+    data.add_argument("--train-dir", help="folder of training images, one subfolder per class (ImageNet layout)")
+    data.add_argument("--val-dir", help="folder of validation images, same class subfolders")
+    data.add_argument("--streaming", action="store_true", help="stream the dataset instead of preparing it on disk")
+    data.add_argument("--train-samples", type=int, help="training split size, when streamed metadata lacks it")
+    data.add_argument("--shuffle-buffer", type=int, default=10_000, help="shuffle buffer of a streamed dataset")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per training process")
+    recipe = parser.add_argument_group(
+        "recipe (defaults: the paper's ImageNet recipe; with the embedded dataset "
+        f"model={EMBEDDED_DEFAULTS['model']}, image size {EMBEDDED_DEFAULTS['image_size']}, "
+        f"batch {EMBEDDED_DEFAULTS['batch_size']}, {EMBEDDED_DEFAULTS['epochs']} epochs)"
+    )
+    recipe.add_argument("--model", help=f"timm architecture (default {PAPER_DEFAULTS['model']})")
+    recipe.add_argument("--image-size", type=int, help="square input size (default: the model's)")
+    recipe.add_argument(
+        "--batch-size", type=int, help=f"per-process batch size (default {PAPER_DEFAULTS['batch_size']})"
+    )
+    recipe.add_argument("--epochs", type=int, help=f"the step budget in epochs (default {PAPER_DEFAULTS['epochs']})")
+    recipe.add_argument("--opt", choices=sorted(OPTIMIZER_KWARGS), default="adamp", help="timm optimizer")
+    recipe.add_argument("--weight-decay", type=float, default=0.1)
+    recipe.add_argument("--label-smoothing", type=float, help="default 0.1 for EfficientNets, else 0")
+    recipe.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        help="SyncBatchNorm on GPUs (default: on for EfficientNets)",
+    )
+    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    recipe.add_argument("--seed", type=int, default=0)
+    autowu = parser.add_argument_group("AutoWU")
+    autowu.add_argument(
+        "--decay", choices=["cos", "const-cos"], default="cos", help="cosine from the switch, or constant then cosine"
+    )
+    autowu.add_argument("--preset", choices=["robust", "paper"], default="robust", help="AutoWU option preset")
+    run = parser.add_argument_group("run")
+    run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from `accelerate config`")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    run.add_argument("--output-dir", default="outputs/timm_accelerate")
+    run.add_argument("--checkpointing-steps", type=int, help="save the full state every N optimizer steps")
+    run.add_argument("--resume", help='a checkpoint folder, or "latest" (the newest under OUTPUT_DIR/checkpoints)')
+    run.add_argument(
+        "--max-train-steps", type=int, help="stop after N optimizer steps (the schedule stays as planned)"
+    )
+    run.add_argument("--report-to", default="tensorboard", help='an Accelerate tracker, "all" or "none"')
+    run.add_argument("--log-every", type=int, default=10, help="log to the trackers every N optimizer steps")
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
+    embedded = not (args.dataset or args.train_dir or args.val_dir)
+    defaults = EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS
+    model = args.model or defaults["model"]
+    config = {
+        "model": model,
+        "image_size": args.image_size or defaults["image_size"],
+        "batch_size": args.batch_size or defaults["batch_size"],
+        "epochs": args.epochs or defaults["epochs"],
+        "opt": args.opt,
+        "weight_decay": args.weight_decay,
+        "label_smoothing": recipe_label_smoothing(model) if args.label_smoothing is None else args.label_smoothing,
+        "seed": args.seed,
+    }
+    try:
+        training_function(config, args)
+    except ExampleInputError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    main()
