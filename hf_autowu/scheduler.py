@@ -125,7 +125,7 @@ class AutoWU:
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
         self._passes: list[bool] = []
-        self._next_test = self._test_step_after(0)
+        self._next_test = self._test_step_after(0) if self.warmup_steps > 0 else 0
         self._lr = config.min_lr
         self._hold_epoch = 0
         self._plateau_best = math.inf
@@ -319,15 +319,14 @@ class AutoWU:
         self._next_test = self._test_step_after(t)
         self._flush_pending()
         current_lr = self._ramp(t - 1)
-        diverged = self.config.effective_divergence_guard and self._saw_non_finite_since_last_test(t)
+        first_bad = self._first_non_finite_since_last_test(t) if self.config.effective_divergence_guard else None
         outcome = self._tester.run(
             self._history, current_lr=current_lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
         )
         # every process takes the main process's decision
-        votes, estimate, rising, diverged = broadcast_floats(
-            [outcome.votes, outcome.lr_estimate, outcome.rising, diverged] if outcome else [-1, math.nan, 0, diverged]
+        votes, estimate, rising = broadcast_floats(
+            [outcome.votes, outcome.lr_estimate, outcome.rising] if outcome else [-1, math.nan, 0]
         )
-        diverged = bool(diverged)
         if votes >= 0:
             if outcome is None:  # cannot happen with identical inputs; keep the processes in step regardless
                 outcome = SwitchTestOutcome([], 0, False, estimate, False, [], [])
@@ -340,17 +339,20 @@ class AutoWU:
                 SwitchTestRecord(t, outcome.probability, outcome.votes, outcome.passed, estimate, current_lr)
             )
             self._passes = (self._passes + [outcome.passed])[-self.config.patience :]
-            if self.config.effective_divergence_guard and outcome.passed and outcome.rising:
-                diverged = True
-        if diverged:
-            self._switch(t, self._best_known_estimate(), reason="divergence")
+        if first_bad is not None:
+            # a non-finite loss: the LR that produced it is too large, whatever the GP says
+            ceiling = self._ramp(first_bad - 1) if first_bad > 0 else self.config.min_lr
+            self._switch(t, min(self._best_known_estimate(), ceiling), reason="divergence")
+        elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
+            self._switch(t, estimate, reason="divergence")
         elif len(self._passes) == self.config.patience and all(self._passes):
             self._switch(t, estimate, reason="test")
 
-    def _saw_non_finite_since_last_test(self, t: int) -> bool:
+    def _first_non_finite_since_last_test(self, t: int) -> int | None:
+        """Step index of the first non-finite loss since the previous test, if any."""
         since = self.tests[-1].step if self.tests else 0
-        recent = self._history[since:t]
-        return bool((~torch.isfinite(recent)).any())
+        bad = (~torch.isfinite(self._history[since:t])).nonzero()
+        return since + int(bad[0]) if bad.numel() else None
 
     def _best_known_estimate(self) -> float:
         """The LR at the smoothed minimum from the latest successful test, else `min_lr`."""

@@ -210,13 +210,14 @@ class SwitchTester:
                 results.append(self._predict_batch([idx], losses, n_total))
             except torch.linalg.LinAlgError:
                 failures += 1
-                warnings.warn(
-                    f"AutoWU: GP prediction failed numerically ({failures} time(s)); retrying.", stacklevel=3
-                )
                 if failures >= MAX_GP_FAILURES:
-                    warnings.warn("AutoWU: GP kept failing; this switch test is skipped.", stacklevel=3)
+                    warnings.warn(
+                        f"AutoWU: the GP failed numerically {failures} times; this switch test is skipped.",
+                        stacklevel=4,
+                    )
                     return None
                 pending.append(subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator))
+        warnings.warn(f"AutoWU: the GP failed numerically {failures} time(s) and was retried.", stacklevel=4)
         return [torch.cat(parts) for parts in zip(*results, strict=False)]
 
     def state_dict(self) -> dict:

@@ -1,0 +1,35 @@
+"""Small shared pieces for the scheduler tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hf_autowu import AutoWU
+
+
+def make_optimizer(lrs: tuple[float, ...] = (1.0,)) -> torch.optim.Optimizer:
+    """An SGD optimizer with one parameter group per LR."""
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups)
+
+
+def valley_loss(lr: float, best_lr: float, noise: float, generator: torch.Generator, scale: float = 1.0) -> float:
+    """A loss that is lowest at `best_lr` and grows on both sides in log-LR, with Gaussian noise."""
+    distance = math.log10(lr / best_lr)
+    value = 1.0 + 0.5 * distance**2 if distance < 0 else 1.0 + 2.0 * distance**2
+    return scale * (value + noise * float(torch.randn((), generator=generator)))
+
+
+def run_valley(
+    scheduler: AutoWU, best_lr: float, noise: float = 0.02, seed: int = 0, scale: float = 1.0
+) -> list[float]:
+    """Drive `scheduler` over its whole budget with `valley_loss`; return the LR used at every step."""
+    generator = torch.Generator().manual_seed(seed)
+    lrs = []
+    for _ in range(scheduler.total_steps):
+        lr = scheduler.optimizer.param_groups[0]["lr"]
+        lrs.append(lr)
+        scheduler.step(valley_loss(lr, best_lr, noise, generator, scale))
+    return lrs

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+from helpers import make_optimizer
+from transformers import HfArgumentParser
+
+from hf_autowu import AutoWU, AutoWUConfig
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"warmup_type": "cosine"}, "warmup_type"),
+        ({"warmup_unit": "batch"}, "warmup_unit"),
+        ({"cooldown_type": "linear"}, "cooldown_type"),
+        ({"decay_phase_stat": "accuracy"}, "decay_phase_stat"),
+        ({"preset": "fast"}, "preset"),
+        ({"max_warmup_fraction": 1.5}, "max_warmup_fraction"),
+        ({"max_warmup_fraction": -0.1}, "max_warmup_fraction"),
+        ({"cooldown_fraction": 2.0}, "cooldown_fraction"),
+        ({"cooldown_fraction": math.nan}, "cooldown_fraction"),
+        ({"min_lr": 0.0}, "min_lr"),
+        ({"min_lr": -1e-3}, "min_lr"),
+        ({"max_lr": math.inf}, "max_lr"),
+        ({"min_lr": 1.0, "max_lr": 0.5}, "min_lr"),
+        ({"min_lr": 0.1, "max_lr": 0.1}, "min_lr"),
+        ({"decay_phase_factor": 0.0}, "decay_phase_factor"),
+        ({"decay_phase_factor": 1.5}, "decay_phase_factor"),
+        ({"confidence": 1.0}, "confidence"),
+        ({"confidence": 0.0}, "confidence"),
+        ({"patience": 0}, "patience"),
+        ({"patience": 2.5}, "patience"),
+        ({"n_tests": 0}, "n_tests"),
+        ({"test_interval": 0}, "test_interval"),
+        ({"test_lr_growth": 1.0}, "test_lr_growth"),
+        ({"immediate_cooldown": "yes"}, "immediate_cooldown"),
+        ({"standardize_losses": "yes"}, "standardize_losses"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_invalid_option_names_the_option(options, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        AutoWUConfig(**options)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        AutoWU(make_optimizer(), total_steps=100, **options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": -5}, "total_steps"),
+        ({"total_steps": 10.5}, "total_steps"),
+        ({"steps_per_epoch": 0, "total_epochs": 3}, "steps_per_epoch"),
+        ({"steps_per_epoch": 10, "total_epochs": 0}, "total_epochs"),
+        ({}, "total_steps"),
+        ({"total_steps": 100, "warmup_unit": "epoch"}, "steps_per_epoch"),
+        ({"total_steps": 100, "decay_phase_stat": "loss"}, "steps_per_epoch"),
+    ],
+)
+def test_invalid_budget_names_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        AutoWU(make_optimizer(), **kwargs)
+
+
+def test_step_rejects_bad_losses():
+    scheduler = AutoWU(make_optimizer(), total_steps=100)
+    with pytest.raises(ValueError, match="loss"):
+        scheduler.step()
+    with pytest.raises(ValueError, match="shape"):
+        scheduler.step(torch.ones(3))
+    with pytest.raises(ValueError, match="loss"):
+        scheduler.step("0.5")
+
+
+def test_reference_signature_and_defaults():
+    scheduler = AutoWU(make_optimizer(), 10, 4, immediate_cooldown=True, cooldown_type="cosine", device="cpu")
+    assert scheduler.total_steps == 40
+    config = scheduler.config
+    assert (config.min_lr, config.max_lr, config.max_warmup_fraction) == (1e-5, 1.0, 0.5)
+    assert (config.warmup_type, config.warmup_unit, config.cooldown_fraction) == ("exp", "step", 0.2)
+    assert (config.confidence, config.patience, config.n_tests) == (0.95, 3, 5)
+    assert config.decay_phase_stat is None and config.decay_phase_factor == 1.0
+
+
+def test_config_and_options_combine():
+    config = AutoWUConfig(min_lr=1e-4, preset="paper")
+    scheduler = AutoWU(make_optimizer(), total_steps=50, config=config, max_lr=0.5)
+    assert scheduler.config.min_lr == 1e-4
+    assert scheduler.config.max_lr == 0.5
+    assert scheduler.config.preset == "paper"
+
+
+def test_presets_resolve_their_behaviour():
+    paper = AutoWUConfig(preset="paper")
+    robust = AutoWUConfig()
+    assert robust.preset == "robust"
+    assert not paper.effective_standardize_losses and robust.effective_standardize_losses
+    assert not paper.effective_divergence_guard and robust.effective_divergence_guard
+    assert paper.effective_test_lr_growth is None and robust.effective_test_lr_growth == 1.1
+    assert AutoWUConfig(test_interval=7).effective_test_lr_growth is None
+    assert not AutoWUConfig(standardize_losses=False).effective_standardize_losses
+
+
+def test_config_is_a_command_line():
+    (config,) = HfArgumentParser(AutoWUConfig).parse_args_into_dataclasses(
+        ["--min_lr", "1e-4", "--preset", "paper", "--patience", "2", "--immediate_cooldown", "true"]
+    )
+    assert config == AutoWUConfig(min_lr=1e-4, preset="paper", patience=2, immediate_cooldown=True)

@@ -1,0 +1,132 @@
+"""Non-finite losses, numerical failures, tiny budgets, and no device sync on ordinary steps."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import make_optimizer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hf_autowu.gp
+from hf_autowu import AutoWU
+
+LOSS_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.floats(min_value=-10, max_value=10),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1e-30, 1e30, 1e300]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    losses=st.lists(LOSS_VALUES, min_size=1, max_size=90),
+    total=st.integers(min_value=1, max_value=90),
+    preset=st.sampled_from(["robust", "paper"]),
+    warmup_type=st.sampled_from(["exp", "linear"]),
+    immediate=st.booleans(),
+    ratios=st.sampled_from([(1.0,), (1.0, 0.25)]),
+)
+def test_lr_is_always_finite_and_in_range(losses, total, preset, warmup_type, immediate, ratios):
+    optimizer = make_optimizer(ratios)
+    scheduler = AutoWU(
+        optimizer,
+        total_steps=total,
+        preset=preset,
+        warmup_type=warmup_type,
+        immediate_cooldown=immediate,
+        test_interval=3 if preset == "paper" else None,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(total):
+            for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+                assert math.isfinite(group["lr"])
+                assert 0.0 <= group["lr"] <= scheduler.config.max_lr * ratio * (1 + 1e-12)
+            scheduler.step(losses[t % len(losses)])
+
+
+@pytest.mark.parametrize("preset", ["robust", "paper"])
+def test_all_nan_history_does_not_crash(preset):
+    scheduler = AutoWU(make_optimizer(), total_steps=100, preset=preset, test_interval=5)
+    for _ in range(100):
+        scheduler.step(torch.tensor(math.nan))
+        assert math.isfinite(scheduler.get_last_lr()[0]) and scheduler.get_last_lr()[0] >= 0
+    assert scheduler.tests == []  # nothing to fit, nothing tested
+    if preset == "robust":
+        # the guard reads a non-finite loss as divergence and falls back to the smallest LR
+        assert scheduler.switch_reason == "divergence" and scheduler.peak_lr == scheduler.config.min_lr
+
+
+def test_robust_switches_at_once_on_nan_and_rewinds_lr():
+    scheduler = AutoWU(make_optimizer(), total_steps=400)
+    t = 0
+    while scheduler.phase == "warmup":
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step(math.nan if lr > 1e-2 else 2.0 - 0.1 * math.log10(lr))
+        t += 1
+    assert scheduler.switch_reason == "divergence"
+    # switched within one test interval of the first NaN, at the LR of the lowest loss seen
+    first_nan = next(i for i in range(400) if scheduler.lr_at(i) > 1e-2)
+    assert scheduler.switch_step - first_nan <= 10
+    assert 5e-3 < scheduler.peak_lr <= 1e-2
+
+
+def test_gp_failures_skip_the_test_with_a_warning(monkeypatch):
+    def broken_cholesky(*args, **kwargs):
+        raise torch.linalg.LinAlgError("injected failure")
+
+    scheduler = AutoWU(make_optimizer(), total_steps=200, preset="paper", test_interval=10)
+    monkeypatch.setattr(hf_autowu.gp.torch.linalg, "cholesky_ex", broken_cholesky)
+    with pytest.warns(UserWarning, match="skipped"):
+        for t in range(60):
+            scheduler.step(1.0 + 0.01 * t)
+    assert scheduler.tests == [] and scheduler.phase == "warmup"
+    monkeypatch.undo()
+    for t in range(60, 100):
+        scheduler.step(1.0 + 0.01 * t)
+    assert scheduler.tests, "tests resume once the GP works again"
+
+
+def test_extreme_loss_values_do_not_break_the_gp():
+    scheduler = AutoWU(make_optimizer(), total_steps=200, preset="paper", test_interval=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(100):
+            scheduler.step(1e200 * (1 + t % 3))
+    assert all(math.isfinite(v) for v in scheduler._tester.gp.raw)
+    assert math.isfinite(scheduler.get_last_lr()[0])
+
+
+@pytest.mark.parametrize("total", [1, 2, 3])
+@pytest.mark.parametrize("preset", ["robust", "paper"])
+def test_tiny_budgets(total, preset):
+    optimizer = make_optimizer()
+    scheduler = AutoWU(optimizer, 1, total, preset=preset, immediate_cooldown=True)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(1.0)
+    assert all(math.isfinite(lr) and 0 < lr <= 1.0 for lr in lrs)
+    assert scheduler.tests == [], "too few losses for a GP: no test is run"
+    assert scheduler.phase == "cooldown"
+    assert scheduler.last_step == total
+
+
+def test_one_step_per_epoch_paper_budget_is_cheap():
+    scheduler = AutoWU(make_optimizer(), 1, 30, preset="paper")
+    for t in range(30):
+        scheduler.step(1.0 / (t + 1))
+    # tests at every epoch end of the 15-step warmup that has at least 3 losses
+    assert [r.step for r in scheduler.tests] == list(range(3, 15))
+
+
+def test_ordinary_steps_never_touch_the_loss_values():
+    """Loss tensors on the meta device cannot be read: any sync or host copy would raise."""
+    scheduler = AutoWU(make_optimizer(), total_steps=1000, test_interval=50)
+    for _ in range(49):
+        scheduler.step(torch.tensor(1.0, device="meta"))
+    assert len(scheduler._pending) == 49
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        scheduler.step(torch.tensor(1.0, device="meta"))  # the 50th step is a test: it needs the values

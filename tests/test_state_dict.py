@@ -1,0 +1,102 @@
+"""A scheduler restored from `state_dict()` at any step continues exactly like the uninterrupted one."""
+
+import io
+import math
+
+import pytest
+import torch
+from helpers import make_optimizer, valley_loss
+
+from hf_autowu import AutoWU
+
+TOTAL = 300
+
+
+def new_scheduler(preset):
+    return AutoWU(make_optimizer((0.5, 0.05)), 10, TOTAL // 10, preset=preset, decay_phase_factor=0.9)
+
+
+def losses_for(lrs_seen):
+    """Deterministic losses from the LR (a valley at 3e-3) with noise keyed by the step, as tensors."""
+    g = torch.Generator().manual_seed(len(lrs_seen))
+    return torch.tensor(valley_loss(lrs_seen[-1], 3e-3, 0.03, g), dtype=torch.float32)
+
+
+def run(scheduler, start, stop, lrs):
+    for _ in range(start, stop):
+        lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.step(losses_for(lrs))
+    return lrs
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.fixture(scope="module", params=["robust", "paper"])
+def uninterrupted(request):
+    scheduler = new_scheduler(request.param)
+    lrs = run(scheduler, 0, TOTAL, [])
+    assert scheduler.switch_reason == "test", "the scenario must switch on the GP test"
+    return request.param, scheduler, lrs
+
+
+def checkpoints(scheduler):
+    """Mid-warmup, at a test step, right after the switch, in decay, in cooldown."""
+    first_test = scheduler.tests[0].step
+    return [
+        first_test - 2,
+        first_test,
+        scheduler.switch_step,
+        scheduler.switch_step + 15,
+        scheduler.cooldown_start + 5,
+    ]
+
+
+def test_resume_anywhere_is_bit_exact(uninterrupted):
+    preset, reference, expected = uninterrupted
+    assert reference.phase == "cooldown"
+    for stop in checkpoints(reference):
+        first = new_scheduler(preset)
+        lrs = run(first, 0, stop, [])
+        state = roundtrip(first.state_dict())
+        resumed = new_scheduler(preset)
+        resumed.load_state_dict(state)
+        assert resumed.optimizer.param_groups[1]["lr"] == pytest.approx(0.1 * resumed.optimizer.param_groups[0]["lr"])
+        run(resumed, stop, TOTAL, lrs)
+        assert lrs == expected, f"diverged after resuming at step {stop}"
+        assert resumed.tests == reference.tests
+        assert resumed.switch_step == reference.switch_step and resumed.peak_lr == reference.peak_lr
+
+
+def test_state_dict_is_plain(uninterrupted):
+    _, scheduler, _ = uninterrupted
+    state = scheduler.state_dict()
+    allowed = (int, float, str, bool, type(None), torch.Tensor)
+
+    def check(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, str)
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+        else:
+            assert isinstance(value, allowed), type(value)
+
+    check(state)
+    assert roundtrip(state)["peak_lr"] == scheduler.peak_lr
+    assert math.isfinite(scheduler.peak_lr)
+
+
+def test_readable_state(uninterrupted):
+    _, scheduler, lrs = uninterrupted
+    assert scheduler.phase == "cooldown"
+    assert scheduler.peak_lr == lrs[scheduler.switch_step]
+    record = scheduler.tests[-1]
+    assert record.step == scheduler.switch_step and record.passed
+    assert 0.0 <= record.probability <= 1.0 and 0 <= record.votes <= 5
