@@ -1,0 +1,119 @@
+"""Helpers shared by the benchmark scripts: machine description, RESULTS.md sections, locked JSON files."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+_MD_HEADER = """# hf_autowu benchmarks
+
+Produced by the scripts in this folder; each script rewrites only its own section
+(between its `begin`/`end` markers). See `benchmarks/README.md` for what each one measures.
+"""
+
+
+def machine_info() -> str:
+    """Describe the machine and software stack in one line."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(BENCH_DIR.parent)
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def update_section(md_path: Path, name: str, body: str) -> None:
+    """Replace (or append) the section delimited by ``<!-- name:begin -->`` / ``<!-- name:end -->``.
+
+    Args:
+        md_path: the Markdown file; created with a short header when missing.
+        name: section name used in the markers.
+        body: new Markdown text of the section (without the markers).
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = md_path.read_text() if md_path.exists() else _MD_HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+
+
+def finite_or_none(value: Any) -> Any:
+    """Map NaN/inf floats (recursively in lists and dicts) to None so that the JSON stays strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def _dumps_by_line(data: dict[str, Any]) -> str:
+    """Strict JSON with one line per top-level key, and one line per entry of top-level dicts (small diffs)."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            items = [f"  {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in value.items()]
+            lines.append(f" {json.dumps(key)}: {{\n" + ",\n".join(items) + "\n }")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value, allow_nan=False)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+@contextlib.contextmanager
+def locked_json(path: Path, default: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Load a JSON file under an exclusive lock, yield it for in-place edits, then write it back atomically.
+
+    Several benchmark processes (e.g. one per task) can therefore share one results file.
+
+    Args:
+        path: the JSON file (its folder is created if needed).
+        default: content used when the file does not exist yet.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else json.loads(json.dumps(default))
+            yield data
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(_dumps_by_line(finite_or_none(data)))
+            os.replace(tmp, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
