@@ -1,0 +1,436 @@
+"""Recorded training curves: read them (Trainer logs, CSV, TensorBoard) and replay AutoWU's warmup over them.
+
+A replay asks "what would AutoWU have done with these options on this recorded warmup?": it feeds the recorded
+losses, step by step, into an `AutoWU` driving a dummy optimizer and stops at the switch. It is only meaningful
+while the recorded run trained on the same LR ramp as the options describe, so the logged learning rates are
+checked against that ramp first.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AutoWUConfig
+from .scheduler import AutoWU
+
+LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
+LR_TAGS = ("train/learning_rate", "learning_rate", "train/lr", "lr")
+LR_RELATIVE_TOLERANCE = 1e-3
+MIN_REPLAY_STEPS = 3  # the switch test needs three finite losses
+
+
+class CurveError(ValueError):
+    """A recorded curve (or scheduler state) that cannot be read or replayed; the message is one line."""
+
+
+@dataclass
+class LossCurve:
+    """A recorded training-loss curve.
+
+    Attributes:
+        steps (`list[int]`): For each logged loss, the optimizer steps done when it was logged (1 after the first
+            step), strictly increasing. A loss logged every `k` steps stands for the `k` steps up to its entry.
+        losses (`list[float]`): The logged losses (means over their steps when logging is coarse).
+        lrs (`list[float]`, *optional*): The learning rate logged with each loss: either the LR its last step
+            trained with, or the LR of the next step (the Trainer's convention before transformers 5).
+        total_steps (`int`, *optional*): The step budget, when the log records it.
+        source (`str`): What was read, for messages.
+    """
+
+    steps: list[int]
+    losses: list[float]
+    lrs: list[float] | None = None
+    total_steps: int | None = None
+    source: str = "curve"
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise CurveError(f"{self.source}: no training losses found.")
+        if len(self.losses) != len(self.steps) or (self.lrs is not None and len(self.lrs) != len(self.steps)):
+            raise CurveError(f"{self.source}: steps, losses and learning rates differ in length.")
+        if self.steps[0] < 1 or any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise CurveError(f"{self.source}: the steps must be positive and strictly increasing.")
+
+    @property
+    def logging_interval(self) -> int:
+        """The most common number of steps between two logged losses (1 for a per-step log)."""
+        gaps = [b - a for a, b in zip([0, *self.steps], self.steps, strict=False)]
+        return Counter(gaps).most_common(1)[0][0]
+
+    def per_step_losses(self) -> list[float]:
+        """One loss per optimizer step: each logged loss repeated over the steps it stands for."""
+        losses: list[float] = []
+        for step, loss in zip(self.steps, self.losses, strict=False):
+            losses.extend([loss] * (step - len(losses)))
+        return losses
+
+
+@dataclass
+class Replay:
+    """The outcome of `replay_curve`.
+
+    Attributes:
+        scheduler (`AutoWU`): The scheduler after the replay: `switch_step`, `peak_lr`, `tests`, ... say what
+            AutoWU decided (`switch_step` is `None` when it would not have switched within the replayed steps).
+        replayable_steps (`int`): Leading steps of the curve that trained on the options' warmup ramp.
+        lr_recorded (`bool`): Whether the ramp was checked against logged LRs (else it was assumed).
+        notes (`list[str]`): What the reader should know about the replay (approximations, truncation).
+    """
+
+    scheduler: AutoWU
+    replayable_steps: int
+    lr_recorded: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def dummy_optimizer() -> torch.optim.Optimizer:
+    """A one-parameter SGD optimizer for schedulers that only compute LRs (replays, rebuilt states)."""
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+
+def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
+    """Rebuild an `AutoWU` (on a dummy optimizer) from its `state_dict()`, e.g. a loaded `scheduler.pt`.
+
+    Args:
+        state (`Mapping`): What `AutoWU.state_dict()` returned.
+
+    Returns:
+        `AutoWU`: a scheduler in the saved state; its `lr_at`, `losses`, `tests`, ... are those of the saved one.
+    """
+    scheduler = AutoWU(
+        dummy_optimizer(),
+        state["steps_per_epoch"],
+        total_steps=state["total_steps"],
+        config=AutoWUConfig(**state["config"]),
+    )
+    scheduler.load_state_dict(dict(state))
+    return scheduler
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+
+def read_loss_curve(path: str | os.PathLike, loss_tag: str | None = None, lr_tag: str | None = None) -> LossCurve:
+    """Read a recorded loss curve, choosing the reader from the path.
+
+    - `*.json` (or a folder holding `trainer_state.json`): a Trainer state, see `read_trainer_state`.
+    - `*.csv`: see `read_csv_curve`.
+    - a file whose name contains `tfevents`, or a folder holding such files: see `read_tensorboard_curve`.
+
+    Args:
+        path (`str` or `os.PathLike`): The file or folder.
+        loss_tag (`str`, *optional*): TensorBoard tag of the loss (default: the first of `LOSS_TAGS` present).
+        lr_tag (`str`, *optional*): TensorBoard tag of the learning rate (default: the first of `LR_TAGS`).
+
+    Returns:
+        `LossCurve`: the curve.
+
+    Raises:
+        `CurveError`: when the path is missing, of no known kind, or malformed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "trainer_state.json").is_file():
+            return read_trainer_state(path / "trainer_state.json")
+        if not any("tfevents" in p.name for p in path.rglob("*")):
+            raise CurveError(f"{path}: neither a trainer_state.json nor TensorBoard event files in this folder.")
+        return read_tensorboard_curve(path, loss_tag, lr_tag)
+    if not path.is_file():
+        raise CurveError(f"{path}: no such file or folder.")
+    if path.suffix == ".json":
+        return read_trainer_state(path)
+    if path.suffix == ".csv":
+        return read_csv_curve(path)
+    if "tfevents" in path.name:
+        return read_tensorboard_curve(path, loss_tag, lr_tag)
+    raise CurveError(f"{path}: unknown log format (expected trainer_state.json, a .csv, or a TensorBoard event file).")
+
+
+def read_trainer_state(path: str | os.PathLike) -> LossCurve:
+    """Read the training losses of a Trainer's `trainer_state.json`.
+
+    Uses the `log_history` entries with a `"loss"` (with their `"step"` and `"learning_rate"`) and `"max_steps"`
+    as the step budget. With `logging_steps > 1` each logged loss is the mean of its steps.
+
+    Args:
+        path (`str` or `os.PathLike`): The `trainer_state.json` file.
+
+    Returns:
+        `LossCurve`: the curve (`lrs` is `None` unless every loss entry carries a learning rate).
+
+    Raises:
+        `CurveError`: on a file that is not a Trainer state.
+    """
+    try:
+        state = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CurveError(f"{path}: not readable as JSON ({err}).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise CurveError(f"{path}: not a Trainer state (no `log_history` list).")
+    entries = [entry for entry in state["log_history"] if isinstance(entry, dict) and "loss" in entry]
+    points: dict[int, tuple[float, float | None]] = {}
+    for entry in entries:
+        step = _as_int(entry.get("step"), f"{path}: log entry {entry}: `step`")
+        points[step] = (
+            _as_float(entry["loss"], f"{path}: step {step}: `loss`"),
+            _as_float(entry["learning_rate"], f"{path}: step {step}: `learning_rate`")
+            if "learning_rate" in entry
+            else None,
+        )
+    max_steps = state.get("max_steps")
+    total_steps = _as_int(max_steps, f"{path}: `max_steps`") if max_steps else None
+    return _curve_from_points(points, total_steps, f"{path} (Trainer state)", zero_based_allowed=False)
+
+
+def read_csv_curve(path: str | os.PathLike) -> LossCurve:
+    """Read a CSV with a header `step,loss` and optionally `lr` (or `learning_rate`).
+
+    One row per logged loss. `step` counts optimizer steps: 1 for the first (as the Trainer's `global_step`), or
+    0 for the first when the first row has step 0. `lr` is the LR of that step (or of the next one).
+
+    Args:
+        path (`str` or `os.PathLike`): The CSV file.
+
+    Returns:
+        `LossCurve`: the curve.
+
+    Raises:
+        `CurveError`: on a missing column or a value that is not a number.
+    """
+    try:
+        with open(path, newline="") as handle:
+            table = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CurveError(f"{path}: not readable as CSV ({err}).") from None
+    columns = [name.strip() for name in table[0]] if table else []
+    if "step" not in columns or "loss" not in columns:
+        raise CurveError(f"{path}: a CSV needs the columns `step` and `loss` (found: {', '.join(columns) or 'none'}).")
+    rows = [(line, dict(zip(columns, row, strict=False))) for line, row in enumerate(table[1:], start=2) if row]
+    lr_column = next((name for name in ("lr", "learning_rate") if name in columns), None)
+    points: dict[int, tuple[float, float | None]] = {}
+    for line, row in rows:
+        step = _as_int(_parse_number(row.get("step")), f"{path}: line {line}: `step`")
+        points[step] = (
+            _as_float(_parse_number(row.get("loss")), f"{path}: line {line}: `loss`"),
+            _as_float(_parse_number(row.get(lr_column)), f"{path}: line {line}: `{lr_column}`") if lr_column else None,
+        )
+    return _curve_from_points(points, None, f"{path} (CSV)")
+
+
+def read_tensorboard_curve(
+    path: str | os.PathLike, loss_tag: str | None = None, lr_tag: str | None = None
+) -> LossCurve:
+    """Read the loss (and LR) scalars of a TensorBoard event file, or of all event files under a folder.
+
+    Args:
+        path (`str` or `os.PathLike`): An event file (`events.out.tfevents.*`) or a folder of them.
+        loss_tag (`str`, *optional*): Tag of the loss; default: the first of `LOSS_TAGS` present.
+        lr_tag (`str`, *optional*): Tag of the learning rate; default: the first of `LR_TAGS` present (the LR is
+            then optional).
+
+    Returns:
+        `LossCurve`: the curve; the last value wins where a step was logged twice.
+
+    Raises:
+        `CurveError`: when the file holds no such scalars.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = Path(path)
+    if path.is_dir():
+        folders = sorted({str(p.parent) for p in path.rglob("*tfevents*") if p.is_file()})
+        if len(folders) != 1:
+            raise CurveError(f"{path}: event files of {len(folders)} runs here; give one run's folder or file.")
+        path = Path(folders[0])
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    accumulator.Reload()  # stops quietly at a corrupt record
+    scalars = {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
+    }
+    if not scalars:
+        raise CurveError(f"{path}: no scalars found (not a TensorBoard event file, or an empty one).")
+    found = ", ".join(sorted(scalars))
+    loss_tag = loss_tag or next((tag for tag in LOSS_TAGS if tag in scalars), None)
+    if loss_tag not in scalars:
+        raise CurveError(f"{path}: no loss scalars (tags found: {found}); name the loss tag with --loss-tag.")
+    if lr_tag is not None and lr_tag not in scalars:
+        raise CurveError(f"{path}: no scalars tagged {lr_tag!r} (tags found: {found}).")
+    lr_tag = lr_tag or next((tag for tag in LR_TAGS if tag in scalars), None)
+    lrs = scalars.get(lr_tag, {})
+    points = {step: (loss, lrs.get(step)) for step, loss in scalars[loss_tag].items()}
+    return _curve_from_points(points, None, f"{path} (TensorBoard, tag {loss_tag!r})")
+
+
+def _curve_from_points(
+    points: dict[int, tuple[float, float | None]],
+    total_steps: int | None,
+    source: str,
+    zero_based_allowed: bool = True,
+) -> LossCurve:
+    """A `LossCurve` from {step: (loss, lr)}; a log whose first step is 0 counts from 0 and is shifted by one."""
+    if not points:
+        raise CurveError(f"{source}: no training losses found.")
+    steps = sorted(points)
+    shift = 1 if zero_based_allowed and steps[0] == 0 else 0
+    lrs = [points[step][1] for step in steps]
+    return LossCurve(
+        steps=[step + shift for step in steps],
+        losses=[points[step][0] for step in steps],
+        lrs=lrs if all(lr is not None for lr in lrs) else None,
+        total_steps=total_steps,
+        source=source,
+    )
+
+
+def _parse_number(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_float(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CurveError(f"{what} is not a number ({value!r}).")
+    return float(value)
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise CurveError(f"{what} is not a whole number ({value!r}).")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------- replay
+
+
+def replay_curve(
+    curve: LossCurve,
+    config: AutoWUConfig | None = None,
+    total_steps: int | None = None,
+    steps_per_epoch: int | None = None,
+) -> Replay:
+    """Run AutoWU's warmup and switch tests over a recorded curve.
+
+    The recorded losses are fed, one per optimizer step, into an `AutoWU` with the given options until it
+    switches or the curve's ramp ends. With logged LRs, only the leading steps whose LR follows the options' ramp
+    are used (the ramp ends where the recorded run switched or ended warmup); a logged LR that contradicts the
+    ramp is refused. Without logged LRs, the whole curve is assumed to have trained on the options' ramp.
+    Replaying a per-step log of an AutoWU run with that run's options reproduces its switch exactly.
+
+    Args:
+        curve (`LossCurve`): The recorded curve.
+        config (`AutoWUConfig`, *optional*): The options to replay with (default: AutoWU's defaults).
+        total_steps (`int`, *optional*): The step budget (default: the curve's).
+        steps_per_epoch (`int`, *optional*): Steps per epoch, for options that act per epoch.
+
+    Returns:
+        `Replay`: the scheduler after the replay, and notes on the replay.
+
+    Raises:
+        `CurveError`: when the budget is unknown, the options leave no warmup, or the curve has no usable ramp.
+    """
+    config = config or AutoWUConfig()
+    total_steps = total_steps or curve.total_steps
+    if total_steps is None:
+        raise CurveError(f"{curve.source}: the step budget is unknown; give it with --total-steps.")
+    scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=total_steps, config=config)
+    if scheduler.warmup_steps <= 0:
+        raise CurveError("these options leave no warmup (max_warmup_fraction * total_steps < 1): nothing to replay.")
+
+    notes = []
+    if curve.logging_interval > 1 or curve.steps[0] > 1:
+        notes.append(
+            f"the log holds one loss every {curve.logging_interval} steps: each logged mean is repeated over its "
+            "steps, so the replay only approximates the run (log every step for an exact replay)."
+        )
+    losses = curve.per_step_losses()
+    if curve.lrs is None:
+        replayable = len(losses)
+        notes.append("no learning rates logged: the curve is assumed to follow the options' warmup ramp.")
+    else:
+        replayable = _ramp_steps(curve, scheduler)
+        if replayable < len(losses):
+            notes.append(
+                f"the logged learning rate leaves the warmup ramp after step {replayable} (the recorded run switched "
+                f"or ended warmup there): the {replayable} steps before are replayed."
+            )
+    for loss in losses[:replayable]:
+        scheduler.step(loss)
+        if scheduler.phase != "warmup":
+            break
+    return Replay(scheduler, replayable, curve.lrs is not None, notes)
+
+
+def _ramp_steps(curve: LossCurve, scheduler: AutoWU) -> int:
+    """Leading steps of `curve` known to have trained on `scheduler`'s ramp, checked against the logged LRs.
+
+    A logged LR is either that of the entry's last step or that of the next step; the alignment that fits the
+    ramp (best, when both do) is used.
+    """
+    fits, mismatches = [], []
+    for offset in (0, 1):
+        try:
+            fits.append(_ramp_extent(curve, scheduler, offset))
+        except _RampMismatch as mismatch:
+            mismatches.append(mismatch)
+    if not fits:
+        worst = max(mismatches, key=lambda m: m.matched)
+        cfg = scheduler.config
+        raise CurveError(
+            f"{curve.source}: the logged learning rate does not follow the warmup ramp of these options: at step "
+            f"{worst.step} it is {worst.recorded:.6g}, but the {cfg.warmup_type} ramp from min_lr={cfg.min_lr:g} to "
+            f"max_lr={cfg.max_lr:g} over {scheduler.warmup_steps} warmup steps (budget {scheduler.total_steps}) "
+            f"gives {worst.expected:.6g}; give the recorded run's options (--min-lr, --max-lr, --total-steps, "
+            "--max-warmup-fraction, --warmup-type)."
+        )
+    ramp_end, _ = min(fits, key=lambda fit: fit[1])
+    usable = [step for step in curve.steps if step <= ramp_end]
+    if len(usable) < 2 or usable[-1] < MIN_REPLAY_STEPS:
+        stop = curve.steps[len(usable)] if len(usable) < len(curve.steps) else curve.steps[-1]
+        raise CurveError(
+            f"{curve.source}: no usable LR ramp: the logged learning rate stops increasing at step {stop}; a replay "
+            "needs the LR warmup of the recorded run."
+        )
+    return usable[-1]
+
+
+class _RampMismatch(Exception):
+    def __init__(self, step: int, recorded: float, expected: float, matched: int):
+        self.step, self.recorded, self.expected, self.matched = step, recorded, expected, matched
+
+
+def _ramp_extent(curve: LossCurve, scheduler: AutoWU, offset: int) -> tuple[int, float]:
+    """(steps known to be on the ramp, mean |log error| of the matched LRs) with the LR of entry step `s` taken as
+    that of step index `s - 1 + offset`.
+
+    Walks the entries while the logged LR matches the ramp; stops at the first LR that does not and is not above
+    the previous one (the ramp ended: AutoWU never switches to a larger LR). A rising LR off the ramp raises
+    `_RampMismatch`.
+    """
+    tolerance = math.log1p(LR_RELATIVE_TOLERANCE)
+    ramp_end, errors, previous = 0, [], None
+    for step, lr in zip(curve.steps, curve.lrs, strict=False):
+        if not (math.isfinite(lr) and lr > 0):
+            raise CurveError(f"{curve.source}: the learning rate logged at step {step} is {lr!r}.")
+        index = step - 1 + offset
+        expected = scheduler.lr_at(index)
+        error = abs(math.log(lr / expected))
+        if error <= tolerance:
+            ramp_end, previous = index + 1, lr
+            errors.append(error)
+        elif previous is not None and lr <= previous:
+            break
+        else:
+            raise _RampMismatch(step, lr, expected, len(errors))
+    return ramp_end, sum(errors) / max(len(errors), 1)
