@@ -10,7 +10,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoWU",
+    "AutoWUCallback",
     "AutoWUConfig",
+    "AutoWUTrainer",
+    "AutoWUTrainerMixin",
     "ClosedFormLossCurveGP",
     "LossCurveGP",
     "ReferenceSwitchTest",
@@ -19,3 +22,13 @@ __all__ = [
     "SwitchTester",
     "minimum_in_past_probability",
 ]
+
+_TRAINER_EXPORTS = ("AutoWUCallback", "AutoWUTrainer", "AutoWUTrainerMixin")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_EXPORTS:  # the Trainer integration imports transformers only when asked for
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
