@@ -2,7 +2,9 @@
 
 from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP, LossCurveGP
+from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
 from .reference import ReferenceSwitchTest
+from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
 from .scheduler import AutoWU, SwitchTestRecord
 from .switch_test import SwitchTester, SwitchTestOutcome, minimum_in_past_probability
 
@@ -20,7 +22,13 @@ __all__ = [
     "SwitchTestOutcome",
     "SwitchTestRecord",
     "SwitchTester",
+    "log_figure_to_tensorboard",
     "minimum_in_past_probability",
+    "plot_autowu",
+    "read_loss_curve",
+    "replay_curve",
+    "save_autowu_figure",
+    "scheduler_from_state_dict",
 ]
 
 _TRAINER_EXPORTS = ("AutoWUCallback", "AutoWUTrainer", "AutoWUTrainerMixin")
