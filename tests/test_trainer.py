@@ -1,0 +1,214 @@
+"""The Trainer integration on a real `transformers.Trainer` (CPU, tiny models): both entry points."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer
+
+from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainer
+from hf_autowu.trainer import LOG_KEYS
+
+sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
+from trainer_toy import (  # noqa: E402
+    AUTOWU_OPTIONS,
+    FakeOverflow,
+    StepRecorder,
+    ToyRegressor,
+    ToyTokenModel,
+    regression_data,
+    token_data,
+    training_args,
+)
+
+ENTRY_POINTS = ("callback", "trainer")
+
+
+def make_trainer(entry_point: str, args, callbacks=(), model=None, dataset=None, **options) -> Trainer:
+    """A Trainer driven by AutoWU through `entry_point` ("callback" or "trainer")."""
+    torch.manual_seed(0)
+    model = ToyRegressor() if model is None else model
+    dataset = regression_data() if dataset is None else dataset
+    config = AutoWUConfig(**{**AUTOWU_OPTIONS, **options})
+    if entry_point == "callback":
+        callbacks = [*callbacks, AutoWUCallback(config)]
+        return Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
+    return AutoWUTrainer(
+        model=model, args=args, train_dataset=dataset, callbacks=list(callbacks), autowu_config=config
+    )
+
+
+def scheduler_of(trainer: Trainer) -> AutoWU:
+    if isinstance(trainer, AutoWUTrainer):
+        return trainer.lr_scheduler
+    (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AutoWUCallback)]
+    return callback.scheduler
+
+
+def hand_fed_lrs(losses: list[torch.Tensor | None], total_steps: int, steps_per_epoch: int, **options) -> list[float]:
+    """The LR of every step from an AutoWU fed `losses` by hand (`None`: a skipped step, not fed)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = AutoWU(optimizer, steps_per_epoch, total_steps=total_steps, config=AutoWUConfig(**options))
+    lrs = []
+    for loss in losses:
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if loss is not None:
+            scheduler.step(loss)
+    return lrs
+
+
+def autowu_logs(trainer: Trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "autowu/phase" in entry]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
+    """28 samples in batches of 4 with accumulation 2: 4 steps an epoch, the last of 1 micro-batch."""
+    recorder = StepRecorder()
+    trainer = make_trainer(entry_point, training_args(str(tmp_path)), callbacks=[recorder])
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert len(recorder.lrs) == trainer.state.max_steps == scheduler.total_steps == 60
+    assert scheduler.steps_per_epoch == 4
+    assert [len(losses) for losses in recorder.micro_losses[:4]] == [2, 2, 2, 1]
+    assert scheduler.switch_step is not None and scheduler.phase == "cooldown"
+
+    # the optimizer used AutoWU's LR (every group) at every step, as an AutoWU fed the same losses says
+    expected = hand_fed_lrs(recorder.step_losses(), 60, 4, **AUTOWU_OPTIONS)
+    assert [lrs[0] for lrs in recorder.lrs] == expected
+    assert all(len(set(lrs)) == 1 for lrs in recorder.lrs)
+    # AutoWU saw each step's mean loss over its micro-batches
+    warmup = scheduler.switch_step
+    assert torch.equal(scheduler.losses.float(), torch.stack(recorder.step_losses()[:warmup]))
+    means = torch.tensor([sum(float(v) for v in losses) / len(losses) for losses in recorder.micro_losses[:warmup]])
+    torch.testing.assert_close(scheduler.losses, means.double(), rtol=1e-6, atol=0)
+    # the logged learning_rate is the LR applied at that step, and the Trainer's own log lines are all there
+    logged = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert [entry["step"] for entry in logged] == list(range(1, 61))
+    assert [entry["learning_rate"] for entry in logged] == expected
+    # every switch test and the switch reach log_history
+    entries = autowu_logs(trainer)
+    assert [entry["step"] for entry in entries] == [record.step for record in scheduler.tests]
+    assert set(LOG_KEYS) <= set(entries[-1])
+    last = entries[-1]
+    assert last["step"] == scheduler.switch_step and last["autowu/switch_step"] == scheduler.switch_step
+    assert last["autowu/phase"] == 1 and last["autowu/peak_lr"] == scheduler.peak_lr == last["autowu/lr"]
+    assert all(entry["autowu/switch_step"] == -1 and entry["autowu/phase"] == 0 for entry in entries[:-1])
+    assert [entry["autowu/votes"] for entry in entries] == [record.votes for record in scheduler.tests]
+    assert [r.getMessage() for r in caplog.records if "warmup ended" in r.getMessage()] == [
+        f"AutoWU: warmup ended after {scheduler.switch_step} steps (test); peak LR {scheduler.peak_lr:.4g}, "
+        "decaying to 0 by step 60."
+    ]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_loss_normalised_by_num_items_in_batch(entry_point, tmp_path):
+    """A model taking `num_items_in_batch`: the step's loss is the mean over all its labelled tokens."""
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), max_steps=5, per_device_train_batch_size=2, logging_steps=100)
+    trainer = make_trainer(
+        entry_point,
+        args,
+        callbacks=[recorder],
+        model=ToyTokenModel(),
+        dataset=token_data(),
+        max_warmup_fraction=1.0,
+        cooldown_fraction=0.0,
+    )
+    assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    scheduler.sync_pending_losses()
+    expected = [
+        sum(float(out["loss_sum"]) for out in outs) / sum(int(out["labelled"]) for out in outs)
+        for outs in recorder.outputs
+    ]
+    assert len({int(out["labelled"]) for outs in recorder.outputs for out in outs}) > 1
+    torch.testing.assert_close(scheduler.losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_overflow_skipped_step_is_not_a_step(entry_point, tmp_path):
+    """A step whose update fp16 overflow skipped keeps the LR and gives AutoWU no loss."""
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), max_steps=12)
+    trainer = make_trainer(entry_point, args, callbacks=[recorder, FakeOverflow({2, 5})])
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert scheduler.last_step == 10
+    losses = [None if step in (2, 5) else loss for step, loss in enumerate(recorder.step_losses())]
+    expected = hand_fed_lrs(losses, 12, 4, **AUTOWU_OPTIONS)
+    assert [lrs[0] for lrs in recorder.lrs] == expected
+    assert expected[2] == expected[3] and expected[5] == expected[6] and expected[1] < expected[2]
+    assert [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry] == expected
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_bf16_on_cpu(entry_point, tmp_path):
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), max_steps=8, bf16=True, use_cpu=True)
+    trainer = make_trainer(entry_point, args, callbacks=[recorder])
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert scheduler.last_step == 8
+    assert [lrs[0] for lrs in recorder.lrs] == [scheduler.lr_at(step) for step in range(8)]
+    assert all(math.isfinite(float(loss)) for loss in recorder.step_losses())
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_resume_continues_the_lr_trajectory(entry_point, tmp_path):
+    """Checkpoints every 10 steps; the switch comes at step 23. Resuming from step 10 (warmup) and from step 30
+    (decay) must give the uninterrupted run's LRs, switch and loss history."""
+    full_recorder = StepRecorder()
+    args = training_args(str(tmp_path / "full"), save_strategy="steps", save_steps=10, logging_steps=100)
+    full = make_trainer(entry_point, args, callbacks=[full_recorder])
+    full.train()
+    reference = scheduler_of(full)
+    assert 10 < reference.switch_step < 30
+    full_lrs = [lrs[0] for lrs in full_recorder.lrs]
+
+    runs = [(10, False), (30, False)] + ([(10, True)] if entry_point == "callback" else [])
+    for start, restore_callback_states in runs:
+        recorder = StepRecorder()
+        args = training_args(
+            str(tmp_path / f"resumed{start}"),
+            save_strategy="steps",
+            save_steps=10,
+            logging_steps=100,
+            restore_callback_states_from_checkpoint=restore_callback_states,
+        )
+        resumed = make_trainer(entry_point, args, callbacks=[recorder])
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{start}"))
+        scheduler = scheduler_of(resumed)
+        assert [lrs[0] for lrs in recorder.lrs] == full_lrs[start:], (start, restore_callback_states)
+        assert scheduler.switch_step == reference.switch_step and scheduler.peak_lr == reference.peak_lr
+        assert torch.equal(scheduler.losses, reference.losses)
+        assert [r.step for r in scheduler.tests] == [r.step for r in reference.tests]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = training_args(str(tmp_path / "out"), logging_steps=1000, report_to=["tensorboard"])
+    trainer = make_trainer(entry_point, args)
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    # the Trainer logged no per-step loss: only AutoWU's entries and the end-of-training summary
+    assert [entry for entry in trainer.state.log_history if "loss" in entry] == []
+    test_steps = [record.step for record in scheduler.tests]
+    assert [entry["step"] for entry in autowu_logs(trainer)] == test_steps
+    (event_dir,) = {str(path.parent) for path in (tmp_path / "out").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(event_dir)
+    events.Reload()
+    for key in LOG_KEYS:
+        assert [event.step for event in events.Scalars(f"train/{key}")] == test_steps, key
+    lrs = [event.value for event in events.Scalars("train/autowu/lr")]
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor([entry["autowu/lr"] for entry in autowu_logs(trainer)]))
+    assert events.Scalars("train/autowu/switch_step")[-1].value == scheduler.switch_step
