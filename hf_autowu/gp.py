@@ -107,14 +107,15 @@ class ClosedFormLossCurveGP:
 
     Args:
         device (`str`, *optional*, defaults to `"cpu"`): Device of the prediction tensors.
+        fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate.
+        noise_init (`float`, *optional*, defaults to 1e-3): Initial noise variance.
     """
 
-    _NAMES = ("raw_mean", "raw_outputscale", "raw_noise")
-
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", fit_lr: float = FIT_LR, noise_init: float = NOISE_INIT):
         self.device = device
+        self.fit_lr = fit_lr
         self.lengthscale = softplus(inverse_softplus(LENGTHSCALE))
-        self.raw = [0.0, 0.0, inverse_softplus(NOISE_INIT - NOISE_FLOOR)]
+        self.raw = [0.0, 0.0, inverse_softplus(noise_init - NOISE_FLOOR)]
         self.adam_step = 0
         self.exp_avg = [0.0, 0.0, 0.0]
         self.exp_avg_sq = [0.0, 0.0, 0.0]
@@ -167,10 +168,10 @@ class ClosedFormLossCurveGP:
             self._adam_update((g_mean, g_scale * _sigmoid(self.raw[1]), g_noise * _sigmoid(self.raw[2])))
 
     def _adam_update(self, grads: tuple[float, float, float]) -> None:
-        """One `torch.optim.Adam` step (lr 0.01, default betas and eps) on the raw hyperparameters."""
+        """One `torch.optim.Adam` step (default betas and eps) on the raw hyperparameters."""
         beta1, beta2 = _ADAM_BETAS
         self.adam_step += 1
-        step_size = FIT_LR / (1.0 - beta1**self.adam_step)
+        step_size = self.fit_lr / (1.0 - beta1**self.adam_step)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**self.adam_step)
         for i, g in enumerate(grads):
             self.exp_avg[i] += (g - self.exp_avg[i]) * (1.0 - beta1)

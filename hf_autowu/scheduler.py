@@ -12,11 +12,15 @@ import torch
 
 from .config import AutoWUConfig
 from .distributed import broadcast_floats, mean_over_processes
+from .gp import FIT_LR, NOISE_INIT
 from .ramp import cooldown_factor, warmup_lr
-from .switch_test import SwitchTester, SwitchTestOutcome
+from .switch_test import MIN_FINITE_LOSSES, SwitchTester, SwitchTestOutcome
 
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
+_ROBUST_MIN_LOSSES = 20
+_ROBUST_FIT_LR = 0.05
+_ROBUST_NOISE_INIT = 0.1
 _PLATEAU_THRESHOLD = 1e-4
 
 
@@ -106,13 +110,7 @@ class AutoWU:
 
         self.warmup_steps = int(config.max_warmup_fraction * self.total_steps)
         self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
-        self._tester = SwitchTester(
-            confidence=config.confidence,
-            n_tests=config.n_tests,
-            standardize_losses=config.effective_standardize_losses,
-            seed=config.seed,
-            device=config.device,
-        )
+        self._tester = _make_tester(config)
         self._switch_listeners: list[Callable[[AutoWU], None]] = []
 
         self.last_step = 0
@@ -265,13 +263,7 @@ class AutoWU:
         cooldown_from = state_dict["cooldown_from"]
         self._cooldown_from = (int(cooldown_from[0]), float(cooldown_from[1])) if cooldown_from else None
         self.lr_changes = [(int(step), float(lr)) for step, lr in state_dict["lr_changes"]]
-        self._tester = SwitchTester(
-            confidence=self.config.confidence,
-            n_tests=self.config.n_tests,
-            standardize_losses=self.config.effective_standardize_losses,
-            seed=self.config.seed,
-            device=self.config.device,
-        )
+        self._tester = _make_tester(self.config)
         self._tester.load_state_dict(state_dict["tester"])
         self._apply_lr()
 
@@ -451,6 +443,22 @@ class AutoWU:
                 raise ValueError(f"`total_epochs` must be a number > 0, got {total_epochs!r}.")
             total_steps = math.ceil(self.steps_per_epoch * total_epochs)
         return _check_optional_positive_int("total_steps", total_steps)
+
+
+def _make_tester(config: AutoWUConfig) -> SwitchTester:
+    """The switch tester for `config`: the robust preset starts the GP from a sensible noise level and trains
+    it faster (on standardised losses both are scale-free), and waits for enough losses before testing."""
+    robust = config.is_robust
+    return SwitchTester(
+        confidence=config.confidence,
+        n_tests=config.n_tests,
+        standardize_losses=config.effective_standardize_losses,
+        seed=config.seed,
+        device=config.device,
+        min_losses=_ROBUST_MIN_LOSSES if robust else MIN_FINITE_LOSSES,
+        fit_lr=_ROBUST_FIT_LR if robust else FIT_LR,
+        noise_init=_ROBUST_NOISE_INIT if robust else NOISE_INIT,
+    )
 
 
 def _check_optional_positive_int(name: str, value: Any) -> int | None:

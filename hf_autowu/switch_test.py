@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gp import GRID_SIZE, VARIANCE_JITTER, ClosedFormLossCurveGP, kernel_features
+from .gp import FIT_LR, GRID_SIZE, NOISE_INIT, VARIANCE_JITTER, ClosedFormLossCurveGP, kernel_features
 from .ramp import lr_at_fraction
 
 MIN_FINITE_LOSSES = 3
@@ -30,7 +30,8 @@ class SwitchTestOutcome:
         votes (`int`): Predictions whose probability exceeds the confidence.
         passed (`bool`): Whether more than half of the predictions voted "past".
         lr_estimate (`float`): Mean over predictions of the LR at the argmin of the posterior mean.
-        rising (`bool`): Whether the posterior mean now is above its value at the start of the history.
+        rising (`bool`): Whether the posterior mean now is above its value at the start of the history and
+            more than three noise standard deviations above its minimum.
         grid_mean (`list[float]`): Posterior mean on the grid (loss units, averaged over predictions).
         grid_std (`list[float]`): Posterior standard deviation of the latent curve on the grid (loss units).
     """
@@ -97,15 +98,30 @@ class SwitchTester:
         n_tests (`int`): Number of predictions per test.
         standardize_losses (`bool`): Standardise the losses before fitting (scale-invariant decisions).
         seed (`int`): Seed of the subsampling generator.
-        device (`str`): Device of the prediction tensors.
+        device (`str`, *optional*, defaults to `"cpu"`): Device of the prediction tensors.
+        min_losses (`int`, *optional*, defaults to 3): Fewest finite losses a test needs.
+        fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate for the hyperparameters.
+        noise_init (`float`, *optional*, defaults to 1e-3): Initial GP noise variance.
     """
 
-    def __init__(self, *, confidence: float, n_tests: int, standardize_losses: bool, seed: int, device: str = "cpu"):
+    def __init__(
+        self,
+        *,
+        confidence: float,
+        n_tests: int,
+        standardize_losses: bool,
+        seed: int,
+        device: str = "cpu",
+        min_losses: int = MIN_FINITE_LOSSES,
+        fit_lr: float = FIT_LR,
+        noise_init: float = NOISE_INIT,
+    ):
         self.confidence = confidence
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
         self.device = device
-        self.gp = ClosedFormLossCurveGP(device=device)
+        self.min_losses = min_losses
+        self.gp = ClosedFormLossCurveGP(device=device, fit_lr=fit_lr, noise_init=noise_init)
         self.generator = torch.Generator().manual_seed(seed)
         self._grid = torch.linspace(0.0, 1.0, GRID_SIZE, dtype=torch.float64, device=device)
         self._grid_features = kernel_features(self._grid, self.gp.lengthscale)
@@ -138,7 +154,7 @@ class SwitchTester:
     ) -> SwitchTestOutcome | None:
         finite = torch.isfinite(losses)
         valid = finite.nonzero().squeeze(-1)
-        if valid.numel() < MIN_FINITE_LOSSES:
+        if valid.numel() < self.min_losses:
             return None
         shift, scale = 0.0, 1.0
         if self.standardize_losses:
@@ -169,7 +185,7 @@ class SwitchTester:
             votes=votes,
             passed=votes > self.n_tests / 2,
             lr_estimate=sum(lr_estimates) / len(lr_estimates),
-            rising=bool(avg_mean[-1] > avg_mean[0]),
+            rising=bool(avg_mean[-1] > avg_mean[0] and avg_mean[-1] - avg_mean.min() > 3.0 * math.sqrt(self.gp.noise)),
             grid_mean=(avg_mean * scale + shift).tolist(),
             grid_std=(variance.mean(dim=0).clamp_min(0.0).sqrt() * scale).tolist(),
         )
