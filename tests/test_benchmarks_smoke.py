@@ -1,0 +1,68 @@
+"""Smoke test: every benchmark entry point runs end to end in its tiny ``--smoke`` mode.
+
+No timings are asserted (benchmarks are not tests); outputs go to a temporary directory, never to the
+committed ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """Import a benchmark script as a module (they import their sibling ``common``); restore torch threads."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    threads = torch.get_num_threads()
+    yield importlib.import_module
+    torch.set_num_threads(threads)
+
+
+def test_quality_smoke(bench, tmp_path: Path) -> None:
+    quality = bench("quality")
+    quality.main(["--smoke", "--tasks", "digits_cnn", "--out-dir", str(tmp_path)])
+    trainer_tasks, trainer_methods = "timm_digits,gpt2_stdlib", "autowu,schedulefree,prodigy,lr_finder"
+    quality.main(["--smoke", "--tasks", trainer_tasks, "--methods", trainer_methods, "--out-dir", str(tmp_path)])
+    runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert {r["method"] for r in runs.values() if r["task"] == "digits_cnn"} == set(quality.METHODS)
+    assert len([r for r in runs.values() if r["task"] != "digits_cnn"]) == 8
+    for run in runs.values():
+        assert len(run["lrs"]) == len(run["losses"]) == run["steps"]
+        assert run["compute"] >= run["steps"]
+    assert "<!-- quality:begin -->" in (tmp_path / "RESULTS.md").read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {"digits_cnn.png", "timm_digits.png", "gpt2_stdlib.png"}
+
+
+def test_overhead_smoke(bench, tmp_path: Path) -> None:
+    overhead = bench("overhead")
+    overhead.main(["--smoke", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    assert {r["implementation"] for r in data["switch_test"]} == set(overhead.IMPLEMENTATIONS)
+    assert {r["variant"] for r in data["end_to_end"]} == set(overhead.E2E_VARIANTS)
+    assert "<!-- overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_gpu_overhead_refuses_without_cuda_or_runs(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gpu_overhead = bench("gpu_overhead")
+    if torch.cuda.is_available():
+        assert gpu_overhead.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    else:
+        assert gpu_overhead.main(["--out-dir", str(tmp_path)]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+        assert not (tmp_path / "gpu_overhead.json").exists()
+
+
+def test_gpu_overhead_cpu_dry_run(bench, tmp_path: Path) -> None:
+    gpu_overhead = bench("gpu_overhead")
+    assert gpu_overhead.main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_overhead.json").read_text())
+    assert {r["variant"] for r in data["throughput"]} == set(gpu_overhead.VARIANTS)
