@@ -43,6 +43,7 @@ import contextlib
 import io
 import math
 import os
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -307,10 +308,11 @@ def autowu_options(method: str) -> dict[str, Any]:
 
 
 def autowu_info(scheduler: Any) -> dict[str, Any]:
-    """The AutoWU decisions worth keeping: switch step, chosen peak LR, number of switch tests."""
+    """The AutoWU decisions worth keeping: switch step and reason, chosen peak LR, number of switch tests."""
     return {
         "switch_step": scheduler.switch_step,
         "peak_lr": scheduler.peak_lr,
+        "switch_reason": scheduler.switch_reason,
         "n_tests": len(scheduler.tests),
         "phase": scheduler.phase,
     }
@@ -589,6 +591,18 @@ def task_steps(args: argparse.Namespace, task_name: str) -> int:
     return (smoke_task(task) if args.smoke else task).steps
 
 
+@cache
+def library_revision() -> str:
+    """The git commit of this checkout, with ``+dirty`` when ``hf_autowu/`` has uncommitted changes."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True).stdout.strip()
+
+    dirty = "+dirty" if git("status", "--porcelain", "hf_autowu") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
 def execute(args: argparse.Namespace, results_path: Path) -> None:
     """Run every planned run that is not in the results file yet (or all of them with ``--redo``)."""
     grid = (1e-3, 1e-2) if args.smoke else ORACLE_GRID
@@ -606,7 +620,7 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
         result = RUNNERS[task_name](task, method, seed, lr)
         wall = time.perf_counter() - start
         record = {"task": task_name, "method": method, "seed": seed, "grid_lr": lr, "metric": task.metric,
-                  "wall_s": round(wall, 2), **result.__dict__}
+                  "wall_s": round(wall, 2), "revision": library_revision(), **result.__dict__}
         for name in ("lrs", "losses"):
             record[name] = [float(f"{v:.6g}") for v in record[name]]
         with locked_json(results_path, {"runs": {}, "commands": []}) as data:
@@ -675,54 +689,76 @@ def _mean_std(values: list[float | None], scale: float) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def _failed(run: dict[str, Any]) -> bool:
+    """A run that ended at chance level (accuracy <= 20%) or with a non-finite / chance-level (ln 256) loss."""
+    value = run["test"]
+    if value is None or not math.isfinite(value):
+        return True
+    return value <= 0.2 if run["metric"] == "accuracy" else value >= 0.95 * math.log(256)
+
+
+def _notes(method: str, row: dict[str, Any]) -> str:
+    """Per-method notes: AutoWU's switch (mean step, reasons) and the code revision(s) of its runs."""
+    if method not in ("autowu", "autowu_paper"):
+        return ""
+    steps = [r["info"].get("switch_step") for r in row["runs"]]
+    steps = [s for s in steps if s is not None]
+    reasons = sorted({str(r["info"].get("switch_reason")) for r in row["runs"]})
+    revisions = sorted({r.get("revision", "?") for r in row["runs"]})
+    switch = f"switch at step {np.mean(steps):.0f}" if steps else "no switch"
+    return f"{switch} ({', '.join(reasons)}); rev {', '.join(revisions)}"
+
+
 def report(summary: dict[str, dict[str, dict[str, Any]]], commands: list[str]) -> str:
-    """The Markdown section: one table per task, then AutoWU's standing against each method."""
+    """The Markdown section: one table per task, then where each AutoWU variant stands against each method."""
     lines = ["## Quality per compute (`benchmarks/quality.py`)", "",
              "Produced by: " + "; ".join(f"`{c}`" for c in commands), "",
-             f"Machine: {machine_info()}.", "",
+             f"Machine: {machine_info()}. The machine was shared with other jobs (load average 4-9 on 2 cores), so "
+             "the wall times are inflated and only roughly comparable.", "",
              "Metric: test accuracy (%) for the digits tasks, test loss (nats per byte) for GPT-2; mean ± std over "
-             "seeds (n). Compute: optimizer steps per seed, including every grid point and LR sweep. Gap: method "
+             "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or "
+             "non-finite). Compute: optimizer steps per seed, including every grid point and LR sweep. Gap: method "
              "minus oracle on test (positive = better than the oracle for accuracy, worse for loss). LR: peak LR "
              "used (oracle: chosen grid point; AutoWU: LR chosen at the switch; finder: suggestion; geometric mean "
              "over seeds). Wall: seconds for all seeds together.", ""]
     for task, methods in summary.items():
         spec = TASKS[task]
         is_acc = spec.metric == "accuracy"
-        scale = 100.0 if is_acc else 1.0
+        scale, digits = (100.0, 2) if is_acc else (1.0, 4)
         steps = next(iter(methods.values()))["runs"][0]["steps"]
         lines += [f"### {task}: {spec.title}, {steps} steps per run", "",
-                  "| method | settings | test | val | n | compute (steps) | gap to oracle | LR | wall (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| method | settings | test | val | n | failed | compute (steps) | gap to oracle | LR | wall (s) | "
+                  "notes |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         oracle_mean = _mean_std(methods["oracle"]["test"], scale)[0] if "oracle" in methods else math.nan
         for method, row in methods.items():
             test_m, test_s = _mean_std(row["test"], scale)
             val_m, val_s = _mean_std(row["val"], scale)
-            gap = test_m - oracle_mean
-            lr = row.get("lr")
-            digits = 2 if is_acc else 4
+            gap = "" if method == "oracle" or math.isnan(oracle_mean) else f"{test_m - oracle_mean:+.{digits}f}"
+            lr = "" if row.get("lr") is None else f"{row['lr']:.2e}"
             lines.append(
                 f"| {method} | {METHODS[method]} | {test_m:.{digits}f} ± {test_s:.{digits}f} | "
-                f"{val_m:.{digits}f} ± {val_s:.{digits}f} | {len(row['test'])} | {row['compute']:.0f} | "
-                f"{'' if method == 'oracle' else f'{gap:+.{digits}f}'} | {'' if lr is None else f'{lr:.2e}'} | "
-                f"{row['wall_s']:.0f} |"
+                f"{val_m:.{digits}f} ± {val_s:.{digits}f} | {len(row['test'])} | "
+                f"{sum(_failed(r) for r in row['runs'])} | {row['compute']:.0f} | {gap} | {lr} | "
+                f"{row['wall_s']:.0f} | {_notes(method, row)} |"
             )
         lines += ["", f"![LR and training loss per step, {task}](results/{task}.png)", ""]
-    lines += ["### Where AutoWU (defaults) stands", ""]
-    for task, methods in summary.items():
-        if "autowu" not in methods:
-            continue
-        scale, better = (100.0, 1.0) if TASKS[task].metric == "accuracy" else (1.0, -1.0)
-        unit = "pp" if scale == 100.0 else "nats"
-        auto_m = _mean_std(methods["autowu"]["test"], scale)[0]
-        parts = []
-        for method, row in methods.items():
-            if method == "autowu":
+    lines += ["### Where AutoWU stands (test metric, mean over seeds; compute per seed)", ""]
+    for variant in ("autowu", "autowu_paper"):
+        for task, methods in summary.items():
+            if variant not in methods:
                 continue
-            diff = (auto_m - _mean_std(row["test"], scale)[0]) * better
-            word = "ahead of" if diff > 0 else "behind"
-            parts.append(f"{word} {method} by {abs(diff):.2f} {unit} "
-                         f"({methods['autowu']['compute']:.0f} vs {row['compute']:.0f} steps)")
-        lines.append(f"- **{task}**: AutoWU is " + "; ".join(parts) + ".")
+            scale, better, unit = (100.0, 1.0, "pp") if TASKS[task].metric == "accuracy" else (1.0, -1.0, "nats")
+            mine = methods[variant]
+            mean = _mean_std(mine["test"], scale)[0]
+            parts = []
+            for method, row in methods.items():
+                if method == variant:
+                    continue
+                diff = (mean - _mean_std(row["test"], scale)[0]) * better
+                word = "ahead of" if diff > 0 else "behind" if diff < 0 else "level with"
+                parts.append(f"{word} {method} by {abs(diff):.2f} {unit} ({mine['compute']:.0f} vs "
+                             f"{row['compute']:.0f} steps)")
+            lines.append(f"- **{variant}, {task}**: " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
 
 
