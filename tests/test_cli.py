@@ -1,0 +1,218 @@
+"""`hf-autowu replay` / `hf-autowu plot` and the curve readers, driven by a real (small) AutoWU training run."""
+
+import json
+
+import pytest
+import torch
+
+from hf_autowu import AutoWU, AutoWUConfig, read_loss_curve, replay_curve
+from hf_autowu.cli import main
+
+OPTIONS = {"min_lr": 1e-2, "max_lr": 10.0}
+TOTAL_STEPS = 400
+OPTION_FLAGS = ["--min-lr", "0.01", "--max-lr", "10", "--total-steps", str(TOTAL_STEPS)]
+
+
+@pytest.fixture(scope="module")
+def recorded_run():
+    """A small MLP trained with AutoWU on a synthetic classification task until shortly after the switch.
+
+    Returns the scheduler and, for every step, (step, loss at full precision, LR it trained with, LR of the next
+    step).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add contention
+    try:
+        return _train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1024, 20, generator=generator)
+    targets = (inputs @ torch.randn(20, 5, generator=generator)).argmax(dim=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    scheduler = AutoWU(optimizer, total_steps=TOTAL_STEPS, **OPTIONS)
+    rows = []
+    for step in range(1, TOTAL_STEPS + 1):
+        batch = torch.randint(0, len(inputs), (64,), generator=generator)
+        lr = optimizer.param_groups[0]["lr"]
+        loss = torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(loss)
+        rows.append((step, loss.item(), lr, optimizer.param_groups[0]["lr"]))
+        if scheduler.switch_step is not None and step == scheduler.switch_step + 20:
+            break
+    assert scheduler.switch_reason == "test" and 20 < scheduler.switch_step < TOTAL_STEPS // 2
+    return scheduler, rows
+
+
+def write_csv(path, rows, with_lr=True):
+    header = "step,loss,lr" if with_lr else "step,loss"
+    lines = [f"{s},{loss!r},{lr!r}" if with_lr else f"{s},{loss!r}" for s, loss, lr, _ in rows]
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def write_trainer_state(path, rows, logging_steps=1, lr_of_next_step=False):
+    """A trainer_state.json as the Trainer writes it (transformers >= 5 logs the LR the step trained with)."""
+    history = []
+    for end in range(logging_steps, len(rows) + 1, logging_steps):
+        chunk = rows[end - logging_steps : end]
+        lr = chunk[-1][3] if lr_of_next_step else chunk[-1][2]
+        history.append({"loss": sum(r[1] for r in chunk) / len(chunk), "learning_rate": lr, "step": end})
+    history.append({"train_loss": 0.5, "step": len(rows)})
+    state = {"global_step": len(rows), "max_steps": TOTAL_STEPS, "logging_steps": logging_steps}
+    path.write_text(json.dumps({**state, "log_history": history}))
+    return path
+
+
+def replayed(path, **kwargs):
+    return replay_curve(read_loss_curve(path), AutoWUConfig(**OPTIONS), **kwargs).scheduler
+
+
+def test_replay_of_a_recorded_run_reproduces_its_switch_exactly(recorded_run, tmp_path):
+    scheduler, rows = recorded_run
+    for with_lr in (True, False):
+        result = replayed(write_csv(tmp_path / f"run{with_lr}.csv", rows, with_lr), total_steps=TOTAL_STEPS)
+        assert result.switch_step == scheduler.switch_step
+        assert result.peak_lr == scheduler.peak_lr
+        assert [t.probability for t in result.tests] == [t.probability for t in scheduler.tests]
+
+
+@pytest.mark.parametrize("lr_of_next_step", [False, True], ids=["lr_trained", "lr_of_next_step"])
+def test_replay_of_a_per_step_trainer_state_is_exact(recorded_run, tmp_path, lr_of_next_step):
+    scheduler, rows = recorded_run
+    result = replayed(write_trainer_state(tmp_path / "trainer_state.json", rows, lr_of_next_step=lr_of_next_step))
+    assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+
+
+def test_replay_of_a_tensorboard_log_is_exact(recorded_run, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    scheduler, rows = recorded_run
+    with SummaryWriter(str(tmp_path / "runs" / "run1")) as writer:
+        for step, loss, _, next_lr in rows:  # the Trainer's TensorBoard callback: at global_step, float32 values
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/learning_rate", next_lr, step)
+    result = replayed(tmp_path / "runs", total_steps=TOTAL_STEPS)
+    assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+
+
+def test_cli_replay_prints_the_switch_and_writes_the_figure(recorded_run, tmp_path, capsys):
+    scheduler, rows = recorded_run
+    figure = tmp_path / "replay.png"
+    status = main(["replay", str(write_csv(tmp_path / "run.csv", rows)), *OPTION_FLAGS, "--plot", str(figure), "-v"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"would switch after step {scheduler.switch_step} " in out
+    assert f"peak LR {scheduler.peak_lr:.6g}" in out
+    assert f"leaves the warmup ramp after step {scheduler.switch_step}" in out
+    assert out.count("test after step") == len(scheduler.tests)
+    assert figure.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_replay_of_coarse_logging_says_it_is_approximate(recorded_run, tmp_path, capsys):
+    scheduler, rows = recorded_run
+    state = write_trainer_state(tmp_path / "trainer_state.json", rows, logging_steps=5)
+    assert main(["replay", str(tmp_path), "--min-lr", "0.01", "--max-lr", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "logged every 5 steps" in out and "approximates the run" in out
+    # only the logged means whose steps all trained on the ramp are replayed
+    assert f"up to step {scheduler.switch_step // 5 * 5}\n" in out
+    assert read_loss_curve(state).per_step_losses()[:5] == [read_loss_curve(state).losses[0]] * 5
+
+
+def test_cli_plot_reads_trainer_and_accelerate_checkpoints(recorded_run, tmp_path, capsys):
+    scheduler, _ = recorded_run
+    trainer_output = tmp_path / "trainer"
+    for step in (10, 200):  # the latest checkpoint is used
+        (trainer_output / f"checkpoint-{step}").mkdir(parents=True)
+    torch.save({"not": "autowu"}, trainer_output / "checkpoint-10" / "scheduler.pt")
+    torch.save(scheduler.state_dict(), trainer_output / "checkpoint-200" / "scheduler.pt")
+    accelerate_state = tmp_path / "accelerate"
+    accelerate_state.mkdir()
+    torch.save({"step": 3}, accelerate_state / "custom_checkpoint_0.pkl")  # another registered object
+    torch.save(scheduler.state_dict(), accelerate_state / "custom_checkpoint_1.pkl")
+
+    for folder, found in ((trainer_output, "checkpoint-200/scheduler.pt"), (accelerate_state, "custom_checkpoint_1")):
+        figure = tmp_path / f"{folder.name}.png"
+        assert main(["plot", str(folder), "-o", str(figure)]) == 0
+        out = capsys.readouterr().out
+        assert found in out
+        assert f"switched after step {scheduler.switch_step} " in out
+        assert figure.stat().st_size > 10_000
+
+
+def test_cli_refuses_lrs_that_contradict_the_options(recorded_run, tmp_path, capsys):
+    _, rows = recorded_run
+    log = str(write_csv(tmp_path / "run.csv", rows))
+    assert main(["replay", log, "--min-lr", "0.01", "--max-lr", "10", "--total-steps", "500"]) == 2
+    assert "does not follow the warmup ramp" in capsys.readouterr().err
+    assert main(["replay", log, "--total-steps", str(TOTAL_STEPS)]) == 2  # default min_lr 1e-5
+    assert "at step 1 it is 0.01" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_curve_without_lr_ramp(tmp_path, capsys):
+    constant = tmp_path / "constant.csv"
+    constant.write_text("step,loss,lr\n" + "".join(f"{s},{3 - s / 100},0.01\n" for s in range(1, 50)))
+    assert main(["replay", str(constant), *OPTION_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert "no usable LR ramp" in err and "stops increasing at step 2" in err
+
+
+def _write(name, content):
+    def make(tmp_path):
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        return str(path)
+
+    return make
+
+
+MALFORMED = {
+    "csv_without_loss": (["replay"], _write("a.csv", "step,lr\n1,0.1\n"), "needs the columns `step` and `loss`"),
+    "csv_bad_number": (["replay"], _write("a.csv", "step,loss\n1,0.5\n2,abc\n"), "line 3: `loss` is not a number"),
+    "csv_steps_repeat_badly": (["replay"], _write("a.csv", "step,loss\n-3,0.5\n"), "positive"),
+    "bad_json": (["replay"], _write("trainer_state.json", "{not json"), "not readable as JSON"),
+    "json_without_log_history": (["replay"], _write("s.json", '{"a": 1}'), "no `log_history` list"),
+    "json_without_losses": (["replay"], _write("s.json", '{"log_history": [{"eval_loss": 1}]}'), "no training losses"),
+    "json_bad_step": (["replay"], _write("s.json", '{"log_history": [{"loss": 1, "step": "x"}]}'), "`step`"),
+    "unknown_format": (["replay"], _write("log.txt", "1 2 3"), "unknown log format"),
+    "corrupt_tensorboard": (["replay"], _write("events.out.tfevents.1", b"\x00\x01garbage"), "no scalars found"),
+    "missing_file": (["replay"], lambda tmp_path: str(tmp_path / "nope.csv"), "no such file"),
+    "plot_garbage": (["plot"], _write("scheduler.pt", b"garbage"), "not loadable with torch.load"),
+    "plot_empty_folder": (["plot"], lambda tmp_path: str(tmp_path), "no scheduler state here"),
+}
+
+
+@pytest.mark.parametrize("command, make, message", MALFORMED.values(), ids=MALFORMED.keys())
+def test_cli_malformed_inputs_give_one_error_line(tmp_path, capsys, command, make, message):
+    assert main([*command, make(tmp_path), *(OPTION_FLAGS if command == ["replay"] else [])]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hf-autowu {command[0]}: error: ") and message in lines[0]
+
+
+def test_cli_invalid_option_value_is_one_error_line(tmp_path, capsys):
+    log = _write("a.csv", "step,loss\n1,0.5\n")(tmp_path)
+    assert main(["replay", log, "--confidence", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "hf-autowu replay: error: `confidence` must be in (0, 1), got 1.5."
+
+
+def test_help_says_what_each_command_reads_and_writes(capsys):
+    for command, words in (
+        ("replay", ("trainer_state.json", "step,loss[,lr]", "TensorBoard", "Writes the figure", "--patience")),
+        ("plot", ("scheduler.pt", "custom_checkpoint_N.pkl", "weights_only=True", "Writes the figure")),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert all(w in out for w in words)
