@@ -18,11 +18,14 @@ from datasets.exceptions import DatasetNotFoundError
 from PIL import Image
 from sklearn.datasets import load_digits
 from timm.data import create_transform, resolve_data_config
+from timm.optim import create_optimizer_v2
 
 # The paper's recipe (ImageNet) and the settings used when no data argument is given (scikit-learn's digits).
 PAPER_DEFAULTS = {"model": "resnet50", "image_size": None, "batch_size": 256, "epochs": 120}
 EMBEDDED_DEFAULTS = {"model": "test_resnet", "image_size": 32, "batch_size": 64, "epochs": 15}
 
+# timm optimizers of the recipe and their extra arguments (AdamP as in the paper).
+OPTIMIZER_KWARGS = {"adamp": {"delta": 0.1, "wd_ratio": 0.1}, "lamb": {}, "adamw": {}}
 VALIDATION_SPLIT_NAMES = ("validation", "val", "valid", "test")
 
 
@@ -229,6 +232,22 @@ def check_model_name(name: str) -> None:
         raise ExampleInputError(f"unknown timm model {name!r} (see `timm.list_models()`)")
 
 
+def create_optimizer(model: torch.nn.Module, opt: str = "adamp", weight_decay: float = 0.1) -> torch.optim.Optimizer:
+    """The recipe's timm optimizer, without weight decay on biases and normalisation weights.
+
+    Every group gets the configured LR 1.0: AutoWU sets the actual LR and keeps only the groups' ratios.
+
+    Args:
+        model (`torch.nn.Module`): The model to optimise.
+        opt (`str`): One of `OPTIMIZER_KWARGS` ("adamp", "lamb", "adamw").
+        weight_decay (`float`): Weight decay.
+
+    Returns:
+        `torch.optim.Optimizer`: The optimizer.
+    """
+    return create_optimizer_v2(model, opt=opt, lr=1.0, weight_decay=weight_decay, **OPTIMIZER_KWARGS[opt])
+
+
 def recipe_label_smoothing(model_name: str) -> float:
     """The paper recipe's label smoothing: 0.1 for EfficientNets, none otherwise.
 
@@ -259,8 +278,8 @@ def create_transforms(
     return create_transform(**data_config, is_training=True, **augment), create_transform(**data_config)
 
 
-class ImageCollator:
-    """Turns a list of dataset rows into a batch: `{"pixel_values": (B, 3, H, W) tensor, "labels": (B,) tensor}`.
+class ImageTransform:
+    """Maps a batch of dataset rows to model inputs: `{"pixel_values": [tensor, ...], "labels": [int, ...]}`.
 
     Args:
         transform (`Callable`): Maps an RGB PIL image to a tensor.
@@ -273,14 +292,35 @@ class ImageCollator:
         self.image_column = image_column
         self.label_column = label_column
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = torch.stack([self.transform(row[self.image_column].convert("RGB")) for row in rows])
-        labels = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
-        return {"pixel_values": pixel_values, "labels": labels}
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {
+            "pixel_values": [self.transform(image.convert("RGB")) for image in batch[self.image_column]],
+            "labels": batch[self.label_column],
+        }
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
-    """Count the rows whose label is among the `k` highest logits, for each `k`.
+def with_image_transform(
+    split: datasets.Dataset | datasets.IterableDataset, transform: Callable, image_column: str, label_column: str
+) -> datasets.Dataset | datasets.IterableDataset:
+    """The split, yielding `pixel_values` (a tensor) and `labels` (an int) per row, preprocessed on the fly.
+
+    Args:
+        split (`datasets.Dataset` or `datasets.IterableDataset`): The split.
+        transform (`Callable`): Maps an RGB PIL image to a tensor.
+        image_column (`str`): The column holding the images.
+        label_column (`str`): The column holding the integer labels.
+
+    Returns:
+        The same type of dataset; `torch.utils.data.default_collate` and the Trainer's default collator batch it.
+    """
+    batch_transform = ImageTransform(transform, image_column, label_column)
+    if isinstance(split, datasets.IterableDataset):
+        return split.map(batch_transform, batched=True, remove_columns=split.column_names)
+    return split.with_transform(batch_transform)
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Whether each row's label is among its `k` highest logits, for each `k`.
 
     Args:
         logits (`torch.Tensor`): `(batch, num_classes)` scores.
@@ -288,8 +328,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
         ks (`tuple[int, ...]`): The values of `k` (clipped to the number of classes).
 
     Returns:
-        `torch.Tensor`: One count per `k`, on the device of `logits`.
+        `torch.Tensor`: `(batch, len(ks))` booleans, on the device of `logits`.
     """
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.unsqueeze(-1)
-    return torch.stack([hits[:, :k].any(dim=-1).sum() for k in ks])
+    return torch.stack([hits[:, :k].any(dim=-1) for k in ks], dim=-1)

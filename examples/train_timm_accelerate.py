@@ -20,31 +20,26 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from timm.layers import convert_sync_batchnorm
-from timm.optim import create_optimizer_v2
 from timm_data import (
     EMBEDDED_DEFAULTS,
+    OPTIMIZER_KWARGS,
     PAPER_DEFAULTS,
     ExampleInputError,
-    ImageCollator,
     check_model_name,
     create_model,
+    create_optimizer,
     create_transforms,
     load_image_data,
     recipe_label_smoothing,
     shard_for_process,
-    topk_correct,
+    topk_hits,
+    with_image_transform,
 )
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hf_autowu import AutoWU
-
-PHASE_CODES = {"warmup": 0, "decay": 1, "cooldown": 2}
-OPTIMIZER_KWARGS = {
-    "adamp": {"delta": 0.1, "wd_ratio": 0.1},
-    "lamb": {},
-    "adamw": {},
-}
+from hf_autowu.trainer import autowu_log_entries
 
 
 class RunHistory:
@@ -62,26 +57,6 @@ class RunHistory:
 
     def load_state_dict(self, state_dict: dict[str, list[float]]) -> None:
         self.lr = list(state_dict["lr"])
-
-
-def autowu_log_values(scheduler: AutoWU) -> dict[str, float]:
-    """AutoWU's readable state as `autowu/*` scalars for the trackers.
-
-    Args:
-        scheduler (`AutoWU`): The scheduler.
-
-    Returns:
-        `dict[str, float]`: phase (0 warmup, 1 decay, 2 cooldown), lr, and once available p_min_in_past and votes of
-        the latest switch test, switch_step and peak_lr.
-    """
-    values = {"autowu/phase": PHASE_CODES[scheduler.phase], "autowu/lr": max(scheduler.get_last_lr())}
-    if scheduler.tests:
-        values["autowu/p_min_in_past"] = scheduler.tests[-1].probability
-        values["autowu/votes"] = scheduler.tests[-1].votes
-    if scheduler.switch_step is not None:
-        values["autowu/switch_step"] = scheduler.switch_step
-        values["autowu/peak_lr"] = scheduler.peak_lr
-    return values
 
 
 def find_checkpoint(path: str, output_dir: str) -> str:
@@ -122,7 +97,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoade
         for batch in loader:
             labels = batch["labels"].to(accelerator.device)
             logits = model(batch["pixel_values"].to(accelerator.device))
-            counts[:2] += topk_correct(logits, labels)
+            counts[:2] += topk_hits(logits, labels).sum(dim=0)
             counts[2] += labels.numel()
     correct1, correct5, total = accelerator.reduce(counts, "sum").tolist()
     return 100.0 * correct1 / total, 100.0 * correct5 / total
@@ -159,10 +134,9 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             model = convert_sync_batchnorm(model)
     train_transform, eval_transform = create_transforms(model, config["image_size"], data.embedded)
     loader_kwargs = {"batch_size": config["batch_size"], "num_workers": args.num_workers}
-    train_collator = ImageCollator(train_transform, data.image_column, data.label_column)
-    eval_collator = ImageCollator(eval_transform, data.image_column, data.label_column)
     val_shard = shard_for_process(data.validation, accelerator.process_index, accelerator.num_processes)
-    val_loader = DataLoader(val_shard, collate_fn=eval_collator, **loader_kwargs)
+    val_split = with_image_transform(val_shard, eval_transform, data.image_column, data.label_column)
+    val_loader = DataLoader(val_split, **loader_kwargs)
     if args.streaming:
         # Each process reads its own files (split_dataset_by_node); an epoch is cut to the same number of batches on
         # every process so that none waits for gradients the others never send.
@@ -171,14 +145,14 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             accelerator.process_index,
             accelerator.num_processes,
         )
-        train_loader = DataLoader(train_shard, collate_fn=train_collator, **loader_kwargs)
+        train_split = with_image_transform(train_shard, train_transform, data.image_column, data.label_column)
+        train_loader = DataLoader(train_split, **loader_kwargs)
         global_batch = config["batch_size"] * accelerator.num_processes * args.gradient_accumulation_steps
         batches_per_epoch = data.num_train_examples // global_batch * args.gradient_accumulation_steps
     else:
-        train_loader = DataLoader(data.train, shuffle=True, drop_last=True, collate_fn=train_collator, **loader_kwargs)
-    optimizer = create_optimizer_v2(
-        model, opt=config["opt"], lr=1.0, weight_decay=config["weight_decay"], **OPTIMIZER_KWARGS[config["opt"]]
-    )
+        train_split = with_image_transform(data.train, train_transform, data.image_column, data.label_column)
+        train_loader = DataLoader(train_split, shuffle=True, drop_last=True, **loader_kwargs)
+    optimizer = create_optimizer(model, config["opt"], config["weight_decay"])
     if args.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -216,7 +190,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         model.train()
         epoch_loader = train_loader
         if args.streaming:
-            train_shard.set_epoch(epoch)
+            train_split.set_epoch(epoch)
         else:
             train_loader.set_epoch(epoch)
         if epoch == start_epoch and skip_steps:
@@ -245,7 +219,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             progress.update(1)
             completed = history.completed_steps
             if args.report_to != "none" and completed % args.log_every == 0:
-                accelerator.log({"train/loss": autowu_loss.item(), **autowu_log_values(scheduler)}, step=completed)
+                accelerator.log({"train/loss": autowu_loss.item(), **autowu_log_entries(scheduler)}, step=completed)
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
                 scheduler.sync_pending_losses()  # a collective: the saved state then holds cross-process means
                 accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{completed}"))
@@ -254,7 +228,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)
         progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {max(scheduler.get_last_lr()):.3e}")
         if args.report_to != "none":
-            accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_values(scheduler)}, step=completed)
+            accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_entries(scheduler)}, step=completed)
     progress.close()
     accelerator.end_training()
 

@@ -1,0 +1,239 @@
+"""The timm examples run end to end on a CPU, offline: a few steps each, one and two processes, resume, bad input."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hf_autowu
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+ACCELERATE_SCRIPT = EXAMPLES / "train_timm_accelerate.py"
+TRAINER_SCRIPT = EXAMPLES / "train_timm_trainer.py"
+CLASSES = ("cat", "dog", "fox")
+TRAIN_PER_CLASS = 8  # 24 training images: 6 steps per epoch at batch 4 on one process, 3 on two
+BATCH = 4
+# `accelerate launch --cpu --num_processes 2` starts a single process; on a machine without GPUs `--multi_gpu` starts
+# two (torchrun, gloo on the CPU).
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+needs_trainer_callback = pytest.mark.skipif(
+    not hasattr(hf_autowu, "AutoWUCallback"), reason="hf_autowu.AutoWUCallback does not exist yet"
+)
+
+
+@pytest.fixture(scope="module")
+def image_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny ImageNet-layout dataset: train/ and val/ with one folder of 16x16 PNGs per class."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", 2)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) // 2 + 40 * label
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root / "train", root / "val"
+
+
+@pytest.fixture(scope="module")
+def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of the example processes: offline, this checkout's hf_autowu, a private datasets cache."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("hf_datasets_cache")),
+        "PYTHONPATH": pythonpath,
+        "TQDM_DISABLE": "1",
+    }
+
+
+def run_example(command: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == expect_rc, (
+        f"exit code {result.returncode}\n{result.stdout[-3000:]}{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def folder_args(image_folders: tuple[Path, Path]) -> list[str]:
+    return ["--train-dir", str(image_folders[0]), "--val-dir", str(image_folders[1])]
+
+
+def read_summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- the Accelerate example
+
+
+@pytest.fixture(scope="module")
+def accelerate_folder_run(image_folders, example_env, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Three epochs of test_resnet on the image folders, one process, a checkpoint every epoch, TensorBoard on."""
+    output_dir = tmp_path_factory.mktemp("accelerate_folder")
+    command = [sys.executable, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "3", "--output-dir", str(output_dir)]
+    command += ["--checkpointing-steps", "6", "--log-every", "1"]
+    return output_dir, run_example(command, example_env)
+
+
+@pytest.mark.slow
+def test_accelerate_folder_one_process(accelerate_folder_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, result = accelerate_folder_run
+    assert "AutoWU summary: switch_step=" in result.stdout
+    summary = read_summary(output_dir)
+    assert summary["steps"] == len(summary["lr"]) == 18
+    assert 0.0 <= summary["top1"] <= summary["top5"] <= 100.0
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_12", "step_18", "step_6"]
+    (run_dir,) = {path.parent for path in (output_dir / "autowu").rglob("events.out.tfevents.*")}
+    tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+    assert {"autowu/phase", "autowu/lr", "train/loss", "eval/top1", "eval/top5"} <= set(tags)
+
+
+@pytest.mark.slow
+def test_accelerate_resume_reproduces_lr_trajectory(accelerate_folder_run, image_folders, example_env, tmp_path):
+    reference_dir, _ = accelerate_folder_run
+    command = [sys.executable, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "3", "--output-dir", str(tmp_path)]
+    command += ["--resume", str(reference_dir / "checkpoints" / "step_6"), "--report-to", "none"]
+    result = run_example(command, example_env)
+    assert "Resuming from" in result.stdout
+    resumed, reference = read_summary(tmp_path), read_summary(reference_dir)
+    assert resumed["lr"] == reference["lr"]
+    for key in ("switch_step", "peak_lr", "top1", "top5"):
+        assert resumed[key] == reference[key]
+
+
+@pytest.mark.slow
+def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
+    command = [sys.executable, str(ACCELERATE_SCRIPT), "--model", "test_efficientnet", "--batch-size", "32"]
+    command += ["--epochs", "1", "--max-train-steps", "4", "--output-dir", str(tmp_path), "--report-to", "none"]
+    result = run_example(command, example_env)
+    assert "AutoWU summary: switch_step=" in result.stdout
+    summary = read_summary(tmp_path)
+    assert summary["steps"] == len(summary["lr"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_accelerate_two_processes(image_folders, example_env, tmp_path):
+    command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
+    command += ["--report-to", "none"]
+    result = run_example(command, example_env)
+    assert result.stdout.count("AutoWU summary: switch_step=") == 1
+    summary = read_summary(tmp_path)
+    assert summary["steps"] == len(summary["lr"]) == 2 * 3  # the 24 images are shared out: 3 batches per process
+
+
+# ---------------------------------------------------------------- the Trainer example
+
+
+@pytest.mark.slow
+@needs_trainer_callback
+def test_trainer_folder_one_process(image_folders, example_env, tmp_path):
+    command = [sys.executable, str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command += ["--image_size", "32", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2"]
+    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu"]
+    result = run_example(command, example_env)
+    assert "AutoWU summary: switch_step=" in result.stdout
+    assert (tmp_path / "checkpoint-12").is_dir()
+
+
+@pytest.mark.slow
+@needs_trainer_callback
+def test_trainer_embedded_digits_efficientnet(example_env, tmp_path):
+    command = [sys.executable, str(TRAINER_SCRIPT), "--model", "test_efficientnet"]
+    command += ["--per_device_train_batch_size", "32", "--max_steps", "4", "--output_dir", str(tmp_path)]
+    command += ["--report_to", "none", "--save_strategy", "no", "--use_cpu"]
+    result = run_example(command, example_env)
+    assert "AutoWU summary: switch_step=" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@needs_trainer_callback
+def test_trainer_two_processes(image_folders, example_env, tmp_path):
+    command = [*TWO_PROCESSES, str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command += ["--image_size", "32", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2"]
+    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no"]
+    result = run_example(command, example_env)
+    assert result.stdout.count("AutoWU summary: switch_step=") == 1
+    assert "steps=6" in result.stdout
+
+
+# ---------------------------------------------------------------- bad input: one line, exit code 2
+
+
+def import_example(name: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str) -> list[tuple[list[str], str]]:
+    """(arguments, expected part of the error line); `style`: "dash" (argparse) or "underscore" (HfArgumentParser)."""
+
+    def flag(name: str) -> str:
+        return f"--{name.replace('-', '_')}" if style == "underscore" else f"--{name}"
+
+    train, val = (str(p) for p in image_folders)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    return [
+        ([flag("val-dir"), val], "--train-dir is missing"),
+        ([flag("train-dir"), str(empty / "nope"), flag("val-dir"), val], "is not a directory"),
+        ([flag("train-dir"), str(empty), flag("val-dir"), str(empty)], "no images found"),
+        ([flag("train-dir"), train, flag("val-dir"), val, "--model", "no_such_model"], "unknown timm model"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, monkeypatch, capsys):
+    example = import_example("train_timm_accelerate", monkeypatch)
+    args, expected = bad_input_cases(image_folders, tmp_path, "dash")[case]
+    with pytest.raises(SystemExit) as exit_info:
+        example.main([*args, "--output-dir", str(tmp_path / "out"), "--report-to", "none", "--cpu"])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0]
+
+
+@needs_trainer_callback
+@pytest.mark.parametrize("case", range(4))
+def test_trainer_bad_input_in_process(case, image_folders, tmp_path, monkeypatch, capsys):
+    example = import_example("train_timm_trainer", monkeypatch)
+    args, expected = bad_input_cases(image_folders, tmp_path, "underscore")[case]
+    with pytest.raises(SystemExit) as exit_info:
+        example.main([*args, "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script,extra",
+    [
+        (ACCELERATE_SCRIPT, ["--report-to", "none"]),
+        pytest.param(TRAINER_SCRIPT, ["--report_to", "none"], marks=needs_trainer_callback),
+    ],
+    ids=["accelerate", "trainer"],
+)
+def test_unreachable_hub_dataset_is_one_line(script, extra, example_env, tmp_path):
+    command = [sys.executable, str(script), "--dataset", "ILSVRC/imagenet-1k", *extra]
+    command += ["--output-dir" if script == ACCELERATE_SCRIPT else "--output_dir", str(tmp_path)]
+    result = run_example(command, example_env, expect_rc=2)
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "error: cannot load dataset 'ILSVRC/imagenet-1k' from the Hub" in last_line
