@@ -1,0 +1,78 @@
+"""Two processes (torchrun, gloo on CPU), each on its own shard: every process applies the same LR at every
+step, AutoWU sees the cross-process mean loss, and collectives happen only at switch tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).parent / "multiprocess"
+sys.path.insert(0, str(SCRIPTS))
+from trainer_two_processes import NAN_STEP, TEST_INTERVAL  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("two_processes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, "trainer_two_processes.py", str(out)],
+        cwd=SCRIPTS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+RUNS = ("callback-clean", "callback-nan", "trainer-clean", "trainer-nan")
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_process_applies_the_same_lr(ranks, run):
+    first, second = ranks[0][run], ranks[1][run]
+    assert first["world_size"] == second["world_size"] == 2
+    assert len(first["lrs"]) == (32 if run.endswith("nan") else 60)
+    assert first["lrs"] == second["lrs"]
+    assert first["switch_step"] == second["switch_step"] is not None
+    assert first["autowu_losses"] == second["autowu_losses"]  # json decodes every NaN to one object: NaN is NaN
+    # collectives only at switch tests (every TEST_INTERVAL steps) and at the switch, not on ordinary steps
+    steps = set(first["collective_steps"])
+    assert steps <= {step for step in range(1, 61) if step % TEST_INTERVAL == 0} | {first["switch_step"]}
+    assert len(first["collective_steps"]) <= len(first["lrs"]) // 2
+
+
+@pytest.mark.parametrize("entry_point", ("callback", "trainer"))
+def test_loss_is_the_mean_over_processes(ranks, entry_point):
+    first, second = ranks[0][f"{entry_point}-clean"], ranks[1][f"{entry_point}-clean"]
+    assert first["local_losses"] != second["local_losses"]  # each process trains on its own data
+    warmup = len(first["autowu_losses"])
+    assert warmup == first["switch_step"]
+    mean = [(a + b) / 2 for a, b in zip(first["local_losses"], second["local_losses"], strict=True)][:warmup]
+    torch.testing.assert_close(torch.tensor(first["autowu_losses"]), torch.tensor(mean), rtol=1e-12, atol=0)
+    # the Trainer's own logged loss (logging_steps=1) is the same cross-process mean
+    logged = torch.tensor(first["logged_losses"][:warmup])
+    torch.testing.assert_close(logged, torch.tensor(first["autowu_losses"]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("entry_point", ("callback", "trainer"))
+def test_nan_on_one_process(ranks, entry_point):
+    first, second = ranks[0][f"{entry_point}-nan"], ranks[1][f"{entry_point}-nan"]
+    assert math.isfinite(first["local_losses"][NAN_STEP]) and math.isnan(second["local_losses"][NAN_STEP])
+    assert all(math.isfinite(v) for v in first["autowu_losses"][:NAN_STEP])
+    assert math.isnan(first["autowu_losses"][NAN_STEP]) and math.isnan(second["autowu_losses"][NAN_STEP])
+
+
+def test_both_entry_points_agree(ranks):
+    for condition in ("clean", "nan"):
+        assert ranks[0][f"callback-{condition}"]["lrs"] == ranks[0][f"trainer-{condition}"]["lrs"]
