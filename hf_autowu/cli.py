@@ -216,8 +216,8 @@ def _load_scheduler_state(path: Path) -> tuple[Path, dict[str, Any]]:
     if not path.exists():
         raise CurveError(f"{path}: no such file or folder.")
     if path.is_file():
-        state = _torch_load(path)
-        if not _is_scheduler_state(state):
+        state = _autowu_state(_torch_load(path))
+        if state is None:
             raise CurveError(f"{path}: not an AutoWU scheduler state.")
         return path, state
     candidates = _state_files(path)
@@ -231,8 +231,8 @@ def _load_scheduler_state(path: Path) -> tuple[Path, dict[str, Any]]:
             f"{path}: no scheduler state here (looked for scheduler.pt, custom_checkpoint_*.pkl, scheduler*.bin)."
         )
     for candidate in candidates:
-        state = _torch_load(candidate)
-        if _is_scheduler_state(state):
+        state = _autowu_state(_torch_load(candidate))
+        if state is not None:
             return candidate, state
     names = ", ".join(c.name for c in candidates)
     raise CurveError(f"{path}: none of {names} holds an AutoWU scheduler state.")
@@ -253,8 +253,11 @@ def _torch_load(path: Path) -> Any:
         raise CurveError(f"{path}: not loadable with torch.load(weights_only=True) ({first_line}).") from None
 
 
-def _is_scheduler_state(state: Any) -> bool:
-    return isinstance(state, dict) and STATE_KEYS <= state.keys()
+def _autowu_state(state: Any) -> dict[str, Any] | None:
+    """`state` if it is an AutoWU state, else an AutoWU state among its values (`AutoWUCallback` keeps AutoWU's
+    state inside the state of the Trainer's own scheduler), else `None`."""
+    candidates = [state, *state.values()] if isinstance(state, dict) else []
+    return next((c for c in candidates if isinstance(c, dict) and STATE_KEYS <= c.keys()), None)
 
 
 def _option_parser(hint: Any) -> typing.Callable[[str], Any]:

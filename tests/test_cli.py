@@ -216,3 +216,50 @@ def test_help_says_what_each_command_reads_and_writes(capsys):
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         assert all(w in out for w in words)
+
+
+def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
+    """An `AutoWUTrainer` run logged every step: replaying its trainer_state.json and its TensorBoard log gives
+    its switch exactly, and `plot` finds its checkpoint."""
+    pytest.importorskip("transformers")
+    trainer_steps = 200
+    from transformers import TrainingArguments
+
+    from hf_autowu import AutoWUTrainer
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.cross_entropy(self.net(x), labels)}
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4096, 20, generator=generator)
+    labels = (inputs @ torch.randn(20, 5, generator=generator)).argmax(dim=1)
+    dataset = [{"x": x, "labels": y} for x, y in zip(inputs, labels, strict=True)]
+    args = TrainingArguments(
+        str(tmp_path / "out"), per_device_train_batch_size=64, max_steps=trainer_steps, logging_steps=1,
+        save_steps=trainer_steps, optim="sgd", report_to=["tensorboard"], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    trainer = AutoWUTrainer(
+        model=Classifier(), args=args, train_dataset=dataset, autowu_config=AutoWUConfig(**OPTIONS)
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    scheduler = trainer.lr_scheduler
+    assert scheduler.switch_reason == "test"
+
+    checkpoint = tmp_path / "out" / f"checkpoint-{trainer_steps}"
+    for log in (checkpoint / "trainer_state.json", tmp_path / "out" / "runs"):
+        result = replay_curve(read_loss_curve(log), AutoWUConfig(**OPTIONS), total_steps=trainer_steps).scheduler
+        assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "out"), "-o", str(tmp_path / "trainer.png")]) == 0
+    assert f"switched after step {scheduler.switch_step} " in capsys.readouterr().out
