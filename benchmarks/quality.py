@@ -25,7 +25,8 @@ Methods (AdamW means betas (0.9, 0.999), eps 1e-8, weight decay 0: the Trainer's
   descent of the smoothed loss) then the oracle's schedule at the suggested LR. Compute includes the sweep.
 
 Every run is appended to ``results/quality.json`` as soon as it finishes (runs already there are skipped),
-so the script can be interrupted and resumed, and several processes may work on different tasks at once.
+so the script can be interrupted and resumed; several processes started with the same (or overlapping)
+arguments share the work (each run is claimed in the file before it starts).
 
 Examples::
 
@@ -603,29 +604,67 @@ def library_revision() -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 
+_EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
+_STARTED = time.time()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(results_path: Path, key: str, args: argparse.Namespace) -> bool:
+    """Reserve run ``key`` for this process; False when it is done or another live process is running it.
+
+    A recorded run counts as done unless its step count differs from the task's (stale), or ``--redo`` was
+    given and it finished before this process started. So several processes with the same arguments share the
+    work instead of repeating it.
+    """
+    with locked_json(results_path, _EMPTY_RESULTS) as data:
+        run = data["runs"].get(key)
+        if run is not None and run["steps"] == task_steps(args, run["task"]):
+            if not args.redo or run.get("finished", 0.0) >= _STARTED:
+                return False
+        claims = data.setdefault("claims", {})
+        owner = claims.get(key)
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            return False
+        claims[key] = os.getpid()
+        return True
+
+
 def execute(args: argparse.Namespace, results_path: Path) -> None:
     """Run every planned run that is not in the results file yet (or all of them with ``--redo``)."""
     grid = (1e-3, 1e-2) if args.smoke else ORACLE_GRID
-    with locked_json(results_path, {"runs": {}, "commands": []}) as data:
-        done = {key for key, run in data["runs"].items() if run["steps"] == task_steps(args, run["task"])}
+    with locked_json(results_path, _EMPTY_RESULTS) as data:
         command = command_line()
         if command not in data["commands"]:
             data["commands"].append(command)
     planned = planned_runs(args.tasks, args.methods, args.seeds, grid)
-    todo = [r for r in planned if args.redo or run_key(*r) not in done]
-    print(f"{len(todo)} runs to do ({results_path})", flush=True)
-    for i, (task_name, method, seed, lr) in enumerate(todo, 1):
+    print(f"{len(planned)} runs planned ({results_path})", flush=True)
+    for i, (task_name, method, seed, lr) in enumerate(planned, 1):
+        key = run_key(task_name, method, seed, lr)
+        if not claim(results_path, key, args):
+            continue
         task = smoke_task(TASKS[task_name]) if args.smoke else TASKS[task_name]
         start = time.perf_counter()
         result = RUNNERS[task_name](task, method, seed, lr)
         wall = time.perf_counter() - start
         record = {"task": task_name, "method": method, "seed": seed, "grid_lr": lr, "metric": task.metric,
-                  "wall_s": round(wall, 2), "revision": library_revision(), **result.__dict__}
+                  "wall_s": round(wall, 2), "revision": library_revision(), "finished": time.time(),
+                  **result.__dict__}
         for name in ("lrs", "losses"):
             record[name] = [float(f"{v:.6g}") for v in record[name]]
-        with locked_json(results_path, {"runs": {}, "commands": []}) as data:
-            data["runs"][run_key(task_name, method, seed, lr)] = record
-        print(f"[{i}/{len(todo)}] {task_name} {method} seed={seed} lr={lr} val={result.val:.4f} "
+        with locked_json(results_path, _EMPTY_RESULTS) as data:
+            data["runs"][key] = record
+            data.setdefault("claims", {}).pop(key, None)
+        print(f"[{i}/{len(planned)}] {task_name} {method} seed={seed} lr={lr} val={result.val:.4f} "
               f"test={result.test:.4f} {wall:.1f}s {result.info.get('peak_lr', '')}", flush=True)
 
 
@@ -789,7 +828,7 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], out_dir: Path) -> None:
 
 def write_report(results_path: Path, md_path: Path) -> None:
     """Rebuild the RESULTS.md section and the plots from the results file."""
-    with locked_json(results_path, {"runs": {}, "commands": []}) as data:
+    with locked_json(results_path, _EMPTY_RESULTS) as data:
         runs, commands = list(data["runs"].values()), list(data["commands"])
     if not runs:
         return
