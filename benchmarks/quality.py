@@ -788,14 +788,16 @@ def report(summary: dict[str, dict[str, dict[str, Any]]], commands: list[str]) -
                 continue
             scale, better, unit = (100.0, 1.0, "pp") if TASKS[task].metric == "accuracy" else (1.0, -1.0, "nats")
             mine = methods[variant]
-            mean = _mean_std(mine["test"], scale)[0]
+            mean, std = _mean_std(mine["test"], scale)
             parts = []
             for method, row in methods.items():
                 if method == variant:
                     continue
-                diff = (mean - _mean_std(row["test"], scale)[0]) * better
+                other_mean, other_std = _mean_std(row["test"], scale)
+                diff = (mean - other_mean) * better
                 word = "ahead of" if diff > 0 else "behind" if diff < 0 else "level with"
-                parts.append(f"{word} {method} by {abs(diff):.2f} {unit} ({mine['compute']:.0f} vs "
+                noise = ", within one std" if abs(diff) <= max(std, other_std) else ""
+                parts.append(f"{word} {method} by {abs(diff):.2f} {unit}{noise} ({mine['compute']:.0f} vs "
                              f"{row['compute']:.0f} steps)")
             lines.append(f"- **{variant}, {task}**: " + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n"
