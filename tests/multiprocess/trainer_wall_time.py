@@ -1,5 +1,6 @@
 """Wall time of the same tiny-model Trainer run with AutoWUCallback, with AutoWUTrainer and with
-`lr_scheduler_type="constant"`, interleaved; prints the medians and their ratios to the constant schedule.
+`lr_scheduler_type="constant"`, interleaved; prints the medians, their ratios to the constant schedule, and
+the part of each AutoWU run spent in switch tests (timed around `SwitchTester.run`).
 
     python tests/multiprocess/trainer_wall_time.py --steps 300 --repeats 5
 """
@@ -19,10 +20,25 @@ from trainer_toy import ToyRegressor, regression_data, training_args  # noqa: E4
 from transformers import Trainer  # noqa: E402
 
 from hf_autowu import AutoWUCallback, AutoWUTrainer  # noqa: E402
+from hf_autowu.switch_test import SwitchTester  # noqa: E402
+
+test_seconds = [0.0]
+_run_test = SwitchTester.run
 
 
-def run(variant: str, steps: int) -> tuple[float, int]:
-    """One run; returns the wall time of `trainer.train()` and the number of switch tests."""
+def _timed_run_test(self, *args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return _run_test(self, *args, **kwargs)
+    finally:
+        test_seconds[0] += time.perf_counter() - start
+
+
+SwitchTester.run = _timed_run_test
+
+
+def run(variant: str, steps: int) -> tuple[float, float, int]:
+    """One run; returns the wall time of `trainer.train()`, the part of it in switch tests, and their number."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as output_dir:
         args = training_args(
@@ -37,11 +53,12 @@ def run(variant: str, steps: int) -> tuple[float, int]:
             trainer = Trainer(**common, callbacks=[callback])
         else:
             trainer = AutoWUTrainer(**common)
+        test_seconds[0] = 0.0
         start = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - start
     scheduler = {"constant": None, "callback": lambda: callback.scheduler, "trainer": lambda: trainer.lr_scheduler}
-    return elapsed, len(scheduler[variant]().tests) if scheduler[variant] else 0
+    return elapsed, test_seconds[0], len(scheduler[variant]().tests) if scheduler[variant] else 0
 
 
 def main() -> None:
@@ -51,17 +68,22 @@ def main() -> None:
     args = parser.parse_args()
     variants = ("constant", "callback", "trainer")
     times: dict[str, list[float]] = {variant: [] for variant in variants}
+    in_tests: dict[str, list[float]] = {variant: [] for variant in variants}
     tests: dict[str, int] = {}
     run("constant", 5)  # warm up imports and allocators
     for _ in range(args.repeats):
         for variant in variants:
-            elapsed, tests[variant] = run(variant, args.steps)
+            elapsed, seconds, tests[variant] = run(variant, args.steps)
             times[variant].append(elapsed)
+            in_tests[variant].append(seconds)
     base = statistics.median(times["constant"])
     for variant in variants:
         median = statistics.median(times[variant])
         runs = ", ".join(f"{t:.2f}" for t in times[variant])
-        print(f"{variant:>9}: median {median:.2f} s ({runs}), x{median / base:.2f}, {tests[variant]} switch tests")
+        print(
+            f"{variant:>9}: median {median:.2f} s ({runs}), x{median / base:.2f}; "
+            f"{statistics.median(in_tests[variant]):.2f} s in {tests[variant]} recorded switch tests"
+        )
 
 
 if __name__ == "__main__":
