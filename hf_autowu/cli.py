@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import types
 import typing
@@ -18,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import AutoWUConfig
-from .replay import LOSS_TAGS, LR_TAGS, CurveError, Replay, read_loss_curve, replay_curve, scheduler_from_state_dict
+from .replay import (
+    LOSS_TAGS,
+    LR_TAGS,
+    CurveError,
+    Replay,
+    latest_checkpoint,
+    read_loss_curve,
+    replay_curve,
+    scheduler_from_state_dict,
+)
 from .scheduler import AutoWU
 
 PROG = "hf-autowu"
@@ -35,8 +43,9 @@ Replay AutoWU's warmup over a recorded training-loss curve: feed the losses, ste
 given options and print when it would switch and which learning rate it would pick.
 
 Reads LOG, one of:
-  - a Trainer trainer_state.json (or its folder): log_history's "loss" and "learning_rate", and "max_steps" as the
-    budget. With logging_steps > 1 each logged mean is repeated over its steps and the replay is approximate.
+  - a Trainer trainer_state.json, or an output folder (its own or its latest checkpoint's): log_history's "loss"
+    and "learning_rate", and "max_steps" as the budget. With logging_steps > 1 each logged mean is repeated over
+    its steps and the replay is approximate.
   - a CSV with the header step,loss[,lr]: one row per step (step 1, or 0, for the first optimizer step).
   - a TensorBoard event file, or a folder with one run's event files: scalar tags
     {", ".join(LOSS_TAGS)} (loss) and {", ".join(LR_TAGS)} (learning rate);
@@ -221,11 +230,9 @@ def _load_scheduler_state(path: Path) -> tuple[Path, dict[str, Any]]:
             raise CurveError(f"{path}: not an AutoWU scheduler state.")
         return path, state
     candidates = _state_files(path)
-    if not candidates:
-        checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-        if checkpoints:
-            latest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
-            candidates = _state_files(latest)
+    latest = latest_checkpoint(path)
+    if not candidates and latest is not None:
+        candidates = _state_files(latest)
     if not candidates:
         raise CurveError(
             f"{path}: no scheduler state here (looked for scheduler.pt, custom_checkpoint_*.pkl, scheduler*.bin)."

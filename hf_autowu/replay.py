@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -120,10 +121,17 @@ def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
 # ---------------------------------------------------------------------------------------------------- readers
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The `checkpoint-N` subfolder of a Trainer output folder with the largest N, or `None`."""
+    checkpoints = [p for p in folder.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return max(checkpoints, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
 def read_loss_curve(path: str | os.PathLike, loss_tag: str | None = None, lr_tag: str | None = None) -> LossCurve:
     """Read a recorded loss curve, choosing the reader from the path.
 
-    - `*.json` (or a folder holding `trainer_state.json`): a Trainer state, see `read_trainer_state`.
+    - `*.json`, or a folder holding `trainer_state.json` (itself or in its latest `checkpoint-N`): a Trainer
+      state, see `read_trainer_state`.
     - `*.csv`: see `read_csv_curve`.
     - a file whose name contains `tfevents`, or a folder holding such files: see `read_tensorboard_curve`.
 
@@ -140,8 +148,9 @@ def read_loss_curve(path: str | os.PathLike, loss_tag: str | None = None, lr_tag
     """
     path = Path(path)
     if path.is_dir():
-        if (path / "trainer_state.json").is_file():
-            return read_trainer_state(path / "trainer_state.json")
+        for folder in (path, latest_checkpoint(path)):
+            if folder is not None and (folder / "trainer_state.json").is_file():
+                return read_trainer_state(folder / "trainer_state.json")
         if not any("tfevents" in p.name for p in path.rglob("*")):
             raise CurveError(f"{path}: neither a trainer_state.json nor TensorBoard event files in this folder.")
         return read_tensorboard_curve(path, loss_tag, lr_tag)

@@ -256,8 +256,10 @@ def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
     scheduler = trainer.lr_scheduler
     assert scheduler.switch_reason == "test"
 
-    checkpoint = tmp_path / "out" / f"checkpoint-{trainer_steps}"
-    for log in (checkpoint / "trainer_state.json", tmp_path / "out" / "runs"):
+    for log in (
+        tmp_path / "out",
+        tmp_path / "out" / "runs",
+    ):  # the latest checkpoint's trainer_state.json; TensorBoard
         result = replay_curve(read_loss_curve(log), AutoWUConfig(**OPTIONS), total_steps=trainer_steps).scheduler
         assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
     capsys.readouterr()
