@@ -32,8 +32,9 @@ def plot_autowu(scheduler_or_state: AutoWU | Mapping[str, Any], path: str | os.P
 
     Left axis: the recorded warmup loss, and the GP posterior mean with a ±2 sd band at the last switch test.
     Right axis (log scale): the LR schedule (solid where it is known, dotted where it is the plan). The switch is
-    a dashed vertical line at the first step with the new LR (artist gid `"autowu-switch"`) and the chosen LR a
-    star (gid `"autowu-peak-lr"`).
+    a dashed vertical line at the first step with the new LR (artist gid `"autowu-switch"`), and the chosen LR a
+    star (gid `"autowu-peak-lr"`) joined by a dotted line to the warmup step that had that LR (about where the
+    smoothed loss was lowest).
 
     Args:
         scheduler_or_state (`AutoWU` or `Mapping`): A scheduler, or its `state_dict()` (e.g. a loaded

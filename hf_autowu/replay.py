@@ -27,7 +27,6 @@ from .scheduler import AutoWU
 LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
 LR_TAGS = ("train/learning_rate", "learning_rate", "train/lr", "lr")
 LR_RELATIVE_TOLERANCE = 1e-3
-MIN_REPLAY_STEPS = 3  # the switch test needs three finite losses
 
 
 class CurveError(ValueError):
@@ -352,16 +351,17 @@ def replay_curve(
     config = config or AutoWUConfig()
     total_steps = total_steps or curve.total_steps
     if total_steps is None:
-        raise CurveError(f"{curve.source}: the step budget is unknown; give it with --total-steps.")
+        raise CurveError(f"{curve.source}: the step budget is unknown; give `total_steps` (--total-steps).")
     scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=total_steps, config=config)
     if scheduler.warmup_steps <= 0:
         raise CurveError("these options leave no warmup (max_warmup_fraction * total_steps < 1): nothing to replay.")
 
     notes = []
-    if curve.logging_interval > 1 or curve.steps[0] > 1:
+    if curve.steps[-1] != len(curve.steps):
         notes.append(
-            f"the log holds one loss every {curve.logging_interval} steps: each logged mean is repeated over its "
-            "steps, so the replay only approximates the run (log every step for an exact replay)."
+            f"the log does not hold every step's loss (one every {curve.logging_interval} steps, the first at step "
+            f"{curve.steps[0]}): each logged value is repeated over the steps up to it, so the replay only "
+            "approximates the run (log every step for an exact replay)."
         )
     losses = curve.per_step_losses()
     if curve.lrs is None:
@@ -400,16 +400,16 @@ def _ramp_steps(curve: LossCurve, scheduler: AutoWU) -> int:
             f"{curve.source}: the logged learning rate does not follow the warmup ramp of these options: at step "
             f"{worst.step} it is {worst.recorded:.6g}, but the {cfg.warmup_type} ramp from min_lr={cfg.min_lr:g} to "
             f"max_lr={cfg.max_lr:g} over {scheduler.warmup_steps} warmup steps (budget {scheduler.total_steps}) "
-            f"gives {worst.expected:.6g}; give the recorded run's options (--min-lr, --max-lr, --total-steps, "
-            "--max-warmup-fraction, --warmup-type)."
+            f"gives {worst.expected:.6g}; give the recorded run's options (min_lr, max_lr, total_steps, "
+            "max_warmup_fraction, warmup_type)."
         )
     ramp_end, _ = min(fits, key=lambda fit: fit[1])
     usable = [step for step in curve.steps if step <= ramp_end]
-    if len(usable) < 2 or usable[-1] < MIN_REPLAY_STEPS:
-        stop = curve.steps[len(usable)] if len(usable) < len(curve.steps) else curve.steps[-1]
+    if len(usable) < 2:  # the LR was never seen to grow
+        stop = curve.steps[1] if len(curve.steps) > 1 else curve.steps[0]
         raise CurveError(
-            f"{curve.source}: no usable LR ramp: the logged learning rate stops increasing at step {stop}; a replay "
-            "needs the LR warmup of the recorded run."
+            f"{curve.source}: no usable LR ramp: the logged learning rate does not increase (at step {stop}); a "
+            "replay needs the LR warmup of the recorded run."
         )
     return usable[-1]
 

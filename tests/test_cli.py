@@ -122,7 +122,7 @@ def test_cli_replay_of_coarse_logging_says_it_is_approximate(recorded_run, tmp_p
     state = write_trainer_state(tmp_path / "trainer_state.json", rows, logging_steps=5)
     assert main(["replay", str(tmp_path), "--min-lr", "0.01", "--max-lr", "10"]) == 0
     out = capsys.readouterr().out
-    assert "logged every 5 steps" in out and "approximates the run" in out
+    assert "logged every 5 steps" in out and "one every 5 steps, the first at step 5" in out
     # only the logged means whose steps all trained on the ramp are replayed
     assert f"up to step {scheduler.switch_step // 5 * 5}\n" in out
     assert read_loss_curve(state).per_step_losses()[:5] == [read_loss_curve(state).losses[0]] * 5
@@ -163,7 +163,7 @@ def test_cli_refuses_a_curve_without_lr_ramp(tmp_path, capsys):
     constant.write_text("step,loss,lr\n" + "".join(f"{s},{3 - s / 100},0.01\n" for s in range(1, 50)))
     assert main(["replay", str(constant), *OPTION_FLAGS]) == 2
     err = capsys.readouterr().err
-    assert "no usable LR ramp" in err and "stops increasing at step 2" in err
+    assert "no usable LR ramp" in err and "does not increase (at step 2)" in err
 
 
 def _write(name, content):
