@@ -47,9 +47,9 @@ Reads LOG, one of:
     and "learning_rate", and "max_steps" as the budget. With logging_steps > 1 each logged mean is repeated over
     its steps and the replay is approximate.
   - a CSV with the header step,loss[,lr]: one row per step (step 1, or 0, for the first optimizer step).
-  - a TensorBoard event file, or a folder with one run's event files: scalar tags
-    {", ".join(LOSS_TAGS)} (loss) and {", ".join(LR_TAGS)} (learning rate);
-    other tags with --loss-tag / --lr-tag.
+  - a TensorBoard event file, or a folder with one run's event files, with the scalar tags
+      loss: {", ".join(LOSS_TAGS)} (or --loss-tag)
+      learning rate: {", ".join(LR_TAGS)} (or --lr-tag)
 When the log has learning rates they must follow the warmup ramp of the options (min_lr, max_lr, budget,
 max_warmup_fraction, warmup_type); only the steps on that ramp are replayed (a recorded AutoWU run: those before
 its switch). Without learning rates, the curve is assumed to follow that ramp.
@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("log", metavar="LOG", help="trainer_state.json, a .csv, or a TensorBoard event file/folder")
     replay.add_argument("--total-steps", type=int, help="the step budget (default: the log's max_steps)")
     replay.add_argument(
-        "--steps-per-epoch", type=int, help="optimizer steps per epoch, for options that act per epoch"
+        "--steps-per-epoch",
+        type=int,
+        help="optimizer steps per epoch, as in the recorded run: the paper preset tests once per epoch, and "
+        "warmup_unit='epoch' and the per-epoch decay options need it",
     )
     replay.add_argument("--loss-tag", help="TensorBoard tag of the loss")
     replay.add_argument("--lr-tag", help="TensorBoard tag of the learning rate")
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + option.name.replace("_", "-"),
             type=_option_parser(hints[option.name]),
             metavar=option.name.upper(),
-            help=f"{option.metadata['help']} (default: {option.default})".replace("%", "%%"),
+            help=_option_help(option),
         )
 
     plot = commands.add_parser(
@@ -265,6 +268,14 @@ def _autowu_state(state: Any) -> dict[str, Any] | None:
     state inside the state of the Trainer's own scheduler), else `None`."""
     candidates = [state, *state.values()] if isinstance(state, dict) else []
     return next((c for c in candidates if isinstance(c, dict) and STATE_KEYS <= c.keys()), None)
+
+
+def _option_help(option: dataclasses.Field) -> str:
+    """The field's help, with its default unless the help already tells it."""
+    text = option.metadata["help"]
+    if "default" not in text:
+        text = f"{text} (default: {option.default})"
+    return text.replace("%", "%%")
 
 
 def _option_parser(hint: Any) -> typing.Callable[[str], Any]:
