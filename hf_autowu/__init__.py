@@ -5,6 +5,7 @@ from .gp import ClosedFormLossCurveGP, LossCurveGP
 from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
 from .reference import ReferenceSwitchTest
 from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
+from .rewind import WarmupRewinder
 from .scheduler import AutoWU, SwitchTestRecord
 from .switch_test import SwitchTester, SwitchTestOutcome, minimum_in_past_probability
 
@@ -22,6 +23,7 @@ __all__ = [
     "SwitchTestOutcome",
     "SwitchTestRecord",
     "SwitchTester",
+    "WarmupRewinder",
     "log_figure_to_tensorboard",
     "minimum_in_past_probability",
     "plot_autowu",

@@ -61,7 +61,10 @@ class AutoWUConfig:
         default=0.2, metadata=_help("Fraction of the budget at its end spent in cooldown, in [0, 1].")
     )
     cooldown_type: str = field(default="cosine", metadata=_help("Cooldown shape: 'cosine' or 'half_cosine'."))
-    device: str = field(default="cpu", metadata=_help("Device on which the Gaussian process is computed."))
+    device: str = field(
+        default="cpu",
+        metadata=_help("Kept for compatibility with the reference; the closed-form GP always runs on the CPU."),
+    )
     confidence: float = field(
         default=0.95, metadata=_help("A prediction votes 'minimum is in the past' above this probability.")
     )
@@ -99,6 +102,15 @@ class AutoWUConfig:
             "(default: True for 'robust')."
         ),
     )
+    rewind: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Trainer/examples: restore a warmup snapshot of model and optimizer at or below the chosen LR at the "
+            "switch (default: True for 'robust'; costs `rewind_snapshots` copies of the state in host memory)."
+        ),
+    )
+    rewind_snapshots: int = field(default=3, metadata=_help("Snapshots kept for rewind."))
+    rewind_lr_factor: float = field(default=2.0, metadata=_help("LR growth between two rewind snapshots (> 1)."))
     seed: int = field(default=0, metadata=_help("Seed of the subsampling generator (same on every process)."))
 
     def __post_init__(self) -> None:
@@ -129,7 +141,10 @@ class AutoWUConfig:
             _is_real(self.test_lr_growth) and 1.0 < self.test_lr_growth < math.inf
         ):
             raise ValueError(f"`test_lr_growth` must be a finite number > 1, got {self.test_lr_growth!r}.")
-        for name in ("standardize_losses", "divergence_guard", "estimate_at_cap"):
+        self._check_positive_int("rewind_snapshots")
+        if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
+            raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
+        for name in ("standardize_losses", "divergence_guard", "estimate_at_cap", "rewind"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -163,6 +178,11 @@ class AutoWUConfig:
     def effective_estimate_at_cap(self) -> bool:
         """Whether a warmup that hits its cap decays from the GP's estimate of the best LR."""
         return self.is_robust if self.estimate_at_cap is None else self.estimate_at_cap
+
+    @property
+    def effective_rewind(self) -> bool:
+        """Whether integrations that hold the model rewind it at the switch."""
+        return self.is_robust if self.rewind is None else self.rewind
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (JSON- and `weights_only`-safe)."""

@@ -2,7 +2,7 @@
 
 `LossCurveGP` is the model as a GPyTorch exact GP: constant mean, scaled RBF kernel with a fixed
 lengthscale, Gaussian likelihood. `ClosedFormLossCurveGP` evaluates exactly the same model without GPyTorch's
-per-call overhead: the RBF kernel on [0, 1] with lengthscale 0.2 has numerical rank ~21, so a Nystroem factor
+per-call overhead, in NumPy: the RBF kernel on [0, 1] with lengthscale 0.2 has numerical rank ~21, so a Nystroem factor
 reproduces it to ~1e-15 and turns every solve into a small r x r one. The hyperparameters follow the same
 Adam trajectory as `torch.optim.Adam` on GPyTorch's raw parameters (same softplus constraints, same update
 rule), which the tests check against `LossCurveGP`.
@@ -14,6 +14,7 @@ import math
 from functools import lru_cache
 
 import gpytorch
+import numpy as np
 import torch
 
 LENGTHSCALE = 0.2
@@ -27,6 +28,7 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 _FACTOR_TOLERANCE = 1e-15
 _FACTOR_CANDIDATES = 4001
+_EIGEN_CUTOFF = 1e-13
 
 
 class LossCurveGP(gpytorch.models.ExactGP):
@@ -62,57 +64,54 @@ def _sigmoid(x: float) -> float:
     return 1.0 if x > 20.0 else 1.0 / (1.0 + math.exp(-x))
 
 
-def rbf(a: torch.Tensor, b: torch.Tensor, lengthscale: float) -> torch.Tensor:
-    """RBF correlation `exp(-(a_i - b_j)^2 / (2 l^2))` between the points of `a` (..., n) and `b` (..., m)."""
-    return torch.exp(-0.5 * ((a.unsqueeze(-1) - b.unsqueeze(-2)) / lengthscale) ** 2)
+def rbf(a: np.ndarray, b: np.ndarray, lengthscale: float) -> np.ndarray:
+    """RBF correlation `exp(-(a_i - b_j)^2 / (2 l^2))` between the points of `a` (n,) and `b` (m,)."""
+    return np.exp(-0.5 * ((a[:, None] - b[None, :]) / lengthscale) ** 2)
 
 
 @lru_cache(maxsize=8)
-def _nystroem_basis(lengthscale: float, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pivot points `Z` and the Cholesky factor of `rbf(Z, Z)`, chosen by pivoted Cholesky on a fine grid.
+def _nystroem_basis(lengthscale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pivot points `Z` and the inverse Cholesky factor of `rbf(Z, Z)`, pivots chosen greedily on a fine grid.
 
-    With them, `features(x) = L^-1 rbf(Z, x)` satisfies `features(a) @ features(b).T == rbf(a, b)` to ~1e-15
-    anywhere in [0, 1].
+    With them, `features(x) = rbf(x, Z) @ inv_chol.T` satisfies `features(a) @ features(b).T == rbf(a, b)` to
+    ~1e-15 anywhere in [0, 1] (21 pivots for lengthscale 0.2).
     """
-    candidates = torch.linspace(0.0, 1.0, _FACTOR_CANDIDATES, dtype=torch.float64)
-    residual = torch.ones_like(candidates)
-    columns: list[torch.Tensor] = []
+    candidates = np.linspace(0.0, 1.0, _FACTOR_CANDIDATES)
+    residual = np.ones_like(candidates)
+    columns: list[np.ndarray] = []
     pivots: list[int] = []
-    while float(residual.max()) > _FACTOR_TOLERANCE and len(pivots) < _FACTOR_CANDIDATES:
+    while residual.max() > _FACTOR_TOLERANCE and len(pivots) < _FACTOR_CANDIDATES:
         p = int(residual.argmax())
         pivots.append(p)
         column = rbf(candidates, candidates[p : p + 1], lengthscale)[:, 0]
         for previous in columns:
             column = column - previous * previous[p]
-        column = column / residual[p].sqrt()
+        column = column / math.sqrt(residual[p])
         columns.append(column)
         residual = residual - column**2
     points = candidates[pivots]
-    chol = torch.linalg.cholesky(rbf(points, points, lengthscale))
-    return points.to(device=device, dtype=dtype), chol.to(device=device, dtype=dtype)
+    return points, np.linalg.inv(np.linalg.cholesky(rbf(points, points, lengthscale)))
 
 
-def kernel_features(x: torch.Tensor, lengthscale: float = LENGTHSCALE) -> torch.Tensor:
-    """Low-rank features `H` (..., n, r) with `H @ H.mT == rbf(x, x)` to ~1e-15, for points `x` in [0, 1]."""
-    points, chol = _nystroem_basis(lengthscale, x.dtype, str(x.device))
-    cross = rbf(points, x, lengthscale)  # (..., r, n)
-    return torch.linalg.solve_triangular(chol, cross, upper=False).mT
+def kernel_features(x: np.ndarray, lengthscale: float = LENGTHSCALE) -> np.ndarray:
+    """Low-rank features `H` (n, r) with `H @ H.T == rbf(x, x)` to ~1e-15, for points `x` (n,) in [0, 1]."""
+    points, inv_chol = _nystroem_basis(lengthscale)
+    return rbf(x, points, lengthscale) @ inv_chol.T
 
 
 class ClosedFormLossCurveGP:
-    """`LossCurveGP` and its persistent Adam optimizer, evaluated in closed form.
+    """`LossCurveGP` and its persistent Adam optimizer, evaluated in closed form with NumPy.
 
     Holds the three trained raw hyperparameters (constant mean, raw outputscale, raw noise) and Adam's moments
-    as plain floats, so its state is tiny, exact and `weights_only`-safe.
+    as plain floats, so its state is tiny, exact and `weights_only`-safe. All arrays are small (at most
+    500 x 21): the work runs on the CPU in a single thread and never touches PyTorch's thread pools or a device.
 
     Args:
-        device (`str`, *optional*, defaults to `"cpu"`): Device of the prediction tensors.
         fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate.
         noise_init (`float`, *optional*, defaults to 1e-3): Initial noise variance.
     """
 
-    def __init__(self, device: str = "cpu", fit_lr: float = FIT_LR, noise_init: float = NOISE_INIT):
-        self.device = device
+    def __init__(self, fit_lr: float = FIT_LR, noise_init: float = NOISE_INIT):
         self.fit_lr = fit_lr
         self.lengthscale = softplus(inverse_softplus(LENGTHSCALE))
         self.raw = [0.0, 0.0, inverse_softplus(noise_init - NOISE_FLOOR)]
@@ -135,31 +134,33 @@ class ClosedFormLossCurveGP:
         """The observation noise variance."""
         return softplus(self.raw[2]) + NOISE_FLOOR
 
-    def fit(self, x: torch.Tensor, y: torch.Tensor, mean_init: float) -> None:
+    def fit(self, x: np.ndarray, y: np.ndarray, mean_init: float) -> None:
         """Continue training the hyperparameters on `(x, y)`: `FIT_ITERATIONS` Adam steps on the exact MLL.
 
         Args:
-            x (`torch.Tensor`): Inputs in [0, 1], shape (n,).
-            y (`torch.Tensor`): Targets, shape (n,), finite.
+            x (`np.ndarray`): Inputs in [0, 1], shape (n,).
+            y (`np.ndarray`): Targets, shape (n,), finite.
             mean_init (`float`): Value the constant mean is reset to before training.
         """
-        x = x.to(device="cpu", dtype=torch.float64)
-        y = y.to(device="cpu", dtype=torch.float64)
-        n = y.numel()
-        u, singular, _ = torch.linalg.svd(kernel_features(x, self.lengthscale), full_matrices=False)
-        eig = (singular**2).numpy()
-        uy = (u.mT @ y).numpy()
-        u1 = u.sum(dim=0).numpy()
+        n = y.size
+        # eigenpairs of the kernel matrix F F^T from the small Gram matrix F^T F; directions with a negligible
+        # eigenvalue join the null space
+        feats = kernel_features(x, self.lengthscale)
+        eig, vecs = np.linalg.eigh(feats.T @ feats)
+        keep = eig > _EIGEN_CUTOFF * eig.max()
+        eig, vecs = eig[keep], vecs[:, keep]
+        u = feats @ vecs / np.sqrt(eig)
+        uy, u1 = u.T @ y, u.sum(axis=0)
         yy, y1 = float(y @ y), float(y.sum())
-        rest = n - eig.size  # directions of the kernel with zero eigenvalue
+        rest = n - eig.size  # directions of the kernel matrix with zero eigenvalue
         self.raw[0] = mean_init
         for _ in range(FIT_ITERATIONS):
             m, s, noise = self.raw[0], self.outputscale, self.noise
             z = uy - m * u1
-            d = s * eig + noise
-            inv_d = 1.0 / d
+            inv_d = 1.0 / (s * eig + noise)
             z_inv_d = z * inv_d
-            resid = max(yy - 2.0 * m * y1 + m * m * n - float(z @ z), 0.0)
+            zz = float(z @ z)
+            resid = max(yy - 2.0 * m * y1 + m * m * n - zz, 0.0)
             # gradients of the negative MLL / n, as ExactMarginalLogLikelihood divides by n
             g_mean = (-float(z_inv_d @ u1) + (m * n - y1 + float(z @ u1)) / noise) / n
             g_dd = 0.5 * (inv_d - z_inv_d**2)
@@ -179,39 +180,37 @@ class ClosedFormLossCurveGP:
             denom = math.sqrt(self.exp_avg_sq[i]) / bias_correction2_sqrt + _ADAM_EPS
             self.raw[i] -= step_size * self.exp_avg[i] / denom
 
-    def predict(self, x: torch.Tensor, y: torch.Tensor, grid_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Posterior of the latent function on `grid`, given observations `(x, y)`, batched over subsamples.
+    def predict(self, x: np.ndarray, y: np.ndarray, grid_features: np.ndarray) -> dict[str, np.ndarray]:
+        """Posterior of the latent function on a grid, given observations `(x, y)`.
 
         Args:
-            x (`torch.Tensor`): Inputs, shape (b, n).
-            y (`torch.Tensor`): Targets, shape (b, n).
-            grid_features (`torch.Tensor`): `kernel_features` of the prediction points, shape (g, r); the last
+            x (`np.ndarray`): Inputs, shape (n,).
+            y (`np.ndarray`): Targets, shape (n,).
+            grid_features (`np.ndarray`): `kernel_features` of the prediction points, shape (g, r); the last
                 point is "now".
 
         Returns:
-            `dict`: `mean` (b, g), `variance` (b, g), and `diff_variance` (b, g - 1), the variance of
+            `dict`: `mean` (g,), `variance` (g,), and `diff_variance` (g - 1,), the variance of
             `f(grid[i]) - f(grid[-1])`.
 
         Raises:
-            `torch.linalg.LinAlgError`: when the posterior is not numerically positive definite.
+            `np.linalg.LinAlgError`: when the posterior is not numerically positive definite or not finite.
         """
         m, s, noise = self.mean, self.outputscale, self.noise
-        feats = kernel_features(x, self.lengthscale)  # (b, n, r)
-        rank = feats.shape[-1]
-        eye = torch.eye(rank, dtype=feats.dtype, device=feats.device)
-        # K = s F F^T + noise I; with A = noise I + s F^T F: K^-1 F = F A^-1 (push-through identity)
-        a_chol, info = torch.linalg.cholesky_ex(noise * eye + s * feats.mT @ feats)
-        if bool(info.any()):
-            raise torch.linalg.LinAlgError("GP posterior is not positive definite")
-        weights = torch.cholesky_solve(feats.mT @ (y - m).unsqueeze(-1), a_chol)  # (b, r, 1)
-        mean = m + s * (grid_features @ weights).squeeze(-1)
-        # posterior covariance of the grid: noise * s * G A^-1 G^T
-        half = torch.linalg.solve_triangular(a_chol, grid_features.mT.expand(feats.shape[0], -1, -1), upper=False)
-        variance = noise * s * (half**2).sum(dim=-2)
-        diff = half[..., :-1] - half[..., -1:]
-        diff_variance = noise * s * (diff**2).sum(dim=-2)
-        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(diff_variance).all())):
-            raise torch.linalg.LinAlgError("GP posterior is not finite")
+        feats = kernel_features(x, self.lengthscale)  # (n, r)
+        rank = feats.shape[1]
+        # K = s F F^T + noise I; with A = noise I + s F^T F, K^-1 F = F A^-1 (push-through identity), so
+        # the posterior mean is m + s G A^-1 F^T (y - m) and the covariance noise * s * G A^-1 G^T
+        chol = np.linalg.cholesky(noise * np.eye(rank) + s * (feats.T @ feats))
+        inv_chol = np.linalg.inv(chol)
+        weights = inv_chol.T @ (inv_chol @ (feats.T @ (y - m)))
+        mean = m + s * (grid_features @ weights)
+        half = grid_features @ inv_chol.T  # (g, r): rows L^-1 g_i
+        variance = noise * s * (half**2).sum(axis=1)
+        diff = half[:-1] - half[-1:]
+        diff_variance = noise * s * (diff**2).sum(axis=1)
+        if not (np.isfinite(mean).all() and np.isfinite(diff_variance).all()):
+            raise np.linalg.LinAlgError("GP posterior is not finite")
         return {"mean": mean, "variance": variance, "diff_variance": diff_variance}
 
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from .distributed import broadcast_floats, mean_over_processes
 from .gp import FIT_LR, NOISE_INIT
 from .ramp import cooldown_factor, warmup_lr
 from .switch_test import MIN_FINITE_LOSSES, SwitchTester, SwitchTestOutcome
+
+if TYPE_CHECKING:
+    from .rewind import WarmupRewinder
 
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
@@ -112,6 +115,8 @@ class AutoWU:
         self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
         self._tester = _make_tester(config)
         self._switch_listeners: list[Callable[[AutoWU], None]] = []
+        self.rewinder: WarmupRewinder | None = None
+        self._rewinder_state: dict[str, Any] | None = None
 
         self.last_step = 0
         self.phase = "warmup"
@@ -160,6 +165,8 @@ class AutoWU:
         if self.phase != "cooldown" and t >= self.cooldown_start:
             self._enter_cooldown(t)
         self._apply_lr()
+        if self.rewinder is not None:
+            self.rewinder.after_step(self)
 
     def get_last_lr(self) -> list[float]:
         """The LR of every parameter group for the next optimizer step."""
@@ -196,6 +203,16 @@ class AutoWU:
         """Call `listener(scheduler)` once, when warmup ends (after `peak_lr` and `switch_step` are set)."""
         self._switch_listeners.append(listener)
 
+    def attach_rewinder(self, rewinder: WarmupRewinder) -> None:
+        """Attach a `WarmupRewinder` (its constructor does this): it is called after every step and restores a
+        snapshot at the switch; its state travels in `state_dict()`."""
+        self.rewinder = rewinder
+        if self._rewinder_state is not None:
+            rewinder.load_state_dict(self._rewinder_state)
+            self._rewinder_state = None
+        else:
+            rewinder.after_step(self)
+
     def sync_pending_losses(self) -> None:
         """Average the losses not yet tested over all processes now (a collective: call it on every process).
 
@@ -229,6 +246,7 @@ class AutoWU:
             "cooldown_from": list(self._cooldown_from) if self._cooldown_from is not None else None,
             "lr_changes": [list(change) for change in self.lr_changes],
             "tester": self._tester.state_dict(),
+            "rewinder": self.rewinder.state_dict() if self.rewinder is not None else self._rewinder_state,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -265,6 +283,11 @@ class AutoWU:
         self.lr_changes = [(int(step), float(lr)) for step, lr in state_dict["lr_changes"]]
         self._tester = _make_tester(self.config)
         self._tester.load_state_dict(state_dict["tester"])
+        rewinder_state = state_dict.get("rewinder")
+        if self.rewinder is not None and rewinder_state is not None:
+            self.rewinder.load_state_dict(rewinder_state)
+        else:
+            self._rewinder_state = rewinder_state
         self._apply_lr()
 
     @property
@@ -380,6 +403,8 @@ class AutoWU:
         self.phase = "decay"
         if self.config.immediate_cooldown:
             self._enter_cooldown(step)
+        if self.rewinder is not None:
+            self.rewinder.on_switch(self)
         for listener in self._switch_listeners:
             listener(self)
 
@@ -454,7 +479,6 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         n_tests=config.n_tests,
         standardize_losses=config.effective_standardize_losses,
         seed=config.seed,
-        device=config.device,
         min_losses=_ROBUST_MIN_LOSSES if robust else MIN_FINITE_LOSSES,
         fit_lr=_ROBUST_FIT_LR if robust else FIT_LR,
         noise_init=_ROBUST_NOISE_INIT if robust else NOISE_INIT,

@@ -10,7 +10,9 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from scipy.special import ndtr
 
 from .gp import FIT_LR, GRID_SIZE, NOISE_INIT, VARIANCE_JITTER, ClosedFormLossCurveGP, kernel_features
 from .ramp import lr_at_fraction
@@ -50,19 +52,19 @@ class SwitchTestOutcome:
         return sum(self.probabilities) / len(self.probabilities) if self.probabilities else math.nan
 
 
-def minimum_in_past_probability(mean: torch.Tensor, diff_variance: torch.Tensor) -> torch.Tensor:
+def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray) -> np.ndarray:
     """`max_{i<k} P(f_i < f_k)` for a Gaussian posterior, `k` the last grid point.
 
     Args:
-        mean (`torch.Tensor`): Posterior means, shape (..., g).
-        diff_variance (`torch.Tensor`): Variances of `f_i - f_k` for i < k, shape (..., g - 1).
+        mean (`np.ndarray`): Posterior means, shape (..., g).
+        diff_variance (`np.ndarray`): Variances of `f_i - f_k` for i < k, shape (..., g - 1).
 
     Returns:
-        `torch.Tensor`: the probability, shape (...).
+        `np.ndarray`: the probability, shape (...).
     """
     gap = mean[..., -1:] - mean[..., :-1]
-    z = gap / (diff_variance.clamp_min(0.0) + VARIANCE_JITTER).sqrt()
-    return torch.special.ndtr(z.max(dim=-1).values)
+    z = gap / np.sqrt(np.maximum(diff_variance, 0.0) + VARIANCE_JITTER)
+    return ndtr(z.max(axis=-1))
 
 
 def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -76,18 +78,18 @@ def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generato
     return indices[picked.sort().values]
 
 
-def standardize(losses: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Shift and scale `losses` so that its finite entries have mean 0 and standard deviation 1.
+def standardize(values: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Shift and scale `values` so that its finite entries have mean 0 and standard deviation 1.
 
     Returns:
-        `tuple`: the standardised losses, and the (shift, scale) that undo it.
+        `tuple`: the standardised values, and the (shift, scale) that undo it.
     """
-    values = losses[finite]
-    shift = float(values.mean())
-    scale = float(values.std(correction=0)) if values.numel() > 1 else 0.0
-    if not (scale > 0.0 and scale < float("inf")):
+    kept = values[finite]
+    shift = float(kept.mean())
+    scale = float(kept.std()) if kept.size > 1 else 0.0
+    if not (scale > 0.0 and scale < math.inf):
         scale = 1.0
-    return (losses - shift) / scale, shift, scale
+    return (values - shift) / scale, shift, scale
 
 
 class SwitchTester:
@@ -98,7 +100,6 @@ class SwitchTester:
         n_tests (`int`): Number of predictions per test.
         standardize_losses (`bool`): Standardise the losses before fitting (scale-invariant decisions).
         seed (`int`): Seed of the subsampling generator.
-        device (`str`, *optional*, defaults to `"cpu"`): Device of the prediction tensors.
         min_losses (`int`, *optional*, defaults to 3): Fewest finite losses a test needs.
         fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate for the hyperparameters.
         noise_init (`float`, *optional*, defaults to 1e-3): Initial GP noise variance.
@@ -111,7 +112,6 @@ class SwitchTester:
         n_tests: int,
         standardize_losses: bool,
         seed: int,
-        device: str = "cpu",
         min_losses: int = MIN_FINITE_LOSSES,
         fit_lr: float = FIT_LR,
         noise_init: float = NOISE_INIT,
@@ -119,11 +119,10 @@ class SwitchTester:
         self.confidence = confidence
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
-        self.device = device
         self.min_losses = min_losses
-        self.gp = ClosedFormLossCurveGP(device=device, fit_lr=fit_lr, noise_init=noise_init)
+        self.gp = ClosedFormLossCurveGP(fit_lr=fit_lr, noise_init=noise_init)
         self.generator = torch.Generator().manual_seed(seed)
-        self._grid = torch.linspace(0.0, 1.0, GRID_SIZE, dtype=torch.float64, device=device)
+        self._grid = np.linspace(0.0, 1.0, GRID_SIZE)
         self._grid_features = kernel_features(self._grid, self.gp.lengthscale)
 
     def run(
@@ -139,102 +138,78 @@ class SwitchTester:
             warmup_type (`str`): `"exp"` or `"linear"`, to map the argmin back to an LR.
 
         Returns:
-            `SwitchTestOutcome`, or `None` when the test cannot be made (fewer than 3 finite losses, or the GP
-            failed numerically `MAX_GP_FAILURES` times; a warning says so).
+            `SwitchTestOutcome`, or `None` when the test cannot be made (fewer than `min_losses` finite losses,
+            or the GP failed numerically `MAX_GP_FAILURES` times; a warning says so).
         """
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the matrices are small: threads only add contention with training
-        try:
-            return self._run(losses, current_lr=current_lr, min_lr=min_lr, warmup_type=warmup_type)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(
-        self, losses: torch.Tensor, *, current_lr: float, min_lr: float, warmup_type: str
-    ) -> SwitchTestOutcome | None:
-        finite = torch.isfinite(losses)
-        valid = finite.nonzero().squeeze(-1)
+        values = losses.detach().to("cpu", torch.float64).numpy()
+        finite = np.isfinite(values)
+        valid = torch.from_numpy(np.flatnonzero(finite))
         if valid.numel() < self.min_losses:
             return None
         shift, scale = 0.0, 1.0
         if self.standardize_losses:
-            losses, shift, scale = standardize(losses, finite)
-        n_total = losses.numel()
+            values, shift, scale = standardize(values, finite)
+        n_total = values.size
 
-        fit_idx = subsample_sorted(valid, FIT_SUBSAMPLE, self.generator)
+        fit_idx = subsample_sorted(valid, FIT_SUBSAMPLE, self.generator).numpy()
         before = self.gp.state_dict()
-        self.gp.fit(fit_idx.double() / n_total, losses[fit_idx], mean_init=float(losses[valid].mean()))
+        with np.errstate(all="ignore"):
+            self.gp.fit(fit_idx / n_total, values[fit_idx], mean_init=float(values[finite].mean()))
         if not all(math.isfinite(v) for v in self.gp.raw):
             self.gp.load_state_dict(before)
             warnings.warn("AutoWU: the GP fit diverged numerically; this switch test is skipped.", stacklevel=2)
             return None
 
-        predictions = self._predict(valid, losses, n_total)
+        predictions = self._predict(valid, values, n_total)
         if predictions is None:
             return None
         mean, variance, diff_variance = predictions
         probabilities = minimum_in_past_probability(mean, diff_variance)
         votes = int((probabilities > self.confidence).sum())
-        argmin_fraction = self._grid[mean.argmin(dim=-1)].tolist()
         lr_estimates = [
-            lr_at_fraction(x, min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type) for x in argmin_fraction
+            lr_at_fraction(float(self._grid[i]), min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type)
+            for i in mean.argmin(axis=-1)
         ]
-        avg_mean = mean.mean(dim=0)
+        avg_mean = mean.mean(axis=0)
+        rise = avg_mean[-1] - avg_mean.min()
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),
             votes=votes,
             passed=votes > self.n_tests / 2,
             lr_estimate=sum(lr_estimates) / len(lr_estimates),
-            rising=bool(avg_mean[-1] > avg_mean[0] and avg_mean[-1] - avg_mean.min() > 3.0 * math.sqrt(self.gp.noise)),
+            rising=bool(avg_mean[-1] > avg_mean[0] and rise > 3.0 * math.sqrt(self.gp.noise)),
             grid_mean=(avg_mean * scale + shift).tolist(),
-            grid_std=(variance.mean(dim=0).clamp_min(0.0).sqrt() * scale).tolist(),
+            grid_std=(np.sqrt(np.maximum(variance.mean(axis=0), 0.0)) * scale).tolist(),
         )
 
     def _predict(
-        self, valid: torch.Tensor, losses: torch.Tensor, n_total: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`n_tests` posterior predictions, each conditioned on its own subsample (one when all fit in one)."""
+        self, valid: torch.Tensor, values: np.ndarray, n_total: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """`n_tests` posterior predictions, each conditioned on its own subsample (one when all fit in one).
+
+        A numerical failure is retried with another subsample; after `MAX_GP_FAILURES` the test is skipped.
+        """
         distinct = valid.numel() > PREDICT_SUBSAMPLE
-        subsamples = [
-            subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator) for _ in range(self.n_tests if distinct else 1)
-        ]
-        try:
-            out = self._predict_batch(subsamples, losses, n_total)
-        except torch.linalg.LinAlgError:
-            out = self._predict_with_retries(subsamples, valid, losses, n_total)
-            if out is None:
-                return None
-        if not distinct:
-            out = [t.expand(self.n_tests, -1) for t in out]
-        return out[0], out[1], out[2]
-
-    def _predict_batch(self, subsamples: list[torch.Tensor], losses: torch.Tensor, n_total: int) -> list[torch.Tensor]:
-        idx = torch.stack(subsamples)
-        x = (idx.double() / n_total).to(self.device)
-        y = losses[idx].to(self.device)
-        post = self.gp.predict(x, y, self._grid_features)
-        return [post["mean"].cpu(), post["variance"].cpu(), post["diff_variance"].cpu()]
-
-    def _predict_with_retries(
-        self, subsamples: list[torch.Tensor], valid: torch.Tensor, losses: torch.Tensor, n_total: int
-    ) -> list[torch.Tensor] | None:
         results, failures = [], 0
-        pending = list(subsamples)
-        while pending:
-            idx = pending.pop(0)
+        while len(results) < (self.n_tests if distinct else 1):
+            idx = subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator).numpy()
             try:
-                results.append(self._predict_batch([idx], losses, n_total))
-            except torch.linalg.LinAlgError:
+                with np.errstate(all="ignore"):
+                    post = self.gp.predict(idx / n_total, values[idx], self._grid_features)
+            except np.linalg.LinAlgError:
                 failures += 1
-                if failures >= MAX_GP_FAILURES:
+                if failures >= MAX_GP_FAILURES or not distinct:  # without subsampling a retry cannot differ
                     warnings.warn(
-                        f"AutoWU: the GP failed numerically {failures} times; this switch test is skipped.",
-                        stacklevel=4,
+                        f"AutoWU: the GP failed numerically {failures} time(s); this switch test is skipped.",
+                        stacklevel=3,
                     )
                     return None
-                pending.append(subsample_sorted(valid, PREDICT_SUBSAMPLE, self.generator))
-        warnings.warn(f"AutoWU: the GP failed numerically {failures} time(s) and was retried.", stacklevel=4)
-        return [torch.cat(parts) for parts in zip(*results, strict=False)]
+                continue
+            results.append((post["mean"], post["variance"], post["diff_variance"]))
+        if failures:
+            warnings.warn(f"AutoWU: the GP failed numerically {failures} time(s) and was retried.", stacklevel=3)
+        repeat = 1 if distinct else self.n_tests
+        return tuple(np.stack([r[i] for r in results] * repeat) for i in range(3))
 
     def state_dict(self) -> dict:
         """GP hyperparameters, optimizer moments and generator state."""
