@@ -188,6 +188,26 @@ def load_image_data(
     )
 
 
+def check_process_group(num_processes: int) -> None:
+    """Refuse to run when the launcher started more processes than joined the process group.
+
+    On a machine without GPUs, `accelerate launch --multi_gpu` (torchrun) starts the processes but, unless they are
+    told to use the CPU, each one trains alone on the whole dataset.
+
+    Args:
+        num_processes (`int`): The number of processes in the group (`accelerator.num_processes`).
+
+    Raises:
+        `ExampleInputError`: `WORLD_SIZE` says more processes were launched.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > num_processes:
+        raise ExampleInputError(
+            f"{launched} processes were launched but each runs alone; on a machine without GPUs pass --cpu "
+            "(Trainer script: --use_cpu)"
+        )
+
+
 def shard_for_process(
     split: datasets.Dataset | datasets.IterableDataset, process_index: int, num_processes: int
 ) -> datasets.Dataset | datasets.IterableDataset:

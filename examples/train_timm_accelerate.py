@@ -26,6 +26,7 @@ from timm_data import (
     PAPER_DEFAULTS,
     ExampleInputError,
     check_model_name,
+    check_process_group,
     create_model,
     create_optimizer,
     create_transforms,
@@ -45,7 +46,7 @@ from hf_autowu.trainer import autowu_log_entries
 class RunHistory:
     """The learning rate of every optimizer step so far; saved with each checkpoint so a resumed run continues it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lr: list[float] = []
 
     @property
@@ -123,6 +124,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_process_group(accelerator.num_processes)
     set_seed(config["seed"])
     check_model_name(config["model"])
     with accelerator.main_process_first():
@@ -136,7 +138,9 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
     loader_kwargs = {"batch_size": config["batch_size"], "num_workers": args.num_workers}
     val_shard = shard_for_process(data.validation, accelerator.process_index, accelerator.num_processes)
     val_split = with_image_transform(val_shard, eval_transform, data.image_column, data.label_column)
-    val_loader = DataLoader(val_split, **loader_kwargs)
+    # Its own generator: starting an evaluation then draws no seed from the global RNG, which the training
+    # augmentation uses, so a run resumed from a checkpoint sees the same augmentation as the uninterrupted one.
+    val_loader = DataLoader(val_split, generator=torch.Generator(), **loader_kwargs)
     if args.streaming:
         # Each process reads its own files (split_dataset_by_node); an epoch is cut to the same number of batches on
         # every process so that none waits for gradients the others never send.
@@ -193,10 +197,11 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             train_split.set_epoch(epoch)
         else:
             train_loader.set_epoch(epoch)
-        if epoch == start_epoch and skip_steps:
-            epoch_loader = accelerator.skip_first_batches(train_loader, skip_steps * args.gradient_accumulation_steps)
+        skipped_batches = skip_steps * args.gradient_accumulation_steps if epoch == start_epoch else 0
+        if skipped_batches:
+            epoch_loader = accelerator.skip_first_batches(train_loader, skipped_batches)
         step_loss, micro_batches = 0.0, 0
-        for batch_index, batch in enumerate(epoch_loader):
+        for batch_index, batch in enumerate(epoch_loader, start=skipped_batches):
             if args.streaming and batch_index >= batches_per_epoch:
                 break
             with accelerator.accumulate(model):
@@ -226,7 +231,8 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             if completed >= max_steps:
                 break
         top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)
-        progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {max(scheduler.get_last_lr()):.3e}")
+        if accelerator.is_main_process:
+            progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {max(scheduler.get_last_lr()):.3e}")
         if args.report_to != "none":
             accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_entries(scheduler)}, step=completed)
     progress.close()

@@ -21,6 +21,7 @@ from timm_data import (
     PAPER_DEFAULTS,
     ExampleInputError,
     check_model_name,
+    check_process_group,
     create_model,
     create_optimizer,
     create_transforms,
@@ -160,6 +161,7 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
     Returns:
         `dict`: The summary: switch_step, peak_lr, top1, top5, steps.
     """
+    check_process_group(training_args.world_size)
     check_model_name(recipe["model"])
     with training_args.main_process_first():
         data = load_image_data(

@@ -21,7 +21,7 @@ CLASSES = ("cat", "dog", "fox")
 TRAIN_PER_CLASS = 8  # 24 training images: 6 steps per epoch at batch 4 on one process, 3 on two
 BATCH = 4
 # `accelerate launch --cpu --num_processes 2` starts a single process; on a machine without GPUs `--multi_gpu` starts
-# two (torchrun, gloo on the CPU).
+# two (torchrun), which form a group (gloo) only when the script is told to use the CPU (`--cpu`, `--use_cpu`).
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
 needs_trainer_callback = pytest.mark.skipif(
     not hasattr(hf_autowu, "AutoWUCallback"), reason="hf_autowu.AutoWUCallback does not exist yet"
@@ -96,8 +96,7 @@ def test_accelerate_folder_one_process(accelerate_folder_run):
     assert summary["steps"] == len(summary["lr"]) == 18
     assert 0.0 <= summary["top1"] <= summary["top5"] <= 100.0
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_12", "step_18", "step_6"]
-    (run_dir,) = {path.parent for path in (output_dir / "autowu").rglob("events.out.tfevents.*")}
-    tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+    tags = EventAccumulator(str(output_dir / "autowu")).Reload().Tags()["scalars"]
     assert {"autowu/phase", "autowu/lr", "train/loss", "eval/top1", "eval/top5"} <= set(tags)
 
 
@@ -130,11 +129,22 @@ def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
 def test_accelerate_two_processes(image_folders, example_env, tmp_path):
     command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
-    command += ["--report-to", "none"]
+    command += ["--report-to", "none", "--cpu"]
     result = run_example(command, example_env)
     assert result.stdout.count("AutoWU summary: switch_step=") == 1
     summary = read_summary(tmp_path)
     assert summary["steps"] == len(summary["lr"]) == 2 * 3  # the 24 images are shared out: 3 batches per process
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_accelerate_streaming_two_processes(image_folders, example_env, tmp_path):
+    command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--streaming"]
+    command += ["--model", "test_resnet", "--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2"]
+    command += ["--output-dir", str(tmp_path), "--report-to", "none", "--cpu"]
+    run_example(command, example_env)
+    summary = read_summary(tmp_path)
+    assert summary["steps"] == len(summary["lr"]) == 2 * 3  # each process streams its half: 12 images, 3 batches
 
 
 # ---------------------------------------------------------------- the Trainer example
@@ -167,7 +177,7 @@ def test_trainer_embedded_digits_efficientnet(example_env, tmp_path):
 def test_trainer_two_processes(image_folders, example_env, tmp_path):
     command = [*TWO_PROCESSES, str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image_size", "32", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2"]
-    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no"]
+    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no", "--use_cpu"]
     result = run_example(command, example_env)
     assert result.stdout.count("AutoWU summary: switch_step=") == 1
     assert "steps=6" in result.stdout
