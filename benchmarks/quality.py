@@ -12,7 +12,8 @@ Tasks (all offline, sized for a 2-core CPU):
 
 Methods (AdamW means betas (0.9, 0.999), eps 1e-8, weight decay 0: the Trainer's defaults):
 
-- ``autowu``: AdamW + ``hf_autowu`` with its defaults (no LR given).
+- ``autowu``: AdamW + ``hf_autowu`` with its defaults (no LR given); in the hand-written loop a
+  ``WarmupRewinder`` is attached when the defaults enable rewind (the Trainer integration does that itself).
 - ``autowu_paper``: the same with ``preset="paper"`` (the published behaviour).
 - ``oracle``: AdamW, linear warmup over 5% of the steps then cosine to 0; peak LR from a grid of 6 values
   10^-4 ... 10^-1 (evenly spaced in log), the one with the best mean validation metric over seeds wins and is
@@ -76,7 +77,7 @@ PRODIGY_LR = 1.0
 FINDER_START_LR, FINDER_END_LR = 1e-7, 10.0
 
 METHODS: dict[str, str] = {
-    "autowu": "AdamW + `AutoWU` defaults (no LR given)",
+    "autowu": "AdamW + `AutoWU` defaults (no LR given; rewind attached where the defaults enable it)",
     "autowu_paper": 'AdamW + `AutoWU(preset="paper")`',
     "oracle": "AdamW, 5% linear warmup + cosine, best of 6 peak LRs 1e-4..1e-1 on val",
     "hf_default": "Trainer defaults: AdamW lr 5e-5, linear decay, no warmup",
@@ -309,11 +310,12 @@ def autowu_options(method: str) -> dict[str, Any]:
 
 
 def autowu_info(scheduler: Any) -> dict[str, Any]:
-    """The AutoWU decisions worth keeping: switch step and reason, chosen peak LR, number of switch tests."""
+    """The AutoWU decisions worth keeping: switch step and reason, chosen peak LR, rewind, number of tests."""
     return {
         "switch_step": scheduler.switch_step,
         "peak_lr": scheduler.peak_lr,
         "switch_reason": scheduler.switch_reason,
+        "rewound_to": getattr(getattr(scheduler, "rewinder", None), "rewound_to", None),
         "n_tests": len(scheduler.tests),
         "phase": scheduler.phase,
     }
@@ -330,11 +332,16 @@ def loop_optimizer(
 
     params = list(model.parameters())
     if method in ("autowu", "autowu_paper"):
-        from hf_autowu import AutoWU
+        from hf_autowu import AutoWU, WarmupRewinder
 
         optimizer = torch.optim.AdamW(params, **ADAMW)
         epochs = task.steps // task.steps_per_epoch
-        return optimizer, AutoWU(optimizer, task.steps_per_epoch, epochs, **autowu_options(method))
+        scheduler = AutoWU(optimizer, task.steps_per_epoch, epochs, **autowu_options(method))
+        config = scheduler.config
+        if config.effective_rewind:  # what the Trainer integration does; a hand-written loop attaches it itself
+            WarmupRewinder(model, optimizer, scheduler, snapshots=config.rewind_snapshots,
+                           lr_factor=config.rewind_lr_factor)
+        return optimizer, scheduler
     if method in ("oracle", "lr_finder"):
         assert peak_lr is not None
         optimizer = torch.optim.AdamW(params, lr=peak_lr, **ADAMW)
@@ -745,7 +752,8 @@ def _notes(method: str, row: dict[str, Any]) -> str:
     reasons = sorted({str(r["info"].get("switch_reason")) for r in row["runs"]})
     revisions = sorted({r.get("revision", "?") for r in row["runs"]})
     switch = f"switch at step {np.mean(steps):.0f}" if steps else "no switch"
-    return f"{switch} ({', '.join(reasons)}); rev {', '.join(revisions)}"
+    rewound = sum(r["info"].get("rewound_to") is not None for r in row["runs"])
+    return f"{switch} ({', '.join(reasons)}); rewound {rewound}/{len(row['runs'])}; rev {', '.join(revisions)}"
 
 
 def report(summary: dict[str, dict[str, dict[str, Any]]], commands: list[str]) -> str:
