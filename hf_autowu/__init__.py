@@ -1,9 +1,8 @@
 """hf_autowu: AutoWU, an automatic loss-driven learning-rate schedule, for PyTorch and the Hugging Face stack."""
 
 from .config import AutoWUConfig
-from .gp import ClosedFormLossCurveGP, LossCurveGP
+from .gp import ClosedFormLossCurveGP
 from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
-from .reference import ReferenceSwitchTest
 from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
 from .rewind import WarmupRewinder
 from .scheduler import AutoWU, SwitchTestRecord
@@ -34,6 +33,7 @@ __all__ = [
 ]
 
 _TRAINER_EXPORTS = ("AutoWUCallback", "AutoWUTrainer", "AutoWUTrainerMixin")
+_REFERENCE_EXPORTS = ("LossCurveGP", "ReferenceSwitchTest")
 
 
 def __getattr__(name: str):
@@ -41,4 +41,8 @@ def __getattr__(name: str):
         from . import trainer
 
         return getattr(trainer, name)
+    if name in _REFERENCE_EXPORTS:  # GPyTorch is only needed by the reference implementation
+        from . import reference
+
+        return getattr(reference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

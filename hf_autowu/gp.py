@@ -1,11 +1,11 @@
-"""The Gaussian process that smooths the warmup loss curve.
+"""The Gaussian process that smooths the warmup loss curve, in closed form.
 
-`LossCurveGP` is the model as a GPyTorch exact GP: constant mean, scaled RBF kernel with a fixed
-lengthscale, Gaussian likelihood. `ClosedFormLossCurveGP` evaluates exactly the same model without GPyTorch's
-per-call overhead, in NumPy: the RBF kernel on [0, 1] with lengthscale 0.2 has numerical rank ~21, so a Nystroem factor
-reproduces it to ~1e-15 and turns every solve into a small r x r one. The hyperparameters follow the same
-Adam trajectory as `torch.optim.Adam` on GPyTorch's raw parameters (same softplus constraints, same update
-rule), which the tests check against `LossCurveGP`.
+The model is GPyTorch's exact GP `hf_autowu.reference.LossCurveGP`: constant mean, scaled RBF kernel with a
+fixed lengthscale, Gaussian likelihood. `ClosedFormLossCurveGP` evaluates exactly the same model in NumPy,
+without GPyTorch's per-call overhead: the RBF kernel on [0, 1] with lengthscale 0.2 has numerical rank ~21, so
+a Nystroem factor reproduces it to ~1e-15 and turns every solve into a small r x r one. The hyperparameters
+follow the same Adam trajectory as `torch.optim.Adam` on GPyTorch's raw parameters (same softplus constraints,
+same update rule), which the tests check against `LossCurveGP`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import gpytorch
 import numpy as np
-import torch
 
 LENGTHSCALE = 0.2
 NOISE_INIT = 1e-3
@@ -29,25 +27,6 @@ _ADAM_EPS = 1e-8
 _FACTOR_TOLERANCE = 1e-15
 _FACTOR_CANDIDATES = 4001
 _EIGEN_CUTOFF = 1e-13
-
-
-class LossCurveGP(gpytorch.models.ExactGP):
-    """Exact GP regression of the loss curve on the normalised time axis [0, 1].
-
-    Args:
-        likelihood (`gpytorch.likelihoods.GaussianLikelihood`): The observation model.
-        lengthscale (`float`, *optional*, defaults to 0.2): RBF lengthscale; it is fixed (not trained).
-    """
-
-    def __init__(self, likelihood: gpytorch.likelihoods.GaussianLikelihood, lengthscale: float = LENGTHSCALE):
-        super().__init__(None, None, likelihood)
-        self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        self.covar_module.base_kernel.lengthscale = lengthscale
-        self.covar_module.base_kernel.raw_lengthscale.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 def softplus(x: float) -> float:

@@ -1,4 +1,4 @@
-"""A slow, plain implementation of the switch test, written step by step from the specification.
+"""The GPyTorch model of the loss curve, and a slow switch test written step by step from the specification.
 
 It uses GPyTorch the textbook way (exact marginal log likelihood, `torch.optim.Adam`, dense predictive
 covariance) and is kept to check the fast path in `hf_autowu.switch_test`, decision for decision, and to
@@ -7,13 +7,36 @@ measure what the fast path saves. It is not used during training.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-import gpytorch
 import torch
-from linear_operator.utils.errors import NotPSDError
 
-from .gp import FIT_ITERATIONS, FIT_LR, GRID_SIZE, LENGTHSCALE, NOISE_INIT, VARIANCE_JITTER, LossCurveGP
+with warnings.catch_warnings():  # linear_operator scripts a function with the deprecated torch.jit.script
+    warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
+    import gpytorch
+    from linear_operator.utils.errors import NotPSDError
+
+from .gp import FIT_ITERATIONS, FIT_LR, GRID_SIZE, LENGTHSCALE, NOISE_INIT, VARIANCE_JITTER
+
+
+class LossCurveGP(gpytorch.models.ExactGP):
+    """Exact GP regression of the loss curve on the normalised time axis [0, 1].
+
+    Args:
+        likelihood (`gpytorch.likelihoods.GaussianLikelihood`): The observation model.
+        lengthscale (`float`, *optional*, defaults to 0.2): RBF lengthscale; it is fixed (not trained).
+    """
+
+    def __init__(self, likelihood: gpytorch.likelihoods.GaussianLikelihood, lengthscale: float = LENGTHSCALE):
+        super().__init__(None, None, likelihood)
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        self.covar_module.base_kernel.lengthscale = lengthscale
+        self.covar_module.base_kernel.raw_lengthscale.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
 
 
 @dataclass

@@ -175,8 +175,8 @@ class AutoWU:
     def lr_at(self, step: int) -> float:
         """The LR (of the largest group) that the schedule gives optimizer step `step`, as known now.
 
-        Exact for every step up to `last_step`; for later steps it is the plan without a future switch or
-        per-epoch decay.
+        Exact for every step up to `last_step`; for later steps it is the current plan (before the switch:
+        warmup to its cap, then decay from the LR reached), without future decisions.
 
         Args:
             step (`int`): A step index in [0, total_steps).
@@ -184,8 +184,19 @@ class AutoWU:
         Returns:
             `float`: the learning rate.
         """
-        if self.switch_step is None or step < self.switch_step:
+        if self.switch_step is not None and step < self.switch_step:
             return self._ramp(step)
+        if self.switch_step is None:
+            end = min(self.warmup_steps, self.cooldown_start)
+            if step < end:
+                return self._ramp(step)
+            # the plan without a switch: warmup ends at its cap, from the LR reached
+            lr0 = self._ramp(end - 1)
+            start = end if self.config.immediate_cooldown else self.cooldown_start
+            if step < start:
+                return lr0
+            progress = (step - start) / max(self.total_steps - start, 1)
+            return lr0 * cooldown_factor(min(progress, 1.0), self.config.cooldown_type)
         if self._cooldown_from is not None and step >= self._cooldown_from[0]:
             start, lr0 = self._cooldown_from
         elif step >= self.cooldown_start:

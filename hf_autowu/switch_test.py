@@ -36,6 +36,7 @@ class SwitchTestOutcome:
             more than three noise standard deviations above its minimum.
         grid_mean (`list[float]`): Posterior mean on the grid (loss units, averaged over predictions).
         grid_std (`list[float]`): Posterior standard deviation of the latent curve on the grid (loss units).
+        n_losses (`int`): Length of the history the test saw; grid point `x` stands for step `x * n_losses`.
     """
 
     probabilities: list[float]
@@ -45,6 +46,7 @@ class SwitchTestOutcome:
     rising: bool
     grid_mean: list[float] = field(repr=False)
     grid_std: list[float] = field(repr=False)
+    n_losses: int = 0
 
     @property
     def probability(self) -> float:
@@ -180,6 +182,7 @@ class SwitchTester:
             rising=bool(avg_mean[-1] > avg_mean[0] and rise > 3.0 * math.sqrt(self.gp.noise)),
             grid_mean=(avg_mean * scale + shift).tolist(),
             grid_std=(np.sqrt(np.maximum(variance.mean(axis=0), 0.0)) * scale).tolist(),
+            n_losses=n_total,
         )
 
     def _predict(

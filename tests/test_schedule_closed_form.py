@@ -146,3 +146,9 @@ def test_lr_schedule_matches_what_was_applied():
     scheduler = AutoWU(make_optimizer(), total_steps=150, max_warmup_fraction=0.4)
     lrs = drive(scheduler, falling)
     assert scheduler.lr_schedule() == pytest.approx(lrs, rel=1e-12)
+
+
+def test_plan_before_any_step_is_warmup_to_cap_then_decay():
+    scheduler = AutoWU(make_optimizer(), total_steps=150, max_warmup_fraction=0.4, preset="paper")
+    planned = scheduler.lr_schedule()
+    assert drive(scheduler, falling) == pytest.approx(planned, rel=1e-12), "a run to the cap follows the plan"
