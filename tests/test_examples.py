@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import hf_autowu
@@ -186,9 +189,13 @@ def test_trainer_two_processes(image_folders, example_env, tmp_path):
 # ---------------------------------------------------------------- bad input: one line, exit code 2
 
 
-def import_example(name: str, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture
+def import_example(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], ModuleType]]:
+    """Import an example script as a module; afterwards forget the Accelerate state its `main` created."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    return importlib.import_module(name)
+    yield importlib.import_module
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str) -> list[tuple[list[str], str]]:
@@ -209,8 +216,8 @@ def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str
 
 
 @pytest.mark.parametrize("case", range(4))
-def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, monkeypatch, capsys):
-    example = import_example("train_timm_accelerate", monkeypatch)
+def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
+    example = import_example("train_timm_accelerate")
     args, expected = bad_input_cases(image_folders, tmp_path, "dash")[case]
     with pytest.raises(SystemExit) as exit_info:
         example.main([*args, "--output-dir", str(tmp_path / "out"), "--report-to", "none", "--cpu"])
@@ -221,8 +228,8 @@ def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, monkeypa
 
 @needs_trainer_callback
 @pytest.mark.parametrize("case", range(4))
-def test_trainer_bad_input_in_process(case, image_folders, tmp_path, monkeypatch, capsys):
-    example = import_example("train_timm_trainer", monkeypatch)
+def test_trainer_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
+    example = import_example("train_timm_trainer")
     args, expected = bad_input_cases(image_folders, tmp_path, "underscore")[case]
     with pytest.raises(SystemExit) as exit_info:
         example.main([*args, "--output_dir", str(tmp_path / "out"), "--report_to", "none", "--use_cpu"])
