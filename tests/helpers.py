@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -33,3 +36,13 @@ def run_valley(
         lrs.append(lr)
         scheduler.step(valley_loss(lr, best_lr, noise, generator, scale))
     return lrs
+
+
+def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600) -> None:
+    """Run `script OUT_DIR` in two CPU processes with torchrun (gloo); fail the test with its stderr on error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -3,13 +3,12 @@ process fed the cross-process mean loss."""
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -20,17 +19,7 @@ from hf_autowu import AutoWU  # noqa: E402
 
 @pytest.mark.multiprocess
 def test_two_processes_agree_with_the_mean_loss(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "scheduler_two_processes.py", str(tmp_path)],
-        cwd=SCRIPTS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("scheduler_two_processes.py", tmp_path, cwd=SCRIPTS, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1], "the processes disagree"
     assert ranks[0]["switch_step"] is not None
