@@ -130,14 +130,12 @@ class AutoWU:
         self._passes: list[bool] = []
         self._next_test = self._test_step_after(0) if self.warmup_steps > 0 else 0
         self._lr = config.min_lr
-        self._hold_epoch = 0
         self._plateau_best = math.inf
         self._plateau_bad_epochs = 0
         self._cooldown_from: tuple[int, float] | None = None
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if self.warmup_steps <= 0:
-            self._lr = config.max_lr
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
 
@@ -251,7 +249,6 @@ class AutoWU:
             "pending": _pending_to_tensor(self._pending),
             "passes": list(self._passes),
             "next_test": self._next_test,
-            "hold_epoch": self._hold_epoch,
             "plateau_best": self._plateau_best,
             "plateau_bad_epochs": self._plateau_bad_epochs,
             "cooldown_from": list(self._cooldown_from) if self._cooldown_from is not None else None,
@@ -286,7 +283,6 @@ class AutoWU:
         self._pending = [float(v) for v in state_dict["pending"].tolist()]
         self._passes = [bool(v) for v in state_dict["passes"]]
         self._next_test = int(state_dict["next_test"])
-        self._hold_epoch = int(state_dict["hold_epoch"])
         self._plateau_best = float(state_dict["plateau_best"])
         self._plateau_bad_epochs = int(state_dict["plateau_bad_epochs"])
         cooldown_from = state_dict["cooldown_from"]
@@ -428,7 +424,6 @@ class AutoWU:
             return
         if (t - self.switch_step) % self.steps_per_epoch:
             return
-        self._hold_epoch += 1
         if cfg.decay_phase_stat is None:
             self._set_decay_lr(t, self._lr * cfg.decay_phase_factor)
             return
