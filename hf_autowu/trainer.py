@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from .config import AutoWUConfig
+from .rewind import WarmupRewinder, check_rewindable
 from .scheduler import PHASES, AutoWU
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,6 @@ class _AutoWUEvents(TrainerCallback):
     """What both entry points do around each optimizer step: start the step's loss, log the switch tests, and
     average the untested losses over processes before a checkpoint is written."""
 
-    entry_point = "AutoWUTrainer"
-
     def __init__(self, trainer: Trainer | None = None) -> None:
         self.step_loss = _StepLoss()
         self.scheduler: AutoWU | None = None
@@ -94,6 +93,16 @@ class _AutoWUEvents(TrainerCallback):
         self._logged_tests = len(scheduler.tests)
         self._logged_switch = scheduler.switch_step is not None
         self.step_loss.reset()
+        if scheduler.config.effective_rewind and scheduler.rewinder is None:
+            check_rewindable(trainer.model_wrapped)
+            config = scheduler.config
+            WarmupRewinder(
+                trainer.model,
+                trainer.optimizer,
+                scheduler,
+                snapshots=config.rewind_snapshots,
+                lr_factor=config.rewind_lr_factor,
+            )
         if trainer.is_world_process_zero():
             scheduler.add_switch_listener(_announce_switch)
 

@@ -74,6 +74,7 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
         trainer.train()
     scheduler = scheduler_of(trainer)
+    assert "training_step" not in vars(trainer)  # the callback's hook is gone after training
     assert len(recorder.lrs) == trainer.state.max_steps == scheduler.total_steps == 60
     assert scheduler.steps_per_epoch == 4
     assert [len(losses) for losses in recorder.micro_losses[:4]] == [2, 2, 2, 1]
@@ -83,6 +84,12 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     expected = hand_fed_lrs(recorder.step_losses(), 60, 4, **AUTOWU_OPTIONS)
     assert [lrs[0] for lrs in recorder.lrs] == expected
     assert all(len(set(lrs)) == 1 for lrs in recorder.lrs)
+    # rewind: right after the switch, model and optimizer hold the snapshot of a warmup step with LR <= peak LR
+    rewound = scheduler.rewinder.rewound_to
+    assert 0 < rewound["step"] < scheduler.switch_step and rewound["lr"] <= scheduler.peak_lr
+    snapshot, after_switch = recorder.states[rewound["step"] - 1], recorder.states[scheduler.switch_step - 1]
+    assert snapshot.keys() == after_switch.keys()
+    assert all(torch.equal(after_switch[key], value) for key, value in snapshot.items())
     # AutoWU saw each step's mean loss over its micro-batches
     warmup = scheduler.switch_step
     assert torch.equal(scheduler.losses.float(), torch.stack(recorder.step_losses()[:warmup]))
@@ -164,7 +171,7 @@ def test_bf16_on_cpu(entry_point, tmp_path):
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_resume_continues_the_lr_trajectory(entry_point, tmp_path):
     """Checkpoints every 10 steps; the switch comes at step 23. Resuming from step 10 (warmup) and from step 30
-    (decay) must give the uninterrupted run's LRs, switch and loss history."""
+    (decay) must give the uninterrupted run's LRs, switch, loss history and (rewind included) final weights."""
     full_recorder = StepRecorder()
     args = training_args(str(tmp_path / "full"), save_strategy="steps", save_steps=10, logging_steps=100)
     full = make_trainer(entry_point, args, callbacks=[full_recorder])
@@ -190,6 +197,8 @@ def test_resume_continues_the_lr_trajectory(entry_point, tmp_path):
         assert scheduler.switch_step == reference.switch_step and scheduler.peak_lr == reference.peak_lr
         assert torch.equal(scheduler.losses, reference.losses)
         assert [r.step for r in scheduler.tests] == [r.step for r in reference.tests]
+        final, reference_final = recorder.states[-1], full_recorder.states[-1]
+        assert all(torch.equal(final[key], value) for key, value in reference_final.items())
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
@@ -212,3 +221,38 @@ def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path):
     lrs = [event.value for event in events.Scalars("train/autowu/lr")]
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor([entry["autowu/lr"] for entry in autowu_logs(trainer)]))
     assert events.Scalars("train/autowu/switch_step")[-1].value == scheduler.switch_step
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_parameter_groups_keep_their_ratio(entry_point, tmp_path):
+    torch.manual_seed(0)
+    model = ToyRegressor()
+    first, second = model.net[0], model.net[2]
+    groups = [{"params": first.parameters(), "lr": 1e-3}, {"params": second.parameters(), "lr": 2.5e-4}]
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), max_steps=4)
+    config = AutoWUConfig(**AUTOWU_OPTIONS)
+    common = {"model": model, "args": args, "train_dataset": regression_data()}
+    common["optimizers"] = (torch.optim.AdamW(groups), None)
+    if entry_point == "callback":
+        trainer = Trainer(**common, callbacks=[recorder, AutoWUCallback(config)])
+    else:
+        trainer = AutoWUTrainer(**common, callbacks=[recorder], autowu_config=config)
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert recorder.lrs == [[scheduler.lr_at(step), scheduler.lr_at(step) * 0.25] for step in range(4)]
+
+
+def test_callback_resumes_a_checkpoint_saved_without_it(tmp_path, caplog):
+    """Warmup starts over on the remaining steps, with a warning, and the next checkpoints save fine."""
+    args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    torch.manual_seed(0)
+    Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data()).train()
+    args = training_args(str(tmp_path / "resumed"), max_steps=12, save_strategy="steps", save_steps=4)
+    callback = AutoWUCallback(**AUTOWU_OPTIONS)
+    trainer = Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), callbacks=[callback])
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert "holds no AutoWU state" in caplog.text
+    assert callback.scheduler.total_steps == callback.scheduler.last_step == 8
+    assert (tmp_path / "resumed" / "checkpoint-12" / "scheduler.pt").exists()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -21,17 +20,7 @@ from trainer_two_processes import NAN_STEP, TEST_INTERVAL  # noqa: E402
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("two_processes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "trainer_two_processes.py", str(out)],
-        cwd=SCRIPTS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("trainer_two_processes.py", str(out), cwd=str(SCRIPTS))
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
@@ -46,6 +35,9 @@ def test_every_process_applies_the_same_lr(ranks, run):
     assert first["lrs"] == second["lrs"]
     assert first["switch_step"] == second["switch_step"] is not None
     assert first["autowu_losses"] == second["autowu_losses"]  # json decodes every NaN to one object: NaN is NaN
+    # both processes rewound to the same snapshot at the switch and ended with the same weights
+    assert first["rewound_to"] == second["rewound_to"] is not None
+    assert first["final_weights"] == second["final_weights"]
     # collectives only at switch tests (every TEST_INTERVAL steps) and at the switch, not on ordinary steps
     steps = set(first["collective_steps"])
     assert steps <= {step for step in range(1, 61) if step % TEST_INTERVAL == 0} | {first["switch_step"]}

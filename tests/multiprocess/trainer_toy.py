@@ -108,7 +108,7 @@ class StepRecorder(TrainerCallback):
         self.lrs: list[list[float]] = []
         self.micro_losses: list[list[torch.Tensor]] = []
         self.outputs: list[list[dict[str, torch.Tensor]]] = []
-        self.skipped_steps: list[int] = []
+        self.states: list[dict[str, torch.Tensor]] = []
         self._hooked = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -127,6 +127,11 @@ class StepRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.lrs.append([group["lr"] for group in optimizer.param_groups])
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Keep the model weights and the optimizer's moments after each step."""
+        moments = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+        self.states.append({k: v.detach().clone() for k, v in {**model.state_dict(), **moments}.items()})
 
     def step_losses(self) -> list[torch.Tensor]:
         """Each step's loss as the Trainer returns it: the sum over micro-batches of `loss / micro-batches`."""

@@ -72,6 +72,8 @@ def train(entry_point: str, nan: bool, output_dir: str) -> dict:
         "tests": [record.step for record in autowu.tests],
         "collective_steps": counter.steps,
         "world_size": args.world_size,
+        "rewound_to": autowu.rewinder.rewound_to if autowu.rewinder is not None else None,
+        "final_weights": [p.detach().double().flatten().tolist() for p in trainer.model.parameters()],
     }
 
 
