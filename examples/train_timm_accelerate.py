@@ -297,7 +297,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     autowu.add_argument("--preset", choices=["robust", "paper"], default="robust", help="AutoWU option preset")
     run = parser.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from `accelerate config`")
-    run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    run.add_argument(
+        "--cpu",
+        action="store_true",
+        help="train on the CPU (also how several processes form a group on a machine without GPUs)",
+    )
     run.add_argument("--output-dir", default="outputs/timm_accelerate")
     run.add_argument("--checkpointing-steps", type=int, help="save the full state every N optimizer steps")
     run.add_argument("--resume", help='a checkpoint folder, or "latest" (the newest under OUTPUT_DIR/checkpoints)')

@@ -215,10 +215,12 @@ def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
     example = import_example("train_timm_accelerate")
-    args, expected = bad_input_cases(image_folders, tmp_path, "dash")[case]
+    resume_args = ["--model", "test_resnet", "--batch-size", str(BATCH), "--resume", "latest"]
+    no_checkpoint = ([*folder_args(image_folders), *resume_args], "no checkpoint")
+    args, expected = [*bad_input_cases(image_folders, tmp_path, "dash"), no_checkpoint][case]
     with pytest.raises(SystemExit) as exit_info:
         example.main([*args, "--output-dir", str(tmp_path / "out"), "--report-to", "none", "--cpu"])
     assert exit_info.value.code == 2
