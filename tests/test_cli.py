@@ -85,6 +85,13 @@ def test_replay_of_a_recorded_run_reproduces_its_switch_exactly(recorded_run, tm
         assert [t.probability for t in result.tests] == [t.probability for t in scheduler.tests]
 
 
+def test_replay_of_a_csv_counting_steps_from_zero_is_exact(recorded_run, tmp_path):
+    scheduler, rows = recorded_run
+    log = write_csv(tmp_path / "run.csv", [(step - 1, *rest) for step, *rest in rows])
+    result = replayed(log, total_steps=TOTAL_STEPS)
+    assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+
+
 @pytest.mark.parametrize("lr_of_next_step", [False, True], ids=["lr_trained", "lr_of_next_step"])
 def test_replay_of_a_per_step_trainer_state_is_exact(recorded_run, tmp_path, lr_of_next_step):
     scheduler, rows = recorded_run
@@ -139,8 +146,15 @@ def test_cli_plot_reads_trainer_and_accelerate_checkpoints(recorded_run, tmp_pat
     accelerate_state.mkdir()
     torch.save({"step": 3}, accelerate_state / "custom_checkpoint_0.pkl")  # another registered object
     torch.save(scheduler.state_dict(), accelerate_state / "custom_checkpoint_1.pkl")
+    callback_checkpoint = tmp_path / "callback"  # AutoWUCallback: AutoWU's state inside the Trainer scheduler's
+    callback_checkpoint.mkdir()
+    torch.save({"base_lrs": [1.0], "autowu_state": scheduler.state_dict()}, callback_checkpoint / "scheduler.pt")
 
-    for folder, found in ((trainer_output, "checkpoint-200/scheduler.pt"), (accelerate_state, "custom_checkpoint_1")):
+    for folder, found in (
+        (trainer_output, "checkpoint-200/scheduler.pt"),
+        (accelerate_state, "custom_checkpoint_1"),
+        (callback_checkpoint, "callback/scheduler.pt"),
+    ):
         figure = tmp_path / f"{folder.name}.png"
         assert main(["plot", str(folder), "-o", str(figure)]) == 0
         out = capsys.readouterr().out
