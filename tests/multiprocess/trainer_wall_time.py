@@ -2,7 +2,7 @@
 `lr_scheduler_type="constant"`, interleaved; prints the medians, their ratios to the constant schedule, and
 the part of each AutoWU run spent in switch tests (timed around `SwitchTester.run`).
 
-    python tests/multiprocess/trainer_wall_time.py --steps 300 --repeats 5
+    python tests/multiprocess/trainer_wall_time.py --steps 300 --repeats 5 --threads 1
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the three variants")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fewer: less noise)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     variants = ("constant", "callback", "trainer")
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     in_tests: dict[str, list[float]] = {variant: [] for variant in variants}
