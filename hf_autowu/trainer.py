@@ -21,6 +21,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from .config import AutoWUConfig
+from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder, check_rewindable
 from .scheduler import PHASES, AutoWU
 
@@ -36,6 +37,9 @@ LOG_KEYS = (
 )
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
 _STATE_KEY = "autowu_state"  # where AutoWUCallback keeps AutoWU's state inside the Trainer's scheduler
+SAVE_FIGURE = True
+"""Whether the main process writes `autowu.png` (needs matplotlib) to the output folder at the switch and at the
+end of training; set `hf_autowu.trainer.SAVE_FIGURE = False` to skip it (drawing takes about a second)."""
 
 
 class _StepLoss:
@@ -76,8 +80,9 @@ class _TrainerAutoWU(AutoWU):
 
 
 class _AutoWUEvents(TrainerCallback):
-    """What both entry points do around each optimizer step: start the step's loss, log the switch tests, and
-    average the untested losses over processes before a checkpoint is written."""
+    """What both entry points do around each optimizer step: start the step's loss, log the switch tests,
+    average the untested losses over processes before a checkpoint is written, and (main process) announce the
+    switch and draw `autowu.png`."""
 
     def __init__(self, trainer: Trainer | None = None) -> None:
         self.step_loss = _StepLoss()
@@ -104,7 +109,15 @@ class _AutoWUEvents(TrainerCallback):
                 lr_factor=config.rewind_lr_factor,
             )
         if trainer.is_world_process_zero():
-            scheduler.add_switch_listener(_announce_switch)
+            scheduler.add_switch_listener(self._on_switch)
+
+    def _on_switch(self, scheduler: AutoWU) -> None:
+        """On the main process: one line, and the figure."""
+        logger.warning(
+            f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
+            f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
+        )
+        _save_figure(scheduler, self._trainer.args.output_dir)
 
     def on_train_begin(
         self,
@@ -136,6 +149,10 @@ class _AutoWUEvents(TrainerCallback):
         if control.should_save:
             self.scheduler.sync_pending_losses()
 
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            _save_figure(self.scheduler, args.output_dir)
+
 
 class AutoWUCallback(_AutoWUEvents, ExportableState):
     """Drive the learning rate of a plain `transformers.Trainer` with AutoWU.
@@ -146,7 +163,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     LR (parameter groups keep their configured ratios), and the `learning_rate` the Trainer logs is the LR
     applied at that step. At each switch test, and at the switch, the callback logs the `LOG_KEYS` through
     `Trainer.log` (so they reach `log_history` and every `report_to` integration); the main process prints one
-    line at the switch.
+    line at the switch and writes `autowu.png` to the output folder then and at the end (see `SAVE_FIGURE`).
 
     How it works: at `on_train_begin` the callback finds the Trainer that runs it and wraps that trainer's
     `training_step` to sum each step's micro-batch losses on the device; it steps AutoWU in
@@ -250,6 +267,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
             self._trainer_scheduler.__dict__[_STATE_KEY] = self.scheduler.state_dict()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
         _unhook_training_step(self._trainer)
         self._trainer = None
 
@@ -269,7 +287,8 @@ class AutoWUTrainerMixin:
     `training_step` (sums each step's micro-batch losses on the device, for AutoWU) and `get_train_dataloader`
     (records the optimizer steps per epoch). The Trainer's `learning_rate`, `lr_scheduler_type` and warmup
     settings are ignored; the budget is the Trainer's. The logged `learning_rate` is the LR applied at each
-    step; the `LOG_KEYS` are logged at each switch test and at the switch. Resuming with
+    step; the `LOG_KEYS` are logged at each switch test and at the switch, and `autowu.png` is written as for
+    `AutoWUCallback`. Resuming with
     `trainer.train(resume_from_checkpoint=...)` continues the exact LR trajectory.
 
     Args:
@@ -385,11 +404,13 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
     }
 
 
-def _announce_switch(scheduler: AutoWU) -> None:
-    logger.warning(
-        f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
-        f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
-    )
+def _save_figure(scheduler: AutoWU, output_dir: str) -> None:
+    if not SAVE_FIGURE:
+        return
+    try:
+        save_autowu_figure(scheduler, output_dir)
+    except Exception as error:  # a figure must never end a training run
+        logger.warning(f"AutoWU: could not draw autowu.png ({error!r}).")
 
 
 def _steps_per_epoch(dataloader: DataLoader | None, args: TrainingArguments) -> int | None:

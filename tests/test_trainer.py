@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import Trainer
 
+import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainer
 from hf_autowu.trainer import LOG_KEYS
 
@@ -27,6 +28,12 @@ from trainer_toy import (  # noqa: E402
 )
 
 ENTRY_POINTS = ("callback", "trainer")
+
+
+@pytest.fixture(autouse=True)
+def no_figure(monkeypatch):
+    """Drawing `autowu.png` takes a second or two; only the logging test draws it."""
+    monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", False)
 
 
 def make_trainer(entry_point: str, args, callbacks=(), model=None, dataset=None, **options) -> Trainer:
@@ -202,9 +209,10 @@ def test_resume_continues_the_lr_trajectory(entry_point, tmp_path):
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
-def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path):
+def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", True)
     args = training_args(str(tmp_path / "out"), logging_steps=1000, report_to=["tensorboard"])
     trainer = make_trainer(entry_point, args)
     trainer.train()
@@ -221,6 +229,7 @@ def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path):
     lrs = [event.value for event in events.Scalars("train/autowu/lr")]
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor([entry["autowu/lr"] for entry in autowu_logs(trainer)]))
     assert events.Scalars("train/autowu/switch_step")[-1].value == scheduler.switch_step
+    assert (tmp_path / "out" / "autowu.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from trainer_toy import ToyRegressor, regression_data, training_args  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
+import hf_autowu.trainer  # noqa: E402
 from hf_autowu import AutoWUCallback, AutoWUTrainer  # noqa: E402
 from hf_autowu.switch_test import SwitchTester  # noqa: E402
 
@@ -66,8 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of the three variants")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fewer: less noise)")
+    parser.add_argument("--no-figure", action="store_true", help="skip drawing autowu.png (SAVE_FIGURE=False)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    hf_autowu.trainer.SAVE_FIGURE = not args.no_figure
     variants = ("constant", "callback", "trainer")
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     in_tests: dict[str, list[float]] = {variant: [] for variant in variants}
