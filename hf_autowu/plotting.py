@@ -169,13 +169,13 @@ def log_figure_to_tensorboard(writer: Any, fig: Figure, step: int, tag: str = "a
 def _last_test_band(scheduler: AutoWU) -> tuple[list[float], list[float], list[float], str] | None:
     """(x, mean, sd, legend label) of the last test's posterior, on the step axis; `None` without one.
 
-    The posterior lives on [0, 1], the normalised axis of the `n` losses the test saw: x = i / n is step i.
+    The posterior lives on [0, 1], the normalised axis of the `n_losses` losses the test saw: x = i / n_losses is
+    step i.
     """
     outcome = scheduler.last_outcome
     if outcome is None or not outcome.grid_mean:
         return None
-    capped = scheduler.switch_reason == "cap" and scheduler.config.effective_estimate_at_cap
-    n = scheduler.switch_step if capped or not scheduler.tests else scheduler.tests[-1].step
+    n = outcome.n_losses
     size = len(outcome.grid_mean)
     x = [n * i / (size - 1) for i in range(size)]
     label = f"GP mean at step {n} (P[min in past] = {outcome.probability:.2f})"
@@ -199,19 +199,21 @@ def _limit_loss_axis(ax: Any, losses: list[float], band: tuple | None) -> None:
 
 
 def _schedule(scheduler: AutoWU) -> tuple[tuple[list[int], list[float]], tuple[list[int], list[float]]]:
-    """The LR schedule as (steps, LRs) where it is known (up to `last_step`) and where it is planned.
+    """The LR schedule as (steps, LRs) where it is known (up to `last_step`) and where it is planned (`lr_at`'s
+    plan: before the switch, warmup to its cap and decay from there).
 
-    Evaluated at up to `_SCHEDULE_POINTS` steps plus the steps where the LR jumps. Before the switch the plan is
-    the warmup ramp up to its cap.
+    Evaluated at up to `_SCHEDULE_POINTS` steps plus the steps where the LR jumps.
     """
     total = scheduler.total_steps
-    end = total if scheduler.switch_step is not None else min(scheduler.warmup_steps, scheduler.cooldown_start, total)
     count = min(_SCHEDULE_POINTS, total)
     steps = {round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}
-    for jump, _ in scheduler.lr_changes:
+    jumps = [step for step, _ in scheduler.lr_changes]
+    if scheduler.switch_step is None:
+        jumps.append(min(scheduler.warmup_steps, scheduler.cooldown_start))  # the planned end of warmup
+    for jump in jumps:
         steps.update((jump - 1, jump))
-    steps.update((scheduler.last_step - 1, scheduler.last_step, end - 1))
-    ordered = sorted(s for s in steps if 0 <= s < end)
+    steps.update((scheduler.last_step - 1, scheduler.last_step))
+    ordered = sorted(s for s in steps if 0 <= s < total)
     known = [s for s in ordered if s <= scheduler.last_step]
     planned = [s for s in ordered if s >= scheduler.last_step]
     return (known, [scheduler.lr_at(s) for s in known]), (planned, [scheduler.lr_at(s) for s in planned])

@@ -423,17 +423,20 @@ def _ramp_extent(curve: LossCurve, scheduler: AutoWU, offset: int) -> tuple[int,
     """(steps known to be on the ramp, mean |log error| of the matched LRs) with the LR of entry step `s` taken as
     that of step index `s - 1 + offset`.
 
-    Walks the entries while the logged LR matches the ramp; stops at the first LR that does not and is not above
-    the previous one (the ramp ended: AutoWU never switches to a larger LR). A rising LR off the ramp raises
-    `_RampMismatch`.
+    Walks the entries while the logged LR matches the ramp; stops at the warmup cap, or at the first LR that does
+    not match and is not above the previous one (the ramp ended: AutoWU never switches to a larger LR). A rising
+    LR off the ramp raises `_RampMismatch`.
     """
     tolerance = math.log1p(LR_RELATIVE_TOLERANCE)
+    cap = min(scheduler.warmup_steps, scheduler.cooldown_start)
     ramp_end, errors, previous = 0, [], None
     for step, lr in zip(curve.steps, curve.lrs, strict=False):
         if not (math.isfinite(lr) and lr > 0):
             raise CurveError(f"{curve.source}: the learning rate logged at step {step} is {lr!r}.")
         index = step - 1 + offset
-        expected = scheduler.lr_at(index)
+        if index >= cap:
+            break
+        expected = scheduler.lr_at(index)  # the ramp (the scheduler has not stepped)
         error = abs(math.log(lr / expected))
         if error <= tolerance:
             ramp_end, previous = index + 1, lr

@@ -65,7 +65,7 @@ def test_gp_band_is_the_last_test_on_the_step_axis(switched):
     fig = plot_autowu(switched)
     mean_line = next(line for line in fig.axes[0].get_lines() if line.get_label().startswith("GP mean"))
     x = mean_line.get_xdata()
-    assert x[0] == 0 and x[-1] == pytest.approx(switched.tests[-1].step)
+    assert x[0] == 0 and x[-1] == pytest.approx(switched.tests[-1].step) == switched.last_outcome.n_losses
     assert list(mean_line.get_ydata()) == switched.last_outcome.grid_mean
 
 
@@ -78,11 +78,14 @@ def test_lr_curve_is_the_schedule(switched):
 
 
 def test_figure_before_the_switch_has_no_switch_marks():
-    fig = plot_autowu(drive(60).state_dict())
+    scheduler = drive(60)
+    fig = plot_autowu(scheduler.state_dict())
     assert "no switch yet" in fig.axes[0].get_title()
     assert not [a for ax in fig.axes for a in ax.get_children() if a.get_gid() in (SWITCH_GID, PEAK_LR_GID)]
     planned = next(line for line in fig.axes[1].get_lines() if line.get_label() == "planned learning rate")
-    assert max(planned.get_xdata()) < TOTAL_STEPS // 2  # the plan before a switch is the ramp up to its cap
+    steps, lrs = planned.get_xdata(), planned.get_ydata()
+    assert steps[0] == 60 and steps[-1] == TOTAL_STEPS - 1
+    assert list(lrs) == [scheduler.lr_at(int(s)) for s in steps]  # the plan: warmup to its cap, then decay
 
 
 def test_save_autowu_figure_writes_autowu_png(switched, tmp_path):
