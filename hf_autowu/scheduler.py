@@ -339,6 +339,8 @@ class AutoWU:
     def _run_test(self, t: int) -> None:
         """A switch test after `t` steps; switch when the last `patience` tests passed."""
         self._next_test = self._test_step_after(t)
+        if len(self._history) + len(self._pending) < self._tester.min_losses:
+            return  # too few losses for any test: decided without reading them (no sync, no collective)
         self._flush_pending()
         current_lr = self._ramp(t - 1)
         first_bad = self._first_non_finite_since_last_test(t) if self.config.effective_divergence_guard else None
