@@ -1,8 +1,8 @@
 """Data and model helpers shared by the AutoWU timm examples.
 
 `train_timm_accelerate.py` and `train_timm_trainer.py` both import this module. It turns a Hub dataset, a local
-ImageNet-style folder or the embedded handwritten digits into `datasets` splits, builds the timm model and its
-preprocessing, and batches images for either training loop.
+ImageNet-style folder or the embedded handwritten digits into `datasets` splits that yield preprocessed images,
+and builds the timm model and optimizer of the recipe.
 """
 
 import os
