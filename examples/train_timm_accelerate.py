@@ -39,7 +39,7 @@ from timm_data import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, WarmupRewinder
 from hf_autowu.trainer import autowu_log_entries
 
 
@@ -113,7 +113,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         args (`argparse.Namespace`): Data, precision, checkpointing and logging options.
 
     Returns:
-        `dict`: The summary: switch_step, peak_lr, top1, top5, wall_time_s, steps.
+        `dict`: The summary: switch_step, switch_reason, peak_lr, rewound_to, top1, top5, wall_time_s, steps.
     """
     start_time = time.time()
     accelerator = Accelerator(
@@ -167,8 +167,23 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     # Not passed to `accelerator.prepare`: AutoWU is stepped once per optimizer step by this loop, with the loss.
     scheduler = AutoWU(
-        optimizer, steps_per_epoch, config["epochs"], immediate_cooldown=args.decay == "cos", preset=args.preset
+        optimizer,
+        steps_per_epoch,
+        config["epochs"],
+        immediate_cooldown=args.decay == "cos",
+        preset=args.preset,
+        rewind=args.rewind,
     )
+    if scheduler.config.effective_rewind:
+        # Host-memory snapshots during warmup; at the switch the model and optimizer go back to the latest one
+        # trained with LRs no larger than the chosen one. The snapshots travel in AutoWU's checkpointed state.
+        WarmupRewinder(
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            snapshots=scheduler.config.rewind_snapshots,
+            lr_factor=scheduler.config.rewind_lr_factor,
+        )
     history = RunHistory()
     accelerator.register_for_checkpointing(scheduler, history)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
@@ -242,6 +257,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         "switch_step": scheduler.switch_step,
         "switch_reason": scheduler.switch_reason,
         "peak_lr": scheduler.peak_lr,
+        "rewound_to": scheduler.rewinder.rewound_to if scheduler.rewinder is not None else None,
         "top1": top1,
         "top5": top5,
         "wall_time_s": round(time.time() - start_time, 1),
@@ -295,6 +311,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         "--decay", choices=["cos", "const-cos"], default="cos", help="cosine from the switch, or constant then cosine"
     )
     autowu.add_argument("--preset", choices=["robust", "paper"], default="robust", help="AutoWU option preset")
+    autowu.add_argument(
+        "--rewind",
+        action=argparse.BooleanOptionalAction,
+        help="restore a warmup snapshot at the switch (default: on with the robust preset)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from `accelerate config`")
     run.add_argument(

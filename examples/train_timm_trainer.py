@@ -71,6 +71,10 @@ class ScriptArguments:
         metadata={"help": "Cosine from the switch, or constant then cosine.", "choices": ["cos", "const-cos"]},
     )
     preset: str = field(default="robust", metadata={"help": "AutoWU option preset.", "choices": ["robust", "paper"]})
+    rewind: bool | None = field(
+        default=None,
+        metadata={"help": "Restore a warmup snapshot at the switch (default: on with the robust preset)."},
+    )
     sync_bn: bool | None = field(
         default=None, metadata={"help": "SyncBatchNorm on GPUs (default: on for EfficientNets)."}
     )
@@ -186,7 +190,9 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
         steps_per_epoch = data.num_train_examples // global_batch
         training_args.max_steps = int(steps_per_epoch * training_args.num_train_epochs)
     optimizer = create_optimizer(model.timm_model, script_args.opt, training_args.weight_decay)
-    autowu = AutoWUCallback(immediate_cooldown=script_args.decay == "cos", preset=script_args.preset)
+    autowu = AutoWUCallback(
+        immediate_cooldown=script_args.decay == "cos", preset=script_args.preset, rewind=script_args.rewind
+    )
     trainer = Trainer(
         model=model,
         args=training_args,
