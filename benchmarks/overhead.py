@@ -185,27 +185,43 @@ def end_to_end(steps: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _load(part: dict[str, Any]) -> str:
+    """The load average stored with a part, as text."""
+    values = part.get("load_average")
+    if not values or any(v is None for v in values):
+        return "not recorded"
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
 def report(data: dict[str, Any]) -> str:
-    """Markdown section from the overhead results."""
-    lines = ["## Overhead (`benchmarks/overhead.py`)", "", f"Produced by: `{data['command']}`", "",
-             f"Machine: {data['machine']}.", "", "### Switch test latency and memory versus history length", "",
-             "| history (losses) | implementation | median (ms) | p95 (ms) | peak extra RSS, first test (MB) | "
-             "history (MB) | repeats |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in data["switch_test"]:
-        lines.append(
-            f"| {row['history']:,} | {row['implementation']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} | "
-            f"{row['peak_extra_mb']:.1f} | {row['history_mb']:.2f} | {row['repeats']} |"
-        )
-    e2e = data["end_to_end"]
-    if e2e:
-        base = statistics.median(r["wall_s"] for r in e2e if r["variant"] == "constant")
-        lines += ["", f"### End to end: GPT-2 task, {e2e[0]['steps']} Trainer steps, interleaved repeats", "",
-                  "| variant | runs | median wall (s) | min | max | ratio to constant (median) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for variant in E2E_VARIANTS:
-            walls = [r["wall_s"] for r in e2e if r["variant"] == variant]
-            lines.append(f"| {variant} | {len(walls)} | {statistics.median(walls):.2f} | {min(walls):.2f} | "
-                         f"{max(walls):.2f} | {statistics.median(walls) / base:.3f} |")
+    """Markdown section from the overhead results (either part may be missing)."""
+    lines = ["## Overhead (`benchmarks/overhead.py`)", "", f"Machine: {data['machine']}.", ""]
+    if "switch_test" in data:
+        part = data["switch_test"]
+        lines += ["### Switch test latency and memory versus history length", "",
+                  f"Produced by: `{part['command']}` (load average at the start: {_load(part)}).", "",
+                  "| history (losses) | implementation | median (ms) | p95 (ms) | peak extra RSS, first test (MB) | "
+                  "history (MB) | repeats |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in part["rows"]:
+            lines.append(
+                f"| {row['history']:,} | {row['implementation']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} | "
+                f"{row['peak_extra_mb']:.1f} | {row['history_mb']:.2f} | {row['repeats']} |"
+            )
+    if "end_to_end" in data:
+        part = data["end_to_end"]
+        rows = part["rows"]
+        walls = {v: [r["wall_s"] for r in rows if r["variant"] == v] for v in E2E_VARIANTS}
+        lines += ["", f"### End to end: GPT-2 task, {rows[0]['steps']} Trainer steps, interleaved repeats", "",
+                  f"Produced by: `{part['command']}` (load average at the start: {_load(part)}). On a shared "
+                  "machine the minimum is the least disturbed estimate.", "",
+                  "| variant | runs | median wall (s) | min | max | median / constant's | min / constant's |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for variant, w in walls.items():
+            lines.append(
+                f"| {variant} | {len(w)} | {statistics.median(w):.2f} | {min(w):.2f} | {max(w):.2f} | "
+                f"{statistics.median(w) / statistics.median(walls['constant']):.3f} | "
+                f"{min(w) / min(walls['constant']):.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -221,8 +237,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--e2e-steps", type=int, default=200, help="optimizer steps of each end-to-end run")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of the end-to-end runs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--parts", default="switch_test,end_to_end",
+                        help="comma-separated parts to measure; the other part's stored results are kept")
     parser.add_argument("--smoke", action="store_true", help="one short history, 2 repeats, 8-step Trainer runs")
     args = parser.parse_args(argv)
+    args.parts = args.parts.split(",")
     if args.smoke:
         args.repeats, args.reference_repeats, args.e2e_steps, args.e2e_repeats = 2, 1, 8, 1
         args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="overhead_smoke_"))
@@ -233,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: measure, write ``overhead.json`` and the RESULTS.md section."""
+    """Entry point: measure the selected parts, update ``overhead.json`` and the RESULTS.md section."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -241,12 +260,16 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     lengths = HISTORY_LENGTHS[:1] if args.smoke else HISTORY_LENGTHS
     repeats = {"fast": args.repeats, "reference": args.reference_repeats, "reference_fp32": args.reference_repeats}
-    data = {"command": command_line(), "machine": machine_info(),
-            "switch_test": switch_test_latency(lengths, repeats, args.threads),
-            "end_to_end": end_to_end(args.e2e_steps, args.e2e_repeats)}
+    measured: dict[str, Any] = {}
+    if "switch_test" in args.parts:
+        measured["switch_test"] = {"command": command_line(), "load_average": os.getloadavg(),
+                                   "rows": switch_test_latency(lengths, repeats, args.threads)}
+    if "end_to_end" in args.parts:
+        measured["end_to_end"] = {"command": command_line(), "load_average": os.getloadavg(),
+                                  "rows": end_to_end(args.e2e_steps, args.e2e_repeats)}
     with locked_json(args.out_dir / "overhead.json", {}) as stored:
-        stored.clear()
-        stored.update(data)
+        stored.update(measured, machine=machine_info())
+        data = dict(stored)
     update_section(args.results_md, "overhead", report(data))
     print(f"wrote {args.out_dir / 'overhead.json'} and {args.results_md}")
 

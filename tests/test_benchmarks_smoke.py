@@ -46,8 +46,8 @@ def test_overhead_smoke(bench, tmp_path: Path) -> None:
     overhead = bench("overhead")
     overhead.main(["--smoke", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "overhead.json").read_text())
-    assert {r["implementation"] for r in data["switch_test"]} == set(overhead.IMPLEMENTATIONS)
-    assert {r["variant"] for r in data["end_to_end"]} == set(overhead.E2E_VARIANTS)
+    assert {r["implementation"] for r in data["switch_test"]["rows"]} == set(overhead.IMPLEMENTATIONS)
+    assert {r["variant"] for r in data["end_to_end"]["rows"]} == set(overhead.E2E_VARIANTS)
     assert "<!-- overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
 
 
