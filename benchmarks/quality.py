@@ -759,9 +759,12 @@ def _notes(method: str, row: dict[str, Any]) -> str:
 def report(summary: dict[str, dict[str, dict[str, Any]]], commands: list[str]) -> str:
     """The Markdown section: one table per task, then where each AutoWU variant stands against each method."""
     lines = ["## Quality per compute (`benchmarks/quality.py`)", "",
-             "Produced by: " + "; ".join(f"`{c}`" for c in commands), "",
-             f"Machine: {machine_info()}. The machine was shared with other jobs (load average 4-9 on 2 cores), so "
-             "the wall times are inflated and only roughly comparable.", "",
+             "Reproduce: `python benchmarks/quality.py` (all tasks, methods and seeds; resumable). The runs below "
+             "came from these invocations, in order (several ran side by side as workers; a later `--redo` replaced "
+             "the rows it re-ran, and the `rev` note gives the code revision of each AutoWU row): "
+             + "; ".join(f"`{c}`" for c in commands), "",
+             f"Machine: {machine_info()}. The machine was shared with other jobs (load average up to about 13 on 2 "
+             "cores), so wall times are inflated, vary between rows, and are only roughly comparable.", "",
              "Metric: test accuracy (%) for the digits tasks, test loss (nats per byte) for GPT-2; mean ± std over "
              "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or "
              "non-finite). Compute: optimizer steps per seed, including every grid point and LR sweep. Gap: method "
