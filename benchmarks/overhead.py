@@ -239,11 +239,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--parts", default="switch_test,end_to_end",
                         help="comma-separated parts to measure; the other part's stored results are kept")
-    parser.add_argument("--smoke", action="store_true", help="one short history, 2 repeats, 8-step Trainer runs")
+    parser.add_argument("--smoke", action="store_true", help="one short history, 2 repeats, 4-step Trainer runs")
     args = parser.parse_args(argv)
     args.parts = args.parts.split(",")
     if args.smoke:
-        args.repeats, args.reference_repeats, args.e2e_steps, args.e2e_repeats = 2, 1, 8, 1
+        args.repeats, args.reference_repeats, args.e2e_steps, args.e2e_repeats = 2, 1, 4, 1
         args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="overhead_smoke_"))
     if args.results_md is None:
         args.results_md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"

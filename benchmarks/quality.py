@@ -191,7 +191,7 @@ def stdlib_bytes() -> dict[str, torch.Tensor]:
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
     for i, path in enumerate(files):
         parts["val" if i % 10 == 0 else "test" if i % 10 == 1 else "train"].append(path.read_bytes())
-    return {k: torch.tensor(list(b"\n".join(v)), dtype=torch.long) for k, v in parts.items()}
+    return {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8).long() for k, v in parts.items()}
 
 
 class RandomWindows(Dataset):
@@ -814,14 +814,17 @@ def report(summary: dict[str, dict[str, dict[str, Any]]], commands: list[str]) -
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, dict[str, dict[str, Any]]], out_dir: Path) -> None:
-    """One PNG per task: LR and training loss versus step of each method (lowest seed; oracle: chosen LR)."""
+def plot(summary: dict[str, dict[str, dict[str, Any]]], out_dir: Path, tasks: list[str]) -> None:
+    """One PNG per task in ``tasks``: LR and training loss versus step of each method (lowest seed; oracle: chosen
+    LR)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     for task, methods in summary.items():
+        if task not in tasks:
+            continue
         fig, (ax_lr, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.5))
         for method, row in methods.items():
             run = row["runs"][0]
@@ -839,14 +842,14 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], out_dir: Path) -> None:
         plt.close(fig)
 
 
-def write_report(results_path: Path, md_path: Path) -> None:
-    """Rebuild the RESULTS.md section and the plots from the results file."""
+def write_report(results_path: Path, md_path: Path, tasks: list[str]) -> None:
+    """Rebuild the RESULTS.md section from the results file, and the plots of ``tasks``."""
     with locked_json(results_path, _EMPTY_RESULTS) as data:
         runs, commands = list(data["runs"].values()), list(data["commands"])
     if not runs:
         return
     summary = summarize(runs)
-    plot(summary, results_path.parent)
+    plot(summary, results_path.parent, tasks)
     update_section(md_path, "quality", report(summary, commands))
 
 
@@ -892,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.out_dir / "quality.json"
     if not args.report_only:
         execute(args, results_path)
-    write_report(results_path, args.results_md)
+    write_report(results_path, args.results_md, args.tasks)
     print(f"wrote {args.results_md} and plots in {args.out_dir}")
 
 
