@@ -15,7 +15,7 @@ of the code path (small model, no sync counts). Writes ``gpu_overhead.json`` and
 
 Examples::
 
-    python benchmarks/gpu_overhead.py                                   # about 2 minutes on one H200
+    python benchmarks/gpu_overhead.py                                   # expected: about 2 minutes on one H200
     python benchmarks/gpu_overhead.py --out-dir "$OUT" --results-md "$OUT/RESULTS.md"
     python benchmarks/gpu_overhead.py --device cpu --smoke --out-dir /tmp/gpu   # dry run on a CPU
 """
