@@ -39,8 +39,7 @@ from timm_data import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hf_autowu import AutoWU, WarmupRewinder
-from hf_autowu.trainer import autowu_log_entries
+from hf_autowu import AutoWU, WarmupRewinder, autowu_log_entries
 
 
 class RunHistory:

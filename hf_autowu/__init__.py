@@ -2,6 +2,7 @@
 
 from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP
+from .log_entries import LOG_KEYS, autowu_log_entries
 from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
 from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
 from .rewind import WarmupRewinder
@@ -11,6 +12,7 @@ from .switch_test import SwitchTester, SwitchTestOutcome, minimum_in_past_probab
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOG_KEYS",
     "AutoWU",
     "AutoWUCallback",
     "AutoWUConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "SwitchTestOutcome",
     "SwitchTestRecord",
     "SwitchTester",
+    "autowu_log_entries",
     "WarmupRewinder",
     "log_figure_to_tensorboard",
     "minimum_in_past_probability",

@@ -21,20 +21,13 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from .config import AutoWUConfig
+from .log_entries import LOG_KEYS, autowu_log_entries
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder, check_rewindable
-from .scheduler import PHASES, AutoWU
+from .scheduler import AutoWU
 
 logger = logging.getLogger(__name__)
 
-LOG_KEYS = (
-    "autowu/phase",
-    "autowu/lr",
-    "autowu/p_min_in_past",
-    "autowu/votes",
-    "autowu/switch_step",
-    "autowu/peak_lr",
-)
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
 _STATE_KEY = "autowu_state"  # where AutoWUCallback keeps AutoWU's state inside the Trainer's scheduler
 SAVE_FIGURE = True
@@ -378,30 +371,6 @@ class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
     trainer.train()
     ```
     """
-
-
-def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
-    """The values logged at a switch test or at the switch, keyed by `LOG_KEYS`.
-
-    `autowu/phase` is the index of the phase in ("warmup", "decay", "cooldown"); `autowu/lr` is the LR (of the
-    largest group) for the next step; `autowu/p_min_in_past` and `autowu/votes` are the latest test's (NaN and 0
-    before any test); `autowu/switch_step` is -1 and `autowu/peak_lr` 0 before the switch.
-
-    Args:
-        scheduler (`AutoWU`): The scheduler.
-
-    Returns:
-        `dict[str, float]`: one value per key of `LOG_KEYS`.
-    """
-    record = scheduler.tests[-1] if scheduler.tests else None
-    return {
-        "autowu/phase": PHASES.index(scheduler.phase),
-        "autowu/lr": max(scheduler.get_last_lr()),
-        "autowu/p_min_in_past": record.probability if record is not None else math.nan,
-        "autowu/votes": record.votes if record is not None else 0,
-        "autowu/switch_step": scheduler.switch_step if scheduler.switch_step is not None else -1,
-        "autowu/peak_lr": scheduler.peak_lr if scheduler.peak_lr is not None else 0.0,
-    }
 
 
 def _save_figure(scheduler: AutoWU, output_dir: str) -> None:

@@ -1,0 +1,40 @@
+"""The values AutoWU reports at its decision points, as a flat dict for loggers and trackers."""
+
+from __future__ import annotations
+
+import math
+
+from .scheduler import PHASES, AutoWU
+
+LOG_KEYS = (
+    "autowu/phase",
+    "autowu/lr",
+    "autowu/p_min_in_past",
+    "autowu/votes",
+    "autowu/switch_step",
+    "autowu/peak_lr",
+)
+
+
+def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
+    """The values logged at a switch test or at the switch, keyed by `LOG_KEYS`.
+
+    `autowu/phase` is the index of the phase in ("warmup", "decay", "cooldown"); `autowu/lr` is the LR (of the
+    largest group) for the next step; `autowu/p_min_in_past` and `autowu/votes` are the latest test's (NaN and 0
+    before any test); `autowu/switch_step` is -1 and `autowu/peak_lr` 0 before the switch.
+
+    Args:
+        scheduler (`AutoWU`): The scheduler.
+
+    Returns:
+        `dict[str, float]`: one value per key of `LOG_KEYS`.
+    """
+    record = scheduler.tests[-1] if scheduler.tests else None
+    return {
+        "autowu/phase": PHASES.index(scheduler.phase),
+        "autowu/lr": max(scheduler.get_last_lr()),
+        "autowu/p_min_in_past": record.probability if record is not None else math.nan,
+        "autowu/votes": record.votes if record is not None else 0,
+        "autowu/switch_step": scheduler.switch_step if scheduler.switch_step is not None else -1,
+        "autowu/peak_lr": scheduler.peak_lr if scheduler.peak_lr is not None else 0.0,
+    }
