@@ -18,6 +18,7 @@ with warnings.catch_warnings():  # linear_operator scripts a function with the d
     from linear_operator.utils.errors import NotPSDError
 
 from .gp import FIT_ITERATIONS, FIT_LR, GRID_SIZE, LENGTHSCALE, NOISE_INIT, VARIANCE_JITTER
+from .switch_test import subsample_sorted
 
 
 class LossCurveGP(gpytorch.models.ExactGP):
@@ -150,9 +151,6 @@ class ReferenceSwitchTest:
         return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, sum(lrs) / len(lrs))
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
-        """At most `size` finite points in time order, at x = position / len(losses)."""
-        chosen = finite_positions
-        if len(finite_positions) > size:
-            draw = torch.ones(len(finite_positions)).multinomial(size, generator=self.generator)
-            chosen = finite_positions[draw.sort().values]
+        """At most `size` finite points in time order, at x = position / len(losses) (the shared sampler)."""
+        chosen = subsample_sorted(finite_positions, size, self.generator)
         return chosen.to(self.dtype) / len(losses), losses[chosen]

@@ -72,12 +72,18 @@ def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray) -> 
 def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """At most `size` of `indices`, drawn without replacement by `generator`, in their original order.
 
-    The generator is only consumed when there is something to draw, so equal histories draw equally.
+    Floyd's algorithm: `size` uniform draws give `size` distinct positions, so the cost does not grow with the
+    history. The generator is only consumed when there is something to draw, so equal histories draw equally.
     """
-    if indices.numel() <= size:
+    n = indices.numel()
+    if n <= size:
         return indices
-    picked = torch.ones(indices.numel()).multinomial(size, generator=generator)
-    return indices[picked.sort().values]
+    draws = torch.rand(size, generator=generator, dtype=torch.float64).tolist()
+    chosen: set[int] = set()
+    for j, u in zip(range(n - size, n), draws, strict=True):
+        t = min(int(u * (j + 1)), j)
+        chosen.add(j if t in chosen else t)
+    return indices[torch.tensor(sorted(chosen))]
 
 
 def standardize(values: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, float, float]:
