@@ -10,6 +10,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,14 @@ def locked_json(path: Path, default: dict[str, Any]) -> Iterator[dict[str, Any]]
             os.replace(tmp, path)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def resolve_output_paths(args, smoke_prefix: str):
+    """Fill in `args.out_dir` and `args.results_md`: a temporary folder for `--smoke` runs (never the committed
+    results), RESULTS.md beside an explicit `--out-dir`, else the committed files. Returns `args`."""
+    if args.smoke:
+        args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix=smoke_prefix))
+    if args.results_md is None:
+        args.results_md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
+    args.out_dir = args.out_dir or RESULTS_DIR
+    return args

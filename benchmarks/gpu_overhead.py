@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS_DIR, RESULTS_MD, command_line, locked_json, update_section  # noqa: E402
+from common import command_line, locked_json, resolve_output_paths, update_section  # noqa: E402
 
 VARIANTS = ("constant", "autowu", "autowu_tests")
 LONG_BUDGET = 10_000_000
@@ -186,11 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.model, args.batch_size, args.image_size = "test_resnet", 2, 32
         args.steps, args.repeats, args.warmup_steps, args.sync_steps, args.short_budget = 3, 1, 1, 2, 40
-        args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="gpu_overhead_smoke_"))
-    if args.results_md is None:
-        args.results_md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
-    args.out_dir = args.out_dir or RESULTS_DIR
-    return args
+    return resolve_output_paths(args, "gpu_overhead_smoke_")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS_DIR, RESULTS_MD, command_line, locked_json, machine_info, update_section  # noqa: E402
+from common import command_line, locked_json, machine_info, resolve_output_paths, update_section  # noqa: E402
 
 HISTORY_LENGTHS = (1_000, 10_000, 100_000, 1_000_000)
 IMPLEMENTATIONS = ("fast", "reference", "reference_fp32")
@@ -244,11 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.parts = args.parts.split(",")
     if args.smoke:
         args.repeats, args.reference_repeats, args.e2e_steps, args.e2e_repeats = 2, 1, 4, 1
-        args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="overhead_smoke_"))
-    if args.results_md is None:
-        args.results_md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
-    args.out_dir = args.out_dir or RESULTS_DIR
-    return args
+    return resolve_output_paths(args, "overhead_smoke_")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,7 +62,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS_DIR, RESULTS_MD, command_line, locked_json, machine_info, update_section  # noqa: E402
+from common import command_line, locked_json, machine_info, resolve_output_paths, update_section  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
 
@@ -878,11 +878,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown {name}(s) {unknown}; choose from {list(allowed)}")
     if args.smoke:
         args.seeds = args.seeds[:1]
-        args.out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="quality_smoke_"))
-    if args.results_md is None:
-        args.results_md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
-    args.out_dir = args.out_dir or RESULTS_DIR
-    return args
+    return resolve_output_paths(args, "quality_smoke_")
 
 
 def main(argv: list[str] | None = None) -> None:
