@@ -142,7 +142,7 @@ def switch_test_latency(lengths: tuple[int, ...], repeats: dict[str, int], threa
 
 def _e2e_run(variant: str, steps: int, seed: int) -> dict[str, Any]:
     """One small Trainer run of the GPT-2 task; returns its wall time and steps."""
-    from quality import TASKS, RandomWindows, gpt2_model, stdlib_bytes
+    from tasks import TASKS, RandomWindows, gpt2_model, stdlib_bytes
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 

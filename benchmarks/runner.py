@@ -1,0 +1,193 @@
+"""Runs the planned benchmark runs, records each as it finishes (resumable), grows the oracle grid as needed.
+
+Several processes may run at once (``python benchmarks/quality.py ...`` in two shells): each run is claimed in
+the results file before it starts, so they share the work instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import os
+import subprocess
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import methods as m
+import numpy as np
+from common import command_line, locked_json
+from tasks import TASKS, TaskSpec, smoke_task
+
+REPO = Path(__file__).resolve().parent.parent
+NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_entries.py", "reference.py")
+"""Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
+
+EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
+_STARTED = time.time()
+
+
+def run_key(task: str, method: str, seed: int, peak_lr: float | None) -> str:
+    """Identifier of one run in the results file."""
+    return f"{task}|{method}|{seed}|{'' if peak_lr is None else f'{peak_lr:.3g}'}"
+
+
+@cache
+def library_revision() -> str:
+    """The git commit of this checkout, with ``+dirty`` when ``hf_autowu/`` has uncommitted changes."""
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True).stdout.strip()
+
+    dirty = "+dirty" if git("status", "--porcelain", "hf_autowu") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+@cache
+def decision_fingerprint() -> str:
+    """A hash of AutoWU's decision code as it is now: the syntax trees of every `hf_autowu` module that can change
+    a decision (all but `NOT_DECISION_CODE`), docstrings removed, so comments and docs do not count.
+
+    A recorded AutoWU run whose fingerprint differs from this one ran other decision code: the report refuses it.
+    """
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "hf_autowu").glob("*.py")):
+        if path.name in NOT_DECISION_CODE:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                getattr(body[0], "value", None), ast.Constant
+            ) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(path.name.encode() + ast.dump(tree).encode())
+    return digest.hexdigest()[:12]
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def task_of(args: argparse.Namespace, name: str) -> TaskSpec | None:
+    """The task ``name`` under these options (the smoke version with ``--smoke``), None if unknown."""
+    task = TASKS.get(name)
+    return None if task is None else smoke_task(task) if args.smoke else task
+
+
+def _is_current(run: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Whether a recorded run still stands: same step count as its task now, and for AutoWU the current decision
+    code."""
+    task = task_of(args, run["task"])
+    if task is None or run["steps"] != m.run_steps(run["method"], task):
+        return False
+    if run["method"] in m.AUTOWU_METHODS:
+        return run.get("decision_fingerprint") == decision_fingerprint()
+    return True
+
+
+def claim(results_path: Path, key: str, args: argparse.Namespace) -> bool:
+    """Reserve run ``key`` for this process; False when it is done or another live process is running it.
+
+    A recorded run counts as done unless it is stale (see `_is_current`), or ``--redo`` was given and it finished
+    before this process started.
+    """
+    with locked_json(results_path, EMPTY_RESULTS) as data:
+        run = data["runs"].get(key)
+        if run is not None and _is_current(run, args):
+            if not args.redo or run.get("finished", 0.0) >= _STARTED:
+                return False
+        claims = data.setdefault("claims", {})
+        owner = claims.get(key)
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            return False
+        claims[key] = os.getpid()
+        return True
+
+
+def oracle_grid(runs: dict[str, dict[str, Any]], task: TaskSpec, seeds: list[int], smoke: bool) -> list[float]:
+    """The oracle's grid for ``task``: 8 points a factor 2 apart around ``task.oracle_center``, plus 2 more past
+    each edge that the best point (mean validation metric over ``seeds``) has reached, as far as the recorded
+    runs tell."""
+    if smoke:
+        return [1e-3, 1e-2]
+    center = m.grid_index(m.grid_lr(m.grid_index(task.oracle_center)))
+    low, high = center - m.GRID_MIN_POINTS // 2, center + m.GRID_MIN_POINTS // 2 - 1
+    while True:
+        scores = {}
+        for k in range(low, high + 1):
+            done = [r for r in (runs.get(run_key(task.name, "oracle", s, m.grid_lr(k))) for s in seeds) if r]
+            if len(done) < len(seeds):
+                return [m.grid_lr(k) for k in range(low, high + 1)]  # the grid so far is not complete yet
+            scores[k] = np.mean([score(r["val"], task.metric) for r in done])
+        best = max(scores, key=scores.get)
+        if best == low:
+            low -= 2
+        elif best == high:
+            high += 2
+        else:
+            return [m.grid_lr(k) for k in range(low, high + 1)]
+
+
+def score(value: float | None, metric: str) -> float:
+    """Sortable score, higher is better; missing/non-finite values rank last."""
+    if value is None or not np.isfinite(value):
+        return -np.inf
+    return value if metric == "accuracy" else -value
+
+
+def planned_runs(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> list[tuple]:
+    """Every (task, method, seed, grid LR or None) to run now."""
+    planned = []
+    for task_name in args.tasks:
+        task = task_of(args, task_name)
+        for seed in args.seeds:
+            for method in args.methods:
+                grid = oracle_grid(runs, task, args.seeds, args.smoke) if method == "oracle" else [None]
+                planned += [(task_name, method, seed, lr) for lr in grid]
+    return planned
+
+
+def execute(args: argparse.Namespace, results_path: Path) -> None:
+    """Run every planned run that is not in the results file yet (or all of them with ``--redo``); plan again after
+    each pass, since a finished grid may grow."""
+    with locked_json(results_path, EMPTY_RESULTS) as data:
+        command = command_line()
+        if command not in data["commands"]:
+            data["commands"].append(command)
+    done_keys: set[str] = set()
+    while True:
+        with locked_json(results_path, EMPTY_RESULTS) as data:
+            runs = dict(data["runs"])
+        planned = [p for p in planned_runs(args, runs) if run_key(*p) not in done_keys]
+        if not planned:
+            return
+        print(f"{len(planned)} runs planned ({results_path})", flush=True)
+        for i, (task_name, method, seed, lr) in enumerate(planned, 1):
+            key = run_key(task_name, method, seed, lr)
+            done_keys.add(key)
+            if not claim(results_path, key, args):
+                continue
+            task = task_of(args, task_name)
+            start = time.perf_counter()
+            result = task.runner(task, method, seed, lr)
+            wall = time.perf_counter() - start
+            record = {"task": task_name, "method": method, "seed": seed, "grid_lr": lr, "metric": task.metric,
+                      "wall_s": round(wall, 2), "revision": library_revision(),
+                      "decision_fingerprint": decision_fingerprint(), "finished": time.time(), **result.__dict__}
+            for name in ("lrs", "losses"):
+                record[name] = [float(f"{v:.6g}") for v in record[name]]
+            with locked_json(results_path, EMPTY_RESULTS) as data:
+                data["runs"][key] = record
+                data.setdefault("claims", {}).pop(key, None)
+            print(f"[{i}/{len(planned)}] {task_name} {method} seed={seed} lr={lr} val={result.val:.4f} "
+                  f"test={result.test:.4f} {wall:.1f}s {result.info.get('peak_lr', '')}", flush=True)
