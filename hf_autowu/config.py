@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,34 @@ from .ramp import COOLDOWN_TYPES, WARMUP_TYPES
 PRESETS = ("robust", "paper")
 WARMUP_UNITS = ("step", "epoch")
 DECAY_PHASE_STATS = (None, "loss")
+
+PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "robust": {
+        "test_lr_growth": 1.1,
+        "standardize_losses": True,
+        "divergence_guard": True,
+        "spike_watch": True,
+        "estimate_at_cap": True,
+        "rewind": True,
+        "min_losses": 20,
+        "fit_lr": 0.05,
+        "noise_init": 0.1,
+    },
+    "paper": {
+        "test_lr_growth": None,
+        "standardize_losses": False,
+        "divergence_guard": False,
+        "spike_watch": False,
+        "estimate_at_cap": False,
+        "rewind": False,
+        "min_losses": 3,
+        "fit_lr": 0.01,
+        "noise_init": 1e-3,
+    },
+}
+"""Every setting a preset decides, in one place. The first six are options (`None` means "as the preset says");
+`min_losses` (fewest finite losses a switch test needs), `fit_lr` (Adam's LR for the GP hyperparameters) and
+`noise_init` (the GP's initial noise variance) are not: on standardised losses the robust values are scale-free."""
 
 
 def _help(text: str) -> dict[str, str]:
@@ -61,9 +90,9 @@ class AutoWUConfig:
         default=0.2, metadata=_help("Fraction of the budget at its end spent in cooldown, in [0, 1].")
     )
     cooldown_type: str = field(default="cosine", metadata=_help("Cooldown shape: 'cosine' or 'half_cosine'."))
-    device: str = field(
-        default="cpu",
-        metadata=_help("Kept for compatibility with the reference; the closed-form GP always runs on the CPU."),
+    device: str | None = field(
+        default=None,
+        metadata=_help("Deprecated and ignored: the closed-form GP always runs on the CPU (the reference's option)."),
     )
     confidence: float = field(
         default=0.95, metadata=_help("A prediction votes 'minimum is in the past' above this probability.")
@@ -95,6 +124,14 @@ class AutoWUConfig:
             "(default: True for 'robust')."
         ),
     )
+    spike_watch: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Watch every warmup step's loss (read one step late, no device sync) and switch at once when it jumps far "
+            "above the smoothed curve; with several processes the check runs at the next switch test (default: True "
+            "for 'robust')."
+        ),
+    )
     estimate_at_cap: bool | None = field(
         default=None,
         metadata=_help(
@@ -105,12 +142,24 @@ class AutoWUConfig:
     rewind: bool | None = field(
         default=None,
         metadata=_help(
-            "Trainer/examples: restore a warmup snapshot of model and optimizer at or below the chosen LR at the "
-            "switch (default: True for 'robust'; costs `rewind_snapshots` copies of the state in host memory)."
+            "At the switch, restore a warmup snapshot of the parameters and optimizer state (and the model's buffers "
+            "when the model is known) taken at or below the chosen LR (default: True for 'robust'; costs "
+            "`rewind_snapshots` copies of that state in host memory, or on disk with `rewind_offload_dir`)."
         ),
     )
     rewind_snapshots: int = field(default=3, metadata=_help("Snapshots kept for rewind."))
     rewind_lr_factor: float = field(default=2.0, metadata=_help("LR growth between two rewind snapshots (> 1)."))
+    rewind_memory_fraction: float = field(
+        default=0.5,
+        metadata=_help(
+            "Rewind turns itself off, with one warning, when its snapshots would take more than this fraction of the "
+            "host memory (or disk space, with `rewind_offload_dir`) available on the node, in (0, 1]."
+        ),
+    )
+    rewind_offload_dir: str | None = field(
+        default=None,
+        metadata=_help("Keep the rewind snapshots as files in this local folder instead of host memory."),
+    )
     seed: int = field(default=0, metadata=_help("Seed of the subsampling generator (same on every process)."))
 
     def __post_init__(self) -> None:
@@ -144,45 +193,63 @@ class AutoWUConfig:
         self._check_positive_int("rewind_snapshots")
         if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
-        for name in ("standardize_losses", "divergence_guard", "estimate_at_cap", "rewind"):
+        if not (_is_real(self.rewind_memory_fraction) and 0.0 < self.rewind_memory_fraction <= 1.0):
+            raise ValueError(f"`rewind_memory_fraction` must be in (0, 1], got {self.rewind_memory_fraction!r}.")
+        if self.rewind_offload_dir is not None and not isinstance(self.rewind_offload_dir, str):
+            raise ValueError(f"`rewind_offload_dir` must be a folder path or None, got {self.rewind_offload_dir!r}.")
+        for name in ("standardize_losses", "divergence_guard", "spike_watch", "estimate_at_cap", "rewind"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
-        if not isinstance(self.device, str):
-            self.device = str(self.device)
+        if self.device is not None:
+            warnings.warn(
+                "AutoWUConfig: `device` is deprecated and ignored (the closed-form GP always runs on the CPU); "
+                "drop it.",
+                FutureWarning,
+                stacklevel=3,
+            )
+            self.device = None
 
     @property
     def is_robust(self) -> bool:
         """Whether the robust preset is selected."""
         return self.preset == "robust"
 
+    def preset_setting(self, name: str) -> Any:
+        """The value of setting `name`: the option when it is set, else what the preset says (`PRESET_SETTINGS`)."""
+        value = getattr(self, name, None)
+        return PRESET_SETTINGS[self.preset][name] if value is None else value
+
     @property
     def effective_test_lr_growth(self) -> float | None:
         """LR growth between two switch tests, or `None` when tests come every `test_interval` steps."""
-        if self.test_interval is not None or not self.is_robust:
-            return None
-        return 1.1 if self.test_lr_growth is None else self.test_lr_growth
+        return None if self.test_interval is not None else self.preset_setting("test_lr_growth")
 
     @property
     def effective_standardize_losses(self) -> bool:
         """Whether losses are standardised before the GP fit."""
-        return self.is_robust if self.standardize_losses is None else self.standardize_losses
+        return self.preset_setting("standardize_losses")
 
     @property
     def effective_divergence_guard(self) -> bool:
-        """Whether a diverging loss switches at once."""
-        return self.is_robust if self.divergence_guard is None else self.divergence_guard
+        """Whether a non-finite or confidently rising loss switches at once."""
+        return self.preset_setting("divergence_guard")
+
+    @property
+    def effective_spike_watch(self) -> bool:
+        """Whether every warmup step's loss is watched for a blow-up."""
+        return self.preset_setting("spike_watch")
 
     @property
     def effective_estimate_at_cap(self) -> bool:
         """Whether a warmup that hits its cap decays from the GP's estimate of the best LR."""
-        return self.is_robust if self.estimate_at_cap is None else self.estimate_at_cap
+        return self.preset_setting("estimate_at_cap")
 
     @property
     def effective_rewind(self) -> bool:
-        """Whether integrations that hold the model rewind it at the switch."""
-        return self.is_robust if self.rewind is None else self.rewind
+        """Whether warmup snapshots are restored at the switch."""
+        return self.preset_setting("rewind")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict (JSON- and `weights_only`-safe)."""

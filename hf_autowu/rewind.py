@@ -1,163 +1,500 @@
 """Rewind: undo the damage of the warmup's too-large learning rates at the switch.
 
-AutoWU only learns that the LR is too large by seeing the loss rise, so the last steps of warmup train with
-LRs above the one it finally picks. `WarmupRewinder` keeps a few host-memory snapshots of the model and the
-optimizer taken at LR milestones during warmup and, at the switch, restores the latest one taken at or below
-the chosen LR; decay then starts from that state.
+AutoWU only learns that the LR is too large by seeing the loss rise, so the last steps of warmup train with LRs
+above the one it finally picks. `WarmupRewinder` is a listener of the scheduler: it keeps a few snapshots of the
+parameters and the optimizer state (and the model's buffers, when it knows the model) taken at LR milestones
+during warmup and, at the switch, restores the latest one taken at or below the chosen LR.
+
+Where the snapshots live, so that the default fits every engine:
+
+- one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding): every replica holds the
+  same state, so only the main process keeps snapshots; at the switch it restores its copy and broadcasts it to
+  the others (one snapshot set in the job, not one per process);
+- sharded models (FSDP1 with `use_orig_params`, FSDP2 `fully_shard`, `ZeroRedundancyOptimizer`): every process
+  keeps a snapshot of its own shards and restores them itself;
+- DeepSpeed: its engine keeps the master weights and optimizer state in its own partitions, which a snapshot of
+  `param_groups` would miss: rewind turns itself off with one warning.
+
+Before the first snapshot is copied, the rewinder compares what its snapshots will take (summed over the
+processes of the node that hold them) with `memory_fraction` of the host memory available (or of the free disk
+space, with `offload_dir`); when they would not fit it turns itself off on every process, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import shutil
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
-from .scheduler import AutoWU
+from .distributed import (
+    broadcast_object,
+    collective_device,
+    min_over_processes,
+    min_over_processes_each,
+    process_rank,
+)
 
+if TYPE_CHECKING:
+    from .scheduler import AutoWU
 
-def _to_host(value: Any) -> Any:
-    """A deep copy of `value` with every tensor cloned to the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_host(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_host(v) for v in value)
-    return value
+logger = logging.getLogger(__name__)
 
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+REPLICATED, SHARDED, UNSUPPORTED = "replicated", "sharded", "unsupported"
+_BROADCAST_BUCKET_BYTES = 256 * 2**20
 
 
-def check_rewindable(model: torch.nn.Module) -> None:
-    """Raise `ValueError` when `model`'s state is sharded across processes (FSDP, DeepSpeed ZeRO).
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
-    A snapshot of a shard would restore only part of the model; that is not supported yet.
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return _local(tensor).detach().to("cpu", copy=True)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    local = _local(tensor)
+    return local.numel() * local.element_size()
+
+
+def sharding_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> str:
+    """How the training state is laid out over processes: `REPLICATED`, `SHARDED` or `UNSUPPORTED` (DeepSpeed).
+
+    Args:
+        optimizer (`torch.optim.Optimizer`): The optimizer (Accelerate's wrapper is fine).
+        model (`torch.nn.Module`, *optional*): The model, when known.
+
+    Returns:
+        `str`: one of the three constants.
     """
-    sharded_types = {"FullyShardedDataParallel", "DeepSpeedEngine"}
-    if type(model).__name__ in sharded_types or hasattr(model, "_fsdp_wrapped_module"):
-        raise ValueError("AutoWU rewind does not support sharded models (FSDP, DeepSpeed ZeRO); set rewind=False.")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    chain: list[Any] = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None and len(chain) < 8:
+        chain.append(chain[-1].optimizer)  # Accelerate's and DeepSpeed's wrappers
+    names = {type(obj).__module__.split(".")[0] for obj in [*chain, model] if obj is not None}
+    if "deepspeed" in names or any(hasattr(p, "ds_id") for p in params):
+        return UNSUPPORTED
     dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
-        raise ValueError("AutoWU rewind does not support sharded (DTensor) parameters; set rewind=False.")
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        return SHARDED
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        return SHARDED
+    if any(type(obj).__name__ == "ZeroRedundancyOptimizer" for obj in chain):
+        return SHARDED
+    if model is not None and any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return SHARDED
+    return REPLICATED
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available to this process: the smaller of the system's `MemAvailable` and what the
+    cgroup (container) limit leaves; None when neither can be read."""
+    candidates = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            candidates.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    if not candidates and hasattr(os, "sysconf"):
+        try:
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            pass
+    return min(candidates) if candidates else None
+
+
+def local_world_size() -> int:
+    """Processes of this job on this node (torchrun's and Accelerate's `LOCAL_WORLD_SIZE`; 1 without it)."""
+    try:
+        return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
 
 
 class WarmupRewinder:
-    """Snapshots of model and optimizer state at warmup LR milestones, restored at AutoWU's switch.
+    """Snapshots of the training state at warmup LR milestones, restored at AutoWU's switch.
 
-    Which snapshots are kept: the latest one at or below the GP's latest estimate of the best LR (the likely
-    rewind target), and the newest others.
+    `AutoWU` builds one by default (`rewind=True`, the robust preset's default), so a hand-written loop gets rewind
+    without writing anything; build one yourself to pass the model (its buffers, e.g. BatchNorm statistics, are
+    then restored too) or other settings: it replaces the scheduler's own.
 
-    Attaching is all it takes: the scheduler calls it after every step (a Python comparison; snapshots are
-    copied to host memory only at milestones, which costs a device sync there) and at the switch. Its
-    snapshots travel in `scheduler.state_dict()`, so a resumed run rewinds exactly like an uninterrupted one.
+    Which snapshots are kept: the latest one at or below the GP's latest estimate of the best LR (the likely rewind
+    target), and the newest others. Snapshots are taken when the largest LR used so far has grown by `lr_factor`
+    since the last one, so at the same steps on every process; copying one to the host costs a device sync there.
 
-    Every data-parallel process takes the same snapshots at the same steps (milestones depend only on the LR
-    schedule) and restores the same one (the switch decision is shared), so replicas stay identical.
+    Its state (snapshots as CPU tensors, and bookkeeping) travels in `scheduler.state_dict()` unless `state_key` is
+    set to None (the Trainer integration does that and saves one file per process in the checkpoint instead). With
+    data-parallel replicas only the main process's state holds the snapshots.
 
     Args:
-        model (`torch.nn.Module`): The model (unwrapped or DDP-wrapped; not sharded).
-        optimizer (`torch.optim.Optimizer`): Its optimizer.
-        scheduler (`AutoWU`): The scheduler to attach to.
-        snapshots (`int`, *optional*, defaults to 3): How many snapshots to keep (host memory: this many copies
-            of the model and optimizer state).
+        model (`torch.nn.Module`, *optional*): The model; with it, its buffers are snapshotted too.
+        optimizer (`torch.optim.Optimizer`, *optional*): The optimizer (defaults to the scheduler's).
+        scheduler (`AutoWU`): The scheduler to listen to.
+        snapshots (`int`, *optional*, defaults to 3): How many snapshots to keep.
         lr_factor (`float`, *optional*, defaults to 2.0): LR growth between two snapshots.
+        memory_fraction (`float`, *optional*, defaults to 0.5): Largest share of the node's available host memory
+            (or free disk space with `offload_dir`) the snapshots may take; above it rewind turns itself off.
+        offload_dir (`str`, *optional*): Keep the snapshots as files in this (local) folder instead of memory.
 
     Example:
 
     ```python
     scheduler = AutoWU(optimizer, total_steps=10_000)
-    WarmupRewinder(model, optimizer, scheduler)
+    WarmupRewinder(model, optimizer, scheduler)  # also restores the model's buffers
     ```
     """
 
+    state_key: str | None = "rewind"
+
     def __init__(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: AutoWU,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: AutoWU | None = None,
         snapshots: int = 3,
         lr_factor: float = 2.0,
+        memory_fraction: float = 0.5,
+        offload_dir: str | os.PathLike | None = None,
     ):
+        if scheduler is None:
+            raise ValueError("`scheduler` is required: the AutoWU scheduler to rewind at.")
         if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 1:
             raise ValueError(f"`snapshots` must be an int >= 1, got {snapshots!r}.")
-        if not isinstance(lr_factor, (int, float)) or not lr_factor > 1.0:
-            raise ValueError(f"`lr_factor` must be a number > 1, got {lr_factor!r}.")
-        check_rewindable(model)
+        if not isinstance(lr_factor, (int, float)) or not lr_factor > 1.0 or not math.isfinite(lr_factor):
+            raise ValueError(f"`lr_factor` must be a finite number > 1, got {lr_factor!r}.")
+        if not isinstance(memory_fraction, (int, float)) or not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"`memory_fraction` must be in (0, 1], got {memory_fraction!r}.")
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = optimizer if optimizer is not None else scheduler.optimizer
         self.max_snapshots = snapshots
         self.lr_factor = float(lr_factor)
+        self.memory_fraction = float(memory_fraction)
+        self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        self.mode = sharding_of(self.optimizer, model)
+        self.enabled = self.mode != UNSUPPORTED
+        self.disabled_reason: str | None = None
         self.snapshots: list[dict[str, Any]] = []
         self.rewound_to: dict[str, float] | None = None
+        self.planned_bytes: int | None = None
         self._next_lr = 0.0
-        scheduler.attach_rewinder(self)
+        self._budget_checked = False
+        if not self.enabled:
+            self._disable("DeepSpeed keeps the master weights and optimizer state in its own partitions")
+        scheduler.add_listener(self)  # replaces the scheduler's own rewinder, if it built one
+
+    # ------------------------------------------------------------------ what is held, and where
+
+    @property
+    def holds_snapshots(self) -> bool:
+        """Whether this process keeps snapshot data (every process for sharded state, else the main process)."""
+        return self.enabled and (self.mode == SHARDED or process_rank() == 0)
 
     @property
     def memory_bytes(self) -> int:
-        """Host memory held by the snapshots."""
-        return sum(_nbytes(s["model"]) + _nbytes(s["optimizer"]) for s in self.snapshots)
+        """Host memory held by this process's snapshots (0 when they are offloaded to disk)."""
+        return sum(s["bytes"] for s in self.snapshots if s.get("data") is not None)
 
-    def after_step(self, scheduler: AutoWU) -> None:
+    def _state_tensors(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """The parameters, in the optimizer's order, with their optimizer state."""
+        state = self.optimizer.state
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                yield p, state.get(p, {})
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [] if self.model is None else [b for b in self.model.buffers() if b is not None]
+
+    def _snapshot_bytes(self) -> int:
+        total = sum(_nbytes(b) for b in self._buffers())
+        for p, state in self._state_tensors():
+            total += _nbytes(p) + sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+        return total
+
+    # ------------------------------------------------------------------ listener hooks
+
+    def on_step(self, scheduler: AutoWU) -> None:
         """Take a snapshot when the largest LR used so far has crossed the next milestone (warmup only)."""
-        if scheduler.phase != "warmup":
+        if scheduler.phase != "warmup" or not self.enabled:
             return
         used = scheduler.lr_at(scheduler.last_step - 1) if scheduler.last_step > 0 else 0.0
         if used < self._next_lr:
             return
-        self.snapshots.append(
-            {
-                "step": scheduler.last_step,
-                "lr": used,
-                "model": _to_host(self.model.state_dict()),
-                "optimizer": _to_host(self.optimizer.state_dict()),
-            }
-        )
-        self._evict(scheduler)
+        if not self._budget_checked and not self._check_budget():
+            return
         self._next_lr = max(used, scheduler.config.min_lr) * self.lr_factor
+        entry: dict[str, Any] = {"step": scheduler.last_step, "lr": used, "data": None, "bytes": 0, "finite": True}
+        if self.holds_snapshots:
+            data = {
+                "params": [_host_copy(p) for p, _ in self._state_tensors()],
+                "state": [
+                    {k: _host_copy(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+                    for _, state in self._state_tensors()
+                ],
+                "buffers": [_host_copy(b) for b in self._buffers()],
+            }
+            # a state a NaN has already reached is not kept (the metadata is, so that every process keeps the same
+            # list); `on_switch` never picks it
+            entry["finite"] = all(bool(torch.isfinite(t).all()) for t in _tensors_in(data) if t.is_floating_point())
+            if not entry["finite"]:
+                data = None
+            elif self.offload_dir is not None:
+                entry["file"] = str(self._offload_path(scheduler.last_step))
+                torch.save(data, entry["file"])
+            else:
+                entry["data"] = data
+                entry["bytes"] = sum(t.numel() * t.element_size() for t in _tensors_in(data))
+        self.snapshots.append(entry)
+        self._evict(scheduler)
 
     def _evict(self, scheduler: AutoWU) -> None:
-        """Keep `max_snapshots`: the anchor (the latest snapshot at or below the GP's current estimate of the
-        best LR, the likely rewind target) and the newest others."""
+        """Keep `max_snapshots`: the anchor (the latest snapshot at or below the GP's current estimate of the best
+        LR, the likely rewind target; the oldest one before any estimate) and the newest others."""
         estimate = scheduler.last_outcome.lr_estimate if scheduler.last_outcome is not None else None
         while len(self.snapshots) > self.max_snapshots:
             below = [i for i, s in enumerate(self.snapshots) if estimate is not None and s["lr"] <= estimate]
-            anchor = below[-1] if below else None
-            del self.snapshots[1 if anchor == 0 else 0]
+            anchor = below[-1] if below else 0
+            self._drop(self.snapshots.pop(1 if anchor == 0 else 0))
 
     def on_switch(self, scheduler: AutoWU) -> None:
-        """Restore the latest snapshot taken at or below the chosen LR, then free the snapshots."""
-        if not self.snapshots or scheduler.switch_reason == "no_warmup":
+        """Restore the latest finite snapshot taken at or below the chosen LR (the oldest finite one, with a
+        warning, when none is), then free the snapshots. Every process restores the same one: with replicated
+        state the main process chooses and broadcasts its copy; with sharded state the processes agree on which
+        snapshots are finite everywhere (one collective each, at the switch only)."""
+        if not self.snapshots or scheduler.switch_reason == "no_warmup" or not self.enabled:
             return
-        eligible = [s for s in self.snapshots if s["lr"] <= scheduler.peak_lr]
-        if eligible:
-            chosen = eligible[-1]
+        finite = [s["finite"] for s in self.snapshots]
+        if self.mode == SHARDED:
+            finite = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite])]
+        index = _choose(self.snapshots, finite, scheduler.peak_lr)
+        if self.mode == REPLICATED:
+            index = broadcast_object(index)
+        if index is None:
+            warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
         else:
-            chosen = self.snapshots[0]
-            warnings.warn(
-                "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the "
-                "oldest. Keep more snapshots (`rewind_snapshots`) to rewind further.",
-                stacklevel=2,
-            )
-        self.model.load_state_dict(chosen["model"])
-        self.optimizer.load_state_dict(chosen["optimizer"])
-        self.rewound_to = {"step": chosen["step"], "lr": chosen["lr"]}
+            chosen = self.snapshots[index]
+            if chosen["lr"] > scheduler.peak_lr:
+                warnings.warn(
+                    "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the "
+                    "oldest. Keep more snapshots (`rewind_snapshots`) to rewind further.",
+                    stacklevel=2,
+                )
+            data = None
+            if self.holds_snapshots:
+                data = chosen["data"] if chosen["data"] is not None else torch.load(chosen["file"], weights_only=True)
+            self._restore(data)
+            self.rewound_to = {"step": chosen["step"], "lr": chosen["lr"]}
+        for snapshot in self.snapshots:
+            self._drop(snapshot)
         self.snapshots = []
 
+    # ------------------------------------------------------------------ restore
+
+    def _restore(self, data: dict[str, Any] | None) -> None:
+        """Copy `data` into the live tensors; with replicated state the main process's copy is then broadcast."""
+        broadcast = self.mode == REPLICATED and dist.is_available() and dist.is_initialized() and (
+            dist.get_world_size() > 1
+        )
+        # the snapshot's optimizer-state layout (key, shape, dtype, or the value itself when it is not a tensor):
+        # every process aligns its state to it, so that all of them broadcast the same tensors in the same order
+        layout = None if data is None else [_layout(state) for state in data["state"]]
+        if broadcast:
+            layout = broadcast_object(layout)
+        tensors: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i, (p, _) in enumerate(list(self._state_tensors())):
+                if data is not None:
+                    _local(p).copy_(data["params"][i])
+                tensors.append(_local(p))
+                if not layout[i]:
+                    self.optimizer.state.pop(p, None)
+                    continue
+                state = self.optimizer.state[p]
+                for key in [k for k in state if k not in {entry[0] for entry in layout[i]}]:
+                    del state[key]
+                for key, shape, dtype, value in layout[i]:
+                    if shape is None:
+                        state[key] = value
+                        continue
+                    current = state.get(key)
+                    if not isinstance(current, torch.Tensor) or tuple(_local(current).shape) != shape:
+                        current = torch.zeros(shape, dtype=getattr(torch, dtype), device=_local(p).device)
+                        state[key] = current
+                    if data is not None:
+                        _local(current).copy_(data["state"][i][key])
+                    tensors.append(_local(current))
+            for j, buffer in enumerate(self._buffers()):
+                if data is not None:
+                    _local(buffer).copy_(data["buffers"][j])
+                tensors.append(_local(buffer))
+            if broadcast:
+                _broadcast_in_place(tensors)
+
+    # ------------------------------------------------------------------ memory budget
+
+    def _check_budget(self) -> bool:
+        """Before the first copy: do the snapshots fit in the budget on every node? Decided the same on every
+        process (one collective); off with one warning when they do not."""
+        self._budget_checked = True
+        per_snapshot = self._snapshot_bytes()
+        holders_here = (local_world_size() if self.mode == SHARDED else 1) if self.holds_snapshots else 0
+        self.planned_bytes = per_snapshot * self.max_snapshots * holders_here
+        if self.offload_dir is not None:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            available, where = shutil.disk_usage(self.offload_dir).free, f"free disk space in {self.offload_dir}"
+        else:
+            available, where = available_host_memory(), "available host memory"
+        fits = available is None or self.planned_bytes <= self.memory_fraction * available
+        if min_over_processes(float(fits)) < 1.0:
+            if fits:
+                self._disable("another node cannot hold its snapshots")
+            else:
+                self._disable(
+                    f"{self.max_snapshots} snapshots x {_gib(per_snapshot)} x {holders_here} process(es) on this "
+                    f"node = {_gib(self.planned_bytes)} would exceed {self.memory_fraction:.0%} of the {where} "
+                    f"({_gib(available)}); set `rewind_offload_dir`, fewer `rewind_snapshots`, or rewind=False"
+                )
+            return False
+        if self.planned_bytes:
+            logger.info(
+                f"AutoWU rewind: up to {self.max_snapshots} snapshots x {_gib(per_snapshot)} x {holders_here} "
+                f"process(es) on this node = {_gib(self.planned_bytes)} of {where} ({self.mode} state)."
+            )
+        return True
+
+    def _disable(self, reason: str) -> None:
+        self.enabled = False
+        self.disabled_reason = reason
+        for snapshot in self.snapshots:
+            self._drop(snapshot)
+        self.snapshots = []
+        if process_rank() == 0:
+            warnings.warn(f"AutoWU rewind is off: {reason}. Training goes on without rewind.", stacklevel=3)
+
+    def _offload_path(self, step: int) -> Path:
+        return self.offload_dir / f"autowu_rewind_rank{process_rank()}_step{step}.pt"
+
+    @staticmethod
+    def _drop(snapshot: dict[str, Any]) -> None:
+        path = snapshot.get("file")
+        if path is not None and os.path.exists(path):
+            os.remove(path)
+
+    # ------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
-        """Snapshots (CPU tensors) and bookkeeping; stored inside the scheduler's state."""
-        return {"snapshots": self.snapshots, "rewound_to": self.rewound_to, "next_lr": self._next_lr}
+        """Snapshots (CPU tensors; loaded from disk when offloaded) and bookkeeping."""
+        snapshots = []
+        for s in self.snapshots:
+            data = s["data"]
+            if data is None and s.get("file") is not None:
+                data = torch.load(s["file"], weights_only=True, mmap=True)
+            snapshots.append({"step": s["step"], "lr": s["lr"], "finite": s["finite"], "data": data})
+        return {
+            "snapshots": snapshots,
+            "rewound_to": self.rewound_to,
+            "next_lr": self._next_lr,
+            "enabled": self.enabled,
+            "disabled_reason": self.disabled_reason,
+            "budget_checked": self._budget_checked,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self.snapshots = list(state["snapshots"])
+        """Restore what `state_dict` returned (on a process that holds no snapshots, only the bookkeeping)."""
+        for snapshot in self.snapshots:
+            self._drop(snapshot)
         self.rewound_to = state["rewound_to"]
         self._next_lr = float(state["next_lr"])
+        self._budget_checked = bool(state.get("budget_checked", True))
+        if not state.get("enabled", True):
+            self.enabled, self.disabled_reason = False, state.get("disabled_reason")
+        self.snapshots = []
+        for saved in state["snapshots"]:
+            entry = {
+                "step": int(saved["step"]),
+                "lr": float(saved["lr"]),
+                "data": None,
+                "bytes": 0,
+                "finite": bool(saved.get("finite", True)),
+            }
+            data = saved.get("data") if self.holds_snapshots else None
+            if data is not None and self.offload_dir is not None:
+                entry["file"] = str(self._offload_path(entry["step"]))
+                torch.save(data, entry["file"])
+            elif data is not None:
+                entry["data"] = data
+                entry["bytes"] = sum(t.numel() * t.element_size() for t in _tensors_in(data))
+            self.snapshots.append(entry)
+
+
+def _choose(snapshots: list[dict[str, Any]], finite: list[bool], peak_lr: float) -> int | None:
+    """The snapshot to restore: the latest finite one at or below `peak_lr`, else the oldest finite one."""
+    usable = [i for i, ok in enumerate(finite) if ok]
+    below = [i for i in usable if snapshots[i]["lr"] <= peak_lr]
+    return below[-1] if below else (usable[0] if usable else None)
+
+
+def _layout(state: dict[str, Any]) -> list[tuple[str, tuple[int, ...] | None, str | None, Any]]:
+    """(key, shape, dtype name, None) for each tensor of an optimizer state entry, (key, None, None, value) for the
+    other values, sorted by key."""
+    return [
+        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."), None)
+        if isinstance(v, torch.Tensor)
+        else (k, None, None, v)
+        for k, v in sorted(state.items())
+    ]
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v)
+
+
+def _broadcast_in_place(tensors: list[torch.Tensor]) -> None:
+    """Broadcast `tensors` from the main process, in place, in buckets of at most 256 MiB per dtype (few
+    collectives, bounded extra memory)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for tensor in [*group, None]:
+            if tensor is not None:
+                bucket.append(tensor)
+                size += tensor.numel() * tensor.element_size()
+            if bucket and (tensor is None or size >= _BROADCAST_BUCKET_BYTES):
+                device = collective_device(bucket[0])
+                flat = torch.cat([t.reshape(-1).to(device) for t in bucket])
+                dist.broadcast(flat, src=0)
+                offset = 0
+                for t in bucket:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+                bucket, size = [], 0
+
+
+def _gib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / 2**30:.2f} GiB"

@@ -5,26 +5,32 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 
 from .config import AutoWUConfig
-from .distributed import broadcast_floats, mean_over_processes
-from .gp import FIT_LR, NOISE_INIT
+from .distributed import broadcast_floats, mean_over_processes, world_size
 from .ramp import cooldown_factor, warmup_lr
-from .switch_test import MIN_FINITE_LOSSES, SwitchTester, SwitchTestOutcome
-
-if TYPE_CHECKING:
-    from .rewind import WarmupRewinder
+from .rewind import WarmupRewinder
+from .switch_test import SwitchTester, SwitchTestOutcome
+from .watch import LossSpikeWatch
 
 PHASES = ("warmup", "decay", "cooldown")
+SWITCH_REASONS = ("test", "divergence", "spike", "cap", "no_warmup")
 _PLATEAU_PATIENCE = 5
-_ROBUST_MIN_LOSSES = 20
-_ROBUST_FIT_LR = 0.05
-_ROBUST_NOISE_INIT = 0.1
 _PLATEAU_THRESHOLD = 1e-4
+
+
+class _SwitchCallback:
+    """A plain function as a listener: called once, at the switch."""
+
+    def __init__(self, function: Callable[[AutoWU], None]):
+        self.function = function
+
+    def on_switch(self, scheduler: AutoWU) -> None:
+        self.function(scheduler)
 
 
 @dataclass
@@ -91,6 +97,7 @@ class AutoWU:
         *,
         total_steps: int | None = None,
         config: AutoWUConfig | None = None,
+        model: torch.nn.Module | None = None,
         **options: Any,
     ):
         if config is None:
@@ -114,9 +121,9 @@ class AutoWU:
         self.warmup_steps = int(config.max_warmup_fraction * self.total_steps)
         self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
         self._tester = _make_tester(config)
-        self._switch_listeners: list[Callable[[AutoWU], None]] = []
-        self.rewinder: WarmupRewinder | None = None
-        self._rewinder_state: dict[str, Any] | None = None
+        self._watch = LossSpikeWatch() if config.effective_spike_watch else None
+        self._listeners: list[Any] = []
+        self._listener_states: dict[str, Any] = {}  # saved states of listeners not attached (yet)
 
         self.last_step = 0
         self.phase = "warmup"
@@ -128,6 +135,8 @@ class AutoWU:
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
         self._passes: list[bool] = []
+        self._checked = 0  # losses before this index have been through the spike check
+        self._spike_at: int | None = None
         self._next_test = self._test_step_after(0) if self.warmup_steps > 0 else 0
         self._lr = config.min_lr
         self._plateau_best = math.inf
@@ -135,26 +144,70 @@ class AutoWU:
         self._cooldown_from: tuple[int, float] | None = None
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
+        if config.effective_rewind and self.warmup_steps > 0:
+            WarmupRewinder(
+                model,
+                optimizer,
+                self,
+                snapshots=config.rewind_snapshots,
+                lr_factor=config.rewind_lr_factor,
+                memory_fraction=config.rewind_memory_fraction,
+                offload_dir=config.rewind_offload_dir,
+            )
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], optimizer: torch.optim.Optimizer | None = None) -> AutoWU:
+        """Rebuild a scheduler from its `state_dict()` (e.g. a loaded `scheduler.pt`), to read or plot it.
+
+        Args:
+            state (`dict`): What `state_dict()` returned.
+            optimizer (`torch.optim.Optimizer`, *optional*): The optimizer to drive; by default a dummy one with
+                one parameter group per saved group ratio. Listener states (rewind snapshots) are not restored.
+
+        Returns:
+            `AutoWU`: a scheduler in the saved state.
+        """
+        if optimizer is None:
+            ratios = state.get("group_ratios") or [1.0]
+            optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": ratio} for ratio in ratios], lr=1.0)
+        config = AutoWUConfig(**_config_fields(state["config"]))
+        scheduler = cls(optimizer, state["steps_per_epoch"], total_steps=state["total_steps"], config=config)
+        for listener in list(scheduler._listeners):
+            scheduler.remove_listener(listener)
+        scheduler.load_state_dict({**state, "listeners": {}})
+        return scheduler
+
     # ------------------------------------------------------------------ public API
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
+    def step(self, loss: torch.Tensor | float | None = None, metric: Any = None) -> None:
         """Record the loss of the optimizer step that just ran and set the LR of the next one.
 
         Args:
-            loss (`torch.Tensor` or `float`): The step's training loss. A tensor may live on any device; it is
-                only moved to the host at the next switch test, so this call adds no device sync. Needed
-                during warmup, and every step with `decay_phase_stat="loss"`; may be `None` otherwise.
+            loss (`torch.Tensor` or `float`): The step's training loss. A tensor may live on any device: it is
+                only moved to the host at the next switch test (and, for the spike watch, copied to pinned host
+                memory without a sync and read one step later), so this call adds no device sync. Needed during
+                warmup, and every step with `decay_phase_stat="loss"`; may be `None` otherwise.
+            metric: Only for timm's training loop, which calls `lr_scheduler.step(epoch, metric)` at the end of
+                each epoch: such a call does nothing (AutoWU steps in `step_update`, once per optimizer step).
         """
-        if self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss"):
+        if metric is not None:
+            return
+        recording = self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss")
+        if recording:
             self._pending.append(_detach_loss(loss))
         self.last_step += 1
         t = self.last_step
         if self.phase == "warmup":
-            if t >= self.warmup_steps or t >= self.cooldown_start:
+            if self._watch is not None and world_size() == 1:  # several processes: checked at the tests
+                found = self._watch.observe(t - 1, self._pending[-1])
+                self._checked = max(self._checked, t - 1)
+                self._spike_at = found if self._spike_at is None else self._spike_at
+            if self._spike_at is not None:
+                self._switch_on_spike(t)
+            elif t >= self.warmup_steps or t >= self.cooldown_start:
                 self._end_warmup_at_cap(t)
             elif t >= self._next_test:
                 self._run_test(t)
@@ -163,8 +216,32 @@ class AutoWU:
         if self.phase != "cooldown" and t >= self.cooldown_start:
             self._enter_cooldown(t)
         self._apply_lr()
-        if self.rewinder is not None:
-            self.rewinder.after_step(self)
+        for listener in self._listeners:
+            on_step = getattr(listener, "on_step", None)
+            if on_step is not None:
+                on_step(self)
+
+    def step_update(self, num_updates: int, metric: torch.Tensor | float | None = None) -> None:
+        """timm's per-update scheduler call: `lr_scheduler.step_update(num_updates, metric)` after every optimizer
+        step, so that AutoWU drops into a timm training loop.
+
+        Args:
+            num_updates (`int`): Optimizer steps done so far (timm's `num_updates`).
+            metric (`torch.Tensor` or `float`): The step's training loss. (timm's own `train.py` passes the epoch's
+                running mean loss, `losses_m.avg`: AutoWU then smooths an already smoothed, lagging curve; pass the
+                step's loss for the decisions the documentation describes.)
+
+        Raises:
+            `ValueError`: when `num_updates` skips steps (AutoWU needs the loss of every step).
+        """
+        if num_updates <= self.last_step:
+            return  # this update was already counted
+        if num_updates != self.last_step + 1:
+            raise ValueError(
+                f"`num_updates` went from {self.last_step} to {num_updates}: AutoWU needs `step_update` after every "
+                "optimizer step."
+            )
+        self.step(metric)
 
     def get_last_lr(self) -> list[float]:
         """The LR of every parameter group for the next optimizer step."""
@@ -208,19 +285,35 @@ class AutoWU:
         """`lr_at(step)` for every step of the budget (the largest group's LR)."""
         return [self.lr_at(step) for step in range(self.total_steps)]
 
+    def add_listener(self, listener: Any) -> None:
+        """Attach a listener: any object with `on_step(scheduler)` (after every step's decisions) and/or
+        `on_switch(scheduler)` (once, when warmup ends, after `peak_lr` and `switch_step` are set).
+
+        A listener whose `state_key` attribute is a string has its `state_dict()` saved in this scheduler's
+        `state_dict()` under that key, and restored by `load_state_dict()` (also when it attaches after the
+        state was loaded); attaching it replaces a listener with the same key. `WarmupRewinder` is such a
+        listener (key `"rewind"`).
+        """
+        key = getattr(listener, "state_key", None)
+        if key is not None:
+            for other in [o for o in self._listeners if getattr(o, "state_key", None) == key]:
+                self.remove_listener(other)
+            if key in self._listener_states:
+                listener.load_state_dict(self._listener_states.pop(key))
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Detach a listener (nothing happens if it is not attached)."""
+        self._listeners = [other for other in self._listeners if other is not listener]
+
     def add_switch_listener(self, listener: Callable[[AutoWU], None]) -> None:
         """Call `listener(scheduler)` once, when warmup ends (after `peak_lr` and `switch_step` are set)."""
-        self._switch_listeners.append(listener)
+        self.add_listener(_SwitchCallback(listener))
 
-    def attach_rewinder(self, rewinder: WarmupRewinder) -> None:
-        """Attach a `WarmupRewinder` (its constructor does this): it is called after every step and restores a
-        snapshot at the switch; its state travels in `state_dict()`."""
-        self.rewinder = rewinder
-        if self._rewinder_state is not None:
-            rewinder.load_state_dict(self._rewinder_state)
-            self._rewinder_state = None
-        else:
-            rewinder.after_step(self)
+    @property
+    def rewinder(self) -> WarmupRewinder | None:
+        """The attached `WarmupRewinder`, if any."""
+        return next((listener for listener in self._listeners if isinstance(listener, WarmupRewinder)), None)
 
     def sync_pending_losses(self) -> None:
         """Average the losses not yet tested over all processes now (a collective: call it on every process).
@@ -253,13 +346,23 @@ class AutoWU:
             "plateau_bad_epochs": self._plateau_bad_epochs,
             "cooldown_from": list(self._cooldown_from) if self._cooldown_from is not None else None,
             "lr_changes": [list(change) for change in self.lr_changes],
+            "checked": self._checked,
+            "spike_at": self._spike_at,
             "tester": self._tester.state_dict(),
-            "rewinder": self.rewinder.state_dict() if self.rewinder is not None else self._rewinder_state,
+            "watch": self._watch.state_dict() if self._watch is not None else None,
+            "listeners": {
+                **self._listener_states,
+                **{
+                    listener.state_key: listener.state_dict()
+                    for listener in self._listeners
+                    if getattr(listener, "state_key", None) is not None
+                },
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; the optimizer's LRs are set to the restored schedule."""
-        saved_config = AutoWUConfig(**state_dict["config"])
+        saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
         if saved_config != self.config:
             warnings.warn(
                 "AutoWU: loading a state saved with other options; the saved options are used.", stacklevel=2
@@ -288,13 +391,18 @@ class AutoWU:
         cooldown_from = state_dict["cooldown_from"]
         self._cooldown_from = (int(cooldown_from[0]), float(cooldown_from[1])) if cooldown_from else None
         self.lr_changes = [(int(step), float(lr)) for step, lr in state_dict["lr_changes"]]
+        self._checked = int(state_dict.get("checked", 0))
+        self._spike_at = state_dict.get("spike_at")
         self._tester = _make_tester(self.config)
         self._tester.load_state_dict(state_dict["tester"])
-        rewinder_state = state_dict.get("rewinder")
-        if self.rewinder is not None and rewinder_state is not None:
-            self.rewinder.load_state_dict(rewinder_state)
-        else:
-            self._rewinder_state = rewinder_state
+        self._watch = LossSpikeWatch() if self.config.effective_spike_watch else None
+        if self._watch is not None and state_dict.get("watch") is not None:
+            self._watch.load_state_dict(state_dict["watch"])
+        self._listener_states = dict(state_dict.get("listeners", {}))
+        for listener in self._listeners:
+            key = getattr(listener, "state_key", None)
+            if key is not None and key in self._listener_states:
+                listener.load_state_dict(self._listener_states.pop(key))
         self._apply_lr()
 
     @property
@@ -342,6 +450,9 @@ class AutoWU:
         if len(self._history) + len(self._pending) < self._tester.min_losses:
             return  # too few losses for any test: decided without reading them (no sync, no collective)
         self._flush_pending()
+        if self._scan_for_spike():
+            self._switch_on_spike(t)
+            return
         current_lr = self._ramp(t - 1)
         first_bad = self._first_non_finite_since_last_test(t) if self.config.effective_divergence_guard else None
         outcome = self._tester.run(
@@ -363,14 +474,33 @@ class AutoWU:
                 SwitchTestRecord(t, outcome.probability, outcome.votes, outcome.passed, estimate, current_lr)
             )
             self._passes = (self._passes + [outcome.passed])[-self.config.patience :]
+        if self._watch is not None:
+            self._watch.set_reference(self._history)  # the same cross-process means on every process
         if first_bad is not None:
             # a non-finite loss: the LR that produced it is too large, whatever the GP says
-            ceiling = self._ramp(first_bad - 1) if first_bad > 0 else self.config.min_lr
-            self._switch(t, min(self._best_known_estimate(), ceiling), reason="divergence")
+            self._switch(t, min(self._best_known_estimate(), self._ceiling_before(first_bad)), reason="divergence")
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
             self._switch(t, estimate, reason="divergence")
         elif len(self._passes) == self.config.patience and all(self._passes):
             self._switch(t, estimate, reason="test")
+
+    def _scan_for_spike(self) -> bool:
+        """Run the spike check over the (cross-process mean) losses it has not seen; True when one was found."""
+        if self._watch is not None and self._spike_at is None and self._checked < len(self._history):
+            self._spike_at = self._watch.scan(self._history[self._checked :], self._checked)
+        self._checked = max(self._checked, len(self._history))
+        return self._spike_at is not None
+
+    def _switch_on_spike(self, t: int) -> None:
+        """The loss blew up at step index `_spike_at` (reason "divergence" when it turned non-finite, else "spike"):
+        decay from the latest estimate of the best LR, kept at or below the LR of the update before the spike."""
+        self._flush_pending()  # a local copy with one process; already done at the test with several
+        reason = "divergence" if self._watch.non_finite else "spike"
+        self._switch(t, min(self._best_known_estimate(), self._ceiling_before(self._spike_at)), reason=reason)
+
+    def _ceiling_before(self, index: int) -> float:
+        """The LR of the update that produced loss number `index` (`min_lr` for the first one)."""
+        return self._ramp(index - 1) if index > 0 else self.config.min_lr
 
     def _first_non_finite_since_last_test(self, t: int) -> int | None:
         """Step index of the first non-finite loss since the previous test, if any."""
@@ -389,6 +519,9 @@ class AutoWU:
         lr = self._ramp(t - 1)
         if self.config.effective_estimate_at_cap:
             self._flush_pending()
+            if self._scan_for_spike():
+                self._switch_on_spike(t)
+                return
             outcome = self._tester.run(
                 self._history, current_lr=lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
             )
@@ -412,10 +545,11 @@ class AutoWU:
         self.phase = "decay"
         if self.config.immediate_cooldown:
             self._enter_cooldown(step)
-        if self.rewinder is not None:
-            self.rewinder.on_switch(self)
-        for listener in self._switch_listeners:
-            listener(self)
+        self._apply_lr()  # listeners see the optimizer at the new LR
+        for listener in list(self._listeners):
+            on_switch = getattr(listener, "on_switch", None)
+            if on_switch is not None:
+                on_switch(self)
 
     # ------------------------------------------------------------------ decay and cooldown
 
@@ -479,18 +613,22 @@ class AutoWU:
 
 
 def _make_tester(config: AutoWUConfig) -> SwitchTester:
-    """The switch tester for `config`: the robust preset starts the GP from a sensible noise level and trains
-    it faster (on standardised losses both are scale-free), and waits for enough losses before testing."""
-    robust = config.is_robust
+    """The switch tester for `config` (its GP settings and fewest losses per test come from the preset)."""
     return SwitchTester(
         confidence=config.confidence,
         n_tests=config.n_tests,
         standardize_losses=config.effective_standardize_losses,
         seed=config.seed,
-        min_losses=_ROBUST_MIN_LOSSES if robust else MIN_FINITE_LOSSES,
-        fit_lr=_ROBUST_FIT_LR if robust else FIT_LR,
-        noise_init=_ROBUST_NOISE_INIT if robust else NOISE_INIT,
+        min_losses=config.preset_setting("min_losses"),
+        fit_lr=config.preset_setting("fit_lr"),
+        noise_init=config.preset_setting("noise_init"),
     )
+
+
+def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's fields that `AutoWUConfig` still has; the deprecated `device` is dropped."""
+    names = {f.name for f in fields(AutoWUConfig)}
+    return {k: v for k, v in saved.items() if k in names and not (k == "device" and v in (None, "cpu"))}
 
 
 def _check_optional_positive_int(name: str, value: Any) -> int | None:

@@ -37,6 +37,7 @@ class SwitchTestOutcome:
         grid_mean (`list[float]`): Posterior mean on the grid (loss units, averaged over predictions).
         grid_std (`list[float]`): Posterior standard deviation of the latent curve on the grid (loss units).
         n_losses (`int`): Length of the history the test saw; grid point `x` stands for step `x * n_losses`.
+        noise_sd (`float`): The GP's observation noise standard deviation (loss units).
     """
 
     probabilities: list[float]
@@ -47,6 +48,7 @@ class SwitchTestOutcome:
     grid_mean: list[float] = field(repr=False)
     grid_std: list[float] = field(repr=False)
     n_losses: int = 0
+    noise_sd: float = math.nan
 
     @property
     def probability(self) -> float:
@@ -189,6 +191,7 @@ class SwitchTester:
             grid_mean=(avg_mean * scale + shift).tolist(),
             grid_std=(np.sqrt(np.maximum(variance.mean(axis=0), 0.0)) * scale).tolist(),
             n_losses=n_total,
+            noise_sd=math.sqrt(self.gp.noise) * scale,
         )
 
     def _predict(

@@ -3,15 +3,17 @@
 Both entry points feed AutoWU the training loss of every optimizer step: the sum of what
 `Trainer.training_step` returns for the step's micro-batches (each already divided by the number of
 micro-batches, or normalised by `num_items_in_batch`), kept on the device. AutoWU averages these losses over
-processes itself, once per switch test, so ordinary steps add no device sync and no collective.
+processes itself, once per switch test, so ordinary steps add no device sync and no collective. What must reach
+into the Trainer (the step's loss, AutoWU's keys in the log entries, the state written with each checkpoint) is
+in `trainer_hooks`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -20,19 +22,23 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
+from . import trainer_hooks
 from .config import AutoWUConfig
+from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries
 from .plotting import save_autowu_figure
-from .rewind import WarmupRewinder, check_rewindable
+from .rewind import WarmupRewinder
 from .scheduler import AutoWU
 
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
 _STATE_KEY = "autowu_state"  # where AutoWUCallback keeps AutoWU's state inside the Trainer's scheduler
+REWIND_FILE = "autowu_rewind_rank{rank}.pt"
+"""Each process's rewind state in a checkpoint folder (snapshots only where that process holds them)."""
 SAVE_FIGURE = True
-"""Whether the main process writes `autowu.png` (needs matplotlib) to the output folder at the switch and at the
-end of training; set `hf_autowu.trainer.SAVE_FIGURE = False` to skip it (drawing takes about a second)."""
+"""Whether the main process writes `autowu.png` (needs matplotlib) to the output folder at the switch and at the end
+of training; set `hf_autowu.trainer.SAVE_FIGURE = False` to skip it (drawing takes about a second)."""
 
 
 class _StepLoss:
@@ -53,94 +59,139 @@ class _StepLoss:
         if self.value is None:
             raise RuntimeError(
                 f"{entry_point} got no training loss for this optimizer step: the Trainer did not call "
-                "`training_step` for it (a custom training loop, or a DeepSpeed/layer-wise optimizer that steps "
-                "elsewhere). AutoWU needs the loss of every step; with a custom loop, call "
-                "`AutoWU.step(loss)` yourself, or subclass `AutoWUTrainer` and make your loop use `training_step`."
+                "`training_step` for it (a custom training loop, or a layer-wise optimizer that steps elsewhere). "
+                "AutoWU needs the loss of every step; with a custom loop, call `AutoWU.step(loss)` yourself, or "
+                "subclass `AutoWUTrainer` and make your loop use `training_step`."
             )
         return self.value
 
 
 class _TrainerAutoWU(AutoWU):
-    """`AutoWU` as the Trainer's `lr_scheduler`: the Trainer calls `step()` without a loss, so the loss of the
-    step that just ran comes from the `_StepLoss` that `AutoWUTrainerMixin.training_step` fills."""
+    """`AutoWU` as the Trainer's `lr_scheduler`.
+
+    The Trainer calls `step()` without a loss right after each update (and DeepSpeed's engine, when it owns the
+    stepping, calls it inside the backward pass of the step's last micro-batch, before `training_step` has
+    returned that micro-batch's loss). So `step()` only notes that an update happened; `complete_step()`, at
+    `on_step_end`, steps AutoWU with the step's whole loss. Nothing reads the LR in between, and the next update
+    comes after it. A skipped (fp16 overflow) update is never noted, so it is not a step.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *args: Any, step_loss: _StepLoss, **kwargs: Any):
         self._step_loss = step_loss
+        self._update_noted = False
         super().__init__(optimizer, *args, **kwargs)
 
-    def step(self, loss: torch.Tensor | float | None = None) -> None:
-        super().step(self._step_loss.take("AutoWUTrainer") if loss is None else loss)
+    def step(self, loss: torch.Tensor | float | None = None, metric: Any = None) -> None:
+        if loss is None and metric is None:
+            self._update_noted = True
+            return
+        super().step(loss, metric)
+
+    def complete_step(self) -> None:
+        """Step AutoWU with the step's loss, if an update was noted since the last call."""
+        if self._update_noted:
+            self._update_noted = False
+            super().step(self._step_loss.take("AutoWUTrainer"))
+
+
+def _unwrap_scheduler(scheduler: Any) -> Any:
+    """The scheduler inside Accelerate's wrappers (DeepSpeed's `DeepSpeedSchedulerWrapper` included)."""
+    known = (AutoWU, torch.optim.lr_scheduler.LRScheduler)
+    while not isinstance(scheduler, known) and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    return scheduler
 
 
 class _AutoWUEvents(TrainerCallback):
-    """What both entry points do around each optimizer step: start the step's loss, log the switch tests,
-    average the untested losses over processes before a checkpoint is written, and (main process) announce the
-    switch and draw `autowu.png`."""
+    """What both entry points do around each optimizer step: collect the step's loss, add AutoWU's values to the
+    Trainer's log entries (and log once at the switch), capture AutoWU's state and each process's rewind state
+    when a checkpoint is written, and (main process) announce the switch and draw `autowu.png`."""
 
     def __init__(self, trainer: Trainer | None = None) -> None:
         self.step_loss = _StepLoss()
         self.scheduler: AutoWU | None = None
         self._trainer = trainer
-        self._logged_tests = 0
-        self._logged_switch = False
+        self._log_switch = False
 
-    def _start(self, trainer: Trainer, scheduler: AutoWU) -> None:
+    def _start(self, trainer: Trainer, scheduler: AutoWU, resume_from_checkpoint: str | None) -> None:
         """Watch `scheduler` for this `train()` call (after any checkpoint state was loaded into it)."""
         self._trainer = trainer
         self.scheduler = scheduler
-        self._logged_tests = len(scheduler.tests)
-        self._logged_switch = scheduler.switch_step is not None
         self.step_loss.reset()
-        if scheduler.config.effective_rewind and scheduler.rewinder is None:
-            check_rewindable(trainer.model_wrapped)
-            config = scheduler.config
-            WarmupRewinder(
+        self._log_switch = False
+        config = scheduler.config
+        if config.effective_rewind and scheduler.phase == "warmup":
+            # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt
+            rewinder = WarmupRewinder(
                 trainer.model,
                 trainer.optimizer,
                 scheduler,
                 snapshots=config.rewind_snapshots,
                 lr_factor=config.rewind_lr_factor,
+                memory_fraction=config.rewind_memory_fraction,
+                offload_dir=config.rewind_offload_dir,
             )
-        if trainer.is_world_process_zero():
-            scheduler.add_switch_listener(self._on_switch)
+            rewinder.state_key = None
+            _load_rewind_state(rewinder, resume_from_checkpoint)
+        scheduler.add_switch_listener(self._on_switch)
 
     def _on_switch(self, scheduler: AutoWU) -> None:
-        """On the main process: one line, and the figure."""
+        """Log once at the switch; on the main process, one line and the figure."""
+        self._log_switch = True
+        if not self._trainer.is_world_process_zero():
+            return
         logger.warning(
             f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
             f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
         )
         _save_figure(scheduler, self._trainer.args.output_dir)
 
+    # ------------------------------------------------------------------ what the hooks call
+
+    def add_step_loss(self, loss: torch.Tensor) -> None:
+        """A micro-batch's loss, as `training_step` returned it."""
+        self.step_loss.add(loss)
+
+    def add_log_values(self, logs: dict[str, float]) -> None:
+        """Add AutoWU's `LOG_KEYS` to the Trainer's training log entries (not to evaluation ones)."""
+        if self.scheduler is not None and "loss" in logs:
+            logs.update(autowu_log_entries(self.scheduler))
+
+    def before_save(self) -> None:
+        """On every process, just before a checkpoint is written: average the untested losses over processes."""
+        if self.scheduler is not None:
+            self.scheduler.sync_pending_losses()
+
+    def after_save(self, output_dir: str) -> None:
+        """On every process, once the checkpoint is written: add this process's rewind state to it."""
+        rewinder = self.scheduler.rewinder if self.scheduler is not None else None
+        if rewinder is None or rewinder.state_key is not None or self._trainer.args.save_only_model:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(rewinder.state_dict(), os.path.join(output_dir, REWIND_FILE.format(rank=process_rank())))
+
+    # ------------------------------------------------------------------ Trainer events
+
     def on_train_begin(
         self,
         args: TrainingArguments,
         state: TrainerState,
         control: TrainerControl,
-        lr_scheduler: AutoWU | None = None,
+        lr_scheduler: Any = None,
         **kwargs,
     ):
-        self._start(self._trainer, lr_scheduler)
+        _, resume = trainer_hooks.find_running_trainer(self)
+        self._start(self._trainer, _unwrap_scheduler(lr_scheduler), resume)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.step_loss.reset()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        scheduler = self.scheduler
-        tested = len(scheduler.tests) > self._logged_tests
-        switched = scheduler.switch_step is not None and not self._logged_switch
-        if tested or switched:
-            self._logged_tests = len(scheduler.tests)
-            self._logged_switch = scheduler.switch_step is not None
-            should_log = control.should_log  # `Trainer.log` clears it: keep the Trainer's own log of this step
-            self._trainer.log(autowu_log_entries(scheduler))
-            control.should_log = should_log
-        if control.should_save:
-            scheduler.sync_pending_losses()
-
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if control.should_save:
-            self.scheduler.sync_pending_losses()
+        if isinstance(self.scheduler, _TrainerAutoWU):
+            self.scheduler.complete_step()
+        if self._log_switch:
+            self._log_switch = False
+            control.should_log = True  # the Trainer's own entry of this step, with AutoWU's values
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:
@@ -154,14 +205,17 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     accumulation); the steps per epoch set the paper preset's test cadence and the per-epoch options. The
     Trainer's `learning_rate`, `lr_scheduler_type` and warmup settings are ignored: every step uses AutoWU's
     LR (parameter groups keep their configured ratios), and the `learning_rate` the Trainer logs is the LR
-    applied at that step. At each switch test, and at the switch, the callback logs the `LOG_KEYS` through
-    `Trainer.log` (so they reach `log_history` and every `report_to` integration); the main process prints one
-    line at the switch and writes `autowu.png` to the output folder then and at the end (see `SAVE_FIGURE`).
+    applied at that step. The `LOG_KEYS` join the Trainer's own log entries (at its logging steps, plus one
+    entry at the switch), so they reach `log_history` and every `report_to` integration; the main process prints
+    one line at the switch and writes `autowu.png` to the output folder then and at the end (see `SAVE_FIGURE`).
 
-    How it works: at `on_train_begin` the callback finds the Trainer that runs it and wraps that trainer's
-    `training_step` to sum each step's micro-batch losses on the device; it steps AutoWU in
-    `on_optimizer_step` (unless an fp16 overflow skipped the step) and re-applies AutoWU's LR after the
-    Trainer's own scheduler has stepped. AutoWU's state travels in the Trainer's `scheduler.pt`, so
+    How it works: at `on_train_begin` the callback finds the Trainer that runs it and wraps three of that
+    trainer's methods (see `hf_autowu.trainer_hooks`): `training_step` (sums each step's micro-batch losses on
+    the device), `log` (adds AutoWU's values) and `_save_checkpoint` (captures AutoWU's state, with the
+    cross-process mean of the untested losses, when a checkpoint is written, whatever `save_strategy` decided
+    it). It steps AutoWU in `on_optimizer_step` (unless an fp16 overflow skipped the step) and re-applies
+    AutoWU's LR after the Trainer's own scheduler has stepped. AutoWU's state travels in the Trainer's
+    `scheduler.pt` (rewind snapshots in one `autowu_rewind_rank*.pt` per process), so
     `trainer.train(resume_from_checkpoint=...)` continues the exact LR trajectory with no extra setting;
     `restore_callback_states_from_checkpoint=True` also works (it rebuilds the callback from the options saved
     in `trainer_state.json`, so read `trainer.callback_handler.callbacks` rather than a stale reference).
@@ -210,17 +264,17 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         train_dataloader: DataLoader | None = None,
         **kwargs,
     ):
-        trainer = _find_trainer(self)
+        trainer, resume = trainer_hooks.find_running_trainer(self)
         if isinstance(trainer, AutoWUTrainerMixin):
             raise ValueError(f"{type(trainer).__name__} already runs AutoWU: remove the AutoWUCallback.")
         _refuse_unsupported(trainer, self.entry_point)
-        trainer_scheduler = trainer.lr_scheduler
+        trainer_scheduler = _unwrap_scheduler(trainer.lr_scheduler)
         if not isinstance(trainer_scheduler, torch.optim.lr_scheduler.LRScheduler):
             raise ValueError(
                 f"AutoWUCallback drives the Trainer's scheduler, which must be a torch LRScheduler; got "
                 f"{type(trainer_scheduler).__name__}. Pass `optimizers=(optimizer, None)`, or use AutoWUTrainer."
             )
-        saved = trainer_scheduler.__dict__.get(_STATE_KEY) if state.global_step > 0 else None
+        saved = trainer_scheduler.__dict__.pop(_STATE_KEY, None) if state.global_step > 0 else None
         total_steps = state.max_steps
         if state.global_step > 0 and saved is None:
             total_steps = max(state.max_steps - state.global_step, 1)
@@ -237,9 +291,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         if saved is not None:
             scheduler.load_state_dict(saved)
         self._trainer_scheduler = trainer_scheduler
-        self._start(trainer, scheduler)
+        self._start(trainer, scheduler, resume)
         self._set_trainer_lr()
-        _hook_training_step(trainer, self.step_loss)
+        trainer_hooks.install(trainer, self)
         # a checkpoint saved without this callback has no entry for it, and the next save would fail
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
@@ -251,17 +305,19 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._set_trainer_lr()
         super().on_step_end(args, state, control, **kwargs)
-        if control.should_save:
-            self._trainer_scheduler.__dict__[_STATE_KEY] = self.scheduler.state_dict()
 
-    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        super().on_epoch_end(args, state, control, **kwargs)
-        if control.should_save:
-            self._trainer_scheduler.__dict__[_STATE_KEY] = self.scheduler.state_dict()
+    def before_save(self) -> None:
+        """Average the untested losses, and put AutoWU's state where the Trainer saves its own scheduler."""
+        super().before_save()
+        self._trainer_scheduler.__dict__[_STATE_KEY] = self.scheduler.state_dict()
+
+    def after_save(self, output_dir: str) -> None:
+        self._trainer_scheduler.__dict__.pop(_STATE_KEY, None)
+        super().after_save(output_dir)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         super().on_train_end(args, state, control, **kwargs)
-        _unhook_training_step(self._trainer)
+        trainer_hooks.uninstall(self._trainer)
         self._trainer = None
 
     def _set_trainer_lr(self) -> None:
@@ -277,12 +333,15 @@ class AutoWUTrainerMixin:
 
     Put it first in the bases: `class AutoWUSFTTrainer(AutoWUTrainerMixin, SFTTrainer): pass`. It overrides
     `create_scheduler` (the scheduler is an `AutoWU`, saved in and restored from `scheduler.pt`),
-    `training_step` (sums each step's micro-batch losses on the device, for AutoWU) and `get_train_dataloader`
-    (records the optimizer steps per epoch). The Trainer's `learning_rate`, `lr_scheduler_type` and warmup
-    settings are ignored; the budget is the Trainer's. The logged `learning_rate` is the LR applied at each
-    step; the `LOG_KEYS` are logged at each switch test and at the switch, and `autowu.png` is written as for
-    `AutoWUCallback`. Resuming with
-    `trainer.train(resume_from_checkpoint=...)` continues the exact LR trajectory.
+    `training_step` (sums each step's micro-batch losses on the device, for AutoWU), `log` (adds AutoWU's values
+    to the training log entries), `_save_checkpoint` (averages the untested losses over processes and adds each
+    process's rewind state to the checkpoint) and `get_train_dataloader` (records the optimizer steps per epoch).
+    The Trainer's `learning_rate`, `lr_scheduler_type` and warmup settings are ignored; the budget is the
+    Trainer's. The logged `learning_rate` is the LR applied at each step; the `LOG_KEYS` join the Trainer's own
+    log entries (at its logging steps, plus one entry at the switch), and `autowu.png` is written as for
+    `AutoWUCallback`. Resuming with `trainer.train(resume_from_checkpoint=...)` continues the exact LR
+    trajectory. With DeepSpeed, a config without a `scheduler` section is fine (the engine may step the
+    scheduler itself); a `scheduler` section is refused.
 
     Args:
         *args: The base trainer's positional arguments.
@@ -350,8 +409,17 @@ class AutoWUTrainerMixin:
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(*args, **kwargs)
-        self._autowu_events.step_loss.add(loss)
+        self._autowu_events.add_step_loss(loss)
         return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        self._autowu_events.add_log_values(logs)
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: Any, trial: Any, *args: Any, **kwargs: Any) -> None:
+        self._autowu_events.before_save()
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        self._autowu_events.after_save(trainer_hooks.checkpoint_dir(self, trial))
 
 
 class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
@@ -389,46 +457,17 @@ def _steps_per_epoch(dataloader: DataLoader | None, args: TrainingArguments) -> 
     return max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
 
 
-def _find_trainer(callback: TrainerCallback) -> Trainer:
-    """The `Trainer` whose training loop is calling `callback` now (found on the call stack)."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    raise RuntimeError(
-        f"{type(callback).__name__} found no transformers.Trainer running it, so it cannot get the training loss. "
-        "Use AutoWUTrainer (or AutoWUTrainerMixin), or call AutoWU.step(loss) in your own loop."
-    )
-
-
-def _hook_training_step(trainer: Trainer, step_loss: _StepLoss) -> None:
-    """Make `trainer.training_step` add each micro-batch's returned loss to `step_loss`."""
-    _unhook_training_step(trainer)  # a run that raised never reached on_train_end
-    original = trainer.training_step
-
-    def training_step(*args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = original(*args, **kwargs)
-        step_loss.add(loss)
-        return loss
-
-    training_step.autowu_original = original
-    training_step.autowu_replaced = trainer.__dict__.get("training_step")
-    trainer.training_step = training_step
-
-
-def _unhook_training_step(trainer: Trainer | None) -> None:
-    hook = trainer.__dict__.get("training_step") if trainer is not None else None
-    if hook is None or not hasattr(hook, "autowu_original"):
+def _load_rewind_state(rewinder: WarmupRewinder, checkpoint: str | None) -> None:
+    """Load this process's rewind state from a checkpoint folder (the main process's when this process has none
+    there, e.g. after a change of world size), memory-mapped, so that a process that holds no snapshots never reads
+    them."""
+    if checkpoint is None:
         return
-    if hook.autowu_replaced is None:
-        del trainer.training_step
-    else:
-        trainer.training_step = hook.autowu_replaced
+    for rank in dict.fromkeys((process_rank(), 0)):
+        path = os.path.join(checkpoint, REWIND_FILE.format(rank=rank))
+        if os.path.exists(path):
+            rewinder.load_state_dict(torch.load(path, weights_only=True, mmap=True))
+            return
 
 
 def _refuse_unsupported(trainer: Trainer, entry_point: str, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -75,7 +75,8 @@ def test_step_rejects_bad_losses():
 
 
 def test_reference_signature_and_defaults():
-    scheduler = AutoWU(make_optimizer(), 10, 4, immediate_cooldown=True, cooldown_type="cosine", device="cpu")
+    with pytest.warns(FutureWarning, match="`device` is deprecated"):
+        scheduler = AutoWU(make_optimizer(), 10, 4, immediate_cooldown=True, cooldown_type="cosine", device="cpu")
     assert scheduler.total_steps == 40
     config = scheduler.config
     assert (config.min_lr, config.max_lr, config.max_warmup_fraction) == (1e-5, 1.0, 0.5)

@@ -1,4 +1,5 @@
-"""Rewind restores the model and optimizer state of a warmup snapshot, bit for bit, and survives resume."""
+"""Rewind: on by default in a hand-written loop, restores a warmup snapshot bit for bit, fits its memory budget,
+offloads to disk, survives resume, and turns itself off (with one warning) where it cannot work."""
 
 import copy
 import io
@@ -24,6 +25,7 @@ def data(step):
 
 
 def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=None):
+    """The README's loop: `scheduler.step(loss)` after every optimizer step."""
     for step in range(start, stop):
         x, y = data(step)
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -33,18 +35,21 @@ def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=Non
         if lrs is not None:
             lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step(loss)
-        if snapshots_seen is not None and scheduler.rewinder.snapshots:
-            latest = scheduler.rewinder.snapshots[-1]
+        rewinder = scheduler.rewinder
+        if snapshots_seen is not None and rewinder is not None and rewinder.snapshots:
+            latest = rewinder.snapshots[-1]
             if latest["step"] not in snapshots_seen:
                 snapshots_seen[latest["step"]] = copy.deepcopy(latest)
 
 
-def build(seed=0, **options):
+def build(seed=0, with_model=False, **options):
+    """A model, AdamW and AutoWU with its defaults; `with_model` attaches a `WarmupRewinder` given the model."""
     model = make_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
     scheduler = AutoWU(optimizer, total_steps=400, immediate_cooldown=True, **options)
-    rewinder = WarmupRewinder(model, optimizer, scheduler)
-    return model, optimizer, scheduler, rewinder
+    if with_model:
+        WarmupRewinder(model, optimizer, scheduler)
+    return model, optimizer, scheduler
 
 
 def assert_state_equal(a, b):
@@ -62,44 +67,90 @@ def assert_state_equal(a, b):
         assert a == b
 
 
-def test_snapshots_at_lr_milestones_and_bit_exact_restore():
-    model, optimizer, scheduler, rewinder = build()
+def state_after(step, with_rewind=False):
+    """Model and optimizer state after `step` steps of a run with nothing rewound before then."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=400, immediate_cooldown=True, rewind=with_rewind)
+    train(model, optimizer, scheduler, 0, step)
+    return model.state_dict(), optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_default_rewind_in_a_hand_written_loop_restores_a_snapshot_bit_for_bit(with_model):
+    model, optimizer, scheduler = build(with_model=with_model)
+    rewinder = scheduler.rewinder
+    assert rewinder is not None, "the robust default rewinds without anything attached"
     seen = {}
     train(model, optimizer, scheduler, 0, 400, snapshots_seen=seen)
     assert scheduler.switch_step is not None and rewinder.rewound_to is not None
-    steps = sorted(seen)
-    tags = [seen[s]["lr"] for s in steps]
-    assert all(b >= 2 * a for a, b in zip(tags[1:], tags[2:], strict=False)), "one snapshot per doubling of LR"
+    tags = [seen[s]["lr"] for s in sorted(seen)]
+    assert all(b >= 2 * a for a, b in zip(tags, tags[1:], strict=False)), "one snapshot per doubling of the LR"
     target = rewinder.rewound_to
     assert target["lr"] <= scheduler.peak_lr < 2 * target["lr"], "the latest snapshot at or below the chosen LR"
-    assert target["step"] in steps
     assert rewinder.snapshots == [] and rewinder.memory_bytes == 0
 
-    # replay up to the snapshot step without a rewinder: the restored state is exactly the state at that step
-    model2 = make_model()
-    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
-    scheduler2 = AutoWU(optimizer2, total_steps=400, immediate_cooldown=True)
-    train(model2, optimizer2, scheduler2, 0, target["step"])
-    assert_state_equal(seen[target["step"]]["model"], model2.state_dict())
-    assert_state_equal(seen[target["step"]]["optimizer"]["state"], optimizer2.state_dict()["state"])
+    # right after the switch the parameters and optimizer state are exactly those of the snapshot's step
+    model2, optimizer2, scheduler2 = build(with_model=with_model)
+    train(model2, optimizer2, scheduler2, 0, scheduler.switch_step)
+    expected_model, expected_state = state_after(target["step"])
+    for name, param in model2.named_parameters():
+        assert torch.equal(param, expected_model[name]), name
+    assert_state_equal(optimizer2.state_dict()["state"], expected_state)
+    # the model's buffers (BatchNorm statistics) come back only when the rewinder knows the model
+    buffers = [name for name, _ in model2.named_buffers() if "running" in name]
+    restored = all(torch.equal(model2.state_dict()[name], expected_model[name]) for name in buffers)
+    assert restored == with_model
 
 
-def test_rewind_undoes_a_blow_up():
-    model, optimizer, scheduler, rewinder = build()
-    train(model, optimizer, scheduler, 0, scheduler.switch_step or 400)
-    x, y = data(10_000)
-    loss_after_rewind = torch.nn.functional.mse_loss(model.eval()(x), y).item()
-    assert math.isfinite(loss_after_rewind)
-    assert rewinder.rewound_to["lr"] < scheduler.tests[-1].lr, "restored a state from before the largest LRs"
+def test_snapshots_are_taken_after_the_step_they_are_tagged_with():
+    model, optimizer, scheduler = build()
+    seen = {}
+    train(model, optimizer, scheduler, 0, 60, snapshots_seen=seen)
+    step = sorted(seen)[-1]
+    expected_model, expected_state = state_after(step)
+    params = [p for p in seen[step]["data"]["params"]]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(params, [expected_model[n] for n, _ in model.named_parameters()], strict=True)
+    )
+    assert seen[step]["lr"] == scheduler.lr_at(step - 1)
 
 
 def test_memory_cost_is_reported():
-    model, optimizer, scheduler, rewinder = build()
+    model, optimizer, scheduler = build()
     train(model, optimizer, scheduler, 0, 60)
+    rewinder = scheduler.rewinder
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     assert len(rewinder.snapshots) >= 1
-    # each snapshot: parameters + buffers + AdamW's two moments
+    # each snapshot: the parameters and AdamW's two moments (and its step counters)
     assert rewinder.memory_bytes >= len(rewinder.snapshots) * 3 * params
+    assert rewinder.planned_bytes >= 3 * 3 * params
+
+
+def test_rewind_turns_itself_off_when_it_would_not_fit(recwarn):
+    model, optimizer, scheduler = build(rewind_memory_fraction=1e-12)
+    lrs = []
+    train(model, optimizer, scheduler, 0, 400, lrs=lrs)
+    warnings = [str(w.message) for w in recwarn if "rewind is off" in str(w.message)]
+    assert len(warnings) == 1 and "available host memory" in warnings[0]
+    rewinder = scheduler.rewinder
+    assert not rewinder.enabled and rewinder.snapshots == [] and rewinder.rewound_to is None
+    assert scheduler.switch_step is not None and all(math.isfinite(lr) for lr in lrs)
+
+
+def test_offloaded_snapshots_restore_the_same_state(tmp_path):
+    in_memory = build()
+    train(*in_memory, 0, 400)
+    model, optimizer, scheduler = build(rewind_offload_dir=str(tmp_path))
+    train(model, optimizer, scheduler, 0, 60)
+    assert scheduler.rewinder.memory_bytes == 0 and len(list(tmp_path.glob("autowu_rewind_rank0_step*.pt"))) == len(
+        scheduler.rewinder.snapshots
+    )
+    train(model, optimizer, scheduler, 60, 400)
+    assert scheduler.rewinder.rewound_to == in_memory[2].rewinder.rewound_to
+    assert_state_equal(model.state_dict(), in_memory[0].state_dict())
+    assert list(tmp_path.glob("*.pt")) == [], "snapshot files are deleted once used"
 
 
 def roundtrip(state):
@@ -109,20 +160,24 @@ def roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
-@pytest.mark.parametrize("where", ["before_first_snapshot_kept", "late_warmup"])
-def test_resume_with_rewind_is_bit_exact(where):
-    model, optimizer, scheduler, _ = build()
+@pytest.mark.parametrize("where", ["early_warmup", "late_warmup", "after_switch"])
+def test_resume_with_the_default_rewind_is_bit_exact(where):
+    model, optimizer, scheduler = build()
     expected = []
     train(model, optimizer, scheduler, 0, 400, lrs=expected)
     final_state = model.state_dict()
-    stop = 30 if where == "before_first_snapshot_kept" else scheduler.switch_step - 3
+    stop = {"early_warmup": 30, "late_warmup": scheduler.switch_step - 3, "after_switch": scheduler.switch_step + 5}[
+        where
+    ]
 
-    model1, optimizer1, scheduler1, _ = build()
+    model1, optimizer1, scheduler1 = build()
     lrs = []
     train(model1, optimizer1, scheduler1, 0, stop, lrs=lrs)
     saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    if where != "after_switch":
+        assert saved["sched"]["listeners"]["rewind"]["snapshots"], "the snapshots travel in the scheduler's state"
 
-    model2, optimizer2, scheduler2, _ = build(seed=123)  # different init: everything must come from the checkpoint
+    model2, optimizer2, scheduler2 = build(seed=123)  # different init: everything must come from the checkpoint
     model2.load_state_dict(saved["model"])
     optimizer2.load_state_dict(saved["opt"])
     scheduler2.load_state_dict(saved["sched"])
@@ -131,11 +186,53 @@ def test_resume_with_rewind_is_bit_exact(where):
     assert_state_equal(model2.state_dict(), final_state)
 
 
-def test_sharded_models_are_refused():
-    class FullyShardedDataParallel(torch.nn.Module):  # stands for the FSDP wrapper's type name
-        pass
+def test_a_rewinder_attached_after_loading_picks_up_the_saved_snapshots():
+    model, optimizer, scheduler = build(with_model=True)
+    train(model, optimizer, scheduler, 0, 60)
+    saved = roundtrip(scheduler.state_dict())
+    model2 = make_model()
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
+    scheduler2 = AutoWU(optimizer2, total_steps=400, immediate_cooldown=True, rewind=False)
+    with pytest.warns(UserWarning, match="other options"):
+        scheduler2.load_state_dict(saved)
+    rewinder = WarmupRewinder(model2, optimizer2, scheduler2)
+    assert [s["step"] for s in rewinder.snapshots] == [s["step"] for s in scheduler.rewinder.snapshots]
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = AutoWU(optimizer, total_steps=10)
-    with pytest.raises(ValueError, match="sharded"):
-        WarmupRewinder(FullyShardedDataParallel(), optimizer, scheduler)
+
+def test_paper_preset_and_rewind_false_attach_nothing():
+    assert (
+        AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=10, preset="paper").rewinder
+        is None
+    )
+    assert (
+        AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=10, rewind=False).rewinder
+        is None
+    )
+
+
+def test_deepspeed_state_turns_rewind_off_with_a_warning():
+    """DeepSpeed cannot run on this CPU; its parameters carry a `ds_id` (what `sharding_of` looks for)."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.ds_id = 0
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    with pytest.warns(UserWarning, match="rewind is off: DeepSpeed"):
+        scheduler = AutoWU(optimizer, total_steps=100)
+    for step in range(100):
+        param.grad = torch.full_like(param, 0.1)
+        optimizer.step()
+        scheduler.step(1.0 / (step + 1))
+    assert scheduler.rewinder.snapshots == [] and scheduler.switch_step is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"snapshots": 0}, "snapshots"),
+        ({"lr_factor": 1.0}, "lr_factor"),
+        ({"memory_fraction": 0.0}, "memory_fraction"),
+    ],
+)
+def test_bad_rewinder_arguments_name_the_argument(kwargs, name):
+    model, optimizer, scheduler = build()
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        WarmupRewinder(model, optimizer, scheduler, **kwargs)

@@ -91,10 +91,11 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     expected = hand_fed_lrs(recorder.step_losses(), 60, 4, **AUTOWU_OPTIONS)
     assert [lrs[0] for lrs in recorder.lrs] == expected
     assert all(len(set(lrs)) == 1 for lrs in recorder.lrs)
-    # rewind: right after the switch, model and optimizer hold the snapshot of a warmup step with LR <= peak LR
+    # rewind: the step after the switch starts from the snapshot of a warmup step with LR <= peak LR (weights,
+    # buffers and optimizer moments)
     rewound = scheduler.rewinder.rewound_to
     assert 0 < rewound["step"] < scheduler.switch_step and rewound["lr"] <= scheduler.peak_lr
-    snapshot, after_switch = recorder.states[rewound["step"] - 1], recorder.states[scheduler.switch_step - 1]
+    snapshot, after_switch = recorder.begin_states[rewound["step"]], recorder.begin_states[scheduler.switch_step]
     assert snapshot.keys() == after_switch.keys()
     assert all(torch.equal(after_switch[key], value) for key, value in snapshot.items())
     # AutoWU saw each step's mean loss over its micro-batches
@@ -106,18 +107,20 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     logged = [entry for entry in trainer.state.log_history if "learning_rate" in entry]
     assert [entry["step"] for entry in logged] == list(range(1, 61))
     assert [entry["learning_rate"] for entry in logged] == expected
-    # every switch test and the switch reach log_history
+    # AutoWU's values join the Trainer's own log entries (logging_steps=1: one entry a step, no extra ones)
     entries = autowu_logs(trainer)
-    assert [entry["step"] for entry in entries] == [record.step for record in scheduler.tests]
-    assert set(LOG_KEYS) <= set(entries[-1])
-    last = entries[-1]
-    assert last["step"] == scheduler.switch_step and last["autowu/switch_step"] == scheduler.switch_step
-    assert last["autowu/phase"] == 1 and last["autowu/peak_lr"] == scheduler.peak_lr == last["autowu/lr"]
-    assert all(entry["autowu/switch_step"] == -1 and entry["autowu/phase"] == 0 for entry in entries[:-1])
-    assert [entry["autowu/votes"] for entry in entries] == [record.votes for record in scheduler.tests]
+    assert [entry["step"] for entry in entries] == list(range(1, 61)) and all("loss" in e for e in entries)
+    assert all(set(LOG_KEYS) <= set(entry) for entry in entries)
+    switch = entries[scheduler.switch_step - 1]
+    assert switch["autowu/switch_step"] == scheduler.switch_step and switch["autowu/peak_lr"] == scheduler.peak_lr
+    assert all(
+        entry["autowu/switch_step"] == -1 and entry["autowu/phase"] == 0 for entry in entries[: switch["step"] - 1]
+    )
+    votes = {record.step: record.votes for record in scheduler.tests}
+    assert [entries[step - 1]["autowu/votes"] for step in votes] == list(votes.values())
     assert [r.getMessage() for r in caplog.records if "warmup ended" in r.getMessage()] == [
-        f"AutoWU: warmup ended after {scheduler.switch_step} steps (test); peak LR {scheduler.peak_lr:.4g}, "
-        "decaying to 0 by step 60."
+        f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
+        f"{scheduler.peak_lr:.4g}, decaying to 0 by step 60."
     ]
 
 
@@ -209,7 +212,7 @@ def test_resume_continues_the_lr_trajectory(entry_point, tmp_path):
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
-def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path, monkeypatch):
+def test_the_switch_is_logged_without_per_step_logging(entry_point, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", True)
@@ -217,15 +220,15 @@ def test_logs_reach_tensorboard_without_per_step_logging(entry_point, tmp_path, 
     trainer = make_trainer(entry_point, args)
     trainer.train()
     scheduler = scheduler_of(trainer)
-    # the Trainer logged no per-step loss: only AutoWU's entries and the end-of-training summary
-    assert [entry for entry in trainer.state.log_history if "loss" in entry] == []
-    test_steps = [record.step for record in scheduler.tests]
-    assert [entry["step"] for entry in autowu_logs(trainer)] == test_steps
+    # no per-step logging: one entry, the Trainer's own at the switch step, carries AutoWU's values
+    (entry,) = autowu_logs(trainer)
+    assert entry["step"] == scheduler.switch_step and "loss" in entry
+    assert entry["autowu/switch_step"] == scheduler.switch_step
     (event_dir,) = {str(path.parent) for path in (tmp_path / "out").rglob("events.out.tfevents.*")}
     events = EventAccumulator(event_dir)
     events.Reload()
     for key in LOG_KEYS:
-        assert [event.step for event in events.Scalars(f"train/{key}")] == test_steps, key
+        assert [event.step for event in events.Scalars(f"train/{key}")] == [scheduler.switch_step], key
     lrs = [event.value for event in events.Scalars("train/autowu/lr")]
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor([entry["autowu/lr"] for entry in autowu_logs(trainer)]))
     assert events.Scalars("train/autowu/switch_step")[-1].value == scheduler.switch_step

@@ -38,9 +38,12 @@ def test_every_process_applies_the_same_lr(ranks, run):
     # both processes rewound to the same snapshot at the switch and ended with the same weights
     assert first["rewound_to"] == second["rewound_to"] is not None
     assert first["final_weights"] == second["final_weights"]
-    # collectives only at switch tests (every TEST_INTERVAL steps) and at the switch, not on ordinary steps
-    steps = set(first["collective_steps"])
-    assert steps <= {step for step in range(1, 61) if step % TEST_INTERVAL == 0} | {first["switch_step"]}
+    # collectives only at switch tests (every TEST_INTERVAL steps), at the switch, and once at the first rewind
+    # snapshot (the memory budget check, step 1), not on ordinary steps. (AutoWUTrainer steps AutoWU in
+    # `on_step_end`, after the Trainer has counted the step: its collectives are seen one step later.)
+    offset = 1 if run.startswith("trainer") else 0
+    allowed = {step for step in range(1, 61) if step % TEST_INTERVAL == 0} | {first["switch_step"], 1}
+    assert set(first["collective_steps"]) <= {step + offset for step in allowed}
     assert len(first["collective_steps"]) <= len(first["lrs"]) // 2
 
 

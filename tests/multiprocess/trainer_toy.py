@@ -109,6 +109,7 @@ class StepRecorder(TrainerCallback):
         self.micro_losses: list[list[torch.Tensor]] = []
         self.outputs: list[list[dict[str, torch.Tensor]]] = []
         self.states: list[dict[str, torch.Tensor]] = []
+        self.begin_states: list[dict[str, torch.Tensor]] = []
         self._hooked = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -121,17 +122,17 @@ class StepRecorder(TrainerCallback):
             self.micro_losses[-1].append(output["loss"].detach().clone())
             self.outputs[-1].append({k: v.detach().clone() for k, v in output.items() if v.dim() == 0})
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.micro_losses.append([])
         self.outputs.append([])
+        self.begin_states.append(_training_state(model, optimizer))
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.lrs.append([group["lr"] for group in optimizer.param_groups])
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         """Keep the model weights and the optimizer's moments after each step."""
-        moments = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
-        self.states.append({k: v.detach().clone() for k, v in {**model.state_dict(), **moments}.items()})
+        self.states.append(_training_state(model, optimizer))
 
     def step_losses(self) -> list[torch.Tensor]:
         """Each step's loss as the Trainer returns it: the sum over micro-batches of `loss / micro-batches`."""
@@ -143,6 +144,12 @@ class StepRecorder(TrainerCallback):
                 total = part if total is None else total + part
             result.append(total)
         return result
+
+
+def _training_state(model: nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
+    """A copy of the model's weights and buffers and the optimizer's moments."""
+    moments = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items() for k, v in s.items()}
+    return {k: v.detach().clone() for k, v in {**model.state_dict(), **moments}.items()}
 
 
 class FakeOverflow(TrainerCallback):

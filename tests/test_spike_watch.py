@@ -1,0 +1,99 @@
+"""The spike watch: a loss that blows up between two switch tests is caught on the next step and rewound; noise,
+a falling loss and the paper preset never trigger it."""
+
+import math
+
+import pytest
+import torch
+from helpers import make_optimizer, run_valley
+
+from hf_autowu import AutoWU
+
+TOTAL, INTERVAL, DAMAGE_AT = 2000, 50, 120
+
+
+def regression_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(64, 8, generator=g)
+    return x, x @ torch.linspace(-1, 1, 8).unsqueeze(1)
+
+
+def train_with_a_damaging_update(damage_at: int | None):
+    """SGD on a linear regression; at step `damage_at` the gradient is multiplied by 1e4, so that one update wrecks
+    the weights and every later loss is huge (a real blow-up, between the tests at steps 100 and 150)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=TOTAL, test_interval=INTERVAL, min_lr=1e-3, max_lr=1e3)
+    losses, weights = [], []
+    for step in range(300):
+        x, y = regression_batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (loss * (1e4 if step == damage_at else 1.0)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(loss)
+        losses.append(loss.item())
+        weights.append(model.weight.detach().clone())
+    return scheduler, losses, weights
+
+
+def test_a_blow_up_between_tests_is_caught_on_the_next_step_and_rewound():
+    clean, _, _ = train_with_a_damaging_update(None)
+    assert clean.phase == "warmup", "without the damage nothing happens in the first 300 steps"
+    scheduler, losses, weights = train_with_a_damaging_update(DAMAGE_AT)
+    first_bad = DAMAGE_AT + 1  # the first loss computed with the wrecked weights
+    assert losses[first_bad] > 1e3 * losses[DAMAGE_AT]
+    assert [r.step for r in scheduler.tests][-1] < first_bad < scheduler.tests[-1].step + INTERVAL
+    # its loss is read at the next step (one step late, no sync), and that step switches
+    assert scheduler.switch_reason == "spike" and scheduler.switch_step == first_bad + 2
+    assert scheduler.peak_lr <= scheduler.lr_at(DAMAGE_AT)
+    # the weights after the switch are a warmup snapshot's, from before the damage
+    rewound = scheduler.rewinder.rewound_to
+    assert rewound["step"] <= DAMAGE_AT
+    assert torch.equal(weights[scheduler.switch_step - 1], weights[rewound["step"] - 1])
+    assert losses[scheduler.switch_step] < 10 * losses[DAMAGE_AT]
+
+
+def falling_loss(step: int, generator: torch.Generator) -> float:
+    """From 3 down to about 1, with noise of sd 0.01."""
+    return 1.0 + 2.0 * math.exp(-step / 20) + 0.01 * float(torch.randn((), generator=generator))
+
+
+def test_a_moderate_jump_needs_two_steps_above_the_margin():
+    """By step 100 the loss has fallen by 2: a jump of 0.6 (a quarter of that progress is the margin, 0.5) counts
+    twice in a row, not once."""
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL, test_interval=INTERVAL)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(130):
+        jump = 0.6 if step in (110, 115, 116) else 0.0
+        scheduler.step(falling_loss(step, generator) + jump)
+    assert scheduler.switch_reason == "spike" and scheduler.switch_step == 116 + 2
+
+
+def test_a_bump_before_the_loss_has_fallen_is_left_to_the_test():
+    """A smooth loss that has barely moved: a bump of many noise sds is no blow-up (nothing to give back)."""
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL, test_interval=INTERVAL)
+    for step in range(130):
+        scheduler.step(2.0 - 1e-5 * step + (0.01 if step in (110, 111) else 0.0))
+    assert scheduler.phase == "warmup"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heavy_tailed_noise_does_not_trigger_it(seed):
+    """Student-t noise (3 degrees of freedom) on a valley: the switch comes from the GP test, not the watch."""
+    scheduler = AutoWU(make_optimizer(), total_steps=1000)
+    torch.manual_seed(seed)
+    t_noise = torch.distributions.StudentT(3.0)
+    for _ in range(scheduler.total_steps):
+        lr = scheduler.optimizer.param_groups[0]["lr"]
+        distance = math.log10(lr / 1e-2)
+        value = 1.0 + (0.5 if distance < 0 else 2.0) * distance**2
+        scheduler.step(value + 0.02 * float(t_noise.sample()))
+    assert scheduler.switch_reason == "test"
+
+
+def test_the_paper_preset_has_no_watch():
+    scheduler = AutoWU(make_optimizer(), total_steps=200, preset="paper")
+    run_valley(scheduler, best_lr=1e-2)
+    assert scheduler._watch is None and scheduler.switch_reason in ("test", "cap")
