@@ -22,6 +22,8 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "spike_watch": True,
         "estimate_at_cap": True,
         "rewind": True,
+        "rise_margin": 0.0,
+        "slowed_fraction": 0.0,
         "min_losses": 20,
         "fit_lr": 0.05,
         "noise_init": 0.1,
@@ -33,12 +35,14 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "spike_watch": False,
         "estimate_at_cap": False,
         "rewind": False,
+        "rise_margin": 0.0,
+        "slowed_fraction": 0.0,
         "min_losses": 3,
         "fit_lr": 0.01,
         "noise_init": 1e-3,
     },
 }
-"""Every setting a preset decides, in one place. The first six are options (`None` means "as the preset says");
+"""Every setting a preset decides, in one place. All but the last three are options (`None`: "as the preset says");
 `min_losses` (fewest finite losses a switch test needs), `fit_lr` (Adam's LR for the GP hyperparameters) and
 `noise_init` (the GP's initial noise variance) are not: on standardised losses the robust values are scale-free."""
 
@@ -132,6 +136,22 @@ class AutoWUConfig:
             "for 'robust')."
         ),
     )
+    rise_margin: float | None = field(
+        default=None,
+        metadata=_help(
+            "A prediction votes 'minimum in the past' only when the smoothed loss now lies this many GP noise "
+            "standard deviations above its minimum, so a flat noisy stretch cannot pass (default: as the preset "
+            "says)."
+        ),
+    )
+    slowed_fraction: float | None = field(
+        default=None,
+        metadata=_help(
+            "The LR chosen at the switch: where the smoothed loss's descent (per log-LR) has slowed to this fraction "
+            "of its steepest rate, before its minimum; 0 is the LR at the minimum, the paper's choice (default: as "
+            "the preset says)."
+        ),
+    )
     estimate_at_cap: bool | None = field(
         default=None,
         metadata=_help(
@@ -193,6 +213,12 @@ class AutoWUConfig:
         self._check_positive_int("rewind_snapshots")
         if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
+        if self.rise_margin is not None and not (_is_real(self.rise_margin) and 0.0 <= self.rise_margin < math.inf):
+            raise ValueError(f"`rise_margin` must be a finite number >= 0, got {self.rise_margin!r}.")
+        if self.slowed_fraction is not None and not (
+            _is_real(self.slowed_fraction) and 0.0 <= self.slowed_fraction < 1.0
+        ):
+            raise ValueError(f"`slowed_fraction` must be in [0, 1), got {self.slowed_fraction!r}.")
         if not (_is_real(self.rewind_memory_fraction) and 0.0 < self.rewind_memory_fraction <= 1.0):
             raise ValueError(f"`rewind_memory_fraction` must be in (0, 1], got {self.rewind_memory_fraction!r}.")
         if self.rewind_offload_dir is not None and not isinstance(self.rewind_offload_dir, str):

@@ -622,6 +622,8 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         min_losses=config.preset_setting("min_losses"),
         fit_lr=config.preset_setting("fit_lr"),
         noise_init=config.preset_setting("noise_init"),
+        rise_margin=config.preset_setting("rise_margin"),
+        slowed_fraction=config.preset_setting("slowed_fraction"),
     )
 
 

@@ -56,19 +56,48 @@ class SwitchTestOutcome:
         return sum(self.probabilities) / len(self.probabilities) if self.probabilities else math.nan
 
 
-def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray) -> np.ndarray:
-    """`max_{i<k} P(f_i < f_k)` for a Gaussian posterior, `k` the last grid point.
+def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """`max_{i<k} P(f_k - f_i > margin)` for a Gaussian posterior, `k` the last grid point: the probability that
+    the curve now lies more than `margin` above some earlier point (with `margin=0`, the paper's
+    `max_{i<k} P(f_i < f_k)`).
 
     Args:
         mean (`np.ndarray`): Posterior means, shape (..., g).
         diff_variance (`np.ndarray`): Variances of `f_i - f_k` for i < k, shape (..., g - 1).
+        margin (`float`, *optional*, defaults to 0): How far above (in the units of `mean`).
 
     Returns:
         `np.ndarray`: the probability, shape (...).
     """
-    gap = mean[..., -1:] - mean[..., :-1]
+    gap = mean[..., -1:] - mean[..., :-1] - margin
     z = gap / np.sqrt(np.maximum(diff_variance, 0.0) + VARIANCE_JITTER)
     return ndtr(z.max(axis=-1))
+
+
+def slowed_descent_index(mean: np.ndarray, fraction: float) -> int:
+    """Where the posterior mean's descent has slowed to `fraction` of its steepest rate, before its minimum.
+
+    On the warmup ramp the grid is linear in log-LR (exponential ramp), so the slope is the loss's change per
+    log-LR. The loss falls fastest at some LR, then flattens before it turns up; the returned point is the first
+    one after the steepest descent where the slope is no steeper than `fraction` of that steepest slope: the LR
+    beyond which more LR bought little more progress in the ramp. With `fraction` 0 it is the argmin (the
+    paper's choice).
+
+    Args:
+        mean (`np.ndarray`): Posterior mean on the grid, shape (g,).
+        fraction (`float`): Share of the steepest slope, in [0, 1).
+
+    Returns:
+        `int`: the grid index.
+    """
+    lowest = int(mean.argmin())
+    if fraction <= 0.0 or lowest == 0:
+        return lowest
+    slope = np.gradient(mean)
+    steepest = int(slope[: lowest + 1].argmin())
+    if slope[steepest] >= 0.0:
+        return lowest
+    return steepest + int(np.argmax(slope[steepest : lowest + 1] >= fraction * slope[steepest]))
 
 
 def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -113,6 +142,10 @@ class SwitchTester:
         min_losses (`int`, *optional*, defaults to 3): Fewest finite losses a test needs.
         fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate for the hyperparameters.
         noise_init (`float`, *optional*, defaults to 1e-3): Initial GP noise variance.
+        rise_margin (`float`, *optional*, defaults to 0): A prediction votes "past" only when the curve now lies
+            more than this many GP noise standard deviations above its minimum (0: the paper's test).
+        slowed_fraction (`float`, *optional*, defaults to 0): The LR estimate is at `slowed_descent_index(mean,
+            slowed_fraction)` of each prediction (0: the argmin, the paper's choice).
     """
 
     def __init__(
@@ -125,8 +158,12 @@ class SwitchTester:
         min_losses: int = MIN_FINITE_LOSSES,
         fit_lr: float = FIT_LR,
         noise_init: float = NOISE_INIT,
+        rise_margin: float = 0.0,
+        slowed_fraction: float = 0.0,
     ):
         self.confidence = confidence
+        self.rise_margin = rise_margin
+        self.slowed_fraction = slowed_fraction
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
         self.min_losses = min_losses
@@ -174,11 +211,12 @@ class SwitchTester:
         if predictions is None:
             return None
         mean, variance, diff_variance = predictions
-        probabilities = minimum_in_past_probability(mean, diff_variance)
+        margin = self.rise_margin * math.sqrt(self.gp.noise)
+        probabilities = minimum_in_past_probability(mean, diff_variance, margin)
         votes = int((probabilities > self.confidence).sum())
         lr_estimates = [
             lr_at_fraction(float(self._grid[i]), min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type)
-            for i in mean.argmin(axis=-1)
+            for i in (slowed_descent_index(m, self.slowed_fraction) for m in mean)
         ]
         avg_mean = mean.mean(axis=0)
         rise = avg_mean[-1] - avg_mean.min()

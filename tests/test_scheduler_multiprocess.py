@@ -1,5 +1,5 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
-process fed the cross-process mean loss."""
+process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both."""
 
 import json
 import math
@@ -12,21 +12,29 @@ from helpers import torchrun
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
-from scheduler_two_processes import NAN_STEP, TOTAL, local_loss  # noqa: E402
+from scheduler_two_processes import NAN_STEP, SPIKE_INTERVAL, SPIKE_STEP, TOTAL, local_loss  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scheduler_two_processes")
+    torchrun("scheduler_two_processes.py", out, cwd=SCRIPTS, timeout=300)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 @pytest.mark.multiprocess
-def test_two_processes_agree_with_the_mean_loss(tmp_path):
-    torchrun("scheduler_two_processes.py", tmp_path, cwd=SCRIPTS, timeout=300)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+def test_two_processes_agree_with_the_mean_loss(ranks):
+    ranks = [rank["nan"] for rank in ranks]
     assert ranks[0] == ranks[1], "the processes disagree"
     assert ranks[0]["switch_step"] is not None
 
     # one process fed the mean of both processes' losses makes the same decisions
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    single = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, divergence_guard=False)
+    single = AutoWU(
+        optimizer, total_steps=TOTAL, immediate_cooldown=True, divergence_guard=False, spike_watch=False, rewind=False
+    )
     lrs = []
     for step in range(TOTAL):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -34,3 +42,13 @@ def test_two_processes_agree_with_the_mean_loss(tmp_path):
     assert lrs == ranks[0]["lrs"]
     assert ranks[0]["losses"][NAN_STEP] is None, "one NaN makes the step's mean NaN on every process"
     assert all(math.isfinite(lr) for lr in lrs)
+
+
+@pytest.mark.multiprocess
+def test_a_blow_up_between_tests_is_caught_by_both_at_the_next_test(ranks):
+    """Each process only sees its own loss between tests: both act at the next test, on the averaged losses."""
+    first, second = ranks[0]["spike"], ranks[1]["spike"]
+    assert first == second, "the processes disagree"
+    next_test = (SPIKE_STEP // SPIKE_INTERVAL + 1) * SPIKE_INTERVAL
+    assert first["switch_reason"] == "spike" and first["switch_step"] == next_test
+    assert first["peak_lr"] <= first["lrs"][SPIKE_STEP - 1]

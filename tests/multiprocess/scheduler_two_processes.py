@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo) drive one AutoWU each with different local losses, one of them NaN once.
+"""Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
+watch off), or both blowing up between two switch tests (spike watch on).
 
 Run with `torchrun --standalone --nproc_per_node 2 scheduler_two_processes.py OUT_DIR`; writes the LR of every
 step and the decisions to `OUT_DIR/rank{rank}.json` for `tests/test_scheduler_multiprocess.py`.
@@ -18,6 +19,7 @@ from hf_autowu import AutoWU
 
 TOTAL = 240
 NAN_STEP = 37
+SPIKE_STEP, SPIKE_INTERVAL = 61, 20  # between the switch tests at steps 60 and 80
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -28,21 +30,36 @@ def local_loss(rank: int, step: int, lr: float) -> float:
     return 1.0 + rank + 0.5 * math.log10(lr / 3e-3) ** 2 + 0.05 * float(torch.randn((), generator=g))
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def blown_up_loss(rank: int, step: int) -> float:
+    """A falling loss, different per process, that blows up on both (by different amounts) from `SPIKE_STEP`."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    base = 1.0 + 2.0 * math.exp(-step / 15) + 0.02 * float(torch.randn((), generator=g))
+    return base * (30.0 + 10 * rank if step >= SPIKE_STEP else 1.0)
+
+
+def run(rank: int, losses, **options) -> dict:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, divergence_guard=False)
+    scheduler = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **options)
     lrs = []
     for step in range(TOTAL):
         lrs.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(torch.tensor(local_loss(rank, step, lrs[-1])))
-    result = {
+        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    return {
         "lrs": lrs,
         "switch_step": scheduler.switch_step,
+        "switch_reason": scheduler.switch_reason,
         "peak_lr": scheduler.peak_lr,
         "tests": [record.step for record in scheduler.tests],
         "losses": [v if math.isfinite(v) else None for v in scheduler.losses.tolist()],
+    }
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = {
+        "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), divergence_guard=False, spike_watch=False),
+        "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

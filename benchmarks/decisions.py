@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""How AutoWU's decision settings would fare on every task, and which ones a leave-one-task-out choice picks.
+
+AutoWU's decisions up to the switch are a function of the warmup losses alone, and before the switch its LR is the
+ramp's. So the ``ramp`` runs of ``quality.py`` (AutoWU's ramp with no switch, every loss recorded) let any setting
+be replayed through the real `hf_autowu.AutoWU`, exactly, without training again: the replay gives the switch step
+and the LR chosen. What that LR would then reach is estimated from the oracle's grid (mean metric over seeds at each
+grid LR, interpolated linearly in log2 of the LR, clamped at the grid's ends): a proxy, since AutoWU's schedule
+(ramp, hold, cooldown, rewind) is not the oracle's (5% warmup, cosine).
+
+Settings replayed: ``rise_margin`` x ``slowed_fraction`` (see `AutoWUConfig`), every other option at its default.
+Leave-one-task-out: for each task, the setting with the lowest mean regret on all the other tasks (validation
+metric) is picked, and its regret on the left-out task (test metric) is reported; the setting picked on all tasks
+should be the default, and is flagged when it is not.
+
+    python benchmarks/decisions.py                 # writes the `decisions` section of RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
+from report import regret  # noqa: E402
+from runner import EMPTY_RESULTS, decision_fingerprint  # noqa: E402
+from tasks import TASKS  # noqa: E402
+
+from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
+
+RISE_MARGINS = (0.0, 0.5, 1.0, 2.0)
+SLOWED_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)
+
+
+def replay(task: str, losses: list[float | None], **options: Any) -> AutoWU:
+    """Feed a recorded ramp's losses to an AutoWU with `options` (rewind off) until it switches."""
+    spec = TASKS[task]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = AutoWU(optimizer, spec.steps_per_epoch, total_steps=spec.steps, rewind=False, **options)
+    for loss in losses:
+        if scheduler.phase != "warmup":
+            break
+        scheduler.step(math.nan if loss is None else float(loss))
+    return scheduler
+
+
+def quality_curves(runs: list[dict[str, Any]], task: str) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The oracle's mean validation and test metric per grid LR (only LRs run for every seed), or None."""
+    by_lr: dict[float, list[dict]] = {}
+    for run in runs:
+        if run["task"] == task and run["method"] == "oracle":
+            by_lr.setdefault(run["grid_lr"], []).append(run)
+    if not by_lr:
+        return None
+    seeds = max(len(v) for v in by_lr.values())
+    lrs = np.array(sorted(lr for lr, v in by_lr.items() if len(v) == seeds))
+    return {
+        split: (np.log2(lrs), np.array([np.mean([r[split] for r in by_lr[lr]]) for lr in lrs]))
+        for split in ("val", "test")
+    }
+
+
+def proxy(curve: tuple[np.ndarray, np.ndarray], lr: float) -> float:
+    """The metric the oracle's grid suggests for peak LR `lr`."""
+    return float(np.interp(math.log2(lr), *curve))
+
+
+def evaluate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replay every setting on every task that has ramps and an oracle grid; regrets per task and setting."""
+    ramps: dict[str, list[dict]] = {}
+    for run in runs:
+        if run["method"] == "ramp":
+            ramps.setdefault(run["task"], []).append(run)
+    settings = list(itertools.product(RISE_MARGINS, SLOWED_FRACTIONS))
+    table: dict[str, dict[tuple, dict[str, float]]] = {}
+    for task in TASKS:
+        curves = quality_curves(runs, task)
+        if task not in ramps or curves is None:
+            continue
+        metric = TASKS[task].metric
+        best = {split: (max if metric == "accuracy" else min)(curves[split][1]) for split in curves}
+        table[task] = {}
+        for margin, fraction in settings:
+            switched = [replay(task, r["losses"], rise_margin=margin, slowed_fraction=fraction) for r in ramps[task]]
+            lrs = [s.peak_lr for s in switched]
+            table[task][(margin, fraction)] = {
+                split: float(np.mean([regret(proxy(curves[split], lr), best[split], metric) for lr in lrs]))
+                for split in ("val", "test")
+            } | {
+                "lr": float(np.exp(np.mean(np.log(lrs)))),
+                "switch": float(np.mean([s.switch_step / TASKS[task].steps for s in switched])),
+            }
+    return {"settings": settings, "table": table}
+
+
+def leave_one_out(result: dict[str, Any]) -> list[tuple[str, tuple, float, float]]:
+    """Per task: the setting picked on the other tasks (lowest mean validation regret), its test regret on the task,
+    and the best test regret any setting reaches there."""
+    table, rows = result["table"], []
+    for held_out in table:
+        others = [t for t in table if t != held_out]
+        pick = min(result["settings"], key=lambda s: np.mean([table[t][s]["val"] for t in others]))
+        best_here = min(table[held_out][s]["test"] for s in result["settings"])
+        rows.append((held_out, pick, table[held_out][pick]["test"], best_here))
+    return rows
+
+
+def report(result: dict[str, Any]) -> str:
+    """The Markdown section."""
+    table = result["table"]
+    tasks = list(table)
+    default = AutoWUConfig()
+    current = (default.preset_setting("rise_margin"), default.preset_setting("slowed_fraction"))
+    overall = min(result["settings"], key=lambda s: np.mean([table[t][s]["val"] for t in tasks]))
+    lines = [
+        "## Decision settings, replayed (`benchmarks/decisions.py`)",
+        "",
+        "Reproduce: `python benchmarks/decisions.py` (needs the `ramp` and `oracle` runs of `quality.py`). Each "
+        "recorded warmup ramp is replayed through the real `AutoWU` under each setting; the LR it chooses is scored "
+        "with the oracle grid's mean metric at that LR (log-linear interpolation): a proxy, used to choose the rule, "
+        "which the real runs above then check. Regret: distance behind the oracle's best grid point, in units of "
+        "0.5 pp accuracy or 1% loss; mean over seeds.",
+        "",
+        f"Decision code {decision_fingerprint()}; default setting: rise_margin={current[0]}, "
+        f"slowed_fraction={current[1]}; picked on all tasks: rise_margin={overall[0]}, slowed_fraction={overall[1]}"
+        + ("" if overall == current else " (**differs from the default**)")
+        + ".",
+        "",
+        "### Leave one task out",
+        "",
+        "| left out | setting picked on the others (margin, fraction) | its regret there (test) | best any setting "
+        "reaches there | default's regret there |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for task, pick, held, best_here in leave_one_out(result):
+        lines.append(f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | "
+                     f"{table[task][current]['test']:.2f} |")
+    lines += ["", "### Mean validation regret over the tasks, per setting", "",
+              "| rise_margin \\ slowed_fraction | " + " | ".join(str(f) for f in SLOWED_FRACTIONS) + " |",
+              "| --- | " + " | ".join("---" for _ in SLOWED_FRACTIONS) + " |"]
+    for margin in RISE_MARGINS:
+        cells = [f"{np.mean([table[t][(margin, f)]['val'] for t in tasks]):.2f}" for f in SLOWED_FRACTIONS]
+        lines.append(f"| {margin} | " + " | ".join(cells) + " |")
+    lines += ["", "### Per task, the default and the paper's choice (LR at the minimum, no margin)", "",
+              "| task | default: regret (val), LR, switch at | margin 0, argmin: regret (val), LR, switch at |",
+              "| --- | --- | --- |"]
+    for task in tasks:
+        cells = []
+        for setting in (current, (0.0, 0.0)):
+            row = table[task][setting]
+            cells.append(f"{row['val']:.2f}, {row['lr']:.2e}, {row['switch']:.0%} of the budget")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
+    parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to update")
+    args = parser.parse_args(argv)
+    with locked_json(args.results, EMPTY_RESULTS) as data:
+        runs = list(data["runs"].values())
+    result = evaluate(runs)
+    if not result["table"]:
+        print("no task has both ramp and oracle runs yet", file=sys.stderr)
+        return 2
+    update_section(args.results_md, "decisions", report(result))
+    print(f"wrote the decisions section of {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
