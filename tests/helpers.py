@@ -46,3 +46,14 @@ def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600) -> None:
         [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def knee_loss(lr: float, knee_lr: float, generator: torch.Generator, noise: float = 0.02) -> float:
+    """A ramp loss whose sustainable LR `knee_lr` lies below its minimum, as for small transformers: it falls
+    (a logistic in log-LR, steepest a third of a decade before the knee), then creeps down a broad flat bottom for a
+    decade and a half, then blows up. The minimum of this curve is ~30x the knee."""
+    d = math.log10(lr / knee_lr)
+    fall = 2.0 / (1.0 + math.exp((d + 1 / 3) / 0.12))
+    bottom = -0.03 * min(max(d, 0.0), 1.5)
+    rise = 4.0 * max(d - 1.5, 0.0) ** 2
+    return 1.0 + fall + bottom + rise + noise * float(torch.randn((), generator=generator))
