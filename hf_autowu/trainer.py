@@ -120,8 +120,9 @@ class _AutoWUEvents(TrainerCallback):
         self.step_loss.reset()
         self._log_switch = False
         config = scheduler.config
-        if config.effective_rewind and scheduler.phase == "warmup":
-            # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt
+        if config.effective_rewind and scheduler.warmup_steps > 0:
+            # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt.
+            # (After the switch it only keeps its bookkeeping, e.g. `rewound_to`, for a run resumed then.)
             rewinder = WarmupRewinder(
                 trainer.model,
                 trainer.optimizer,
