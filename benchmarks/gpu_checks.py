@@ -359,10 +359,10 @@ def report(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="'cpu': a dry run of the code path")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of each run (AutoWU's budget)")
-    parser.add_argument("--save-steps", type=int, default=10, help="checkpoint every this many steps")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps of each run (AutoWU's budget)")
+    parser.add_argument("--save-steps", type=int, default=15, help="checkpoint every this many steps")
     parser.add_argument("--rows", type=int, default=512, help="training sequences")
-    parser.add_argument("--part-timeout", type=int, default=420, help="seconds allowed to each part")
+    parser.add_argument("--part-timeout", type=int, default=240, help="seconds allowed to each part")
     parser.add_argument("--skip-overhead", action="store_true", help="do not run benchmarks/gpu_overhead.py")
     parser.add_argument("--out-dir", type=Path, default=None, help="where gpu_checks.json and the runs go")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
