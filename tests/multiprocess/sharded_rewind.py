@@ -16,7 +16,8 @@ data, and each process writes `OUT_DIR/{run}_rank{rank}.pt`: the LR of every ste
 `--hidden` sets the model's width, `--layouts` a subset; with `--memory-only` only the uninterrupted runs are made
 and each process prints its rewind memory as one JSON line (for the memory figures of the documentation):
 
-    torchrun --standalone --nproc_per_node 2 tests/multiprocess/sharded_rewind.py /tmp/mem --hidden 512 --memory-only
+    cd tests/multiprocess && torchrun --standalone --nproc_per_node 2 sharded_rewind.py /tmp/mem --hidden 1024 \
+        --memory-only --layouts ddp,fsdp2
 """
 
 from __future__ import annotations
