@@ -120,17 +120,21 @@ class _AutoWUEvents(TrainerCallback):
         self.step_loss.reset()
         self._log_switch = False
         config = scheduler.config
-        if config.effective_rewind and scheduler.phase == "warmup":
-            # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt
-            rewinder = WarmupRewinder(
-                trainer.model,
-                trainer.optimizer,
-                scheduler,
-                snapshots=config.rewind_snapshots,
-                lr_factor=config.rewind_lr_factor,
-                memory_fraction=config.rewind_memory_fraction,
-                offload_dir=config.rewind_offload_dir,
-            )
+        if config.effective_rewind and scheduler.warmup_steps > 0:
+            # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt.
+            # (After the switch it only keeps its bookkeeping, e.g. `rewound_to`, for a run resumed then.) The
+            # scheduler's own rewinder stays when it is off (DeepSpeed): it has said so, once.
+            rewinder = scheduler.rewinder
+            if rewinder is None or rewinder.enabled:
+                rewinder = WarmupRewinder(
+                    trainer.model,
+                    trainer.optimizer,
+                    scheduler,
+                    snapshots=config.rewind_snapshots,
+                    lr_factor=config.rewind_lr_factor,
+                    memory_fraction=config.rewind_memory_fraction,
+                    offload_dir=config.rewind_offload_dir,
+                )
             rewinder.state_key = None
             _load_rewind_state(rewinder, resume_from_checkpoint)
         scheduler.add_switch_listener(self._on_switch)
@@ -218,7 +222,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     `scheduler.pt` (rewind snapshots in one `autowu_rewind_rank*.pt` per process), so
     `trainer.train(resume_from_checkpoint=...)` continues the exact LR trajectory with no extra setting;
     `restore_callback_states_from_checkpoint=True` also works (it rebuilds the callback from the options saved
-    in `trainer_state.json`, so read `trainer.callback_handler.callbacks` rather than a stale reference).
+    in `trainer_state.json`, so read `trainer.callback_handler.callbacks` rather than a stale reference). With
+    DeepSpeed, a config without a `scheduler` section is fine (with an `optimizer` section, DeepSpeed's engine steps
+    the Trainer's scheduler inside the backward pass; the callback overrides it all the same); rewind is then off.
 
     Args:
         config (`AutoWUConfig`, *optional*): The AutoWU options.
@@ -298,6 +304,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # the LR the Trainer logs for this step is read next: this step's, even where DeepSpeed's engine has just
+        # stepped the Trainer's scheduler (a DeepSpeed config with an `optimizer` section)
+        self._trainer_scheduler._last_lr = list(self.scheduler.get_last_lr())
         if self._trainer.accelerator.optimizer_step_was_skipped:
             return  # an fp16 overflow skipped the update: not a step, as for the Trainer's own schedulers
         self.scheduler.step(self.step_loss.take(self.entry_point))

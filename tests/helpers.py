@@ -38,10 +38,11 @@ def run_valley(
     return lrs
 
 
-def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600) -> None:
-    """Run `script OUT_DIR` in two CPU processes with torchrun (gloo); fail the test with its stderr on error."""
+def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
+    """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
+    error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     result = subprocess.run(
         [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -73,3 +73,24 @@ def test_gpu_overhead_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert gpu_overhead.main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_overhead.json").read_text())
     assert {r["variant"] for r in data["throughput"]} == set(gpu_overhead.VARIANTS)
+
+
+def test_gpu_checks_refuses_without_cuda(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    gpu_checks = bench("gpu_checks")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the real checks are `python benchmarks/gpu_checks.py`")
+    assert gpu_checks.main(["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
+    """One Trainer run of each part (unsharded on a CPU; DeepSpeed with DS_ACCELERATOR=cpu), resumed, reported."""
+    gpu_checks = bench("gpu_checks")
+    assert gpu_checks.main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "gpu_checks.json").read_text())["runs"]
+    assert set(runs) == {"fsdp-callback", "deepspeed-trainer-optimizer"}
+    assert all(run["ok"] and run["checks"]["resume_exact"] for run in runs.values())
+    assert runs["deepspeed-trainer-optimizer"]["checks"]["rewind_off_with_one_warning"]
+    assert "<!-- gpu_checks:begin -->" in (tmp_path / "RESULTS.md").read_text()

@@ -211,7 +211,8 @@ def test_paper_preset_and_rewind_false_attach_nothing():
 
 
 def test_deepspeed_state_turns_rewind_off_with_a_warning():
-    """DeepSpeed cannot run on this CPU; its parameters carry a `ds_id` (what `sharding_of` looks for)."""
+    """DeepSpeed's parameters carry a `ds_id` (what `sharding_of` looks for); `tests/test_deepspeed.py` runs the
+    real thing through the Trainer."""
     param = torch.nn.Parameter(torch.zeros(3))
     param.ds_id = 0
     optimizer = torch.optim.AdamW([param], lr=1.0)

@@ -71,3 +71,49 @@ def test_nan_on_one_process(ranks, entry_point):
 def test_both_entry_points_agree(ranks):
     for condition in ("clean", "nan"):
         assert ranks[0][f"callback-{condition}"]["lrs"] == ranks[0][f"trainer-{condition}"]["lrs"]
+
+
+@pytest.fixture(scope="module")
+def resumed_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("resume_two_processes")
+    torchrun("trainer_resume_two_processes.py", str(out), cwd=str(SCRIPTS))
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def _assert_equal_states(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_equal_states(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_equal_states(x, y)
+    else:
+        assert a == b or (a != a and b != b)  # NaN is NaN
+
+
+@pytest.mark.parametrize("entry_point", ("callback", "trainer"))
+def test_best_checkpoint_holds_the_cross_process_mean_and_resumes_exactly(resumed_ranks, entry_point):
+    """`save_strategy="best"` (saved after evaluation): the checkpoint, written by the main process, holds the
+    mean over processes of the losses not yet tested; both processes resume from it in the same state and continue
+    the uninterrupted run exactly."""
+    first, second = resumed_ranks[0][entry_point], resumed_ranks[1][entry_point]
+    start = first["start"]
+    assert start < first["switch_step"] and start % TEST_INTERVAL, "losses were pending when it was written"
+    assert set(first["written"]) < set(range(3, 61, 3)), "checkpoints only where the evaluation loss improved"
+    saved = first["saved_scheduler"]
+    saved = saved.get("autowu_state", saved)  # AutoWUCallback's state rides in the Trainer's own scheduler's
+    assert saved["pending"].numel() == 0 and saved["last_step"] == start
+    assert first["local_losses"] != second["local_losses"]
+    mean = [(a + b) / 2 for a, b in zip(first["local_losses"], second["local_losses"], strict=True)][:start]
+    torch.testing.assert_close(saved["history"], torch.tensor(mean, dtype=torch.float64), rtol=1e-12, atol=0)
+    _assert_equal_states(first["resumed_state_at_start"], second["resumed_state_at_start"])
+    for record in (first, second):
+        assert record["resumed_lrs"] == record["lrs"][start:]
+        assert torch.equal(record["resumed_autowu_losses"], record["autowu_losses"])
+        assert record["resumed_switch_step"] == record["switch_step"]
+        assert record["resumed_rewound_to"] == record["rewound_to"] is not None
+        assert all(torch.equal(record["resumed_final"][key], value) for key, value in record["final"].items())

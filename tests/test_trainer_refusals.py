@@ -69,7 +69,8 @@ def test_refused_schedule_free_optimizer_instance(entry_point, tmp_path):
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_refused_deepspeed_owned_scheduler(entry_point, tmp_path):
-    """(DeepSpeed is not installed here: the config is set after the arguments were validated.)"""
+    """(The config is set after the arguments were validated, so DeepSpeed does not start; `tests/test_deepspeed.py`
+    refuses a real DeepSpeed run's config.)"""
     args = training_args(str(tmp_path), max_steps=2)
     args.deepspeed = {"scheduler": {"type": "WarmupLR", "params": {}}, "train_micro_batch_size_per_gpu": 4}
     with pytest.raises(ValueError, match="DeepSpeed owns"):

@@ -1,0 +1,110 @@
+"""AutoWU's state is captured when the Trainer writes a checkpoint, whatever decided it: `save_strategy` "steps",
+"epoch" or "best" (decided after evaluation, later in the step than `on_step_end`), with `save_total_limit`
+deleting old ones. Resuming from every checkpoint written (each copied aside as it is written) continues the
+uninterrupted run exactly: the same LRs, switch and final weights (rewind included)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainerCallback
+
+import hf_autowu.trainer
+from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainer
+
+sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
+from trainer_toy import AUTOWU_OPTIONS, StepRecorder, ToyRegressor, regression_data, training_args  # noqa: E402
+
+ENTRY_POINTS = ("callback", "trainer")
+# 28 samples in batches of 4 with accumulation 2: 4 optimizer steps an epoch, 60 steps, the switch near step 23
+STRATEGIES = {
+    "steps": {"save_strategy": "steps", "save_steps": 7, "save_total_limit": 2},
+    "epoch": {"save_strategy": "epoch", "save_total_limit": 3},
+    "best": {
+        "save_strategy": "best",
+        "eval_strategy": "steps",
+        "eval_steps": 3,
+        "metric_for_best_model": "loss",
+        "load_best_model_at_end": True,
+        "save_total_limit": 1,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def no_figure(monkeypatch):
+    monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", False)
+
+
+class KeepCheckpoints(TrainerCallback):
+    """Copies every checkpoint aside when it has been written (before `save_total_limit` can delete it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.steps: list[int] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        name = f"checkpoint-{state.global_step}"
+        shutil.copytree(Path(args.output_dir) / name, self.folder / name)
+        self.steps.append(state.global_step)
+
+
+def make_trainer(entry_point: str, output_dir: Path, strategy: str, callbacks: list, save: bool = True) -> Trainer:
+    torch.manual_seed(0)
+    options = {**STRATEGIES[strategy], **({} if save else {"save_strategy": "no", "load_best_model_at_end": False})}
+    args = training_args(str(output_dir), logging_steps=100, **options)
+    common = {
+        "model": ToyRegressor(),
+        "args": args,
+        "train_dataset": regression_data(),
+        "eval_dataset": regression_data(8, seed=1),
+    }
+    config = AutoWUConfig(**AUTOWU_OPTIONS)
+    if entry_point == "callback":
+        return Trainer(**common, callbacks=[*callbacks, AutoWUCallback(config)])
+    return AutoWUTrainer(**common, callbacks=callbacks, autowu_config=config)
+
+
+def scheduler_of(trainer: Trainer) -> AutoWU:
+    if isinstance(trainer, AutoWUTrainer):
+        return trainer.lr_scheduler
+    (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AutoWUCallback)]
+    return callback.scheduler
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_resume_from_every_checkpoint_written(entry_point, strategy, tmp_path):
+    recorder, kept = StepRecorder(), KeepCheckpoints(tmp_path / "kept")
+    full = make_trainer(entry_point, tmp_path / "full", strategy, [recorder, kept])
+    full.train()
+    reference = scheduler_of(full)
+    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
+    switch = reference.switch_step
+    assert switch is not None and reference.rewinder.rewound_to is not None
+
+    written = kept.steps
+    limit = STRATEGIES[strategy]["save_total_limit"]
+    assert len(list((tmp_path / "full").glob("checkpoint-*"))) <= limit + 1 < len(written), "old ones were deleted"
+    assert any(step < switch for step in written) and any(step > switch for step in written)
+    if strategy == "epoch":
+        assert written == list(range(4, 61, 4))
+    if strategy == "best":
+        # one checkpoint per new best evaluation loss: not every evaluation, and never an evaluation-free step
+        assert set(written) < set(range(3, 61, 3)) and len(written) > 2
+
+    for start in [step for step in written if step < 60]:  # (the last one has nothing left to train)
+        resumed_recorder = StepRecorder()
+        resumed = make_trainer(entry_point, tmp_path / f"resumed{start}", strategy, [resumed_recorder], save=False)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
+        scheduler = scheduler_of(resumed)
+        assert [group_lrs[0] for group_lrs in resumed_recorder.lrs] == lrs[start:], start
+        assert scheduler.switch_step == switch and scheduler.peak_lr == reference.peak_lr, start
+        assert torch.equal(scheduler.losses, reference.losses), start
+        assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
+        final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
+        assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start

@@ -1,0 +1,171 @@
+"""AutoWU with TRL's `SFTTrainer` (both entry points, with and without a PEFT LoRA adapter) on a tiny causal LM
+built from a config: the LR applied and logged is AutoWU's, AutoWU's and TRL's values share the Trainer's log
+entries at every logging step, and a resume from a late-warmup checkpoint continues the run exactly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+import hf_autowu.trainer
+from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
+from hf_autowu.trainer import LOG_KEYS
+
+sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
+from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, tiny_llama  # noqa: E402
+
+# LRs from 1e-4 to 10 over 30 warmup steps: the loss falls, then blows up, and AutoWU switches inside the budget
+OPTIONS = {"min_lr": 1e-4, "max_lr": 10.0}
+STEPS, STEPS_PER_EPOCH, SAVE_STEPS = 60, 8, 3  # 64 rows in batches of 4, gradient accumulation 2
+
+# (entry point, how the LoRA adapter comes in, logging_steps)
+SETUPS = [
+    ("callback", None, 1),
+    ("callback", "peft_config", 4),
+    ("mixin", None, 4),
+    ("mixin", "get_peft_model", 1),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_figure(monkeypatch):
+    monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", False)
+
+
+class RecordingSFTTrainer(SFTTrainer):
+    """`SFTTrainer` keeping what `training_step` returns, per optimizer step (a record independent of hf_autowu)."""
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        self.returned.setdefault(self.state.global_step, []).append(loss.detach().clone())
+        return loss
+
+
+class AutoWUSFTTrainer(AutoWUTrainerMixin, RecordingSFTTrainer):
+    pass
+
+
+class LRRecorder(TrainerCallback):
+    """The LR of every parameter group just before each optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append([group["lr"] for group in optimizer.param_groups])
+
+
+def make_trainer(
+    entry_point: str, lora: str | None, output_dir: str, logging_steps: int, save: bool = True
+) -> RecordingSFTTrainer:
+    model = tiny_llama()
+    # on a randomly initialised model, adapters alone barely move the loss: the output layer trains in full
+    adapter = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"], task_type="CAUSAL_LM"
+    )
+    if lora == "get_peft_model":
+        model = get_peft_model(model, adapter)
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=logging_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=SAVE_STEPS,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        max_length=None,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": lm_dataset(),
+        "processing_class": byte_tokenizer(),
+        "peft_config": adapter if lora == "peft_config" else None,
+        "callbacks": [LRRecorder()],
+    }
+    config = AutoWUConfig(**OPTIONS)
+    if entry_point == "callback":
+        trainer = RecordingSFTTrainer(**common)
+        trainer.add_callback(AutoWUCallback(config))
+    else:
+        trainer = AutoWUSFTTrainer(**common, autowu_config=config)
+    trainer.returned = {}
+    return trainer
+
+
+def scheduler_of(trainer: RecordingSFTTrainer) -> AutoWU:
+    if isinstance(trainer, AutoWUSFTTrainer):
+        return trainer.lr_scheduler
+    (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AutoWUCallback)]
+    return callback.scheduler
+
+
+def recorder_of(trainer: RecordingSFTTrainer) -> LRRecorder:
+    (recorder,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LRRecorder)]
+    return recorder
+
+
+def hand_fed_lrs(trainer: RecordingSFTTrainer) -> list[float]:
+    """The LR of every step from an AutoWU fed, by hand, each step's sum of `training_step` returns."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = AutoWU(optimizer, STEPS_PER_EPOCH, total_steps=STEPS, **OPTIONS)
+    lrs = []
+    for step in range(STEPS):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(torch.stack(trainer.returned[step]).sum())
+    return lrs
+
+
+def weights(trainer: RecordingSFTTrainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize(("entry_point", "lora", "logging_steps"), SETUPS)
+def test_sft_trainer(entry_point, lora, logging_steps, tmp_path):
+    trainer = make_trainer(entry_point, lora, str(tmp_path / "full"), logging_steps)
+    trainer.train()
+    scheduler, recorder = scheduler_of(trainer), recorder_of(trainer)
+    assert (lora is not None) == hasattr(trainer.model, "peft_config")
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(trainable) < len(list(trainer.model.parameters())) if lora else len(trainable) > 0
+    assert scheduler.switch_step is not None and scheduler.rewinder.rewound_to is not None
+
+    # the optimizer used AutoWU's LR at every step, as an AutoWU fed the same losses by hand says
+    applied = [lrs[0] for lrs in recorder.lrs]
+    assert all(len(set(lrs)) == 1 for lrs in recorder.lrs)
+    assert applied == hand_fed_lrs(trainer)
+
+    # every logging step (and the switch step) has one entry with the Trainer's, AutoWU's and TRL's values
+    entries = [entry for entry in trainer.state.log_history if "loss" in entry]
+    expected_steps = sorted(set(range(logging_steps, STEPS + 1, logging_steps)) | {scheduler.switch_step})
+    assert [entry["step"] for entry in entries] == expected_steps
+    for entry in entries:
+        assert set(LOG_KEYS) | set(TRL_METRICS) | {"learning_rate", "grad_norm"} <= set(entry), entry["step"]
+        assert entry["learning_rate"] == applied[entry["step"] - 1]
+        assert entry["autowu/lr"] == scheduler.lr_at(entry["step"])
+    assert [entry["num_tokens"] for entry in entries] == sorted(entry["num_tokens"] for entry in entries)
+
+    # resume from the last checkpoint between the snapshot the switch restores and the switch
+    rewound, switch = scheduler.rewinder.rewound_to["step"], scheduler.switch_step
+    start = max(s for s in range(SAVE_STEPS, STEPS, SAVE_STEPS) if rewound < s < switch)
+    resumed = make_trainer(entry_point, lora, str(tmp_path / "resumed"), logging_steps, save=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{start}"))
+    again = scheduler_of(resumed)
+    assert [lrs[0] for lrs in recorder_of(resumed).lrs] == applied[start:]
+    assert again.rewinder.rewound_to == scheduler.rewinder.rewound_to and again.peak_lr == scheduler.peak_lr
+    final, reference = weights(resumed), weights(trainer)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[name], value) for name, value in reference.items())
