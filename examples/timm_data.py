@@ -427,3 +427,14 @@ def rewind_line(scheduler: AutoWU) -> str | None:
         f"AutoWU: rewound the model and optimizer to their state after step {step} (trained up to LR {lr:.4g}); "
         f"training goes on from there with the peak LR, so the loss and accuracy first step back."
     )
+
+
+def limit_cpu_threads(data: ImageData, device: torch.device) -> None:
+    """One intra-op thread per process for the embedded digits on a CPU.
+
+    Their model is tiny: extra threads have little work to share, and on a busy machine each operation waits for the
+    slowest of them (measured on a loaded 2-core machine: a training step of the embedded run took 0.25-2.2 s with
+    2 threads, 0.03 s with 1). Runs on real data keep PyTorch's default.
+    """
+    if data.embedded and device.type == "cpu":
+        torch.set_num_threads(1)

@@ -32,6 +32,7 @@ from timm_data import (
     create_model,
     create_optimizer,
     create_transforms,
+    limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
     rewind_line,
@@ -134,6 +135,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     check_model_name(config["model"])
     with accelerator.main_process_first():
         data = load_image_data(args.dataset, args.train_dir, args.val_dir, args.streaming, args.train_samples)
+    limit_cpu_threads(data, accelerator.device)
 
     model = create_model(config["model"], data.num_classes)
     if args.sync_bn or (args.sync_bn is None and config["model"].startswith("efficientnet")):
@@ -178,12 +180,11 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
         optimizer, steps_per_epoch, config["epochs"], config=autowu_config, model=accelerator.unwrap_model(model)
     )
 
-    def on_switch(scheduler: AutoWU) -> None:
-        accelerator.print(switch_line(scheduler))
-        rewound = rewind_line(scheduler)
-        if rewound is not None:
-            accelerator.print(rewound)
+    def on_switch(scheduler: AutoWU) -> None:  # on the main process: what AutoWU decided, and its figure
         if accelerator.is_main_process:
+            for line in (switch_line(scheduler), rewind_line(scheduler)):
+                if line is not None:
+                    tqdm.write(line)  # between progress-bar updates
             save_autowu_figure(scheduler, args.output_dir)
 
     scheduler.add_switch_listener(on_switch)

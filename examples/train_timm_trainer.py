@@ -31,6 +31,7 @@ from timm_data import (
     create_model,
     create_optimizer,
     create_transforms,
+    limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
     rewind_line,
@@ -276,6 +277,7 @@ def train(
             script_args.train_samples,
             seed=training_args.seed,
         )
+    limit_cpu_threads(data, training_args.device)
     model = build_model(recipe["model"], data.label_names)
     sync_bn = recipe["model"].startswith("efficientnet") if script_args.sync_bn is None else script_args.sync_bn
     if sync_bn and training_args.world_size > 1 and training_args.device.type != "cpu":
