@@ -242,7 +242,7 @@ class PrintRewind(TrainerCallback):
         self.autowu = autowu
 
     def on_train_begin(self, args: TrainingArguments, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and self.autowu.scheduler is not None:
             self.autowu.scheduler.add_switch_listener(self.print_rewind)
 
     @staticmethod

@@ -33,6 +33,7 @@ STATE_KEYS = {"config", "total_steps", "history", "tests", "lr_changes", "tester
 _REASONS = {
     "test": "passed switch tests in a row",
     "divergence": "the loss diverged",
+    "spike": "the loss jumped far above its smoothed curve",
     "cap": "warmup reached its maximum length",
     "no_warmup": "the options leave no warmup",
 }

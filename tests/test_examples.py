@@ -166,13 +166,18 @@ def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_accelerate_two_processes(image_folders, example_env, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
-    command += ["--report-to", "none", "--cpu"]
+    command += ["--log-every", "2", "--cpu"]
     result = run_example(command, example_env)
     assert result.stdout.count("AutoWU summary: switch_step=") == 1
     summary = read_summary(tmp_path)
     assert summary["steps"] == len(summary["lr"]) == 2 * 3  # the 24 images are shared out: 3 batches per process
+    # the logged loss, averaged over both processes at every second step (a collective on each of them)
+    losses = EventAccumulator(str(tmp_path / "autowu")).Reload().Scalars("train/loss")
+    assert [event.step for event in losses] == [2, 4, 6]
 
 
 @pytest.mark.slow
