@@ -114,7 +114,7 @@ def test_minimum_loss_count_agrees(preset, finite, tested):
 # ------------------------------------------------------------------ agreement in distribution: subsampling
 
 ALPHA = 1e-3  # significance of each comparison below
-REFERENCE_DRAWS = 40
+REFERENCE_DRAWS = 30  # ~0.3-0.4 s each (GPyTorch), against 200 fast-path draws of ~5 ms
 FAST_DRAWS = 200
 STATISTICAL_CASES = {
     # preset, history length, (position of the minimum, rise from there to the end, noise sd): curves whose
@@ -122,7 +122,6 @@ STATISTICAL_CASES = {
     # subsample. 300 losses: the fit is on a subsample of 100, the predictions on all of them; 700: both subsample.
     "paper_700": ("paper", 700, (0.8, 0.05, 0.3)),  # fast path: passes 50%, probability 0.80 +- 0.11
     "robust_300": ("robust", 300, (0.9, 0.03, 0.1)),  # passes 45%, probability 0.949 +- 0.007
-    "robust_700": ("robust", 700, (0.85, 0.05, 0.1)),  # passes 42%, probability 0.93 +- 0.03
 }
 
 
@@ -215,8 +214,8 @@ class EarlyPointsReference(ReferenceSwitchTest):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("biased", "case"),
-    [(FirstPointsReference, "robust_300"), (EarlyPointsReference, "paper_700")],
-    ids=["first_points_fit_only", "early_points"],
+    [(FirstPointsReference, "robust_300"), (EarlyPointsReference, "robust_300")],
+    ids=["first_points", "early_points"],
 )
 def test_distribution_check_catches_a_biased_sampler(biased, case):
     preset, n, shape = STATISTICAL_CASES[case]
