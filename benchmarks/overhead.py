@@ -13,10 +13,12 @@
 
    Both standardise the losses (hf_autowu's default), 5 predictions per test.
 
-2. End to end. The same small Trainer run (the GPT-2 task of ``quality.py``) with
-   ``lr_scheduler_type="constant"``, with ``callbacks=[AutoWUCallback()]`` and with ``AutoWUTrainer``,
-   interleaved, ``--e2e-repeats`` times; wall time of ``trainer.train()`` and its ratio to the constant
-   schedule's median.
+2. End to end. The same small Trainer run (the ``gpt2_stdlib`` task of ``tasks.py``), interleaved
+   ``--e2e-repeats`` times, in four variants: ``lr_scheduler_type="constant"``; ``callbacks=[AutoWUCallback()]``
+   and ``AutoWUTrainer`` without the figure (``hf_autowu.trainer.SAVE_FIGURE`` off); and ``AutoWUTrainer`` with
+   the figure (``autowu.png`` drawn at the switch and at the end, as by default). Reported: wall time of
+   ``trainer.train()`` and its ratio to the constant schedule's, and, inside it, the time spent in switch tests
+   (``SwitchTester.run``) and in drawing the figure, each timed on its own, so that neither is charged to the other.
 
 Examples::
 
@@ -27,6 +29,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import command_line, locked_json, machine_info, resolve_output_paths, update_section  # noqa: E402
+from tasks import TASKS, RandomWindows, gpt2_model, stdlib_bytes  # noqa: E402
 
 HISTORY_LENGTHS = (1_000, 10_000, 100_000, 1_000_000)
 IMPLEMENTATIONS = ("fast", "reference", "reference_fp32")
-E2E_VARIANTS = ("constant", "callback", "trainer")
+E2E_VARIANTS = ("constant", "callback", "trainer", "trainer_figure")
+E2E_TASK = "gpt2_stdlib"
 
 
 def synthetic_history(n: int, seed: int = 0) -> torch.Tensor:
@@ -140,13 +146,36 @@ def switch_test_latency(lengths: tuple[int, ...], repeats: dict[str, int], threa
     return rows
 
 
+@contextlib.contextmanager
+def _timed(owner: Any, name: str, totals: dict[str, float]) -> Iterator[None]:
+    """Replace ``owner.name`` (a function or method) by a wrapper that adds its calls and seconds to ``totals``."""
+    original = getattr(owner, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals["calls"] += 1
+            totals["s"] += time.perf_counter() - start
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _e2e_run(variant: str, steps: int, seed: int) -> dict[str, Any]:
-    """One small Trainer run of the GPT-2 task; returns its wall time and steps."""
-    from tasks import TASKS, RandomWindows, gpt2_model, stdlib_bytes
+    """One small Trainer run of the GPT-2 task; returns its wall time, steps, and the switch tests' and the
+    figure's share of it."""
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    task = TASKS["gpt2_stdlib"]
+    import hf_autowu.trainer as autowu_trainer
+    from hf_autowu.switch_test import SwitchTester
+
+    task = TASKS[E2E_TASK]
     text = stdlib_bytes()
     torch.manual_seed(seed)
     model = gpt2_model()
@@ -155,32 +184,42 @@ def _e2e_run(variant: str, steps: int, seed: int) -> dict[str, Any]:
     if variant == "constant":
         extra = {"lr_scheduler_type": "constant", "learning_rate": 1e-3}
     elif variant == "callback":
-        from hf_autowu import AutoWUCallback
-
-        callbacks = [AutoWUCallback()]
+        callbacks = [autowu_trainer.AutoWUCallback()]
     else:
-        from hf_autowu import AutoWUTrainer
-
-        trainer_cls = AutoWUTrainer
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=task.batch_size,
-                                 save_strategy="no", report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
-                                 dataloader_pin_memory=False, **extra)
-        trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
-        trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - start
-    return {"variant": variant, "wall_s": wall, "steps": trainer.state.global_step}
+        trainer_cls = autowu_trainer.AutoWUTrainer
+    switch_tests, figures = {"calls": 0, "s": 0.0}, {"calls": 0, "s": 0.0}
+    save_figure = autowu_trainer.SAVE_FIGURE
+    autowu_trainer.SAVE_FIGURE = variant == "trainer_figure"
+    try:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            _timed(SwitchTester, "run", switch_tests),
+            _timed(autowu_trainer, "save_autowu_figure", figures),
+        ):
+            args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=task.batch_size,
+                                     save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+                                     disable_tqdm=True, dataloader_pin_memory=False, **extra)
+            trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
+            trainer.remove_callback(PrinterCallback)
+            start = time.perf_counter()
+            trainer.train()
+            wall = time.perf_counter() - start
+    finally:
+        autowu_trainer.SAVE_FIGURE = save_figure
+    return {
+        "variant": variant, "wall_s": wall, "steps": trainer.state.global_step,
+        "switch_tests": switch_tests["calls"], "switch_test_s": switch_tests["s"],
+        "figures": figures["calls"], "figure_s": figures["s"],
+    }
 
 
 def end_to_end(steps: int, repeats: int) -> list[dict[str, Any]]:
-    """Interleave the three variants ``repeats`` times (ABCABC...) so drifting machine load hits all alike."""
+    """Interleave the variants ``repeats`` times (ABCDABCD...) so drifting machine load hits all alike."""
     rows = []
     for rep in range(repeats):
         for variant in E2E_VARIANTS:
             row = {**_e2e_run(variant, steps, seed=rep), "repeat": rep}
-            print(f"end-to-end {variant:>8} repeat {rep}: {row['wall_s']:.2f} s", flush=True)
+            print(f"end-to-end {variant:>14} repeat {rep}: {row['wall_s']:.2f} s", flush=True)
             rows.append(row)
     return rows
 
@@ -191,6 +230,14 @@ def _load(part: dict[str, Any]) -> str:
     if not values or any(v is None for v in values):
         return "not recorded"
     return ", ".join(f"{v:.1f}" for v in values)
+
+
+def _part_time(rows: list[dict[str, Any]], seconds: str, calls: str) -> str:
+    """Median seconds (and calls) of a timed part over ``rows``; "not timed" for rows stored before the parts were
+    timed (their AutoWU variants also drew the figure)."""
+    if any(seconds not in r for r in rows):
+        return "not timed"
+    return f"{statistics.median(r[seconds] for r in rows):.2f} ({statistics.median(r[calls] for r in rows):g})"
 
 
 def report(data: dict[str, Any]) -> str:
@@ -210,17 +257,23 @@ def report(data: dict[str, Any]) -> str:
     if "end_to_end" in data:
         part = data["end_to_end"]
         rows = part["rows"]
-        walls = {v: [r["wall_s"] for r in rows if r["variant"] == v] for v in E2E_VARIANTS}
+        variants = [v for v in E2E_VARIANTS if any(r["variant"] == v for r in rows)]
+        walls = {v: [r["wall_s"] for r in rows if r["variant"] == v] for v in variants}
         lines += ["", f"### End to end: GPT-2 task, {rows[0]['steps']} Trainer steps, interleaved repeats", "",
                   f"Produced by: `{part['command']}` (load average at the start: {_load(part)}). On a shared "
-                  "machine the minimum is the least disturbed estimate.", "",
-                  "| variant | runs | median wall (s) | min | max | median / constant's | min / constant's |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "machine the minimum is the least disturbed estimate. Switch tests and figure: medians over the "
+                  "runs of the time spent in them inside the wall time (count in brackets)."
+                  + (" Rows \"not timed\" were measured before the parts were timed, and their AutoWU variants drew "
+                     "the figure." if any("figure_s" not in r for r in rows) else ""), "",
+                  "| variant | runs | median wall (s) | min | max | median / constant's | min / constant's | "
+                  "switch tests (s) | figure (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for variant, w in walls.items():
+            mine = [r for r in rows if r["variant"] == variant]
             lines.append(
                 f"| {variant} | {len(w)} | {statistics.median(w):.2f} | {min(w):.2f} | {max(w):.2f} | "
                 f"{statistics.median(w) / statistics.median(walls['constant']):.3f} | "
-                f"{min(w) / min(walls['constant']):.3f} |"
+                f"{min(w) / min(walls['constant']):.3f} | {_part_time(mine, 'switch_test_s', 'switch_tests')} | "
+                f"{_part_time(mine, 'figure_s', 'figures')} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -1,13 +1,17 @@
-"""Data and model helpers shared by the AutoWU timm examples.
+"""Data, model and command-line helpers shared by the AutoWU timm examples.
 
 `train_timm_accelerate.py` and `train_timm_trainer.py` both import this module. It turns a Hub dataset, a local
 ImageNet-style folder or the embedded handwritten digits into `datasets` splits that yield preprocessed images,
-and builds the timm model and optimizer of the recipe.
+builds the timm model and optimizer of the recipe, turns `AutoWUConfig` into command-line flags, and words what
+the examples print when AutoWU ends warmup.
 """
 
+import argparse
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -19,6 +23,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
+
+from hf_autowu import AutoWU, AutoWUConfig
 
 # The paper's recipe (ImageNet) and the settings used when no data argument is given (scikit-learn's digits).
 PAPER_DEFAULTS = {"model": "resnet50", "image_size": None, "batch_size": 256, "epochs": 120}
@@ -353,3 +359,82 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = 
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.unsqueeze(-1)
     return torch.stack([hits[:, :k].any(dim=-1) for k in ks], dim=-1)
+
+
+# ---------------------------------------------------------------- command line and messages
+
+_AUTOWU_FIELDS = {f.name: f for f in dataclasses.fields(AutoWUConfig)}
+
+
+def _autowu_field(name: str, **metadata: Any) -> Any:
+    """`AutoWUConfig`'s field `name` (default and help), with extra `HfArgumentParser` settings."""
+    base = _AUTOWU_FIELDS[name]
+    return dataclasses.field(default=base.default, metadata={**base.metadata, **metadata})
+
+
+@dataclass
+class AutoWUArguments(AutoWUConfig):
+    """`AutoWUConfig` as command-line flags: `HfArgumentParser(AutoWUArguments)` lists every AutoWU option.
+
+    The examples' recipe decays by a cosine from the switch (`immediate_cooldown`, the paper's "cosine";
+    `--no_immediate_cooldown` holds the LR until the cooldown). The on/off options that default to "as the preset
+    says" are flags (`--rewind`, or `--rewind false`). The deprecated `device` is left out, and AutoWU's subsampling
+    seed is the run's own `--seed` (see `to_config`).
+    """
+
+    _argument_group_name = "AutoWU (the fields of hf_autowu.AutoWUConfig; they set the learning rate of every step)"
+
+    immediate_cooldown: bool = dataclasses.field(default=True, metadata=_AUTOWU_FIELDS["immediate_cooldown"].metadata)
+    standardize_losses: bool | None = _autowu_field("standardize_losses", nargs="?", const=True)
+    divergence_guard: bool | None = _autowu_field("divergence_guard", nargs="?", const=True)
+    spike_watch: bool | None = _autowu_field("spike_watch", nargs="?", const=True)
+    estimate_at_cap: bool | None = _autowu_field("estimate_at_cap", nargs="?", const=True)
+    rewind: bool | None = _autowu_field("rewind", nargs="?", const=True)
+    device: str | None = dataclasses.field(default=None, init=False, repr=False)
+    seed: int = dataclasses.field(default=0, init=False)
+
+    def to_config(self, seed: int) -> AutoWUConfig:
+        """The options as an `AutoWUConfig`, with `seed` as AutoWU's subsampling seed."""
+        return AutoWUConfig(**{**dataclasses.asdict(self), "seed": seed})
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where the help does not tell the default already, and never
+    "(default: None)" or to a plain flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
+def switch_line(scheduler: AutoWU) -> str:
+    """The line printed when warmup ends (worded as the Trainer integration words it)."""
+    return (
+        f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
+        f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
+    )
+
+
+def rewind_line(scheduler: AutoWU) -> str | None:
+    """The line printed when the switch rewound the model and optimizer to a warmup snapshot (`None` otherwise)."""
+    rewinder = scheduler.rewinder
+    if rewinder is None or rewinder.rewound_to is None:
+        return None
+    step, lr = rewinder.rewound_to["step"], rewinder.rewound_to["lr"]
+    return (
+        f"AutoWU: rewound the model and optimizer to their state after step {step} (trained up to LR {lr:.4g}); "
+        f"training goes on from there with the peak LR, so the loss and accuracy first step back."
+    )
+
+
+def limit_cpu_threads(data: ImageData, device: torch.device) -> None:
+    """One intra-op thread per process for the embedded digits on a CPU.
+
+    Their model is tiny: extra threads have little work to share, and on a busy machine each operation waits for the
+    slowest of them (measured on a loaded 2-core machine: a training step of the embedded run took 0.25-2.2 s with
+    2 threads, 0.03 s with 1). Runs on real data keep PyTorch's default.
+    """
+    if data.embedded and device.type == "cpu":
+        torch.set_num_threads(1)

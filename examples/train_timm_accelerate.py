@@ -24,22 +24,28 @@ from timm_data import (
     EMBEDDED_DEFAULTS,
     OPTIMIZER_KWARGS,
     PAPER_DEFAULTS,
+    AutoWUArguments,
     ExampleInputError,
+    HelpFormatter,
     check_model_name,
     check_process_group,
     create_model,
     create_optimizer,
     create_transforms,
+    limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
+    rewind_line,
     shard_for_process,
+    switch_line,
     topk_hits,
     with_image_transform,
 )
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
-from hf_autowu import AutoWU, WarmupRewinder, autowu_log_entries
+from hf_autowu import AutoWU, AutoWUConfig, autowu_log_entries, save_autowu_figure
 
 
 class RunHistory:
@@ -103,12 +109,13 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoade
     return 100.0 * correct1 / total, 100.0 * correct5 / total
 
 
-def training_function(config: dict, args: argparse.Namespace) -> dict:
+def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.Namespace) -> dict:
     """Train and evaluate one model with AutoWU.
 
     Args:
         config (`dict`): Hyperparameters: model, image_size, batch_size, epochs, opt, weight_decay, label_smoothing,
             seed.
+        autowu_config (`AutoWUConfig`): AutoWU's options.
         args (`argparse.Namespace`): Data, precision, checkpointing and logging options.
 
     Returns:
@@ -128,6 +135,7 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
     check_model_name(config["model"])
     with accelerator.main_process_first():
         data = load_image_data(args.dataset, args.train_dir, args.val_dir, args.streaming, args.train_samples)
+    limit_cpu_threads(data, accelerator.device)
 
     model = create_model(config["model"], data.num_classes)
     if args.sync_bn or (args.sync_bn is None and config["model"].startswith("efficientnet")):
@@ -165,24 +173,21 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         raise ExampleInputError(f"the training split ({data.num_train_examples} images) is smaller than one batch")
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     # Not passed to `accelerator.prepare`: AutoWU is stepped once per optimizer step by this loop, with the loss.
+    # With rewind on (the robust preset's default), AutoWU keeps a few host-memory snapshots of the model (its
+    # buffers included, since it is given) and optimizer during warmup; at the switch both go back to the latest one
+    # trained with LRs no larger than the chosen one. The snapshots travel in AutoWU's checkpointed state.
     scheduler = AutoWU(
-        optimizer,
-        steps_per_epoch,
-        config["epochs"],
-        immediate_cooldown=args.decay == "cos",
-        preset=args.preset,
-        rewind=args.rewind,
+        optimizer, steps_per_epoch, config["epochs"], config=autowu_config, model=accelerator.unwrap_model(model)
     )
-    if scheduler.config.effective_rewind:
-        # Host-memory snapshots during warmup; at the switch the model and optimizer go back to the latest one
-        # trained with LRs no larger than the chosen one. The snapshots travel in AutoWU's checkpointed state.
-        WarmupRewinder(
-            accelerator.unwrap_model(model),
-            optimizer,
-            scheduler,
-            snapshots=scheduler.config.rewind_snapshots,
-            lr_factor=scheduler.config.rewind_lr_factor,
-        )
+
+    def on_switch(scheduler: AutoWU) -> None:  # on the main process: what AutoWU decided, and its figure
+        if accelerator.is_main_process:
+            for line in (switch_line(scheduler), rewind_line(scheduler)):
+                if line is not None:
+                    tqdm.write(line)  # between progress-bar updates
+            save_autowu_figure(scheduler, args.output_dir)
+
+    scheduler.add_switch_listener(on_switch)
     history = RunHistory()
     accelerator.register_for_checkpointing(scheduler, history)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
@@ -215,6 +220,9 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
         if skipped_batches:
             epoch_loader = accelerator.skip_first_batches(train_loader, skipped_batches)
         step_loss, micro_batches = 0.0, 0
+        # The training loss logged every `--log-every` steps is the mean over those steps and over the processes,
+        # as the Trainer logs it: summed on the device, read (one sync, one all-reduce) only when it is logged.
+        logged_loss, logged_steps = torch.zeros((), device=accelerator.device), 0
         for batch_index, batch in enumerate(epoch_loader, start=skipped_batches):
             if args.streaming and batch_index >= batches_per_epoch:
                 break
@@ -235,22 +243,27 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step(autowu_loss)
             step_loss, micro_batches = 0.0, 0
+            logged_loss, logged_steps = logged_loss + autowu_loss.float(), logged_steps + 1
             progress.update(1)
             completed = history.completed_steps
             if args.report_to != "none" and completed % args.log_every == 0:
-                accelerator.log({"train/loss": autowu_loss.item(), **autowu_log_entries(scheduler)}, step=completed)
+                mean_loss = accelerator.reduce(logged_loss / logged_steps, "mean").item()
+                accelerator.log({"train/loss": mean_loss, **autowu_log_entries(scheduler)}, step=completed)
+                logged_loss, logged_steps = torch.zeros_like(logged_loss), 0
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
                 scheduler.sync_pending_losses()  # a collective: the saved state then holds cross-process means
                 accelerator.save_state(os.path.join(args.output_dir, "checkpoints", f"step_{completed}"))
             if completed >= max_steps:
                 break
         top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)
-        if accelerator.is_main_process:
-            progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {max(scheduler.get_last_lr()):.3e}")
+        if accelerator.is_main_process:  # with the LR of the epoch's last step
+            progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {history.lr[-1]:.3e}")
         if args.report_to != "none":
             accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_entries(scheduler)}, step=completed)
     progress.close()
     accelerator.end_training()
+    if accelerator.is_main_process:
+        save_autowu_figure(scheduler, args.output_dir)
 
     summary = {
         "switch_step": scheduler.switch_step,
@@ -274,8 +287,22 @@ def training_function(config: dict, args: argparse.Namespace) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None) -> tuple[HfArgumentParser, AutoWUArguments, argparse.Namespace]:
+    """Parse the command line: AutoWU's options (every `AutoWUConfig` field) and this script's own.
+
+    Args:
+        argv (`list[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        `tuple`: The parser, AutoWU's options and the script's options.
+    """
+    parser = HfArgumentParser(
+        AutoWUArguments,
+        description=__doc__.splitlines()[0],
+        usage="%(prog)s [-h] [OPTIONS]",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+    )
     data = parser.add_argument_group("data (none of them: the embedded digits dataset)")
     data.add_argument("--dataset", help="a Hub dataset with image and class-label columns, e.g. ILSVRC/imagenet-1k")
     data.add_argument("--train-dir", help="folder of training images, one subfolder per class (ImageNet layout)")
@@ -296,24 +323,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     )
     recipe.add_argument("--epochs", type=int, help=f"the step budget in epochs (default {PAPER_DEFAULTS['epochs']})")
     recipe.add_argument("--opt", choices=sorted(OPTIMIZER_KWARGS), default="adamp", help="timm optimizer")
-    recipe.add_argument("--weight-decay", type=float, default=0.1)
+    recipe.add_argument("--weight-decay", type=float, default=0.1, help="weight decay")
     recipe.add_argument("--label-smoothing", type=float, help="default 0.1 for EfficientNets, else 0")
     recipe.add_argument(
         "--sync-bn",
         action=argparse.BooleanOptionalAction,
         help="SyncBatchNorm on GPUs (default: on for EfficientNets)",
     )
-    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    recipe.add_argument("--seed", type=int, default=0)
-    autowu = parser.add_argument_group("AutoWU")
-    autowu.add_argument(
-        "--decay", choices=["cos", "const-cos"], default="cos", help="cosine from the switch, or constant then cosine"
-    )
-    autowu.add_argument("--preset", choices=["robust", "paper"], default="robust", help="AutoWU option preset")
-    autowu.add_argument(
-        "--rewind",
-        action=argparse.BooleanOptionalAction,
-        help="restore a warmup snapshot at the switch (default: on with the robust preset)",
+    recipe.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
+    recipe.add_argument(
+        "--seed", type=int, default=0, help="seed of the model, the data order, the augmentation and AutoWU"
     )
     run = parser.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from `accelerate config`")
@@ -322,19 +341,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         action="store_true",
         help="train on the CPU (also how several processes form a group on a machine without GPUs)",
     )
-    run.add_argument("--output-dir", default="outputs/timm_accelerate")
+    run.add_argument("--output-dir", default="outputs/timm_accelerate", help="summary, figure, logs and checkpoints")
     run.add_argument("--checkpointing-steps", type=int, help="save the full state every N optimizer steps")
     run.add_argument("--resume", help='a checkpoint folder, or "latest" (the newest under OUTPUT_DIR/checkpoints)')
     run.add_argument(
         "--max-train-steps", type=int, help="stop after N optimizer steps (the schedule stays as planned)"
     )
     run.add_argument("--report-to", default="tensorboard", help='an Accelerate tracker, "all" or "none"')
-    run.add_argument("--log-every", type=int, default=10, help="log to the trackers every N optimizer steps")
-    return parser, parser.parse_args(argv)
+    run.add_argument(
+        "--log-every", type=int, default=10, help="log the mean training loss of the last N optimizer steps"
+    )
+    try:
+        autowu, args = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except ValueError as err:  # an AutoWU option out of range
+        parser.error(str(err))
+    return parser, autowu, args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser, args = parse_args(argv)
+    parser, autowu, args = parse_args(argv)
     embedded = not (args.dataset or args.train_dir or args.val_dir)
     defaults = EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS
     model = args.model or defaults["model"]
@@ -349,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
     }
     try:
-        training_function(config, args)
+        training_function(config, autowu.to_config(seed=args.seed), args)
     except ExampleInputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 

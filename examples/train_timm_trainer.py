@@ -5,10 +5,14 @@ The task and recipe of `train_timm_accelerate.py`, with the Trainer's loop, chec
     python examples/train_timm_trainer.py                              # embedded digits, a few minutes on a CPU
     accelerate launch examples/train_timm_trainer.py --dataset ILSVRC/imagenet-1k --bf16
 
-Script options are the fields of `ScriptArguments` below; every `TrainingArguments` option works too
-(`--per_device_train_batch_size`, `--num_train_epochs`, `--resume_from_checkpoint`, `--report_to`, ...).
+Options: the fields of `ScriptArguments` below (data and model), of `AutoWUConfig` (AutoWU's options, as
+`AutoWUArguments`), and every `TrainingArguments` option (`--per_device_train_batch_size`, `--num_train_epochs`,
+`--resume_from_checkpoint`, `--report_to`, ...; `--help` shows the common ones, `--help_all` all of them). AutoWU
+sets the learning rate of every step: `--learning_rate`, `--lr_scheduler_type` and the warmup options are ignored.
 """
 
+import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
@@ -19,14 +23,18 @@ from timm_data import (
     EMBEDDED_DEFAULTS,
     OPTIMIZER_KWARGS,
     PAPER_DEFAULTS,
+    AutoWUArguments,
     ExampleInputError,
+    HelpFormatter,
     check_model_name,
     check_process_group,
     create_model,
     create_optimizer,
     create_transforms,
+    limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
+    rewind_line,
     topk_hits,
     with_image_transform,
 )
@@ -36,15 +44,49 @@ from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
-from hf_autowu import AutoWUCallback
+from hf_autowu import AutoWUCallback, AutoWUConfig
+
+# The `TrainingArguments` that `--help` lists (`--help_all` lists every one; all of them work), and those that AutoWU
+# makes meaningless.
+COMMON_TRAINING_ARGUMENTS = (
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "label_smoothing_factor",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "seed",
+    "dataloader_num_workers",
+    "eval_strategy",
+    "save_strategy",
+    "save_steps",
+    "logging_steps",
+    "report_to",
+    "resume_from_checkpoint",
+)
+IGNORED_TRAINING_ARGUMENTS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+)
 
 
 @dataclass
 class ScriptArguments:
-    """Data, model and AutoWU options of this example (the rest are `TrainingArguments`)."""
+    """Data and model options of this example (AutoWU's are `AutoWUArguments`, the rest `TrainingArguments`)."""
+
+    _argument_group_name = "data and model"
 
     dataset: str | None = field(
         default=None, metadata={"help": "A Hub dataset with image and class-label columns, e.g. ILSVRC/imagenet-1k."}
@@ -66,17 +108,9 @@ class ScriptArguments:
     )
     image_size: int | None = field(default=None, metadata={"help": "Square input size (default: the model's)."})
     opt: str = field(default="adamp", metadata={"help": "timm optimizer.", "choices": sorted(OPTIMIZER_KWARGS)})
-    decay: str = field(
-        default="cos",
-        metadata={"help": "Cosine from the switch, or constant then cosine.", "choices": ["cos", "const-cos"]},
-    )
-    preset: str = field(default="robust", metadata={"help": "AutoWU option preset.", "choices": ["robust", "paper"]})
-    rewind: bool | None = field(
-        default=None,
-        metadata={"help": "Restore a warmup snapshot at the switch (default: on with the robust preset)."},
-    )
     sync_bn: bool | None = field(
-        default=None, metadata={"help": "SyncBatchNorm on GPUs (default: on for EfficientNets)."}
+        default=None,
+        metadata={"help": "SyncBatchNorm on GPUs (default: on for EfficientNets).", "nargs": "?", "const": True},
     )
 
 
@@ -102,22 +136,65 @@ def recipe_defaults(script_args: ScriptArguments) -> dict:
     }
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[HfArgumentParser, ScriptArguments, TrainingArguments, dict]:
+def build_parser(defaults: dict, show_all: bool = False, add_help: bool = True) -> HfArgumentParser:
+    """The command line: the data and model options, AutoWU's, and the `TrainingArguments`.
+
+    Args:
+        defaults (`dict`): `TrainingArguments` defaults of the recipe.
+        show_all (`bool`, *optional*, defaults to `False`): List every `TrainingArguments` option in `--help`, not
+            only `COMMON_TRAINING_ARGUMENTS`.
+        add_help (`bool`, *optional*, defaults to `True`): Whether `-h/--help` prints the help.
+
+    Returns:
+        `HfArgumentParser`: the parser.
+    """
+    parser = HfArgumentParser(
+        (ScriptArguments, AutoWUArguments, TrainingArguments),
+        description=f"{__doc__.splitlines()[0]} The first options are the Trainer's TrainingArguments (the common "
+        "ones; --help_all lists them all, and all of them work), then come this script's and AutoWU's.",
+        usage="%(prog)s [-h] [--help_all] [OPTIONS]",
+        formatter_class=HelpFormatter,
+        add_help=add_help,
+        allow_abbrev=False,  # among so many options an abbreviation is a typo more often than not
+    )
+    parser.add_argument("--help_all", action="store_true", help="list every TrainingArguments option, then exit")
+    parser.set_defaults(**defaults)
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for action in parser._actions:  # argparse has no public way to edit an option's help
+        if action.dest in IGNORED_TRAINING_ARGUMENTS:
+            action.help = "Ignored, default or not: AutoWU sets the learning rate of every step (AutoWU options)."
+        elif action.dest == "seed":
+            action.help = f"{action.help} Also the seed of AutoWU's subsampling."
+        elif action.dest in training_fields and action.dest not in COMMON_TRAINING_ARGUMENTS and not show_all:
+            action.help = argparse.SUPPRESS
+    return parser
+
+
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[HfArgumentParser, ScriptArguments, AutoWUConfig, TrainingArguments, dict]:
     """Parse the command line, with recipe defaults that depend on the data and model chosen.
 
     Args:
         argv (`list[str]`, *optional*): The arguments (default: `sys.argv[1:]`).
 
     Returns:
-        `tuple`: The parser, the script arguments, the training arguments and the resolved recipe.
+        `tuple`: The parser, the script arguments, AutoWU's options, the training arguments and the resolved recipe.
     """
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
-    known, _ = parser.parse_known_args(argv)
-    recipe = recipe_defaults(ScriptArguments(**{k: getattr(known, k) for k in ScriptArguments.__dataclass_fields__}))
-    parser.set_defaults(**{k: v for k, v in recipe.items() if k not in ("model", "image_size")})
-    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return parser, script_args, training_args, recipe
+    known, _ = build_parser({}, add_help=False).parse_known_args(argv)
+    recipe = recipe_defaults(
+        ScriptArguments(**{f.name: getattr(known, f.name) for f in dataclasses.fields(ScriptArguments)})
+    )
+    parser = build_parser({k: v for k, v in recipe.items() if k not in ("model", "image_size")}, known.help_all)
+    if known.help_all:
+        parser.print_help()
+        parser.exit()
+    try:
+        script_args, autowu_args, training_args, _ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except ValueError as err:  # an AutoWU option out of range
+        parser.error(str(err))
+    return parser, script_args, autowu_args.to_config(seed=training_args.seed), training_args, recipe
 
 
 def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,16 +231,40 @@ def build_model(name: str, label_names: list[str]) -> TimmWrapperForImageClassif
     return model
 
 
-def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe: dict) -> dict:
+class PrintRewind(TrainerCallback):
+    """Print where AutoWU rewound the model at the switch (the Trainer integration prints the switch itself).
+
+    Args:
+        autowu (`AutoWUCallback`): The callback that runs AutoWU; list this one after it.
+    """
+
+    def __init__(self, autowu: AutoWUCallback):
+        self.autowu = autowu
+
+    def on_train_begin(self, args: TrainingArguments, state, control, **kwargs):
+        if state.is_world_process_zero and self.autowu.scheduler is not None:
+            self.autowu.scheduler.add_switch_listener(self.print_rewind)
+
+    @staticmethod
+    def print_rewind(scheduler) -> None:
+        line = rewind_line(scheduler)
+        if line is not None:
+            print(line)
+
+
+def train(
+    script_args: ScriptArguments, autowu_config: AutoWUConfig, training_args: TrainingArguments, recipe: dict
+) -> dict:
     """Train and evaluate one model with AutoWU and the Trainer.
 
     Args:
-        script_args (`ScriptArguments`): Data, model and AutoWU options.
+        script_args (`ScriptArguments`): Data and model options.
+        autowu_config (`AutoWUConfig`): AutoWU's options.
         training_args (`TrainingArguments`): The Trainer's options.
         recipe (`dict`): The resolved model name and image size.
 
     Returns:
-        `dict`: The summary: switch_step, peak_lr, top1, top5, steps.
+        `dict`: The summary: switch_step, switch_reason, peak_lr, rewound_to, top1, top5, steps.
     """
     check_process_group(training_args.world_size)
     check_model_name(recipe["model"])
@@ -176,6 +277,7 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
             script_args.train_samples,
             seed=training_args.seed,
         )
+    limit_cpu_threads(data, training_args.device)
     model = build_model(recipe["model"], data.label_names)
     sync_bn = recipe["model"].startswith("efficientnet") if script_args.sync_bn is None else script_args.sync_bn
     if sync_bn and training_args.world_size > 1 and training_args.device.type != "cpu":
@@ -190,16 +292,14 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
         steps_per_epoch = data.num_train_examples // global_batch
         training_args.max_steps = int(steps_per_epoch * training_args.num_train_epochs)
     optimizer = create_optimizer(model.timm_model, script_args.opt, training_args.weight_decay)
-    autowu = AutoWUCallback(
-        immediate_cooldown=script_args.decay == "cos", preset=script_args.preset, rewind=script_args.rewind
-    )
+    autowu = AutoWUCallback(config=autowu_config)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=with_image_transform(data.train, train_transform, data.image_column, data.label_column),
         eval_dataset=with_image_transform(data.validation, eval_transform, data.image_column, data.label_column),
         optimizers=(optimizer, None),
-        callbacks=[autowu],
+        callbacks=[autowu, PrintRewind(autowu)],
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
@@ -210,6 +310,7 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
         "switch_step": scheduler.switch_step,
         "switch_reason": scheduler.switch_reason,
         "peak_lr": scheduler.peak_lr,
+        "rewound_to": scheduler.rewinder.rewound_to if scheduler.rewinder is not None else None,
         "top1": metrics["eval_top1"],
         "top5": metrics["eval_top5"],
         "steps": trainer.state.global_step,
@@ -224,9 +325,9 @@ def train(script_args: ScriptArguments, training_args: TrainingArguments, recipe
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser, script_args, training_args, recipe = parse_args(argv)
+    parser, script_args, autowu_config, training_args, recipe = parse_args(argv)
     try:
-        train(script_args, training_args, recipe)
+        train(script_args, autowu_config, training_args, recipe)
     except ExampleInputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 

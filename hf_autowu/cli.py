@@ -25,7 +25,6 @@ from .replay import (
     latest_checkpoint,
     read_loss_curve,
     replay_curve,
-    scheduler_from_state_dict,
 )
 from .scheduler import AutoWU
 
@@ -34,6 +33,7 @@ STATE_KEYS = {"config", "total_steps", "history", "tests", "lr_changes", "tester
 _REASONS = {
     "test": "passed switch tests in a row",
     "divergence": "the loss diverged",
+    "spike": "the loss jumped far above its smoothed curve",
     "cap": "warmup reached its maximum length",
     "no_warmup": "the options leave no warmup",
 }
@@ -53,6 +53,11 @@ Reads LOG, one of:
 When the log has learning rates they must follow the warmup ramp of the options (min_lr, max_lr, budget,
 max_warmup_fraction, warmup_type); only the steps on that ramp are replayed (a recorded AutoWU run: those before
 its switch). Without learning rates, the curve is assumed to follow that ramp.
+
+The budget (total steps) is --total-steps, else the log's max_steps (Trainer state), else inferred from the
+logged learning rates: the ramp's growth per step gives the warmup length W = floor(max_warmup_fraction * budget),
+and the smallest budget with that W is used (it replays the same decisions). A log without learning rates needs
+--total-steps.
 
 Writes the figure to --plot PATH when given (needs matplotlib); nothing otherwise."""
 
@@ -81,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay.add_argument("log", metavar="LOG", help="trainer_state.json, a .csv, or a TensorBoard event file/folder")
-    replay.add_argument("--total-steps", type=int, help="the step budget (default: the log's max_steps)")
+    replay.add_argument(
+        "--total-steps", type=int, help="the step budget (default: the log's max_steps, or inferred from its LRs)"
+    )
     replay.add_argument(
         "--steps-per-epoch",
         type=int,
@@ -158,7 +165,7 @@ def _replay(args: argparse.Namespace) -> list[str]:
 def _plot(args: argparse.Namespace) -> list[str]:
     path, state = _load_scheduler_state(Path(args.checkpoint))
     try:
-        scheduler = scheduler_from_state_dict(state)
+        scheduler = AutoWU.from_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise CurveError(f"{path}: not a usable AutoWU scheduler state ({type(err).__name__}: {err}).") from None
     lines = [f"read the AutoWU state of {path}: step {scheduler.last_step} of {scheduler.total_steps}"]

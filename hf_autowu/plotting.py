@@ -12,7 +12,6 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .replay import scheduler_from_state_dict
 from .scheduler import AutoWU
 
 if TYPE_CHECKING:
@@ -56,7 +55,9 @@ def plot_autowu(scheduler_or_state: AutoWU | Mapping[str, Any], path: str | os.P
     from matplotlib.figure import Figure
 
     scheduler = (
-        scheduler_or_state if isinstance(scheduler_or_state, AutoWU) else scheduler_from_state_dict(scheduler_or_state)
+        scheduler_or_state
+        if isinstance(scheduler_or_state, AutoWU)
+        else AutoWU.from_state_dict(dict(scheduler_or_state))
     )
     fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
     loss_ax = fig.add_subplot()

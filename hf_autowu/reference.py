@@ -2,11 +2,13 @@
 
 It uses GPyTorch the textbook way (exact marginal log likelihood, `torch.optim.Adam`, dense predictive
 covariance) and is kept to check the fast path in `hf_autowu.switch_test`, decision for decision, and to
-measure what the fast path saves. It is not used during training.
+measure what the fast path saves. It is not used during training. It shares no code with the fast path: its
+constants are ALGORITHM.md's, written out here, and it draws its subsamples with its own sampler.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -17,8 +19,17 @@ with warnings.catch_warnings():  # linear_operator scripts a function with the d
     import gpytorch
     from linear_operator.utils.errors import NotPSDError
 
-from .gp import FIT_ITERATIONS, FIT_LR, GRID_SIZE, LENGTHSCALE, NOISE_INIT, VARIANCE_JITTER
-from .switch_test import subsample_sorted
+# The constants of ALGORITHM.md, "The switch test".
+LENGTHSCALE = 0.2  # 1. RBF lengthscale, fixed
+NOISE_INIT = 1e-3  # 1. initial noise variance (the paper; the robust preset starts from 0.1)
+FIT_POINTS = 100  # 2. at most this many points for the fit
+FIT_ITERATIONS = 100  # 2. Adam iterations per fit
+FIT_LR = 0.01  # 2. Adam's learning rate (the paper; the robust preset uses 0.05)
+PREDICT_POINTS = 500  # 3. at most this many points per prediction
+GRID_POINTS = 500  # 3. evenly spaced prediction points on [0, 1]
+VARIANCE_JITTER = 1e-4  # 4. added to the variance of f_i - f_k
+MAX_FAILURES = 10  # numerical failures before a test gives up
+RISE_NOISE_SDS = 3.0  # robust preset: how far above its minimum the mean must be now to count as rising
 
 
 class LossCurveGP(gpytorch.models.ExactGP):
@@ -42,25 +53,75 @@ class LossCurveGP(gpytorch.models.ExactGP):
 
 @dataclass
 class ReferenceOutcome:
-    """Outcome of one reference switch test: per-prediction probabilities, votes, pass, new LR."""
+    """Outcome of one reference switch test.
+
+    Attributes:
+        probabilities (`list[float]`): Per prediction, the probability that the minimum is in the past.
+        votes (`int`): Predictions whose probability exceeds the confidence.
+        passed (`bool`): Whether more than half of the predictions voted "past".
+        lr_estimate (`float`): The LR to decay from (see `estimate_lr`).
+        rising (`bool`): Whether the mean posterior mean (over the predictions) now is above its value at the
+            start of the history and more than three noise standard deviations above its minimum.
+    """
 
     probabilities: list[float]
     votes: int
     passed: bool
     lr_estimate: float
+    rising: bool
+
+
+def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """At most `size` of `positions`: all of them when they fit, else a uniformly random subset drawn without
+    replacement (the first `size` entries of a random permutation), sorted back into time order."""
+    if len(positions) <= size:
+        return positions
+    chosen = torch.randperm(len(positions), generator=generator)[:size]
+    return positions[chosen.sort().values]
+
+
+def estimate_lr(
+    means: list[torch.Tensor], grid: torch.Tensor, current_lr: float, min_lr: float, warmup_type: str
+) -> float:
+    """ALGORITHM.md step 7: for each prediction the LR on the warmup ramp at `x* = argmin mu`, then their mean.
+
+    Args:
+        means (`list[torch.Tensor]`): The posterior mean of each prediction on `grid`.
+        grid (`torch.Tensor`): The prediction points on the normalised time axis [0, 1].
+        current_lr (`float`): LR of the most recent step (x = 1).
+        min_lr (`float`): LR at the start of the history (x = 0).
+        warmup_type (`str`): `"exp"` or `"linear"`.
+
+    Returns:
+        `float`: the new LR.
+    """
+    lrs = []
+    for mu in means:
+        x_star = float(grid[mu.argmin()])
+        if warmup_type == "exp":
+            lrs.append(min_lr * (current_lr / min_lr) ** x_star)
+        else:
+            lrs.append(min_lr + (current_lr - min_lr) * x_star)
+    return sum(lrs) / len(lrs)
 
 
 class ReferenceSwitchTest:
     """The switch test of ALGORITHM.md with a persistent GPyTorch model and optimizer.
 
+    The defaults are the paper's; the robust preset's settings are `hf_autowu.config.PRESET_SETTINGS["robust"]`
+    (`standardize_losses=True, min_losses=20, fit_lr=0.05, noise_init=0.1`).
+
     Args:
         confidence (`float`, *optional*, defaults to 0.95): Vote threshold.
         n_tests (`int`, *optional*, defaults to 5): Predictions per test.
         standardize_losses (`bool`, *optional*, defaults to `False`): Standardise the finite losses first
-            (hf_autowu's robust preset); `False` is the paper's behaviour.
+            (the robust preset).
         seed (`int`, *optional*, defaults to 0): Seed of the subsampling generator.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float64`): Precision of the GP; `torch.float32`
             reproduces the original implementation's cost.
+        min_losses (`int`, *optional*, defaults to 3): Fewest finite losses a test needs.
+        fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate for the hyperparameters.
+        noise_init (`float`, *optional*, defaults to 1e-3): Initial noise variance.
     """
 
     def __init__(
@@ -70,29 +131,38 @@ class ReferenceSwitchTest:
         standardize_losses: bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
+        min_losses: int = 3,
+        fit_lr: float = FIT_LR,
+        noise_init: float = NOISE_INIT,
     ):
         self.confidence = confidence
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
+        self.min_losses = min_losses
         self.dtype = dtype
         self.likelihood = gpytorch.likelihoods.GaussianLikelihood().to(dtype)
         self.model = LossCurveGP(self.likelihood).to(dtype)
         self.model.covar_module.base_kernel.lengthscale = LENGTHSCALE
-        self.likelihood.noise = NOISE_INIT
+        self.likelihood.noise = noise_init
         trainable = [p for name, p in self.model.named_parameters() if "lengthscale" not in name]
-        self.optimizer = torch.optim.Adam(trainable, lr=FIT_LR)
+        self.optimizer = torch.optim.Adam(trainable, lr=fit_lr)
         self.mll = gpytorch.mlls.ExactMarginalLogLikelihood(self.likelihood, self.model)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(
         self, losses: torch.Tensor, current_lr: float, min_lr: float, warmup_type: str = "exp"
     ) -> ReferenceOutcome | None:
-        """Run one test on the whole history `losses` (None when fewer than 3 losses are finite)."""
+        """Run one test on the whole history `losses`.
+
+        Returns:
+            `ReferenceOutcome`, or `None` when fewer than `min_losses` losses are finite or the GP failed
+            numerically `MAX_FAILURES` times.
+        """
         losses = losses.to(self.dtype)
         n = len(losses)
         is_finite = torch.isfinite(losses)
         finite_positions = torch.arange(n)[is_finite]
-        if len(finite_positions) < 3:
+        if len(finite_positions) < self.min_losses:
             return None
         if self.standardize_losses:
             finite_values = losses[is_finite]
@@ -104,7 +174,7 @@ class ReferenceSwitchTest:
         self.model.mean_module.constant = losses[is_finite].mean()
 
         # 2. fit on at most 100 points, 100 Adam iterations on the exact MLL
-        x, y = self._subsample(losses, finite_positions, 100)
+        x, y = self._subsample(losses, finite_positions, FIT_POINTS)
         self.model.set_train_data(x, y, strict=False)
         self.model.train()
         self.likelihood.train()
@@ -117,11 +187,11 @@ class ReferenceSwitchTest:
         # 3. n_tests predictions, each on its own subsample of at most 500 points
         self.model.eval()
         self.likelihood.eval()
-        grid = torch.linspace(0, 1, GRID_SIZE, dtype=self.dtype)
-        probabilities, lrs = [], []
+        grid = torch.linspace(0, 1, GRID_POINTS, dtype=self.dtype)
+        probabilities, means = [], []
         failures = 0
         while len(probabilities) < self.n_tests:
-            x, y = self._subsample(losses, finite_positions, 500)
+            x, y = self._subsample(losses, finite_positions, PREDICT_POINTS)
             self.model.set_train_data(x, y, strict=False)
             try:
                 with torch.no_grad():
@@ -130,27 +200,28 @@ class ReferenceSwitchTest:
                     cov = posterior.covariance_matrix
             except NotPSDError:
                 failures += 1  # a numerical failure: retry with another subsample, give up after 10
-                if failures >= 10:
+                if failures >= MAX_FAILURES:
                     return None
                 continue
             # 4. p = max_{i<k} P(f_i < f_k), f_i - f_k ~ N(mu_i - mu_k, S_ii + S_kk - 2 S_ik + 1e-4)
-            k = GRID_SIZE - 1
+            k = GRID_POINTS - 1
             gaps = mu[:k] - mu[k]
             variances = (cov.diagonal()[:k] + cov[k, k] - 2 * cov[:k, k]).clamp_min(0) + VARIANCE_JITTER
             p = torch.distributions.Normal(gaps, variances.sqrt()).cdf(torch.zeros_like(gaps)).max()
             probabilities.append(float(p))
-            # 7. the LR at the argmin of the posterior mean, on the warmup ramp
-            x_star = float(grid[mu.argmin()])
-            if warmup_type == "exp":
-                lrs.append(min_lr * (current_lr / min_lr) ** x_star)
-            else:
-                lrs.append(min_lr + (current_lr - min_lr) * x_star)
+            means.append(mu)
 
         # 5. vote
         votes = sum(p > self.confidence for p in probabilities)
-        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, sum(lrs) / len(lrs))
+        # robust preset: is the smoothed loss rising now, clearly above the noise?
+        mean_curve = torch.stack(means).mean(dim=0)
+        noise_sd = math.sqrt(float(self.likelihood.noise.detach()))
+        rising = bool(mean_curve[-1] > mean_curve[0] and mean_curve[-1] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
+        # 7. the new LR
+        lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type)
+        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising)
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
-        """At most `size` finite points in time order, at x = position / len(losses) (the shared sampler)."""
-        chosen = subsample_sorted(finite_positions, size, self.generator)
+        """At most `size` finite points in time order, at x = position / len(losses)."""
+        chosen = random_subset_in_time_order(finite_positions, size, self.generator)
         return chosen.to(self.dtype) / len(losses), losses[chosen]

@@ -25,7 +25,7 @@ from .config import AutoWUConfig
 from .scheduler import AutoWU
 
 LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
-LR_TAGS = ("train/learning_rate", "learning_rate", "train/lr", "lr")
+LR_TAGS = ("train/learning_rate", "learning_rate", "train/lr", "lr", "autowu/lr")
 LR_RELATIVE_TOLERANCE = 1e-3
 
 
@@ -101,20 +101,15 @@ def dummy_optimizer() -> torch.optim.Optimizer:
 def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
     """Rebuild an `AutoWU` (on a dummy optimizer) from its `state_dict()`, e.g. a loaded `scheduler.pt`.
 
+    An alias of `AutoWU.from_state_dict(state)`, kept for code that imports it from `hf_autowu`.
+
     Args:
         state (`Mapping`): What `AutoWU.state_dict()` returned.
 
     Returns:
         `AutoWU`: a scheduler in the saved state; its `lr_at`, `losses`, `tests`, ... are those of the saved one.
     """
-    scheduler = AutoWU(
-        dummy_optimizer(),
-        state["steps_per_epoch"],
-        total_steps=state["total_steps"],
-        config=AutoWUConfig(**state["config"]),
-    )
-    scheduler.load_state_dict(dict(state))
-    return scheduler
+    return AutoWU.from_state_dict(dict(state))
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -227,10 +222,10 @@ def read_csv_curve(path: str | os.PathLike) -> LossCurve:
     lr_column = next((name for name in ("lr", "learning_rate") if name in columns), None)
     points: dict[int, tuple[float, float | None]] = {}
     for line, row in rows:
-        step = _as_int(_parse_number(row.get("step")), f"{path}: line {line}: `step`")
+        step = _as_int(_csv_number(row, "step", f"{path}: line {line}"), f"{path}: line {line}: `step`")
         points[step] = (
-            _as_float(_parse_number(row.get("loss")), f"{path}: line {line}: `loss`"),
-            _as_float(_parse_number(row.get(lr_column)), f"{path}: line {line}: `{lr_column}`") if lr_column else None,
+            _csv_number(row, "loss", f"{path}: line {line}"),
+            _csv_number(row, lr_column, f"{path}: line {line}") if lr_column else None,
         )
     return _curve_from_points(points, None, f"{path} (CSV)")
 
@@ -238,7 +233,10 @@ def read_csv_curve(path: str | os.PathLike) -> LossCurve:
 def read_tensorboard_curve(
     path: str | os.PathLike, loss_tag: str | None = None, lr_tag: str | None = None
 ) -> LossCurve:
-    """Read the loss (and LR) scalars of a TensorBoard event file, or of all event files under a folder.
+    """Read the loss (and LR) scalars of a TensorBoard event file, or of the event files of one run under a folder.
+
+    A folder may hold several runs (folders of event files), e.g. the hyperparameter sub-run that Accelerate's
+    tracker writes beside the run's scalars: the one run with loss scalars is read.
 
     Args:
         path (`str` or `os.PathLike`): An event file (`events.out.tfevents.*`) or a folder of them.
@@ -250,26 +248,35 @@ def read_tensorboard_curve(
         `LossCurve`: the curve; the last value wins where a step was logged twice.
 
     Raises:
-        `CurveError`: when the file holds no such scalars.
+        `CurveError`: when no run holds such scalars, or several do.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     path = Path(path)
     if path.is_dir():
-        folders = sorted({str(p.parent) for p in path.rglob("*tfevents*") if p.is_file()})
-        if len(folders) != 1:
-            raise CurveError(f"{path}: event files of {len(folders)} runs here; give one run's folder or file.")
-        path = Path(folders[0])
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
-    accumulator.Reload()  # stops quietly at a corrupt record
-    scalars = {
-        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
-    }
+        runs = sorted({p.parent for p in path.rglob("*tfevents*") if p.is_file()})
+        if not runs:
+            raise CurveError(f"{path}: no TensorBoard event files in this folder.")
+        scalars_of = {run: _tensorboard_scalars(run) for run in runs}
+        with_loss = [run for run, scalars in scalars_of.items() if _loss_tag(scalars, loss_tag) is not None]
+        if len(with_loss) > 1:
+            names = ", ".join(str(run.relative_to(path)) for run in with_loss)
+            raise CurveError(
+                f"{path}: training losses in {len(with_loss)} runs here ({names}); give one run's folder or file."
+            )
+        if not with_loss and len(runs) > 1:
+            found = ", ".join(sorted({tag for scalars in scalars_of.values() for tag in scalars})) or "none"
+            raise CurveError(
+                f"{path}: no loss scalars in the {len(runs)} runs here (tags found: {found}); name the loss tag with "
+                "--loss-tag."
+            )
+        path = with_loss[0] if with_loss else runs[0]
+        scalars = scalars_of[path]
+    else:
+        scalars = _tensorboard_scalars(path)
     if not scalars:
         raise CurveError(f"{path}: no scalars found (not a TensorBoard event file, or an empty one).")
     found = ", ".join(sorted(scalars))
-    loss_tag = loss_tag or next((tag for tag in LOSS_TAGS if tag in scalars), None)
-    if loss_tag not in scalars:
+    loss_tag = _loss_tag(scalars, loss_tag)
+    if loss_tag is None:
         raise CurveError(f"{path}: no loss scalars (tags found: {found}); name the loss tag with --loss-tag.")
     if lr_tag is not None and lr_tag not in scalars:
         raise CurveError(f"{path}: no scalars tagged {lr_tag!r} (tags found: {found}).")
@@ -277,6 +284,24 @@ def read_tensorboard_curve(
     lrs = scalars.get(lr_tag, {})
     points = {step: (loss, lrs.get(step)) for step, loss in scalars[loss_tag].items()}
     return _curve_from_points(points, None, f"{path} (TensorBoard, tag {loss_tag!r})")
+
+
+def _tensorboard_scalars(path: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of an event file, or of the event files directly in a folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    accumulator.Reload()  # stops quietly at a corrupt record
+    return {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def _loss_tag(scalars: dict[str, dict[int, float]], loss_tag: str | None) -> str | None:
+    """`loss_tag` if given and present, else the first of `LOSS_TAGS` present, else `None`."""
+    if loss_tag is not None:
+        return loss_tag if loss_tag in scalars else None
+    return next((tag for tag in LOSS_TAGS if tag in scalars), None)
 
 
 def _curve_from_points(
@@ -300,11 +325,15 @@ def _curve_from_points(
     )
 
 
-def _parse_number(text: str | None) -> float | None:
+def _csv_number(row: dict[str, str], column: str, where: str) -> float:
+    """The number in `row[column]`; a `CurveError` naming `where`, the column and the offending text otherwise."""
+    text = row.get(column)
+    if text is None:
+        raise CurveError(f"{where}: `{column}` is missing (the row has fewer values than the header).")
     try:
         return float(text)
-    except (TypeError, ValueError):
-        return None
+    except ValueError:
+        raise CurveError(f"{where}: `{column}` is not a number ({text.strip()!r}).") from None
 
 
 def _as_float(value: Any, what: str) -> float:
@@ -349,14 +378,25 @@ def replay_curve(
         `CurveError`: when the budget is unknown, the options leave no warmup, or the curve has no usable ramp.
     """
     config = config or AutoWUConfig()
+    notes = []
     total_steps = total_steps or curve.total_steps
-    if total_steps is None:
-        raise CurveError(f"{curve.source}: the step budget is unknown; give `total_steps` (--total-steps).")
+    inferred = total_steps is None
+    if inferred:
+        total_steps = budget_from_lrs(curve, config)
+        if total_steps is None:
+            raise CurveError(
+                f"{curve.source}: the step budget is unknown (no learning rates logged, or too few on a warmup ramp "
+                "to infer it from); give `total_steps` (--total-steps)."
+            )
+        notes.append(
+            f"budget inferred from the logged LRs: {total_steps} steps (the smallest budget whose warmup, "
+            f"max_warmup_fraction {config.max_warmup_fraction:g}, is as long as the logged ramp; give --total-steps "
+            "to override)."
+        )
     scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=total_steps, config=config)
     if scheduler.warmup_steps <= 0:
         raise CurveError("these options leave no warmup (max_warmup_fraction * total_steps < 1): nothing to replay.")
 
-    notes = []
     if curve.steps[-1] != len(curve.steps):
         notes.append(
             f"the log does not hold every step's loss (one every {curve.logging_interval} steps, the first at step "
@@ -368,7 +408,12 @@ def replay_curve(
         replayable = len(losses)
         notes.append("no learning rates logged: the curve is assumed to follow the options' warmup ramp.")
     else:
-        replayable = _ramp_steps(curve, scheduler)
+        try:
+            replayable = _ramp_steps(curve, scheduler)
+        except CurveError as err:
+            if not inferred:
+                raise
+            raise CurveError(f"{err} The budget, {total_steps} steps, was inferred from the logged LRs.") from None
         if replayable < len(losses):
             notes.append(
                 f"the logged learning rate leaves the warmup ramp after step {replayable} (the recorded run switched "
@@ -379,6 +424,61 @@ def replay_curve(
         if scheduler.phase != "warmup":
             break
     return Replay(scheduler, replayable, curve.lrs is not None, notes)
+
+
+def budget_from_lrs(curve: LossCurve, config: AutoWUConfig) -> int | None:
+    """The step budget of a recorded run, inferred from the warmup ramp of its logged learning rates.
+
+    On the options' ramp, the LR of step `t` sits at the fraction `t / W` of the way from `min_lr` to `max_lr`
+    (in log scale for the exponential ramp), `W = floor(max_warmup_fraction * T)` the warmup length. Two logged
+    LRs on the ramp give `W` from their distance in steps; it is refined over the leading logged LRs that stay on
+    the ramp it predicts (the widest span gives the most precise value) and rounded. Several budgets share that
+    `W` (with the default fraction 0.5, `T = 2W` and `2W + 1`); the smallest is returned. They give the same
+    ramp, the same robust test cadence and the same warmup cap unless the cooldown starts before the cap, so a
+    replay reproduces the recorded decisions; only the paper preset's cadence without epochs (a test every
+    `T // 50` steps) can differ, when a multiple of 50 lies among those budgets (never with the fraction 0.5).
+
+    Args:
+        curve (`LossCurve`): The recorded curve.
+        config (`AutoWUConfig`): The options of the recorded run (`min_lr`, `max_lr`, `warmup_type`,
+            `max_warmup_fraction`).
+
+    Returns:
+        `int` or `None`: the budget, or `None` without at least two logged LRs growing on a per-step ramp.
+    """
+    if curve.lrs is None or config.warmup_unit != "step" or config.max_warmup_fraction <= 0:
+        return None
+    low, high, exponential = config.min_lr, config.max_lr, config.warmup_type == "exp"
+
+    def fraction(lr: float) -> float:  # where `lr` sits on the ramp, 0 at min_lr and 1 at max_lr
+        return math.log(lr / low) / math.log(high / low) if exponential else (lr - low) / (high - low)
+
+    def lr_at(value: float) -> float:
+        return low * (high / low) ** value if exponential else low + (high - low) * value
+
+    points = list(zip(curve.steps, curve.lrs, strict=True))
+    if len(points) < 2 or not (math.isfinite(points[1][1]) and 0 < points[0][1] < points[1][1]):
+        return None
+    (first_step, first_lr), previous = points[0], points[1][1]
+    start = fraction(first_lr)
+    warmup = (points[1][0] - first_step) / (fraction(points[1][1]) - start)
+    for step, lr in points[2:]:
+        if not (math.isfinite(lr) and lr > previous):
+            break
+        predicted = lr_at(start + (step - first_step) / warmup)
+        if abs(math.log(lr / predicted)) > math.log1p(LR_RELATIVE_TOLERANCE):
+            break  # off the ramp: the recorded run switched
+        warmup, previous = (step - first_step) / (fraction(lr) - start), lr
+    warmup = round(warmup)
+    if warmup < 1:
+        return None
+    fraction_of_budget = config.max_warmup_fraction
+    total = max(math.ceil(warmup / fraction_of_budget), 1)  # the smallest T with floor(fraction * T) == W
+    while total > 1 and int(fraction_of_budget * (total - 1)) >= warmup:
+        total -= 1
+    while int(fraction_of_budget * total) < warmup:
+        total += 1
+    return total if int(fraction_of_budget * total) == warmup else None
 
 
 def _ramp_steps(curve: LossCurve, scheduler: AutoWU) -> int:

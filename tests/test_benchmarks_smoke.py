@@ -54,7 +54,12 @@ def test_overhead_smoke(bench, tmp_path: Path) -> None:
     overhead.main(["--smoke", "--out-dir", str(tmp_path)])
     data = json.loads((tmp_path / "overhead.json").read_text())
     assert {r["implementation"] for r in data["switch_test"]["rows"]} == set(overhead.IMPLEMENTATIONS)
-    assert {r["variant"] for r in data["end_to_end"]["rows"]} == set(overhead.E2E_VARIANTS)
+    rows = {r["variant"]: r for r in data["end_to_end"]["rows"]}
+    assert set(rows) == set(overhead.E2E_VARIANTS)
+    # the figure is timed apart from the switch tests, and drawn only in its own variant
+    assert rows["trainer_figure"]["figures"] >= 1 and rows["trainer_figure"]["figure_s"] > 0
+    assert rows["trainer"]["figures"] == rows["callback"]["figures"] == rows["constant"]["figures"] == 0
+    assert rows["trainer"]["switch_tests"] >= 1 and rows["constant"]["switch_tests"] == 0
     assert "<!-- overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
 
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from helpers import make_optimizer, valley_loss
 
-from hf_autowu import AutoWU, AutoWUConfig, read_loss_curve, replay_curve
+from hf_autowu import AutoWU, AutoWUConfig, read_loss_curve, replay_curve, scheduler_from_state_dict
 from hf_autowu.cli import main
 
 OPTIONS = {"min_lr": 1e-2, "max_lr": 10.0}
@@ -111,6 +112,104 @@ def test_replay_of_a_tensorboard_log_is_exact(recorded_run, tmp_path):
     assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
 
 
+def test_replay_infers_the_budget_from_logged_lrs(recorded_run, tmp_path, capsys):
+    scheduler, rows = recorded_run
+    log = str(write_csv(tmp_path / "run.csv", rows))
+    assert main(["replay", log, "--min-lr", "0.01", "--max-lr", "10"]) == 0
+    out = capsys.readouterr().out
+    assert f"budget inferred from the logged LRs: {TOTAL_STEPS} steps" in out
+    assert f"would switch after step {scheduler.switch_step} " in out and f"peak LR {scheduler.peak_lr:.6g}" in out
+    # a log without learning rates cannot tell its budget
+    assert main(["replay", str(write_csv(tmp_path / "no_lr.csv", rows, with_lr=False)), "--min-lr", "0.01"]) == 2
+    assert "give `total_steps` (--total-steps)" in capsys.readouterr().err
+    # LRs that grow, but not on the options' ramp: the error says the budget was inferred
+    assert main(["replay", log, "--min-lr", "0.001", "--max-lr", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "does not follow the warmup ramp" in err and "was inferred from the logged LRs" in err
+
+
+def record_valley_run(total_steps: int, best_lr: float = 0.05, **options) -> tuple[AutoWU, list[tuple]]:
+    """AutoWU driven by a synthetic valley-shaped loss until the switch: (scheduler, (step, loss, lr, next lr))."""
+    generator = torch.Generator().manual_seed(total_steps)
+    scheduler = AutoWU(make_optimizer(), total_steps=total_steps, **OPTIONS, **options)
+    rows = []
+    while scheduler.switch_step is None:
+        lr = scheduler.get_last_lr()[0]
+        loss = valley_loss(lr, best_lr, noise=0.02, generator=generator)
+        scheduler.step(loss)
+        rows.append((scheduler.last_step, loss, lr, scheduler.get_last_lr()[0]))
+    for _ in range(5):  # a few steps after the switch, as a log would have them
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step(1.0)
+        rows.append((scheduler.last_step, 1.0, lr, scheduler.get_last_lr()[0]))
+    return scheduler, rows
+
+
+@pytest.mark.parametrize("total_steps", [400, 401, 1500])
+@pytest.mark.parametrize("warmup_type", ["exp", "linear"])
+@pytest.mark.parametrize("logging", ["per_step", "every_7", "tensorboard_next_lr"])
+def test_replay_with_the_inferred_budget_reproduces_the_run(tmp_path, total_steps, warmup_type, logging):
+    """Budgets 2W and 2W + 1 share the warmup length W: the smaller is inferred, and the decisions are the same."""
+    scheduler, rows = record_valley_run(total_steps, warmup_type=warmup_type)
+    config = AutoWUConfig(**OPTIONS, warmup_type=warmup_type)
+    if logging == "tensorboard_next_lr":  # float32 values, the LR of the next step (as AutoWU's `autowu/lr`)
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(tmp_path / "run")) as writer:
+            for step, loss, _, next_lr in rows:
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("autowu/lr", next_lr, step)
+        curve = read_loss_curve(tmp_path / "run")
+    else:
+        every = 1 if logging == "per_step" else 7
+        curve = read_loss_curve(write_csv(tmp_path / "run.csv", rows[every - 1 :: every]))
+    result = replay_curve(curve, config)
+    assert any("budget inferred from the logged LRs" in note for note in result.notes)
+    replayed = result.scheduler
+    assert replayed.warmup_steps == scheduler.warmup_steps
+    assert replayed.total_steps == total_steps - total_steps % 2  # the smaller of 2W and 2W + 1
+    if logging != "every_7":  # a coarse log only approximates the losses
+        assert replayed.switch_step == scheduler.switch_step and replayed.peak_lr == scheduler.peak_lr
+        assert [(t.step, t.votes, t.passed) for t in replayed.tests] == [
+            (t.step, t.votes, t.passed) for t in scheduler.tests
+        ]  # (the probabilities too from a CSV; TensorBoard keeps the losses in float32)
+
+
+def test_replay_reads_an_accelerate_tensorboard_folder(recorded_run, tmp_path, capsys):
+    """Accelerate's TensorBoard tracker writes the scalars in `<logging_dir>/<run>` and a hyperparameter sub-run
+    beside them (the examples' folder): the run with the losses is read, and `autowu/lr` is its LR."""
+    from accelerate.tracking import TensorBoardTracker
+
+    scheduler, rows = recorded_run
+    tracker = TensorBoardTracker("autowu", str(tmp_path / "output"))
+    tracker.start()
+    tracker.store_init_configuration({"model": "mlp", "epochs": 3})
+    for step, loss, _, next_lr in rows:
+        tracker.log({"train/loss": loss, "autowu/lr": next_lr}, step=step)
+    tracker.finish()
+    assert len({p.parent for p in (tmp_path / "output").rglob("*tfevents*")}) == 2
+    assert main(["replay", str(tmp_path / "output"), "--min-lr", "0.01", "--max-lr", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate: logged" in out and f"budget inferred from the logged LRs: {TOTAL_STEPS} steps" in out
+    assert f"would switch after step {scheduler.switch_step} " in out
+
+    second = tmp_path / "output" / "autowu" / "second"  # two runs with losses: which one is meant is unclear
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(second)) as writer:
+        writer.add_scalar("train/loss", 1.0, 1)
+    assert main(["replay", str(tmp_path / "output"), *OPTION_FLAGS]) == 2
+    assert "training losses in 2 runs here (autowu, autowu/second)" in capsys.readouterr().err
+
+
+def test_scheduler_from_state_dict_is_autowu_from_state_dict(recorded_run):
+    scheduler, _ = recorded_run
+    state = scheduler.state_dict()
+    for rebuilt in (AutoWU.from_state_dict(state), scheduler_from_state_dict(state)):
+        assert rebuilt.lr_schedule() == scheduler.lr_schedule()
+        assert rebuilt.tests == scheduler.tests and torch.equal(rebuilt.losses, scheduler.losses)
+
+
 def test_cli_replay_prints_the_switch_and_writes_the_figure(recorded_run, tmp_path, capsys):
     scheduler, rows = recorded_run
     figure = tmp_path / "replay.png"
@@ -191,7 +290,13 @@ def _write(name, content):
 
 MALFORMED = {
     "csv_without_loss": (["replay"], _write("a.csv", "step,lr\n1,0.1\n"), "needs the columns `step` and `loss`"),
-    "csv_bad_number": (["replay"], _write("a.csv", "step,loss\n1,0.5\n2,abc\n"), "line 3: `loss` is not a number"),
+    "csv_bad_number": (
+        ["replay"],
+        _write("a.csv", "step,loss\n1,0.5\n2,abc\n"),
+        "line 3: `loss` is not a number ('abc')",
+    ),
+    "csv_bad_lr": (["replay"], _write("a.csv", "step,loss,lr\n1,0.5,x1\n"), "line 2: `lr` is not a number ('x1')"),
+    "csv_short_row": (["replay"], _write("a.csv", "step,loss,lr\n1,0.5\n"), "line 2: `lr` is missing"),
     "csv_steps_repeat_badly": (["replay"], _write("a.csv", "step,loss\n-3,0.5\n"), "positive"),
     "bad_json": (["replay"], _write("trainer_state.json", "{not json"), "not readable as JSON"),
     "json_without_log_history": (["replay"], _write("s.json", '{"a": 1}'), "no `log_history` list"),

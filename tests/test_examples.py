@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -11,10 +12,12 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 import hf_autowu
+from hf_autowu.cli import main as hf_autowu_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -26,6 +29,8 @@ BATCH = 4
 # `accelerate launch --cpu --num_processes 2` starts a single process; on a machine without GPUs `--multi_gpu` starts
 # two (torchrun), which form a group (gloo) only when the script is told to use the CPU (`--cpu`, `--use_cpu`).
 TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+# AutoWU options given on the command line of the folder runs, checked in the scheduler's saved state
+AUTOWU_OPTIONS = {"confidence": 0.9, "patience": 2, "cooldown_fraction": 0.3}
 needs_trainer_callback = pytest.mark.skipif(
     not hasattr(hf_autowu, "AutoWUCallback"), reason="hf_autowu.AutoWUCallback does not exist yet"
 )
@@ -76,6 +81,19 @@ def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 
 
+def autowu_flags(style: str) -> list[str]:
+    """`AUTOWU_OPTIONS` as flags; `style`: "dash" (the Accelerate example) or "underscore" (the Trainer example)."""
+    flags = []
+    for name, value in AUTOWU_OPTIONS.items():
+        flags += [f"--{name.replace('_', '-') if style == 'dash' else name}", str(value)]
+    return flags
+
+
+def assert_options_reached(config: dict) -> None:
+    """The saved AutoWU options are those given on the command line."""
+    assert {name: config[name] for name in AUTOWU_OPTIONS} == AUTOWU_OPTIONS
+
+
 # ---------------------------------------------------------------- the Accelerate example
 
 
@@ -85,7 +103,7 @@ def accelerate_folder_run(image_folders, example_env, tmp_path_factory) -> tuple
     output_dir = tmp_path_factory.mktemp("accelerate_folder")
     command = [sys.executable, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "3", "--output-dir", str(output_dir)]
-    command += ["--checkpointing-steps", "6", "--log-every", "1"]
+    command += ["--checkpointing-steps", "6", "--log-every", "1", *autowu_flags("dash")]
     return output_dir, run_example(command, example_env)
 
 
@@ -101,6 +119,23 @@ def test_accelerate_folder_one_process(accelerate_folder_run):
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["step_12", "step_18", "step_6"]
     tags = EventAccumulator(str(output_dir / "autowu")).Reload().Tags()["scalars"]
     assert {"autowu/phase", "autowu/lr", "train/loss", "eval/top1", "eval/top5"} <= set(tags)
+    # the AutoWU flags reached the scheduler: its checkpointed state (the first object registered for checkpointing)
+    state = torch.load(output_dir / "checkpoints" / "step_6" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert_options_reached(state["config"])
+    # the switch is announced, and the figure written
+    assert result.stdout.count("AutoWU: warmup ended after ") == 1 and (output_dir / "autowu.png").is_file()
+    assert ("AutoWU: rewound the model and optimizer" in result.stdout) == (summary["rewound_to"] is not None)
+
+
+@pytest.mark.slow
+def test_replay_reads_the_accelerate_example_tensorboard_folder(accelerate_folder_run, capsys):
+    """`hf-autowu replay OUTPUT_DIR` reads the example's TensorBoard run (beside Accelerate's hyperparameter sub-run),
+    takes `autowu/lr` as the LR and infers the budget from it."""
+    output_dir, _ = accelerate_folder_run
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in AUTOWU_OPTIONS.items()]
+    assert hf_autowu_cli(["replay", str(output_dir), *options]) == 0
+    out = capsys.readouterr().out
+    assert "learning rate: logged" in out and "budget inferred from the logged LRs: 18 steps" in out
 
 
 @pytest.mark.slow
@@ -109,6 +144,7 @@ def test_accelerate_resume_reproduces_lr_trajectory(accelerate_folder_run, image
     command = [sys.executable, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "3", "--output-dir", str(tmp_path)]
     command += ["--resume", str(reference_dir / "checkpoints" / "step_6"), "--report-to", "none"]
+    command += autowu_flags("dash")
     result = run_example(command, example_env)
     assert "Resuming from" in result.stdout
     resumed, reference = read_summary(tmp_path), read_summary(reference_dir)
@@ -130,13 +166,18 @@ def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_accelerate_two_processes(image_folders, example_env, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
-    command += ["--report-to", "none", "--cpu"]
+    command += ["--log-every", "2", "--cpu"]
     result = run_example(command, example_env)
     assert result.stdout.count("AutoWU summary: switch_step=") == 1
     summary = read_summary(tmp_path)
     assert summary["steps"] == len(summary["lr"]) == 2 * 3  # the 24 images are shared out: 3 batches per process
+    # the logged loss, averaged over both processes at every second step (a collective on each of them)
+    losses = EventAccumulator(str(tmp_path / "autowu")).Reload().Scalars("train/loss")
+    assert [event.step for event in losses] == [2, 4, 6]
 
 
 @pytest.mark.slow
@@ -158,10 +199,14 @@ def test_accelerate_streaming_two_processes(image_folders, example_env, tmp_path
 def test_trainer_folder_one_process(image_folders, example_env, tmp_path):
     command = [sys.executable, str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image_size", "32", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2"]
-    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu"]
+    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu", *autowu_flags("underscore")]
     result = run_example(command, example_env)
     assert "AutoWU summary: switch_step=" in result.stdout
     assert (tmp_path / "checkpoint-12").is_dir()
+    # the AutoWU flags reached the scheduler (the callback's options are saved with the Trainer's state)
+    trainer_state = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
+    assert_options_reached(trainer_state["stateful_callbacks"]["AutoWUCallback"]["args"])
+    assert "AutoWU: warmup ended after " in result.stderr and (tmp_path / "autowu.png").is_file()
 
 
 @pytest.mark.slow
@@ -256,3 +301,73 @@ def test_unreachable_hub_dataset_is_one_line(script, extra, example_env, tmp_pat
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert "error: cannot load dataset 'ILSVRC/imagenet-1k' from the Hub" in last_line
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def help_text(example: ModuleType, capsys: pytest.CaptureFixture, flag: str = "--help") -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args([flag])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@needs_trainer_callback
+def test_trainer_help_is_readable(import_example, capsys):
+    example = import_example("train_timm_trainer")
+    out = help_text(example, capsys)
+    flat = " ".join(out.split())
+    assert len(out.splitlines()) < 250  # (all of TrainingArguments: --help_all)
+    assert "(default: None)" not in flat and not re.search(r"\(default[^()]*\)\.? \(default", flat)
+    for ignored in ("--learning_rate", "--lr_scheduler_type", "--warmup_steps"):
+        assert re.search(ignored + r"\b[^.]*? Ignored, default or not: AutoWU sets the learning rate", flat), ignored
+    for option in ("--confidence", "--patience", "--cooldown_fraction", "--preset", "--min_lr", "--rewind [REWIND]"):
+        assert option in out
+    assert "--adam_beta1" not in out and "--adam_beta1" in help_text(example, capsys, "--help_all")
+
+
+def test_accelerate_help_is_readable(import_example, capsys):
+    out = help_text(import_example("train_timm_accelerate"), capsys)
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and not re.search(r"\(default[^()]*\)\.? \(default", flat)
+    for option in (
+        "--confidence",
+        "--patience",
+        "--cooldown-fraction",
+        "--rewind [REWIND]",
+        "--no-immediate-cooldown",
+    ):
+        assert option in out
+
+
+@needs_trainer_callback
+def test_trainer_autowu_flags_reach_the_options(import_example):
+    example = import_example("train_timm_trainer")
+    flags = [*autowu_flags("underscore"), "--rewind", "false", "--spike_watch", "--seed", "7", "--output_dir", "out"]
+    _, _, config, training_args, _ = example.parse_args(flags)
+    assert_options_reached(config.to_dict())
+    assert config.rewind is False and config.spike_watch is True and config.divergence_guard is None
+    assert config.immediate_cooldown is True  # the recipe: cosine from the switch
+    assert config.seed == training_args.seed == 7
+    assert type(config) is hf_autowu.AutoWUConfig
+
+
+def test_accelerate_autowu_flags_reach_the_options(import_example):
+    example = import_example("train_timm_accelerate")
+    _, autowu, args = example.parse_args([*autowu_flags("dash"), "--no-immediate-cooldown", "--rewind", "--seed", "3"])
+    config = autowu.to_config(seed=args.seed)
+    assert_options_reached(config.to_dict())
+    assert config.immediate_cooldown is False and config.rewind is True and config.seed == 3
+
+
+@pytest.mark.parametrize("style", ["dash", "underscore"])
+def test_invalid_autowu_option_is_one_error_line(style, import_example, capsys):
+    if style == "underscore" and not hasattr(hf_autowu, "AutoWUCallback"):
+        pytest.skip("hf_autowu.AutoWUCallback does not exist yet")
+    example = import_example("train_timm_accelerate" if style == "dash" else "train_timm_trainer")
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--confidence", "1.5"])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "`confidence` must be in (0, 1), got 1.5" in error_lines[0]

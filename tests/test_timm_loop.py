@@ -1,0 +1,116 @@
+"""AutoWU dropped into timm's own training-loop shape, with no glue: `lr_scheduler.step_update(num_updates=...,
+metric=loss)` after every update and `lr_scheduler.step(epoch + 1, eval_metric)` at the end of every epoch."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_optimizer
+
+from hf_autowu import AutoWU
+
+timm = pytest.importorskip("timm")
+timm_optim = pytest.importorskip("timm.optim")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+BATCH = 32
+TRAIN_BATCHES = 8  # 8 updates per epoch
+EPOCHS = 12  # 96 updates, warmup capped at 48
+# the warmup is short: the rewind may find no snapshot below the chosen LR, and says so
+pytestmark = pytest.mark.filterwarnings("ignore:AutoWU rewind:UserWarning")
+
+
+def digits_batches() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's 8x8 digits, one channel scaled to [0, 1]: `TRAIN_BATCHES` training batches and a held-out one."""
+    digits = sklearn_datasets.load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    images, labels = images[order], labels[order]
+    batches = [
+        (images[i * BATCH : (i + 1) * BATCH], labels[i * BATCH : (i + 1) * BATCH]) for i in range(TRAIN_BATCHES)
+    ]
+    held_out = (images[-256:], labels[-256:])
+    return batches, held_out
+
+
+def same(a, b) -> bool:
+    """Whether two state dicts are equal, tensors included."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def timm_run():
+    """A timm model trained by a loop written the way timm's `train.py` writes it, AutoWU as `lr_scheduler`.
+
+    Returns the scheduler, the step losses, the LR each update used and, per epoch end, the state before and after
+    `lr_scheduler.step(epoch + 1, eval_metric)`.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        batches, (eval_images, eval_labels) = digits_batches()
+        model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+        optimizer = timm_optim.create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05)
+        lr_scheduler = AutoWU(optimizer, TRAIN_BATCHES, EPOCHS, immediate_cooldown=True)
+        losses, applied_lrs, epoch_ends = [], [], []
+        num_updates = 0
+        for epoch in range(EPOCHS):
+            model.train()
+            for images, labels in batches:
+                applied_lrs.append([group["lr"] for group in optimizer.param_groups])
+                loss = F.cross_entropy(model(images), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                num_updates += 1
+                lr_scheduler.step_update(num_updates=num_updates, metric=loss)
+                losses.append(loss.item())
+            model.eval()
+            with torch.no_grad():
+                eval_metric = (model(eval_images).argmax(dim=1) == eval_labels).float().mean().item()
+            before = (copy.deepcopy(lr_scheduler.state_dict()), [group["lr"] for group in optimizer.param_groups])
+            lr_scheduler.step(epoch + 1, eval_metric)
+            after = (lr_scheduler.state_dict(), [group["lr"] for group in optimizer.param_groups])
+            epoch_ends.append((before, after))
+        return lr_scheduler, losses, applied_lrs, epoch_ends
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_timm_loop_applies_the_lrs_of_autowu_stepped_by_hand(timm_run):
+    lr_scheduler, losses, applied_lrs, _ = timm_run
+    assert lr_scheduler.switch_step is not None  # warmup ended inside the run: both phases are compared
+    by_hand = AutoWU(make_optimizer(), TRAIN_BATCHES, EPOCHS, immediate_cooldown=True)
+    expected = []
+    for loss in losses:
+        expected.append(by_hand.get_last_lr()[0])
+        by_hand.step(loss)
+    assert [lrs[0] for lrs in applied_lrs] == expected
+    assert all(lrs[1] == lrs[0] for lrs in applied_lrs)  # timm's two groups (decay / no decay) share the LR
+    assert (by_hand.switch_step, by_hand.peak_lr) == (lr_scheduler.switch_step, lr_scheduler.peak_lr)
+
+
+def test_timm_epoch_end_call_changes_nothing(timm_run):
+    _, _, _, epoch_ends = timm_run
+    assert len(epoch_ends) == EPOCHS
+    for before, after in epoch_ends:
+        assert same(after, before)
+
+
+def test_timm_step_update_refuses_a_skipped_update():
+    lr_scheduler = AutoWU(make_optimizer(), TRAIN_BATCHES, EPOCHS)
+    lr_scheduler.step_update(num_updates=1, metric=2.0)
+    lr_scheduler.step_update(num_updates=1, metric=2.0)  # an update already counted: nothing happens
+    assert lr_scheduler.last_step == 1
+    with pytest.raises(ValueError, match="`num_updates`"):
+        lr_scheduler.step_update(num_updates=3, metric=2.0)
+    assert lr_scheduler.last_step == 1 and len(lr_scheduler.state_dict()["pending"]) == 1
