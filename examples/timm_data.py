@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 
-from hf_autowu import AutoWU, AutoWUConfig
+from hf_autowu import AutoWUConfig
 
 # The paper's recipe (ImageNet) and the settings used when no data argument is given (scikit-learn's digits).
 PAPER_DEFAULTS = {"model": "resnet50", "image_size": None, "batch_size": 256, "epochs": 120}
@@ -407,26 +407,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
             return text
         return super()._get_help_string(action)
-
-
-def switch_line(scheduler: AutoWU) -> str:
-    """The line printed when warmup ends (worded as the Trainer integration words it)."""
-    return (
-        f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
-        f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
-    )
-
-
-def rewind_line(scheduler: AutoWU) -> str | None:
-    """The line printed when the switch rewound the model and optimizer to a warmup snapshot (`None` otherwise)."""
-    rewinder = scheduler.rewinder
-    if rewinder is None or rewinder.rewound_to is None:
-        return None
-    step, lr = rewinder.rewound_to["step"], rewinder.rewound_to["lr"]
-    return (
-        f"AutoWU: rewound the model and optimizer to their state after step {step} (trained up to LR {lr:.4g}); "
-        f"training goes on from there with the peak LR, so the loss and accuracy first step back."
-    )
 
 
 def limit_cpu_threads(data: ImageData, device: torch.device) -> None:

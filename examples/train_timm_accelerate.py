@@ -35,9 +35,7 @@ from timm_data import (
     limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
-    rewind_line,
     shard_for_process,
-    switch_line,
     topk_hits,
     with_image_transform,
 )
@@ -45,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_autowu import AutoWU, AutoWUConfig, autowu_log_entries, save_autowu_figure
+from hf_autowu import AutoWU, AutoWUConfig, autowu_log_entries, save_autowu_figure, switch_message
 
 
 class RunHistory:
@@ -182,9 +180,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
 
     def on_switch(scheduler: AutoWU) -> None:  # on the main process: what AutoWU decided, and its figure
         if accelerator.is_main_process:
-            for line in (switch_line(scheduler), rewind_line(scheduler)):
-                if line is not None:
-                    tqdm.write(line)  # between progress-bar updates
+            tqdm.write(switch_message(scheduler))  # between progress-bar updates
             save_autowu_figure(scheduler, args.output_dir)
 
     scheduler.add_switch_listener(on_switch)

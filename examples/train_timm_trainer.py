@@ -34,7 +34,6 @@ from timm_data import (
     limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
-    rewind_line,
     topk_hits,
     with_image_transform,
 )
@@ -44,7 +43,6 @@ from transformers import (
     TimmWrapperConfig,
     TimmWrapperForImageClassification,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
@@ -231,27 +229,6 @@ def build_model(name: str, label_names: list[str]) -> TimmWrapperForImageClassif
     return model
 
 
-class PrintRewind(TrainerCallback):
-    """Print where AutoWU rewound the model at the switch (the Trainer integration prints the switch itself).
-
-    Args:
-        autowu (`AutoWUCallback`): The callback that runs AutoWU; list this one after it.
-    """
-
-    def __init__(self, autowu: AutoWUCallback):
-        self.autowu = autowu
-
-    def on_train_begin(self, args: TrainingArguments, state, control, **kwargs):
-        if state.is_world_process_zero and self.autowu.scheduler is not None:
-            self.autowu.scheduler.add_switch_listener(self.print_rewind)
-
-    @staticmethod
-    def print_rewind(scheduler) -> None:
-        line = rewind_line(scheduler)
-        if line is not None:
-            print(line)
-
-
 def train(
     script_args: ScriptArguments, autowu_config: AutoWUConfig, training_args: TrainingArguments, recipe: dict
 ) -> dict:
@@ -299,7 +276,7 @@ def train(
         train_dataset=with_image_transform(data.train, train_transform, data.image_column, data.label_column),
         eval_dataset=with_image_transform(data.validation, eval_transform, data.image_column, data.label_column),
         optimizers=(optimizer, None),
-        callbacks=[autowu, PrintRewind(autowu)],
+        callbacks=[autowu],
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )

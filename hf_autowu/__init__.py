@@ -2,7 +2,7 @@
 
 from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP
-from .log_entries import LOG_KEYS, autowu_log_entries
+from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
 from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
 from .rewind import WarmupRewinder
@@ -33,6 +33,7 @@ __all__ = [
     "replay_curve",
     "save_autowu_figure",
     "scheduler_from_state_dict",
+    "switch_message",
 ]
 
 _TRAINER_EXPORTS = ("AutoWUCallback", "AutoWUTrainer", "AutoWUTrainerMixin")

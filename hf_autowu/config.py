@@ -51,6 +51,12 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _flag_help(text: str) -> dict[str, Any]:
+    """Metadata of a `bool | None` option: with `HfArgumentParser`, `--name` alone means True, and `--name false`
+    works too."""
+    return {"help": text, "nargs": "?", "const": True}
+
+
 @dataclass
 class AutoWUConfig:
     """Options of the AutoWU learning-rate scheduler.
@@ -119,18 +125,18 @@ class AutoWUConfig:
         metadata=_help("Robust cadence: test whenever the warmup LR has grown by this factor (default 1.1)."),
     )
     standardize_losses: bool | None = field(
-        default=None, metadata=_help("Standardise the losses before the GP fit (default: True for 'robust').")
+        default=None, metadata=_flag_help("Standardise the losses before the GP fit (default: True for 'robust').")
     )
     divergence_guard: bool | None = field(
         default=None,
-        metadata=_help(
+        metadata=_flag_help(
             "Switch at once, without patience, on a non-finite loss or a loss back above its starting level "
             "(default: True for 'robust')."
         ),
     )
     spike_watch: bool | None = field(
         default=None,
-        metadata=_help(
+        metadata=_flag_help(
             "Watch every warmup step's loss (read one step late, no device sync) and switch at once when it jumps far "
             "above the smoothed curve; with several processes the check runs at the next switch test (default: True "
             "for 'robust')."
@@ -154,14 +160,14 @@ class AutoWUConfig:
     )
     estimate_at_cap: bool | None = field(
         default=None,
-        metadata=_help(
+        metadata=_flag_help(
             "When warmup ends without a switch, decay from the GP's best LR instead of the LR reached "
             "(default: True for 'robust')."
         ),
     )
     rewind: bool | None = field(
         default=None,
-        metadata=_help(
+        metadata=_flag_help(
             "At the switch, restore a warmup snapshot of the parameters and optimizer state (and the model's buffers "
             "when the model is known) taken at or below the chosen LR (default: True for 'robust'; costs "
             "`rewind_snapshots` copies of that state in host memory, or on disk with `rewind_offload_dir`)."

@@ -38,3 +38,18 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
         "autowu/switch_step": scheduler.switch_step if scheduler.switch_step is not None else -1,
         "autowu/peak_lr": scheduler.peak_lr if scheduler.peak_lr is not None else 0.0,
     }
+
+
+def switch_message(scheduler: AutoWU) -> str:
+    """The line integrations print at the switch: when and why warmup ended, the peak LR, and the rewind."""
+    message = (
+        f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
+        f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
+    )
+    rewinder = scheduler.rewinder
+    if rewinder is not None and rewinder.rewound_to is not None:
+        message += (
+            f" Rewound to the state of step {rewinder.rewound_to['step']} (trained with LRs up to "
+            f"{rewinder.rewound_to['lr']:.4g})."
+        )
+    return message

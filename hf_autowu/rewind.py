@@ -308,8 +308,8 @@ class WarmupRewinder:
 
     def _restore(self, data: dict[str, Any] | None) -> None:
         """Copy `data` into the live tensors; with replicated state the main process's copy is then broadcast."""
-        broadcast = self.mode == REPLICATED and dist.is_available() and dist.is_initialized() and (
-            dist.get_world_size() > 1
+        broadcast = (
+            self.mode == REPLICATED and dist.is_available() and dist.is_initialized() and (dist.get_world_size() > 1)
         )
         # the snapshot's optimizer-state layout (key, shape, dtype, or the value itself when it is not a tensor):
         # every process aligns its state to it, so that all of them broadcast the same tensors in the same order
@@ -413,6 +413,7 @@ class WarmupRewinder:
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "budget_checked": self._budget_checked,
+            "planned_bytes": self.planned_bytes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,6 +423,7 @@ class WarmupRewinder:
         self.rewound_to = state["rewound_to"]
         self._next_lr = float(state["next_lr"])
         self._budget_checked = bool(state.get("budget_checked", True))
+        self.planned_bytes = state.get("planned_bytes")
         if not state.get("enabled", True):
             self.enabled, self.disabled_reason = False, state.get("disabled_reason")
         self.snapshots = []

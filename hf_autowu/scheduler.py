@@ -231,6 +231,9 @@ class AutoWU:
                 running mean loss, `losses_m.avg`: AutoWU then smooths an already smoothed, lagging curve; pass the
                 step's loss for the decisions the documentation describes.)
 
+        When timm's `train.py` resumes it calls `step_update(start_epoch * updates_per_epoch)`: load AutoWU's
+        `state_dict()` first (timm's checkpoint does not hold it), and that call is a no-op.
+
         Raises:
             `ValueError`: when `num_updates` skips steps (AutoWU needs the loss of every step).
         """

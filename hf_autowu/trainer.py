@@ -25,7 +25,7 @@ from transformers.trainer_utils import has_length
 from . import trainer_hooks
 from .config import AutoWUConfig
 from .distributed import process_rank
-from .log_entries import LOG_KEYS, autowu_log_entries
+from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder
 from .scheduler import AutoWU
@@ -144,10 +144,7 @@ class _AutoWUEvents(TrainerCallback):
         self._log_switch = True
         if not self._trainer.is_world_process_zero():
             return
-        logger.warning(
-            f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
-            f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
-        )
+        logger.warning(switch_message(scheduler))
         _save_figure(scheduler, self._trainer.args.output_dir)
 
     # ------------------------------------------------------------------ what the hooks call

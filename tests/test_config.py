@@ -109,3 +109,26 @@ def test_config_is_a_command_line():
         ["--min_lr", "1e-4", "--preset", "paper", "--patience", "2", "--immediate_cooldown", "true"]
     )
     assert config == AutoWUConfig(min_lr=1e-4, preset="paper", patience=2, immediate_cooldown=True)
+
+
+def test_on_off_options_are_command_line_flags():
+    parser = HfArgumentParser(AutoWUConfig)
+    (flagged,) = parser.parse_args_into_dataclasses(["--rewind", "--spike_watch", "false", "--rise_margin", "0.5"])
+    assert flagged.rewind is True and flagged.spike_watch is False and flagged.rise_margin == 0.5
+    (default,) = parser.parse_args_into_dataclasses([])
+    assert default == AutoWUConfig() and default.rewind is None and default.effective_rewind
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"rise_margin": -1.0}, "rise_margin"),
+        ({"slowed_fraction": 1.0}, "slowed_fraction"),
+        ({"rewind_memory_fraction": 0.0}, "rewind_memory_fraction"),
+        ({"rewind_offload_dir": 3}, "rewind_offload_dir"),
+        ({"spike_watch": "yes"}, "spike_watch"),
+    ],
+)
+def test_new_options_are_validated(options, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        AutoWUConfig(**options)
