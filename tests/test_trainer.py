@@ -120,7 +120,8 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     assert [entries[step - 1]["autowu/votes"] for step in votes] == list(votes.values())
     assert [r.getMessage() for r in caplog.records if "warmup ended" in r.getMessage()] == [
         f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
-        f"{scheduler.peak_lr:.4g}, decaying to 0 by step 60."
+        f"{scheduler.peak_lr:.4g}, decaying to 0 by step 60. Rewound to the state of step {rewound['step']} "
+        f"(trained with LRs up to {rewound['lr']:.4g})."
     ]
 
 

@@ -88,6 +88,8 @@ def main() -> None:
             results[name] = train(entry_point, nan, str(out / name))
     rank = dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()  # a process group left to the interpreter's exit can abort it (gloo threads)
 
 
 if __name__ == "__main__":
