@@ -80,10 +80,34 @@ def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: t
     return positions[chosen.sort().values]
 
 
+def chosen_point(mu: torch.Tensor, slowed_fraction: float) -> int:
+    """The grid point whose LR a prediction proposes: the argmin of its posterior mean (ALGORITHM.md step 7), or,
+    with `slowed_fraction` > 0 (the robust preset), the first point after the steepest descent, and not past the
+    argmin, where the descent per grid step is no steeper than `slowed_fraction` times the steepest one (the argmin
+    when there is no such point)."""
+    lowest = int(mu.argmin())
+    if slowed_fraction <= 0 or lowest == 0:
+        return lowest
+    (slope,) = torch.gradient(mu)
+    steepest = int(slope[: lowest + 1].argmin())
+    if slope[steepest] >= 0:
+        return lowest
+    for i in range(steepest, lowest + 1):
+        if slope[i] >= slowed_fraction * slope[steepest]:
+            return i
+    return lowest
+
+
 def estimate_lr(
-    means: list[torch.Tensor], grid: torch.Tensor, current_lr: float, min_lr: float, warmup_type: str
+    means: list[torch.Tensor],
+    grid: torch.Tensor,
+    current_lr: float,
+    min_lr: float,
+    warmup_type: str,
+    slowed_fraction: float = 0.0,
 ) -> float:
-    """ALGORITHM.md step 7: for each prediction the LR on the warmup ramp at `x* = argmin mu`, then their mean.
+    """ALGORITHM.md step 7: for each prediction the LR on the warmup ramp at its chosen point (`chosen_point`: the
+    argmin with the paper's settings), then their mean.
 
     Args:
         means (`list[torch.Tensor]`): The posterior mean of each prediction on `grid`.
@@ -91,13 +115,14 @@ def estimate_lr(
         current_lr (`float`): LR of the most recent step (x = 1).
         min_lr (`float`): LR at the start of the history (x = 0).
         warmup_type (`str`): `"exp"` or `"linear"`.
+        slowed_fraction (`float`, *optional*, defaults to 0): See `chosen_point`.
 
     Returns:
         `float`: the new LR.
     """
     lrs = []
     for mu in means:
-        x_star = float(grid[mu.argmin()])
+        x_star = float(grid[chosen_point(mu, slowed_fraction)])
         if warmup_type == "exp":
             lrs.append(min_lr * (current_lr / min_lr) ** x_star)
         else:
@@ -122,6 +147,9 @@ class ReferenceSwitchTest:
         min_losses (`int`, *optional*, defaults to 3): Fewest finite losses a test needs.
         fit_lr (`float`, *optional*, defaults to 0.01): Adam's learning rate for the hyperparameters.
         noise_init (`float`, *optional*, defaults to 1e-3): Initial noise variance.
+        rise_margin (`float`, *optional*, defaults to 0): Vote "past" on `max_{i<k} P(f_k - f_i > margin)`, the
+            margin this many noise standard deviations (0: the paper's test).
+        slowed_fraction (`float`, *optional*, defaults to 0): The LR estimate's rule (see `chosen_point`).
     """
 
     def __init__(
@@ -134,8 +162,12 @@ class ReferenceSwitchTest:
         min_losses: int = 3,
         fit_lr: float = FIT_LR,
         noise_init: float = NOISE_INIT,
+        rise_margin: float = 0.0,
+        slowed_fraction: float = 0.0,
     ):
         self.confidence = confidence
+        self.rise_margin = rise_margin
+        self.slowed_fraction = slowed_fraction
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
         self.min_losses = min_losses
@@ -203,11 +235,13 @@ class ReferenceSwitchTest:
                 if failures >= MAX_FAILURES:
                     return None
                 continue
-            # 4. p = max_{i<k} P(f_i < f_k), f_i - f_k ~ N(mu_i - mu_k, S_ii + S_kk - 2 S_ik + 1e-4)
+            # 4. p = max_{i<k} P(f_i < f_k - margin), f_i - f_k ~ N(mu_i - mu_k, S_ii + S_kk - 2 S_ik + 1e-4); the
+            # margin (robust preset option, 0 in the paper) is `rise_margin` noise standard deviations
             k = GRID_POINTS - 1
             gaps = mu[:k] - mu[k]
             variances = (cov.diagonal()[:k] + cov[k, k] - 2 * cov[:k, k]).clamp_min(0) + VARIANCE_JITTER
-            p = torch.distributions.Normal(gaps, variances.sqrt()).cdf(torch.zeros_like(gaps)).max()
+            margin = self.rise_margin * math.sqrt(float(self.likelihood.noise.detach()))
+            p = torch.distributions.Normal(gaps, variances.sqrt()).cdf(torch.full_like(gaps, -margin)).max()
             probabilities.append(float(p))
             means.append(mu)
 
@@ -218,7 +252,7 @@ class ReferenceSwitchTest:
         noise_sd = math.sqrt(float(self.likelihood.noise.detach()))
         rising = bool(mean_curve[-1] > mean_curve[0] and mean_curve[-1] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
         # 7. the new LR
-        lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type)
+        lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction)
         return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising)
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):

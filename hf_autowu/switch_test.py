@@ -97,7 +97,8 @@ def slowed_descent_index(mean: np.ndarray, fraction: float) -> int:
     steepest = int(slope[: lowest + 1].argmin())
     if slope[steepest] >= 0.0:
         return lowest
-    return steepest + int(np.argmax(slope[steepest : lowest + 1] >= fraction * slope[steepest]))
+    slowed = np.flatnonzero(slope[steepest : lowest + 1] >= fraction * slope[steepest])
+    return steepest + int(slowed[0]) if slowed.size else lowest  # never slowed: the descent ends at the minimum
 
 
 def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

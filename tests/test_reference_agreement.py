@@ -15,7 +15,7 @@ from hf_autowu.config import PRESET_SETTINGS
 from hf_autowu.reference import random_subset_in_time_order
 from hf_autowu.switch_test import subsample_sorted
 
-SETTINGS = ("standardize_losses", "min_losses", "fit_lr", "noise_init")
+SETTINGS = ("standardize_losses", "min_losses", "fit_lr", "noise_init", "rise_margin", "slowed_fraction")
 MIN_LR = 1e-5
 
 
@@ -24,12 +24,14 @@ def settings(preset: str) -> dict:
     return {name: PRESET_SETTINGS[preset][name] for name in SETTINGS}
 
 
-def fast_tester(preset: str, seed: int) -> SwitchTester:
-    return SwitchTester(confidence=0.95, n_tests=5, seed=seed, **settings(preset))
+def fast_tester(preset: str, seed: int, **overrides) -> SwitchTester:
+    return SwitchTester(confidence=0.95, n_tests=5, seed=seed, **{**settings(preset), **overrides})
 
 
-def reference_tester(preset: str, seed: int, cls: type = ReferenceSwitchTest) -> ReferenceSwitchTest:
-    return cls(confidence=0.95, n_tests=5, seed=seed, **settings(preset))
+def reference_tester(
+    preset: str, seed: int, cls: type = ReferenceSwitchTest, **overrides
+) -> ReferenceSwitchTest:
+    return cls(confidence=0.95, n_tests=5, seed=seed, **{**settings(preset), **overrides})
 
 
 def history(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -69,13 +71,19 @@ EXACT_CASES = [
     ("robust", "noisy_flat", (30, 90), "exp", False),
     ("robust", "late_blowup", (50, 90), "exp", True),
     ("robust", "mostly_nan", (150,), "linear", False),
+    # the robust preset with a rise margin (an option, 0 by default), and a more slowed-down descent
+    ("robust-margin", "valley", (40, 70, 100), "exp", True),
+    ("robust-margin", "late_blowup", (50, 90), "exp", True),
 ]
+OVERRIDES = {"robust-margin": {"rise_margin": 1.0, "slowed_fraction": 0.3}}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("preset", "kind", "lengths", "ramp", "rising"), EXACT_CASES)
 def test_fast_path_matches_reference_exactly_without_subsampling(preset, kind, lengths, ramp, rising):
-    fast, slow = fast_tester(preset, seed=0), reference_tester(preset, seed=0)
+    overrides = OVERRIDES.get(preset, {})
+    preset = preset.split("-")[0]
+    fast, slow = fast_tester(preset, seed=0, **overrides), reference_tester(preset, seed=0, **overrides)
     full = history(kind, max(lengths), seed=len(kind))
     for n in lengths:
         losses = full[:n].clone()

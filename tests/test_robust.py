@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_optimizer, run_valley, valley_loss
+from helpers import knee_loss, make_optimizer, run_valley, valley_loss
 
 from hf_autowu import AutoWU
 
@@ -19,7 +19,9 @@ def test_robust_switch_overshoot_is_bounded_and_lr_accurate(total, best_lr, nois
     assert scheduler.switch_reason == "test"
     # tests every 1.1x of LR growth with patience 3: measured 1.6-2.8x past the best LR on these curves
     assert switch_lr <= 3.0 * best_lr
-    assert best_lr / 2 <= scheduler.peak_lr <= 2 * best_lr
+    # the LR where the descent has slowed to a tenth of its steepest: on these quadratic valleys (steepest at the
+    # start of the ramp) measured 0.46-0.65x of the minimum
+    assert best_lr / 2.5 <= scheduler.peak_lr <= best_lr
 
 
 def test_paper_preset_overshoots_more_on_the_same_curve():
@@ -79,3 +81,22 @@ def test_noise_alone_does_not_switch_early():
         while scheduler.phase == "warmup":
             scheduler.step(1.0 + 0.3 * float(torch.randn((), generator=generator)))
         assert scheduler.switch_reason == "cap"
+
+
+@pytest.mark.parametrize("total", [300, 3000])
+@pytest.mark.parametrize("knee_lr", [1e-3, 1e-2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sustainable_lr_below_the_ramp_minimum_is_found_within_2x(total, knee_lr, seed):
+    """Curves like small transformers' (`knee_loss`): the loss keeps creeping down a broad flat bottom up to ~30x
+    the LR it can sustain, so the minimum of the smoothed ramp loss overshoots it; the robust choice does not."""
+    generator = torch.Generator().manual_seed(seed)
+    robust = AutoWU(make_optimizer(), total_steps=total, rewind=False)
+    while robust.phase == "warmup":
+        robust.step(knee_loss(robust.get_last_lr()[0], knee_lr, generator))
+    assert knee_lr / 2 <= robust.peak_lr <= 2 * knee_lr
+    # the LR at the minimum, on the same curve: the paper's choice
+    generator = torch.Generator().manual_seed(seed)
+    at_minimum = AutoWU(make_optimizer(), total_steps=total, rewind=False, slowed_fraction=0.0)
+    while at_minimum.phase == "warmup":
+        at_minimum.step(knee_loss(at_minimum.get_last_lr()[0], knee_lr, generator))
+    assert at_minimum.peak_lr > robust.peak_lr
