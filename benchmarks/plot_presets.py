@@ -1,9 +1,10 @@
 """Figure for the README: AutoWU's robust default against the paper's behaviour, per benchmark task.
 
 Reads the runs recorded by `benchmarks/quality.py` (`benchmarks/results/quality.json`) and draws, for one seed
-of each task, the training loss and the LR of every step for `autowu` (robust preset) and `autowu_paper`.
+of each task, the training loss and the LR of every step for `autowu` (robust preset) and `autowu_paper`; only
+runs recorded with the current decision code (`runner.decision_fingerprint`) are drawn.
 
-Usage: `python benchmarks/plot_presets.py [--seed 0] [--out docs/paper_vs_robust.png]`
+Usage: `python benchmarks/plot_presets.py [--seed 0] [--tasks a,b,c] [--out docs/paper_vs_robust.png]`
 """
 
 from __future__ import annotations
@@ -16,19 +17,29 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from runner import decision_fingerprint  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 STYLES = {"autowu": ("robust (default)", "tab:blue"), "autowu_paper": ('preset="paper"', "tab:red")}
+DEFAULT_TASKS = "digits_cnn,vit_digits,gpt2_stdlib,llama_stdlib,gpt2_finetune_docs"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated tasks, one column each")
     parser.add_argument("--out", type=Path, default=Path("docs/paper_vs_robust.png"))
     args = parser.parse_args()
     recorded = json.loads(RESULTS.read_text())["runs"].values()
-    runs = [r for r in recorded if r["method"] in STYLES and r["seed"] == args.seed and "losses" in r]
-    tasks = sorted({r["task"] for r in runs})
+    tasks = args.tasks.split(",")
+    runs = [
+        r
+        for r in recorded
+        if r["method"] in STYLES
+        and r["seed"] == args.seed
+        and r["task"] in tasks
+        and r.get("decision_fingerprint") == decision_fingerprint()
+    ]
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6), sharex="col", squeeze=False)
     for col, task in enumerate(tasks):
         for run in (r for r in runs if r["task"] == task):

@@ -24,12 +24,17 @@ def test_robust_switch_overshoot_is_bounded_and_lr_accurate(total, best_lr, nois
     assert best_lr / 2.5 <= scheduler.peak_lr <= best_lr
 
 
-def test_paper_preset_overshoots_more_on_the_same_curve():
+@pytest.mark.parametrize("best_lr", [1e-3, 3e-2])
+@pytest.mark.parametrize("noise", [0.02, 0.2])
+def test_paper_preset_switches_5_to_10x_past_the_best_lr(best_lr, noise):
+    """What the README says of the paper's test (per-epoch tests, 40 epochs): it switches 5-10x past the best LR
+    on these curves (measured 5.3-9.4x), the robust cadence within 1.5-3.5x."""
     paper = AutoWU(make_optimizer(), 10, 40, immediate_cooldown=True, preset="paper")
     robust = AutoWU(make_optimizer(), 10, 40, immediate_cooldown=True)
-    paper_lrs = run_valley(paper, 1e-3, noise=0.02, seed=1)
-    robust_lrs = run_valley(robust, 1e-3, noise=0.02, seed=1)
-    assert paper_lrs[paper.switch_step - 1] > 2 * robust_lrs[robust.switch_step - 1]
+    paper_lrs = run_valley(paper, best_lr, noise=noise, seed=1)
+    robust_lrs = run_valley(robust, best_lr, noise=noise, seed=1)
+    assert 5.0 <= paper_lrs[paper.switch_step - 1] / best_lr <= 10.0
+    assert 1.5 <= robust_lrs[robust.switch_step - 1] / best_lr <= 3.5
 
 
 @pytest.mark.parametrize("scale", [0.01, 100.0])
