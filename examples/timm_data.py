@@ -409,6 +409,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def leave_process_group() -> None:
+    """After a multi-process run: wait for every process, then destroy the process group. A gloo group left to the
+    interpreter's exit can abort the process there ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def limit_cpu_threads(data: ImageData, device: torch.device) -> None:
     """One intra-op thread per process for the embedded digits on a CPU.
 

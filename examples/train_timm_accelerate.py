@@ -32,6 +32,7 @@ from timm_data import (
     create_model,
     create_optimizer,
     create_transforms,
+    leave_process_group,
     limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         training_function(config, autowu.to_config(seed=args.seed), args)
     except ExampleInputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    leave_process_group()
 
 
 if __name__ == "__main__":

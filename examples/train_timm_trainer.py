@@ -31,6 +31,7 @@ from timm_data import (
     create_model,
     create_optimizer,
     create_transforms,
+    leave_process_group,
     limit_cpu_threads,
     load_image_data,
     recipe_label_smoothing,
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         train(script_args, autowu_config, training_args, recipe)
     except ExampleInputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +29,14 @@ TRAIN_PER_CLASS = 8  # 24 training images: 6 steps per epoch at batch 4 on one p
 BATCH = 4
 # `accelerate launch --cpu --num_processes 2` starts a single process; on a machine without GPUs `--multi_gpu` starts
 # two (torchrun), which form a group (gloo) only when the script is told to use the CPU (`--cpu`, `--use_cpu`).
-TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+def two_processes() -> list[str]:
+    """`accelerate launch` of two processes on a free port: tests running side by side (pytest-xdist) must not share
+    Accelerate's default port 29500, or their process groups mix up and abort."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return [*launch, "--main_process_port", str(port)]
 # AutoWU options given on the command line of the folder runs, checked in the scheduler's saved state
 AUTOWU_OPTIONS = {"confidence": 0.9, "patience": 2, "cooldown_fraction": 0.3}
 needs_trainer_callback = pytest.mark.skipif(
@@ -168,7 +176,7 @@ def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
 def test_accelerate_two_processes(image_folders, example_env, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command = [*two_processes(), str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
     command += ["--log-every", "2", "--cpu"]
     result = run_example(command, example_env)
@@ -183,7 +191,7 @@ def test_accelerate_two_processes(image_folders, example_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_accelerate_streaming_two_processes(image_folders, example_env, tmp_path):
-    command = [*TWO_PROCESSES, str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--streaming"]
+    command = [*two_processes(), str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--streaming"]
     command += ["--model", "test_resnet", "--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2"]
     command += ["--output-dir", str(tmp_path), "--report-to", "none", "--cpu"]
     run_example(command, example_env)
@@ -223,7 +231,7 @@ def test_trainer_embedded_digits_efficientnet(example_env, tmp_path):
 @pytest.mark.multiprocess
 @needs_trainer_callback
 def test_trainer_two_processes(image_folders, example_env, tmp_path):
-    command = [*TWO_PROCESSES, str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
+    command = [*two_processes(), str(TRAINER_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image_size", "32", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2"]
     command += ["--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no", "--use_cpu"]
     result = run_example(command, example_env)

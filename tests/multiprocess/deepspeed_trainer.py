@@ -156,6 +156,7 @@ def main() -> None:
         results[f"{entry_point}-scheduler"] = run(entry_point, "scheduler", out / f"{entry_point}-scheduler")
     assert dist.get_world_size() == 1
     torch.save(results, out / "results.pt")
+    dist.destroy_process_group()  # a group left to the interpreter's exit can abort it
 
 
 if __name__ == "__main__":
