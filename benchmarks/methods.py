@@ -97,13 +97,16 @@ def autowu_info(scheduler: Any) -> dict[str, Any]:
     }
 
 
-def ramp_lr_lambda(total_steps: int) -> Any:
-    """AutoWU's default warmup ramp as a `LambdaLR` factor of a base LR of 1."""
-    from hf_autowu import AutoWUConfig
+def _ramp_plan(total_steps: int) -> Any:
+    """An AutoWU with the default options that has seen no loss: its `lr_at` is the warmup ramp."""
+    from hf_autowu import AutoWU
 
-    config = AutoWUConfig()
-    length = int(config.max_warmup_fraction * total_steps)
-    return lambda step: config.min_lr * (config.max_lr / config.min_lr) ** (min(step, length) / length)
+    return AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=total_steps, rewind=False)
+
+
+def ramp_lr_lambda(total_steps: int) -> Any:
+    """AutoWU's default warmup ramp (its own `lr_at`) as a `LambdaLR` factor of a base LR of 1."""
+    return _ramp_plan(total_steps).lr_at
 
 
 def ramp_optimizers(model: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -119,9 +122,7 @@ def run_steps(method: str, task: Any) -> int:
 
 def ramp_steps(total_steps: int) -> int:
     """How long the ``ramp`` method trains: to the end of AutoWU's longest warmup."""
-    from hf_autowu import AutoWUConfig
-
-    return int(AutoWUConfig().max_warmup_fraction * total_steps)
+    return _ramp_plan(total_steps).warmup_steps
 
 
 def lr_range_test(

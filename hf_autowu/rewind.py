@@ -199,6 +199,25 @@ class WarmupRewinder:
             self._disable("DeepSpeed keeps the master weights and optimizer state in its own partitions")
         scheduler.add_listener(self)  # replaces the scheduler's own rewinder, if it built one
 
+    @classmethod
+    def from_config(
+        cls,
+        scheduler: AutoWU,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> WarmupRewinder:
+        """A rewinder with the scheduler's `rewind_*` options (`AutoWUConfig`), attached to it."""
+        config = scheduler.config
+        return cls(
+            model,
+            optimizer,
+            scheduler,
+            snapshots=config.rewind_snapshots,
+            lr_factor=config.rewind_lr_factor,
+            memory_fraction=config.rewind_memory_fraction,
+            offload_dir=config.rewind_offload_dir,
+        )
+
     # ------------------------------------------------------------------ what is held, and where
 
     @property

@@ -18,7 +18,6 @@ from .switch_test import SwitchTester, SwitchTestOutcome
 from .watch import LossSpikeWatch
 
 PHASES = ("warmup", "decay", "cooldown")
-SWITCH_REASONS = ("test", "divergence", "spike", "cap", "no_warmup")
 _PLATEAU_PATIENCE = 5
 _PLATEAU_THRESHOLD = 1e-4
 
@@ -145,15 +144,7 @@ class AutoWU:
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if config.effective_rewind and self.warmup_steps > 0:
-            WarmupRewinder(
-                model,
-                optimizer,
-                self,
-                snapshots=config.rewind_snapshots,
-                lr_factor=config.rewind_lr_factor,
-                memory_fraction=config.rewind_memory_fraction,
-                offload_dir=config.rewind_offload_dir,
-            )
+            WarmupRewinder.from_config(self, model, optimizer)
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
@@ -202,9 +193,8 @@ class AutoWU:
         t = self.last_step
         if self.phase == "warmup":
             if self._watch is not None and world_size() == 1:  # several processes: checked at the tests
-                found = self._watch.observe(t - 1, self._pending[-1])
+                self._spike_at = self._watch.observe(t - 1, self._pending[-1])  # checks loss t - 2
                 self._checked = max(self._checked, t - 1)
-                self._spike_at = found if self._spike_at is None else self._spike_at
             if self._spike_at is not None:
                 self._switch_on_spike(t)
             elif t >= self.warmup_steps or t >= self.cooldown_start:

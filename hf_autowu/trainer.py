@@ -119,22 +119,13 @@ class _AutoWUEvents(TrainerCallback):
         self.scheduler = scheduler
         self.step_loss.reset()
         self._log_switch = False
-        config = scheduler.config
-        if config.effective_rewind and scheduler.warmup_steps > 0:
+        if scheduler.config.effective_rewind and scheduler.warmup_steps > 0:
             # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt.
             # (After the switch it only keeps its bookkeeping, e.g. `rewound_to`, for a run resumed then.) The
             # scheduler's own rewinder stays when it is off (DeepSpeed): it has said so, once.
             rewinder = scheduler.rewinder
             if rewinder is None or rewinder.enabled:
-                rewinder = WarmupRewinder(
-                    trainer.model,
-                    trainer.optimizer,
-                    scheduler,
-                    snapshots=config.rewind_snapshots,
-                    lr_factor=config.rewind_lr_factor,
-                    memory_fraction=config.rewind_memory_fraction,
-                    offload_dir=config.rewind_offload_dir,
-                )
+                rewinder = WarmupRewinder.from_config(scheduler, trainer.model, trainer.optimizer)
             rewinder.state_key = None
             _load_rewind_state(rewinder, resume_from_checkpoint)
         scheduler.add_switch_listener(self._on_switch)

@@ -38,6 +38,23 @@ def run_valley(
     return lrs
 
 
+def assert_state_equal(a, b) -> None:
+    """Assert that two (nested) states are equal: tensors bit for bit (on the CPU), containers item by item, other
+    values with `==` (a NaN equals a NaN)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_state_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_state_equal(x, y)
+    else:
+        assert a == b or (a != a and b != b)
+
+
 def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
     """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
     error."""

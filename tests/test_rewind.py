@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_state_equal
 
 from hf_autowu import AutoWU, WarmupRewinder
 
@@ -50,21 +51,6 @@ def build(seed=0, with_model=False, **options):
     if with_model:
         WarmupRewinder(model, optimizer, scheduler)
     return model, optimizer, scheduler
-
-
-def assert_state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a.cpu(), b.cpu())
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_state_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_state_equal(x, y)
-    else:
-        assert a == b
 
 
 def state_after(step, with_rewind=False):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_optimizer
+from helpers import assert_state_equal, make_optimizer
 
 from hf_autowu import AutoWU
 
@@ -33,17 +33,6 @@ def digits_batches() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[tor
     ]
     held_out = (images[-256:], labels[-256:])
     return batches, held_out
-
-
-def same(a, b) -> bool:
-    """Whether two state dicts are equal, tensors included."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +92,7 @@ def test_timm_epoch_end_call_changes_nothing(timm_run):
     _, _, _, epoch_ends = timm_run
     assert len(epoch_ends) == EPOCHS
     for before, after in epoch_ends:
-        assert same(after, before)
+        assert_state_equal(after, before)
 
 
 def test_timm_step_update_refuses_a_skipped_update():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import assert_state_equal, torchrun
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -80,21 +80,6 @@ def resumed_ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
-def _assert_equal_states(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_equal_states(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_equal_states(x, y)
-    else:
-        assert a == b or (a != a and b != b)  # NaN is NaN
-
-
 @pytest.mark.parametrize("entry_point", ("callback", "trainer"))
 def test_best_checkpoint_holds_the_cross_process_mean_and_resumes_exactly(resumed_ranks, entry_point):
     """`save_strategy="best"` (saved after evaluation): the checkpoint, written by the main process, holds the
@@ -110,7 +95,7 @@ def test_best_checkpoint_holds_the_cross_process_mean_and_resumes_exactly(resume
     assert first["local_losses"] != second["local_losses"]
     mean = [(a + b) / 2 for a, b in zip(first["local_losses"], second["local_losses"], strict=True)][:start]
     torch.testing.assert_close(saved["history"], torch.tensor(mean, dtype=torch.float64), rtol=1e-12, atol=0)
-    _assert_equal_states(first["resumed_state_at_start"], second["resumed_state_at_start"])
+    assert_state_equal(first["resumed_state_at_start"], second["resumed_state_at_start"])
     for record in (first, second):
         assert record["resumed_lrs"] == record["lrs"][start:]
         assert torch.equal(record["resumed_autowu_losses"], record["autowu_losses"])
