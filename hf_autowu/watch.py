@@ -61,8 +61,7 @@ class LossSpikeWatch:
         self._run_start: int | None = None
         self._run_length = 0
         self._previous: tuple[int, Any, Any] | None = None  # (index, value holder, CUDA event or None)
-        self._pinned: torch.Tensor | None = None
-        self._slot = 0
+        self._pinned: torch.Tensor | None = None  # one pinned float: the previous loss is read before it is reused
         self.non_finite = False  # whether the spike found last began with a non-finite loss
 
     def set_reference(self, losses: torch.Tensor) -> None:
@@ -130,18 +129,16 @@ class LossSpikeWatch:
         if loss.device.type != "cuda":
             return None  # reading it would sync; the check runs at the next switch test instead
         if self._pinned is None:
-            self._pinned = torch.empty(2, dtype=torch.float64, pin_memory=True)
-        self._slot = 1 - self._slot
-        self._pinned[self._slot].copy_(loss.detach(), non_blocking=True)
+            self._pinned = torch.empty((), dtype=torch.float64, pin_memory=True)
+        self._pinned.copy_(loss.detach(), non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return index, self._slot, event
+        return index, self._pinned, event
 
     def _read(self, held: tuple[int, Any, Any]) -> float:
         _, value, event = held
         if event is not None:
             event.synchronize()  # the previous step's copy: normally finished already
-            return float(self._pinned[value])
         return float(value)
 
     def state_dict(self) -> dict[str, Any]:
