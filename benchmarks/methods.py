@@ -79,9 +79,14 @@ def effective_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group["lr"]) * float(group.get("d", 1.0))
 
 
+ABLATION_OPTIONS: dict[str, Any] = {}
+"""Extra `AutoWUConfig` options for the ``autowu`` method, set by ``quality.py --autowu-options`` (ablations, written
+to their own ``--out-dir`` only)."""
+
+
 def autowu_options(method: str) -> dict[str, Any]:
     """Keyword arguments that select the AutoWU behaviour of ``method``."""
-    return {"preset": "paper"} if method == "autowu_paper" else {}
+    return {"preset": "paper"} if method == "autowu_paper" else dict(ABLATION_OPTIONS)
 
 
 def autowu_info(scheduler: Any) -> dict[str, Any]:

@@ -13,11 +13,13 @@ Examples::
     python benchmarks/quality.py --methods autowu,autowu_paper    # AutoWU rows recorded with older decision code
     python benchmarks/quality.py --report-only                    # rebuild RESULTS.md and the plots
     python benchmarks/quality.py --smoke --out-dir /tmp/quality   # a few seconds per task
+    python benchmarks/quality.py --methods autowu --out-dir /tmp/ablation --autowu-options '{"cooldown_fraction": 0.4}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -61,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if already recorded")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plots")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--autowu-options", type=json.loads, default={},
+                        help="ablation: JSON of AutoWUConfig options for the autowu method (needs --out-dir)")
     args = parser.parse_args(argv)
+    if args.autowu_options and args.out_dir is None:
+        parser.error("--autowu-options needs --out-dir: ablation rows must not mix with the default's")
     args.tasks = args.tasks.split(",")
     args.methods = args.methods.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -83,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     results_path = args.out_dir / "quality.json"
     if not args.report_only:
-        execute(args, results_path)
+        m.ABLATION_OPTIONS.update(args.autowu_options)
+        try:
+            execute(args, results_path)
+        finally:
+            m.ABLATION_OPTIONS.clear()
     write_report(results_path, args.results_md, args.tasks)
     print(f"wrote {args.results_md} and plots in {args.out_dir}")
 

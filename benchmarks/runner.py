@@ -184,6 +184,8 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
             record = {"task": task_name, "method": method, "seed": seed, "grid_lr": lr, "metric": task.metric,
                       "wall_s": round(wall, 2), "revision": library_revision(),
                       "decision_fingerprint": decision_fingerprint(), "finished": time.time(), **result.__dict__}
+            if method == "autowu" and m.ABLATION_OPTIONS:
+                record["autowu_options"] = dict(m.ABLATION_OPTIONS)
             for name in ("lrs", "losses"):
                 record[name] = [float(f"{v:.6g}") for v in record[name]]
             with locked_json(results_path, EMPTY_RESULTS) as data:

@@ -55,8 +55,9 @@ max_warmup_fraction, warmup_type); only the steps on that ramp are replayed (a r
 its switch). Without learning rates, the curve is assumed to follow that ramp.
 
 The budget (total steps) is --total-steps, else the log's max_steps (Trainer state), else inferred from the
-logged learning rates: the ramp's growth per step gives the warmup length W = floor(max_warmup_fraction * budget),
-and the smallest budget with that W is used (it replays the same decisions). A log without learning rates needs
+logged learning rates: the ramp's growth per step gives the warmup length W (max_warmup_fraction times the budget,
+or times sqrt(long_budget_steps * budget) for budgets above long_budget_steps), and the smallest budget with that
+W is used (it replays the same decisions). A log without learning rates needs
 --total-steps.
 
 Writes the figure to --plot PATH when given (needs matplotlib); nothing otherwise."""

@@ -17,6 +17,7 @@ DECAY_PHASE_STATS = (None, "loss")
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "robust": {
         "test_lr_growth": 1.1,
+        "long_budget_steps": 500,
         "standardize_losses": True,
         "divergence_guard": True,
         "spike_watch": True,
@@ -30,6 +31,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     },
     "paper": {
         "test_lr_growth": None,
+        "long_budget_steps": 0,
         "standardize_losses": False,
         "divergence_guard": False,
         "spike_watch": False,
@@ -80,6 +82,15 @@ class AutoWUConfig:
     )
     max_warmup_fraction: float = field(
         default=0.5, metadata=_help("Largest fraction of the step budget that warmup may last, in [0, 1].")
+    )
+    long_budget_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "Budgets T longer than this many steps get a warmup ramp that grows with sqrt(T) instead of T: "
+            "max_warmup_fraction * sqrt(long_budget_steps * T) steps, so a long run does not spend a fixed share of "
+            "its budget on LRs far below the useful ones; 0: always max_warmup_fraction * T, the paper's rule "
+            "(default: 500 for 'robust', 0 for 'paper')."
+        ),
     )
     warmup_type: str = field(default="exp", metadata=_help("Warmup ramp: 'exp' (geometric) or 'linear'."))
     warmup_unit: str = field(
@@ -197,6 +208,12 @@ class AutoWUConfig:
             )
         self._check_fraction("max_warmup_fraction")
         self._check_fraction("cooldown_fraction")
+        if self.long_budget_steps is not None and (
+            not isinstance(self.long_budget_steps, int)
+            or isinstance(self.long_budget_steps, bool)
+            or self.long_budget_steps < 0
+        ):
+            raise ValueError(f"`long_budget_steps` must be None or an int >= 0, got {self.long_budget_steps!r}.")
         self._check_choice("warmup_type", WARMUP_TYPES)
         self._check_choice("warmup_unit", WARMUP_UNITS)
         self._check_choice("decay_phase_stat", DECAY_PHASE_STATS)
@@ -257,6 +274,20 @@ class AutoWUConfig:
     def effective_test_lr_growth(self) -> float | None:
         """LR growth between two switch tests, or `None` when tests come every `test_interval` steps."""
         return None if self.test_interval is not None else self.preset_setting("test_lr_growth")
+
+    def warmup_length(self, total_steps: int) -> int:
+        """The maximum warmup `W` in steps for a budget of `total_steps`: `floor(max_warmup_fraction * T)`, with `T`
+        replaced by `sqrt(long_budget_steps * T)` when the budget is longer than `long_budget_steps` (> 0).
+
+        Args:
+            total_steps (`int`): The step budget `T`.
+
+        Returns:
+            `int`: `W`, which the exponential ramp takes to grow from `min_lr` to `max_lr`.
+        """
+        reference = self.preset_setting("long_budget_steps")
+        span = total_steps if not reference or total_steps <= reference else math.sqrt(reference * total_steps)
+        return int(self.max_warmup_fraction * span)
 
     @property
     def effective_standardize_losses(self) -> bool:

@@ -430,11 +430,12 @@ def budget_from_lrs(curve: LossCurve, config: AutoWUConfig) -> int | None:
     """The step budget of a recorded run, inferred from the warmup ramp of its logged learning rates.
 
     On the options' ramp, the LR of step `t` sits at the fraction `t / W` of the way from `min_lr` to `max_lr`
-    (in log scale for the exponential ramp), `W = floor(max_warmup_fraction * T)` the warmup length. Two logged
-    LRs on the ramp give `W` from their distance in steps; it is refined over the leading logged LRs that stay on
-    the ramp it predicts (the widest span gives the most precise value) and rounded. Several budgets share that
-    `W` (with the default fraction 0.5, `T = 2W` and `2W + 1`); the smallest is returned. They give the same
-    ramp, the same robust test cadence and the same warmup cap unless the cooldown starts before the cap, so a
+    (in log scale for the exponential ramp), `W = AutoWUConfig.warmup_length(T)` the warmup length
+    (`floor(max_warmup_fraction * T)` up to `long_budget_steps`). Two logged LRs on the ramp give `W` from their
+    distance in steps; it is refined over the leading logged LRs that stay on the ramp it predicts (the widest span
+    gives the most precise value) and rounded. Several budgets share that `W` (with the default fraction 0.5 and
+    short budgets, `T = 2W` and `2W + 1`; a few more for long budgets); the smallest is returned. They give the
+    same ramp, the same robust test cadence and the same warmup cap unless the cooldown starts before the cap, so a
     replay reproduces the recorded decisions; only the paper preset's cadence without epochs (a test every
     `T // 50` steps) can differ, when a multiple of 50 lies among those budgets (never with the fraction 0.5).
 
@@ -472,13 +473,15 @@ def budget_from_lrs(curve: LossCurve, config: AutoWUConfig) -> int | None:
     warmup = round(warmup)
     if warmup < 1:
         return None
-    fraction_of_budget = config.max_warmup_fraction
-    total = max(math.ceil(warmup / fraction_of_budget), 1)  # the smallest T with floor(fraction * T) == W
-    while total > 1 and int(fraction_of_budget * (total - 1)) >= warmup:
-        total -= 1
-    while int(fraction_of_budget * total) < warmup:
-        total += 1
-    return total if int(fraction_of_budget * total) == warmup else None
+    # the smallest T with config.warmup_length(T) == W (the length never decreases with T): bisection
+    high = 1
+    while config.warmup_length(high) < warmup:
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if config.warmup_length(middle) < warmup else (low, middle)
+    return high if config.warmup_length(high) == warmup else None
 
 
 def _ramp_steps(curve: LossCurve, scheduler: AutoWU) -> int:

@@ -117,7 +117,7 @@ class AutoWU:
         top = max(configured)
         self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
 
-        self.warmup_steps = int(config.max_warmup_fraction * self.total_steps)
+        self.warmup_steps = config.warmup_length(self.total_steps)
         self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
         self._tester = _make_tester(config)
         self._watch = LossSpikeWatch() if config.effective_spike_watch else None
@@ -363,7 +363,7 @@ class AutoWU:
             self.config = saved_config
         self.total_steps = int(state_dict["total_steps"])
         self.steps_per_epoch = state_dict["steps_per_epoch"]
-        self.warmup_steps = int(self.config.max_warmup_fraction * self.total_steps)
+        self.warmup_steps = self.config.warmup_length(self.total_steps)
         self.cooldown_start = self.total_steps - int(self.config.cooldown_fraction * self.total_steps)
         self.group_ratios = [float(r) for r in state_dict["group_ratios"]]
         self.last_step = int(state_dict["last_step"])
@@ -409,7 +409,7 @@ class AutoWU:
         """LR of optimizer step `step` on the warmup ramp."""
         cfg = self.config
         if cfg.warmup_unit == "epoch":
-            epochs = int(cfg.max_warmup_fraction * self.total_steps / self.steps_per_epoch)
+            epochs = int(self.warmup_steps / self.steps_per_epoch)
             return warmup_lr(
                 step // self.steps_per_epoch,
                 min_lr=cfg.min_lr,

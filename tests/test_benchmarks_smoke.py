@@ -49,6 +49,20 @@ def test_quality_smoke(bench, tmp_path: Path) -> None:
     assert {"digits_cnn.png", "timm_digits.png", "gpt2_stdlib.png"} <= {p.name for p in tmp_path.glob("*.png")}
 
 
+def test_quality_ablation_options_reach_autowu_and_are_recorded(bench, tmp_path: Path) -> None:
+    quality = bench("quality")
+    with pytest.raises(SystemExit):  # ablation rows never go to the committed results
+        quality.parse_args(["--autowu-options", '{"max_warmup_fraction": 0.25}'])
+    options = ["--autowu-options", '{"max_warmup_fraction": 0.25}', "--out-dir", str(tmp_path)]
+    quality.main(["--smoke", "--tasks", "digits_cnn_short", "--methods", "autowu", *options])
+    (run,) = json.loads((tmp_path / "quality.json").read_text())["runs"].values()
+    assert run["autowu_options"] == {"max_warmup_fraction": 0.25}
+    # the ramp took a quarter of the budget, not half: 5 decades in floor(steps / 4) steps
+    growth = (1.0 / 1e-5) ** (1.0 / int(0.25 * run["steps"]))
+    assert run["lrs"][1] / run["lrs"][0] == pytest.approx(growth, rel=1e-4)
+    assert bench("methods").ABLATION_OPTIONS == {}
+
+
 def test_overhead_smoke(bench, tmp_path: Path) -> None:
     overhead = bench("overhead")
     overhead.main(["--smoke", "--out-dir", str(tmp_path)])

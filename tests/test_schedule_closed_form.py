@@ -28,6 +28,27 @@ def falling(t):
     return 5.0 * math.exp(-t / 40.0)
 
 
+@pytest.mark.parametrize(
+    ("total", "preset", "warmup"),
+    [
+        (500, "robust", 250),  # up to 500 steps: half the budget, as in the paper
+        (3000, "paper", 1500),
+        (3000, "robust", 612),  # beyond: half of sqrt(500 * 3000) = 612.4
+        (20000, "robust", 1581),  # half of sqrt(500 * 20000) = 1581.1
+    ],
+)
+def test_long_budgets_get_a_warmup_ramp_growing_with_the_square_root_of_the_budget(total, preset, warmup):
+    scheduler = AutoWU(make_optimizer(), total_steps=total, preset=preset, rewind=False)
+    assert scheduler.warmup_steps == warmup
+    for t in (0, 1, warmup // 3, warmup - 1):
+        assert scheduler.lr_at(t) == pytest.approx(exp_ramp(t, warmup), rel=1e-12)
+
+
+def test_long_budget_steps_zero_restores_the_proportional_ramp():
+    scheduler = AutoWU(make_optimizer(), total_steps=3000, long_budget_steps=0, rewind=False)
+    assert scheduler.warmup_steps == 1500
+
+
 @pytest.mark.parametrize("preset", ["paper", "robust"])
 def test_exp_warmup_to_cap_then_cosine(preset):
     total = 200
