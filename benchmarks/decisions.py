@@ -120,7 +120,10 @@ def report(result: dict[str, Any]) -> str:
     tasks = list(table)
     default = AutoWUConfig()
     current = (default.preset_setting("rise_margin"), default.preset_setting("slowed_fraction"))
-    overall = min(result["settings"], key=lambda s: np.mean([table[t][s]["val"] for t in tasks]))
+    def mean_val(setting: tuple) -> float:
+        return float(np.mean([table[t][setting]["val"] for t in tasks]))
+
+    overall = min(result["settings"], key=mean_val)
     lines = [
         "## Decision settings, replayed (`benchmarks/decisions.py`)",
         "",
@@ -132,7 +135,12 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Decision code {decision_fingerprint()}; default setting: rise_margin={current[0]}, "
         f"slowed_fraction={current[1]}; picked on all tasks: rise_margin={overall[0]}, slowed_fraction={overall[1]}"
-        + ("" if overall == current else " (**differs from the default**)")
+        + (
+            ""
+            if overall == current
+            else f" (**differs from the default**: mean validation regret {mean_val(overall):.2f}, the default's "
+            f"{mean_val(current):.2f})"
+        )
         + ".",
         "",
         "### Leave one task out",

@@ -24,7 +24,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "estimate_at_cap": True,
         "rewind": True,
         "rise_margin": 0.0,
-        "slowed_fraction": 0.1,
+        "slowed_fraction": 0.3,
         "min_losses": 20,
         "fit_lr": 0.05,
         "noise_init": 0.1,

@@ -136,8 +136,9 @@ class WarmupRewinder:
     then restored too) or other settings: it replaces the scheduler's own.
 
     Which snapshots are kept: the latest one at or below the GP's latest estimate of the best LR (the likely rewind
-    target), and the newest others. Snapshots are taken when the largest LR used so far has grown by `lr_factor`
-    since the last one, so at the same steps on every process; copying one to the host costs a device sync there.
+    target), the one after it (in case the estimate still grows), and the newest. Snapshots are taken when the
+    largest LR used so far has grown by `lr_factor` since the last one, so at the same steps on every process;
+    copying one to the host costs a device sync there.
 
     Its state (snapshots as CPU tensors, and bookkeeping) travels in `scheduler.state_dict()` unless `state_key` is
     set to None (the Trainer integration does that and saves one file per process in the checkpoint instead). With
@@ -283,13 +284,15 @@ class WarmupRewinder:
         self._evict(scheduler)
 
     def _evict(self, scheduler: AutoWU) -> None:
-        """Keep `max_snapshots`: the anchor (the latest snapshot at or below the GP's current estimate of the best
-        LR, the likely rewind target; the oldest one before any estimate) and the newest others."""
+        """Keep `max_snapshots`, in this order of priority: the anchor (the latest snapshot at or below the GP's
+        current estimate of the best LR, the likely rewind target; the oldest one before any estimate), the one
+        after it (the target if the estimate still grows by up to `lr_factor`), and the newest."""
         estimate = scheduler.last_outcome.lr_estimate if scheduler.last_outcome is not None else None
         while len(self.snapshots) > self.max_snapshots:
             below = [i for i, s in enumerate(self.snapshots) if estimate is not None and s["lr"] <= estimate]
             anchor = below[-1] if below else 0
-            self._drop(self.snapshots.pop(1 if anchor == 0 else 0))
+            kept = [anchor, anchor + 1, len(self.snapshots) - 1][: self.max_snapshots]
+            self._drop(self.snapshots.pop(next(i for i in range(len(self.snapshots)) if i not in kept)))
 
     def on_switch(self, scheduler: AutoWU) -> None:
         """Restore the latest finite snapshot taken at or below the chosen LR (the oldest finite one, with a

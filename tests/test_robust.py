@@ -19,9 +19,11 @@ def test_robust_switch_overshoot_is_bounded_and_lr_accurate(total, best_lr, nois
     assert scheduler.switch_reason == "test"
     # tests every 1.1x of LR growth with patience 3: measured 1.6-2.8x past the best LR on these curves
     assert switch_lr <= 3.0 * best_lr
-    # the LR where the descent has slowed to a tenth of its steepest: on these quadratic valleys (steepest at the
-    # start of the ramp) measured 0.46-0.65x of the minimum
-    assert best_lr / 2.5 <= scheduler.peak_lr <= best_lr
+    # the LR where the descent has slowed to 0.3 of its steepest: these valleys are parabolas in log-LR, whose
+    # descent is steepest at the very start of the ramp (3-3.5 decades before the minimum) and slows steadily, so the
+    # rule lands well below the minimum: measured 0.08-0.27x (the sharp drops and flat bottoms of the benchmark
+    # models put it where the bottom begins instead)
+    assert best_lr / 15 <= scheduler.peak_lr <= best_lr / 2
 
 
 @pytest.mark.parametrize("best_lr", [1e-3, 3e-2])

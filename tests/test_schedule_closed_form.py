@@ -60,12 +60,12 @@ def test_exp_warmup_to_cap_then_cosine(preset):
     assert scheduler.switch_step == warmup and scheduler.switch_reason == "cap"
     start = lrs[warmup]
     # paper: decay starts from the LR reached; robust: from the GP's estimate, the LR where the descent of the loss
-    # (5 exp(-t/40), steepest at t=0) has slowed to a tenth of its steepest rate: t = 40 ln 10 = 92.1, give or take
+    # (5 exp(-t/40), steepest at t=0) has slowed to 0.3 of its steepest rate: t = 40 ln(1/0.3) = 48.2, give or take
     # the GP's smoothing
     if preset == "paper":
         assert start == pytest.approx(exp_ramp(warmup - 1, warmup), rel=1e-12)
     else:
-        assert start == pytest.approx(exp_ramp(40.0 * math.log(10.0), warmup), rel=0.3)
+        assert start == pytest.approx(exp_ramp(40.0 * math.log(1 / 0.3), warmup), rel=0.3)
     for t in range(warmup, total):
         expected = start * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
         assert lrs[t] == pytest.approx(expected, rel=1e-12, abs=1e-15)
