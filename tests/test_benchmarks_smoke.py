@@ -63,6 +63,14 @@ def test_quality_ablation_options_reach_autowu_and_are_recorded(bench, tmp_path:
     assert bench("methods").ABLATION_OPTIONS == {}
 
 
+def test_holdout_smoke(bench, tmp_path: Path) -> None:
+    holdout = bench("holdout")
+    assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "<!-- holdout:begin -->" in section
+    assert "| defaults (slowed_fraction 0.3) |" in section and "| slowed_fraction 0.1 |" in section
+
+
 def test_overhead_smoke(bench, tmp_path: Path) -> None:
     overhead = bench("overhead")
     overhead.main(["--smoke", "--out-dir", str(tmp_path)])
