@@ -295,8 +295,9 @@ class WarmupRewinder:
             self._drop(self.snapshots.pop(next(i for i in range(len(self.snapshots)) if i not in kept)))
 
     def on_switch(self, scheduler: AutoWU) -> None:
-        """Restore the latest finite snapshot taken at or below the chosen LR (the oldest finite one, with a
-        warning, when none is), then free the snapshots. Every process restores the same one: with replicated
+        """Restore the latest finite snapshot taken at or below the chosen LR, and before the first damaged state
+        after a blow-up (the oldest such one, with a warning, when none is at or below the LR), then free the
+        snapshots. Every process restores the same one: with replicated
         state the main process chooses and broadcasts its copy; with sharded state the processes agree on which
         snapshots are finite everywhere (one collective each, at the switch only)."""
         if not self.snapshots or scheduler.switch_reason == "no_warmup" or not self.enabled:
@@ -304,7 +305,7 @@ class WarmupRewinder:
         finite = [s["finite"] for s in self.snapshots]
         if self.mode == SHARDED:
             finite = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite])]
-        index = _choose(self.snapshots, finite, scheduler.peak_lr)
+        index = _choose(self.snapshots, finite, scheduler.peak_lr, scheduler.damaged_from)
         if self.mode == REPLICATED:
             index = broadcast_object(index)
         if index is None:
@@ -467,9 +468,13 @@ class WarmupRewinder:
             self.snapshots.append(entry)
 
 
-def _choose(snapshots: list[dict[str, Any]], finite: list[bool], peak_lr: float) -> int | None:
-    """The snapshot to restore: the latest finite one at or below `peak_lr`, else the oldest finite one."""
-    usable = [i for i, ok in enumerate(finite) if ok]
+def _choose(
+    snapshots: list[dict[str, Any]], finite: list[bool], peak_lr: float, damaged_from: int | None = None
+) -> int | None:
+    """The snapshot to restore: the latest finite one at or below `peak_lr`, else the oldest finite one; never one
+    taken at or after step `damaged_from` (the first state a blow-up produced: its LR tag can equal the capped
+    `peak_lr`)."""
+    usable = [i for i, ok in enumerate(finite) if ok and (damaged_from is None or snapshots[i]["step"] < damaged_from)]
     below = [i for i in usable if snapshots[i]["lr"] <= peak_lr]
     return below[-1] if below else (usable[0] if usable else None)
 

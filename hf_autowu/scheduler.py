@@ -129,6 +129,9 @@ class AutoWU:
         self.switch_step: int | None = None
         self.switch_reason: str | None = None
         self.peak_lr: float | None = None
+        # after a blow-up: the step count of the first damaged state (its loss is the first bad one); rewind restores
+        # only snapshots taken before it
+        self.damaged_from: int | None = None
         self.tests: list[SwitchTestRecord] = []
         self.last_outcome: SwitchTestOutcome | None = None
         self._history = torch.empty(0, dtype=torch.float64)
@@ -328,6 +331,7 @@ class AutoWU:
             "switch_step": self.switch_step,
             "switch_reason": self.switch_reason,
             "peak_lr": self.peak_lr,
+            "damaged_from": self.damaged_from,
             "lr": self._lr,
             "tests": [asdict(record) for record in self.tests],
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
@@ -371,6 +375,7 @@ class AutoWU:
         self.switch_step = state_dict["switch_step"]
         self.switch_reason = state_dict["switch_reason"]
         self.peak_lr = state_dict["peak_lr"]
+        self.damaged_from = state_dict.get("damaged_from")
         self._lr = float(state_dict["lr"])
         self.tests = [SwitchTestRecord(**record) for record in state_dict["tests"]]
         outcome = state_dict["last_outcome"]
@@ -471,6 +476,7 @@ class AutoWU:
             self._watch.set_reference(self._history)  # the same cross-process means on every process
         if first_bad is not None:
             # a non-finite loss: the LR that produced it is too large, whatever the GP says
+            self.damaged_from = first_bad
             self._switch(t, min(self._best_known_estimate(), self._ceiling_before(first_bad)), reason="divergence")
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
             self._switch(t, estimate, reason="divergence")
@@ -489,6 +495,7 @@ class AutoWU:
         decay from the latest estimate of the best LR, kept at or below the LR of the update before the spike."""
         self._flush_pending()  # a local copy with one process; already done at the test with several
         reason = "divergence" if self._watch.non_finite else "spike"
+        self.damaged_from = self._spike_at
         self._switch(t, min(self._best_known_estimate(), self._ceiling_before(self._spike_at)), reason=reason)
 
     def _ceiling_before(self, index: int) -> float:

@@ -57,6 +57,39 @@ def test_a_blow_up_between_tests_is_caught_on_the_next_step_and_rewound():
     assert losses[scheduler.switch_step] < 1e-3 * losses[first_bad]
 
 
+def run_falling_with_a_blow_up(blow_up_at: int | None) -> tuple[AutoWU, torch.nn.Parameter, list[int]]:
+    """A loss falling steadily (so the GP's estimate is the LR reached) that jumps to 1e3 from loss `blow_up_at` on.
+    The parameter holds the number of updates behind it, so its value after the switch says which state came back.
+    Returns the scheduler, the parameter and the steps at which snapshots were taken."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    scheduler = AutoWU(torch.optim.SGD([param], lr=1.0), total_steps=400)
+    generator = torch.Generator().manual_seed(0)
+    snapshot_steps = []
+    while scheduler.phase == "warmup":
+        t = scheduler.last_step
+        with torch.no_grad():
+            param.fill_(t + 1)  # "training": the state after this step's update
+        loss = 3.0 - t / 100 + 0.01 * float(torch.randn((), generator=generator))
+        scheduler.step(1e3 if blow_up_at is not None and t >= blow_up_at else loss)
+        snapshots = scheduler.rewinder.snapshots
+        if snapshots and snapshots[-1]["step"] == scheduler.last_step:
+            snapshot_steps.append(scheduler.last_step)
+    return scheduler, param, snapshot_steps
+
+
+def test_rewind_never_restores_the_state_a_blow_up_came_from():
+    """The update that wrecks the weights can be a snapshot step, and its snapshot carries the same LR tag as the
+    capped LR chosen: it must not be the one restored."""
+    _, _, snapshot_steps = run_falling_with_a_blow_up(None)
+    damaged = next(step for step in snapshot_steps if step >= 100)  # loss `damaged` is computed on that snapshot
+    scheduler, param, _ = run_falling_with_a_blow_up(damaged)
+    assert scheduler.switch_reason == "spike" and scheduler.damaged_from == damaged
+    assert scheduler.peak_lr == scheduler.lr_at(damaged - 1)  # the estimate was capped at the damaging update's LR
+    restored = int(param.item())
+    assert restored < damaged and scheduler.rewinder.rewound_to["step"] == restored
+    assert restored == max(step for step in snapshot_steps if step < damaged)
+
+
 def falling_loss(step: int, generator: torch.Generator) -> float:
     """From 3 down to about 1, with noise of sd 0.01."""
     return 1.0 + 2.0 * math.exp(-step / 20) + 0.01 * float(torch.randn((), generator=generator))
