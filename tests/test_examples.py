@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -73,8 +74,17 @@ def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_example(command: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    if result.returncode != expect_rc and GLOO_TEARDOWN_ABORT in result.stderr and "AutoWU summary:" in result.stdout:
+        # a rare abort of a finished process at exit, inside gloo's teardown (pytorch/pytorch#179291 describes the
+        # race; the scripts destroy the process group before exiting, which made it rare but not impossible):
+        # the run itself completed, so it is run once more, and must pass then
+        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} at exit after a complete run; running it again", stacklevel=2)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == expect_rc, (
         f"exit code {result.returncode}\n{result.stdout[-3000:]}{result.stderr[-5000:]}"
     )
