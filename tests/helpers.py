@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -55,6 +56,9 @@ def assert_state_equal(a, b) -> None:
         assert a == b or (a != a and b != b)
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
     """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
     error."""
@@ -63,6 +67,13 @@ def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes:
     result = subprocess.run(
         [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
+        # an occasional abort of a process at exit, a C++ thread torn down with the interpreter (see
+        # tests/test_examples.py): run once more; the second run must pass
+        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} in a process of {script}; running it again", stacklevel=2)
+        result = subprocess.run(
+            [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from helpers import GLOO_TEARDOWN_ABORT
 from PIL import Image
 
 import hf_autowu
@@ -72,9 +73,6 @@ def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "PYTHONPATH": pythonpath,
         "TQDM_DISABLE": "1",
     }
-
-
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run_example(command: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
