@@ -208,12 +208,8 @@ class AutoWUConfig:
             )
         self._check_fraction("max_warmup_fraction")
         self._check_fraction("cooldown_fraction")
-        if self.long_budget_steps is not None and (
-            not isinstance(self.long_budget_steps, int)
-            or isinstance(self.long_budget_steps, bool)
-            or self.long_budget_steps < 0
-        ):
-            raise ValueError(f"`long_budget_steps` must be None or an int >= 0, got {self.long_budget_steps!r}.")
+        if self.long_budget_steps is not None:
+            self._check_int("long_budget_steps", minimum=0)
         self._check_choice("warmup_type", WARMUP_TYPES)
         self._check_choice("warmup_unit", WARMUP_UNITS)
         self._check_choice("decay_phase_stat", DECAY_PHASE_STATS)
@@ -225,15 +221,15 @@ class AutoWUConfig:
             raise ValueError(f"`decay_phase_factor` must be in (0, 1], got {self.decay_phase_factor!r}.")
         if not (_is_real(self.confidence) and 0.0 < self.confidence < 1.0):
             raise ValueError(f"`confidence` must be in (0, 1), got {self.confidence!r}.")
-        self._check_positive_int("patience")
-        self._check_positive_int("n_tests")
+        self._check_int("patience")
+        self._check_int("n_tests")
         if self.test_interval is not None:
-            self._check_positive_int("test_interval")
+            self._check_int("test_interval")
         if self.test_lr_growth is not None and not (
             _is_real(self.test_lr_growth) and 1.0 < self.test_lr_growth < math.inf
         ):
             raise ValueError(f"`test_lr_growth` must be a finite number > 1, got {self.test_lr_growth!r}.")
-        self._check_positive_int("rewind_snapshots")
+        self._check_int("rewind_snapshots")
         if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
         if self.rise_margin is not None and not (_is_real(self.rise_margin) and 0.0 <= self.rise_margin < math.inf):
@@ -333,10 +329,10 @@ class AutoWUConfig:
         if value not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
-    def _check_positive_int(self, name: str) -> None:
+    def _check_int(self, name: str, minimum: int = 1) -> None:
         value = getattr(self, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 def _is_real(value: Any) -> bool:

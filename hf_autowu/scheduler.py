@@ -476,8 +476,8 @@ class AutoWU:
             self._watch.set_reference(self._history)  # the same cross-process means on every process
         if first_bad is not None:
             # a non-finite loss: the LR that produced it is too large, whatever the GP says
-            self.damaged_from = first_bad
-            self._switch(t, min(self._best_known_estimate(), self._ceiling_before(first_bad)), reason="divergence")
+            lr = min(self._best_known_estimate(), self._ceiling_before(first_bad))
+            self._switch(t, lr, reason="divergence", damaged_from=first_bad)
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
             self._switch(t, estimate, reason="divergence")
         elif len(self._passes) == self.config.patience and all(self._passes):
@@ -495,8 +495,8 @@ class AutoWU:
         decay from the latest estimate of the best LR, kept at or below the LR of the update before the spike."""
         self._flush_pending()  # a local copy with one process; already done at the test with several
         reason = "divergence" if self._watch.non_finite else "spike"
-        self.damaged_from = self._spike_at
-        self._switch(t, min(self._best_known_estimate(), self._ceiling_before(self._spike_at)), reason=reason)
+        lr = min(self._best_known_estimate(), self._ceiling_before(self._spike_at))
+        self._switch(t, lr, reason=reason, damaged_from=self._spike_at)
 
     def _ceiling_before(self, index: int) -> float:
         """The LR of the update that produced loss number `index` (`min_lr` for the first one)."""
@@ -531,7 +531,10 @@ class AutoWU:
                 self.last_outcome = outcome
         self._switch(t, lr, reason="cap")
 
-    def _switch(self, t: int, lr: float, reason: str) -> None:
+    def _switch(self, t: int, lr: float, reason: str, damaged_from: int | None = None) -> None:
+        """Leave warmup after `t` steps, decaying from `lr`; `damaged_from`: after a blow-up, the index of its first
+        loss (the state it was computed on, and every later one, must not be restored)."""
+        self.damaged_from = damaged_from
         lr = min(max(lr, 0.0), self.config.max_lr) if math.isfinite(lr) else self.config.min_lr
         self._enter_decay(step=t, lr=lr, reason=reason)
 
