@@ -59,21 +59,28 @@ def assert_state_equal(a, b) -> None:
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
+def run_processes(command: list[str], expect_rc: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, **kwargs)`, run once more when a process of a
+    multi-process launch aborted at exit with `GLOO_TEARDOWN_ABORT` instead of returning `expect_rc`.
+
+    That abort comes now and then (about 1 run in 12 of the two-process example tests under load) from a C++ thread
+    torn down with the interpreter, after the work is done (pytorch/pytorch#179291 describes such a race in gloo's
+    teardown; the scripts destroy the process group first, which did not remove it). The second run's result is
+    returned whatever it is, so a repeated failure still fails the test.
+    """
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != expect_rc and GLOO_TEARDOWN_ABORT in result.stderr:
+        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} in a process of {command}; running it again", stacklevel=2)
+        result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    return result
+
+
 def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
     """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
     error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run(
-        [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
-        # an occasional abort of a process at exit, a C++ thread torn down with the interpreter (see
-        # tests/test_examples.py): run once more; the second run must pass
-        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} in a process of {script}; running it again", stacklevel=2)
-        result = subprocess.run(
-            [*command, script, str(out_dir)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-        )
+    result = run_processes([*command, script, str(out_dir)], cwd=cwd, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

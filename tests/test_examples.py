@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from helpers import GLOO_TEARDOWN_ABORT
+from helpers import run_processes
 from PIL import Image
 
 import hf_autowu
@@ -76,14 +75,7 @@ def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def run_example(command: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    if result.returncode != expect_rc and GLOO_TEARDOWN_ABORT in result.stderr:
-        # an occasional abort of a non-main process once its training is done (about 1 run in 12 of the two-process
-        # tests under load), a C++ thread torn down at exit (pytorch/pytorch#179291 describes such a race in gloo's
-        # teardown; the scripts destroy the process group first, which did not remove it): run once more, and the
-        # second run must pass
-        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} in a process of the run; running it again", stacklevel=2)
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = run_processes(command, expect_rc, env=env, timeout=600, cwd=REPO)
     assert result.returncode == expect_rc, (
         f"exit code {result.returncode}\n{result.stdout[-3000:]}{result.stderr[-5000:]}"
     )
