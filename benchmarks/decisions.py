@@ -120,6 +120,7 @@ def report(result: dict[str, Any]) -> str:
     tasks = list(table)
     default = AutoWUConfig()
     current = (default.preset_setting("rise_margin"), default.preset_setting("slowed_fraction"))
+
     def mean_val(setting: tuple) -> float:
         return float(np.mean([table[t][setting]["val"] for t in tasks]))
 
@@ -150,17 +151,26 @@ def report(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for task, pick, held, best_here in leave_one_out(result):
-        lines.append(f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | "
-                     f"{table[task][current]['test']:.2f} |")
-    lines += ["", "### Mean validation regret over the tasks, per setting", "",
-              "| rise_margin \\ slowed_fraction | " + " | ".join(str(f) for f in SLOWED_FRACTIONS) + " |",
-              "| --- | " + " | ".join("---" for _ in SLOWED_FRACTIONS) + " |"]
+        lines.append(
+            f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | {table[task][current]['test']:.2f} |"
+        )
+    lines += [
+        "",
+        "### Mean validation regret over the tasks, per setting",
+        "",
+        "| rise_margin \\ slowed_fraction | " + " | ".join(str(f) for f in SLOWED_FRACTIONS) + " |",
+        "| --- | " + " | ".join("---" for _ in SLOWED_FRACTIONS) + " |",
+    ]
     for margin in RISE_MARGINS:
         cells = [f"{np.mean([table[t][(margin, f)]['val'] for t in tasks]):.2f}" for f in SLOWED_FRACTIONS]
         lines.append(f"| {margin} | " + " | ".join(cells) + " |")
-    lines += ["", "### Per task, the default and the paper's choice (LR at the minimum, no margin)", "",
-              "| task | default: regret (val), LR, switch at | margin 0, argmin: regret (val), LR, switch at |",
-              "| --- | --- | --- |"]
+    lines += [
+        "",
+        "### Per task, the default and the paper's choice (LR at the minimum, no margin)",
+        "",
+        "| task | default: regret (val), LR, switch at | margin 0, argmin: regret (val), LR, switch at |",
+        "| --- | --- | --- |",
+    ]
     for task in tasks:
         cells = []
         for setting in (current, (0.0, 0.0)):

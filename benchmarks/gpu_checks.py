@@ -236,7 +236,8 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
         "rewind_warnings": len(rewind_warnings),
     }
     checks = {
-        "lr_applied": len(applied) == opts.steps and all(len(set(lrs)) == 1 for lrs, _ in recorder.updates)
+        "lr_applied": len(applied) == opts.steps
+        and all(len(set(lrs)) == 1 for lrs, _ in recorder.updates)
         and applied == expected,
         "lr_logged": bool(logged) and all(lr == applied[step - 1] for step, lr in logged.items()),
         "autowu_in_logs": bool(entries) and all("autowu/lr" in e for e in entries),
@@ -382,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.worker is not None:
         return run_part(opts.worker, opts)
     if opts.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_checks.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing was checked. "
-              "(Use --device cpu --smoke for a dry run of the code path.)", file=sys.stderr)
+        print(
+            "gpu_checks.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing was checked. "
+            "(Use --device cpu --smoke for a dry run of the code path.)",
+            file=sys.stderr,
+        )
         return 2
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Any] = {}
@@ -404,16 +408,26 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         deepspeed_version = "not installed"
     device = torch.cuda.get_device_name() if opts.device == "cuda" else "CPU (dry run)"
-    data = {"command": command_line(), "device": device, "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-            "deepspeed": deepspeed_version, "steps": opts.steps, "runs": runs, "overhead_exit_code": overhead}
+    data = {
+        "command": command_line(),
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "deepspeed": deepspeed_version,
+        "steps": opts.steps,
+        "runs": runs,
+        "overhead_exit_code": overhead,
+    }
     with locked_json(opts.out_dir / "gpu_checks.json", {}) as stored:
         stored.clear()
         stored.update(data)
     update_section(opts.results_md, "gpu_checks", report(data))
     ok = all(run.get("ok") for run in runs.values()) and overhead in (None, 0)
-    print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'}; wrote {opts.out_dir / 'gpu_checks.json'} and "
-          f"{opts.results_md}")
+    print(
+        f"{'all checks passed' if ok else 'SOME CHECKS FAILED'}; wrote {opts.out_dir / 'gpu_checks.json'} and "
+        f"{opts.results_md}"
+    )
     return 0 if ok else 1
 
 

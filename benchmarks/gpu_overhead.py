@@ -138,31 +138,50 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         syncs["autowu_test_step"] = bench.syncs_on_test_step(args.short_budget // 2)
         print(f"syncs per step: {syncs}", flush=True)
     device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "CPU (dry run)"
-    return {"command": command_line(), "device": device_name, "torch": torch.__version__, "model": args.model,
-            "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps,
-            "short_budget": args.short_budget, "throughput": throughput, "syncs_per_step": syncs}
+    return {
+        "command": command_line(),
+        "device": device_name,
+        "torch": torch.__version__,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "short_budget": args.short_budget,
+        "throughput": throughput,
+        "syncs_per_step": syncs,
+    }
 
 
 def report(data: dict[str, Any]) -> str:
     """Markdown section from the measurements."""
     base = statistics.median(r["steps_per_s"] for r in data["throughput"] if r["variant"] == "constant")
-    lines = ["## GPU overhead (`benchmarks/gpu_overhead.py`)", "", f"Produced by: `{data['command']}`", "",
-             f"Device: {data['device']}, torch {data['torch']}; {data['model']}, batch {data['batch_size']}, "
-             f"{data['image_size']}px, bf16 autocast, channels_last, fused AdamW; {data['steps']} timed steps per "
-             f"run. `autowu`: budget {LONG_BUDGET:,} steps (no switch test in the window); `autowu_tests`: budget "
-             f"{data['short_budget']} steps (tests fire during warmup).", "",
-             "| variant | runs | median steps/s | ratio to constant | switch tests in window |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "## GPU overhead (`benchmarks/gpu_overhead.py`)",
+        "",
+        f"Produced by: `{data['command']}`",
+        "",
+        f"Device: {data['device']}, torch {data['torch']}; {data['model']}, batch {data['batch_size']}, "
+        f"{data['image_size']}px, bf16 autocast, channels_last, fused AdamW; {data['steps']} timed steps per "
+        f"run. `autowu`: budget {LONG_BUDGET:,} steps (no switch test in the window); `autowu_tests`: budget "
+        f"{data['short_budget']} steps (tests fire during warmup).",
+        "",
+        "| variant | runs | median steps/s | ratio to constant | switch tests in window |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for variant in VARIANTS:
         rows = [r for r in data["throughput"] if r["variant"] == variant]
         rate = statistics.median(r["steps_per_s"] for r in rows)
-        lines.append(f"| {variant} | {len(rows)} | {rate:.2f} | {rate / base:.3f} | "
-                     f"{sum(r['switch_tests'] for r in rows)} |")
+        lines.append(
+            f"| {variant} | {len(rows)} | {rate:.2f} | {rate / base:.3f} | {sum(r['switch_tests'] for r in rows)} |"
+        )
     if data["syncs_per_step"]:
         s = data["syncs_per_step"]
-        lines += ["", f"Host-device syncs (`set_sync_debug_mode` warnings) per ordinary step: constant "
-                  f"{s['constant']:g}, autowu {s['autowu']:g}; on a step that runs a switch test: "
-                  f"{s['autowu_test_step']}."]
+        lines += [
+            "",
+            f"Host-device syncs (`set_sync_debug_mode` warnings) per ordinary step: constant "
+            f"{s['constant']:g}, autowu {s['autowu']:g}; on a step that runs a switch test: "
+            f"{s['autowu_test_step']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -192,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 when no GPU is available)."""
     args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("gpu_overhead.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing was measured. "
-              "(Use --device cpu for a dry run of the code path.)", file=sys.stderr)
+        print(
+            "gpu_overhead.py needs a CUDA GPU, and torch.cuda.is_available() is False: nothing was measured. "
+            "(Use --device cpu for a dry run of the code path.)",
+            file=sys.stderr,
+        )
         return 2
     torch.backends.cudnn.benchmark = True
     data = measure(args)

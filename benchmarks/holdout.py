@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
-    parser.add_argument("--fractions", default="", help="comma-separated slowed_fraction values to run besides the "
-                        "default")
+    parser.add_argument(
+        "--fractions", default="", help="comma-separated slowed_fraction values to run besides the default"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="unused except with --smoke (a temp dir)")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
     parser.add_argument("--smoke", action="store_true", help="40 steps, 1 seed, 2 grid points: checks that it runs")

@@ -235,25 +235,44 @@ def trainer_method_settings(
         config = AutoWUConfig(**autowu_options(method))
         if task.entry == "trainer":
             return base, {}, {}, [AutoWUCallback(config)]
-        trainer_cls = AutoWUTrainer if task.entry == "autowu_trainer" else type(
-            "AutoWUSFTTrainer", (AutoWUTrainerMixin, base), {}
+        trainer_cls = (
+            AutoWUTrainer
+            if task.entry == "autowu_trainer"
+            else type("AutoWUSFTTrainer", (AutoWUTrainerMixin, base), {})
         )
         return trainer_cls, {}, {"autowu_config": config}, []
     if method == "ramp":  # the optimizer and the ramp come in `optimizers` (see `ramp_optimizers`)
         return base, {"max_steps": ramp_steps(task.steps)}, {}, []
     if method in ("oracle", *FINDER_METHODS):
-        return base, {"learning_rate": peak_lr, "lr_scheduler_type": "cosine",
-                      "warmup_steps": warmup_steps(task.steps)}, {}, []
+        return (
+            base,
+            {"learning_rate": peak_lr, "lr_scheduler_type": "cosine", "warmup_steps": warmup_steps(task.steps)},
+            {},
+            [],
+        )
     if method == "hf_default":
         return base, {}, {}, []
     if method == "schedulefree":
-        return base, {"optim": "schedule_free_adamw", "learning_rate": SCHEDULEFREE_LR,
-                      "warmup_steps": warmup_steps(task.steps), "lr_scheduler_type": "constant"}, {}, []
+        return (
+            base,
+            {
+                "optim": "schedule_free_adamw",
+                "learning_rate": SCHEDULEFREE_LR,
+                "warmup_steps": warmup_steps(task.steps),
+                "lr_scheduler_type": "constant",
+            },
+            {},
+            [],
+        )
     if method == "prodigy":
         from prodigyopt import Prodigy
 
-        return base, {"learning_rate": PRODIGY_LR, "lr_scheduler_type": "cosine"}, {
-            "optimizer_cls_and_kwargs": (Prodigy, {"lr": PRODIGY_LR})}, []
+        return (
+            base,
+            {"learning_rate": PRODIGY_LR, "lr_scheduler_type": "cosine"},
+            {"optimizer_cls_and_kwargs": (Prodigy, {"lr": PRODIGY_LR})},
+            [],
+        )
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -118,14 +118,18 @@ def _measure_switch_test(implementation: str, n: int, repeats: int, threads: int
         start = time.perf_counter()
         outcome = test(history)
         latencies.append(time.perf_counter() - start)
-    queue.put({
-        "implementation": implementation, "history": n, "repeats": repeats,
-        "median_ms": 1e3 * statistics.median(latencies),
-        "p95_ms": 1e3 * float(np.percentile(latencies, 95)),
-        "peak_extra_mb": (memory.peak - memory.start) / 2**20,
-        "history_mb": history.numel() * history.element_size() / 2**20,
-        "passed": None if outcome is None else bool(outcome.passed),
-    })
+    queue.put(
+        {
+            "implementation": implementation,
+            "history": n,
+            "repeats": repeats,
+            "median_ms": 1e3 * statistics.median(latencies),
+            "p95_ms": 1e3 * float(np.percentile(latencies, 95)),
+            "peak_extra_mb": (memory.peak - memory.start) / 2**20,
+            "history_mb": history.numel() * history.element_size() / 2**20,
+            "passed": None if outcome is None else bool(outcome.passed),
+        }
+    )
 
 
 def switch_test_latency(lengths: tuple[int, ...], repeats: dict[str, int], threads: int) -> list[dict[str, Any]]:
@@ -135,13 +139,17 @@ def switch_test_latency(lengths: tuple[int, ...], repeats: dict[str, int], threa
     for n in lengths:
         for implementation in IMPLEMENTATIONS:
             queue = ctx.Queue()
-            proc = ctx.Process(target=_measure_switch_test, args=(implementation, n, repeats[implementation], threads,
-                                                                  queue))
+            proc = ctx.Process(
+                target=_measure_switch_test, args=(implementation, n, repeats[implementation], threads, queue)
+            )
             proc.start()
             row = queue.get()
             proc.join()
-            print(f"switch test {implementation:>14} n={n:>8}: median {row['median_ms']:.1f} ms, "
-                  f"p95 {row['p95_ms']:.1f} ms, +{row['peak_extra_mb']:.1f} MB", flush=True)
+            print(
+                f"switch test {implementation:>14} n={n:>8}: median {row['median_ms']:.1f} ms, "
+                f"p95 {row['p95_ms']:.1f} ms, +{row['peak_extra_mb']:.1f} MB",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -196,9 +204,18 @@ def _e2e_run(variant: str, steps: int, seed: int) -> dict[str, Any]:
             _timed(SwitchTester, "run", switch_tests),
             _timed(autowu_trainer, "save_autowu_figure", figures),
         ):
-            args = TrainingArguments(output_dir=tmp, max_steps=steps, per_device_train_batch_size=task.batch_size,
-                                     save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-                                     disable_tqdm=True, dataloader_pin_memory=False, **extra)
+            args = TrainingArguments(
+                output_dir=tmp,
+                max_steps=steps,
+                per_device_train_batch_size=task.batch_size,
+                save_strategy="no",
+                report_to="none",
+                use_cpu=True,
+                seed=seed,
+                disable_tqdm=True,
+                dataloader_pin_memory=False,
+                **extra,
+            )
             trainer = trainer_cls(model=model, args=args, train_dataset=train, callbacks=callbacks)
             trainer.remove_callback(PrinterCallback)
             start = time.perf_counter()
@@ -207,9 +224,13 @@ def _e2e_run(variant: str, steps: int, seed: int) -> dict[str, Any]:
     finally:
         autowu_trainer.SAVE_FIGURE = save_figure
     return {
-        "variant": variant, "wall_s": wall, "steps": trainer.state.global_step,
-        "switch_tests": switch_tests["calls"], "switch_test_s": switch_tests["s"],
-        "figures": figures["calls"], "figure_s": figures["s"],
+        "variant": variant,
+        "wall_s": wall,
+        "steps": trainer.state.global_step,
+        "switch_tests": switch_tests["calls"],
+        "switch_test_s": switch_tests["s"],
+        "figures": figures["calls"],
+        "figure_s": figures["s"],
     }
 
 
@@ -245,10 +266,15 @@ def report(data: dict[str, Any]) -> str:
     lines = ["## Overhead (`benchmarks/overhead.py`)", "", f"Machine: {data['machine']}.", ""]
     if "switch_test" in data:
         part = data["switch_test"]
-        lines += ["### Switch test latency and memory versus history length", "",
-                  f"Produced by: `{part['command']}` (load average at the start: {_load(part)}).", "",
-                  "| history (losses) | implementation | median (ms) | p95 (ms) | peak extra RSS, first test (MB) | "
-                  "history (MB) | repeats |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "### Switch test latency and memory versus history length",
+            "",
+            f"Produced by: `{part['command']}` (load average at the start: {_load(part)}).",
+            "",
+            "| history (losses) | implementation | median (ms) | p95 (ms) | peak extra RSS, first test (MB) | "
+            "history (MB) | repeats |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in part["rows"]:
             lines.append(
                 f"| {row['history']:,} | {row['implementation']} | {row['median_ms']:.1f} | {row['p95_ms']:.1f} | "
@@ -259,14 +285,24 @@ def report(data: dict[str, Any]) -> str:
         rows = part["rows"]
         variants = [v for v in E2E_VARIANTS if any(r["variant"] == v for r in rows)]
         walls = {v: [r["wall_s"] for r in rows if r["variant"] == v] for v in variants}
-        lines += ["", f"### End to end: GPT-2 task, {rows[0]['steps']} Trainer steps, interleaved repeats", "",
-                  f"Produced by: `{part['command']}` (load average at the start: {_load(part)}). On a shared "
-                  "machine the minimum is the least disturbed estimate. Switch tests and figure: medians over the "
-                  "runs of the time spent in them inside the wall time (count in brackets)."
-                  + (" Rows \"not timed\" were measured before the parts were timed, and their AutoWU variants drew "
-                     "the figure." if any("figure_s" not in r for r in rows) else ""), "",
-                  "| variant | runs | median wall (s) | min | max | median / constant's | min / constant's | "
-                  "switch tests (s) | figure (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"### End to end: GPT-2 task, {rows[0]['steps']} Trainer steps, interleaved repeats",
+            "",
+            f"Produced by: `{part['command']}` (load average at the start: {_load(part)}). On a shared "
+            "machine the minimum is the least disturbed estimate. Switch tests and figure: medians over the "
+            "runs of the time spent in them inside the wall time (count in brackets)."
+            + (
+                ' Rows "not timed" were measured before the parts were timed, and their AutoWU variants drew '
+                "the figure."
+                if any("figure_s" not in r for r in rows)
+                else ""
+            ),
+            "",
+            "| variant | runs | median wall (s) | min | max | median / constant's | min / constant's | "
+            "switch tests (s) | figure (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for variant, w in walls.items():
             mine = [r for r in rows if r["variant"] == variant]
             lines.append(
@@ -281,17 +317,28 @@ def report(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where overhead.json goes (default benchmarks/results; --smoke: a temp dir)")
-    parser.add_argument("--results-md", type=Path, default=None,
-                        help="Markdown file to update (default benchmarks/RESULTS.md, or OUT_DIR/RESULTS.md)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where overhead.json goes (default benchmarks/results; --smoke: a temp dir)",
+    )
+    parser.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="Markdown file to update (default benchmarks/RESULTS.md, or OUT_DIR/RESULTS.md)",
+    )
     parser.add_argument("--repeats", type=int, default=30, help="timed switch tests per configuration (fast path)")
     parser.add_argument("--reference-repeats", type=int, default=10, help="timed tests for the reference paths")
     parser.add_argument("--e2e-steps", type=int, default=200, help="optimizer steps of each end-to-end run")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="interleaved repeats of the end-to-end runs")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--parts", default="switch_test,end_to_end",
-                        help="comma-separated parts to measure; the other part's stored results are kept")
+    parser.add_argument(
+        "--parts",
+        default="switch_test,end_to_end",
+        help="comma-separated parts to measure; the other part's stored results are kept",
+    )
     parser.add_argument("--smoke", action="store_true", help="one short history, 2 repeats, 4-step Trainer runs")
     args = parser.parse_args(argv)
     args.parts = args.parts.split(",")
@@ -311,11 +358,17 @@ def main(argv: list[str] | None = None) -> None:
     repeats = {"fast": args.repeats, "reference": args.reference_repeats, "reference_fp32": args.reference_repeats}
     measured: dict[str, Any] = {}
     if "switch_test" in args.parts:
-        measured["switch_test"] = {"command": command_line(), "load_average": os.getloadavg(),
-                                   "rows": switch_test_latency(lengths, repeats, args.threads)}
+        measured["switch_test"] = {
+            "command": command_line(),
+            "load_average": os.getloadavg(),
+            "rows": switch_test_latency(lengths, repeats, args.threads),
+        }
     if "end_to_end" in args.parts:
-        measured["end_to_end"] = {"command": command_line(), "load_average": os.getloadavg(),
-                                  "rows": end_to_end(args.e2e_steps, args.e2e_repeats)}
+        measured["end_to_end"] = {
+            "command": command_line(),
+            "load_average": os.getloadavg(),
+            "rows": end_to_end(args.e2e_steps, args.e2e_repeats),
+        }
     with locked_json(args.out_dir / "overhead.json", {}) as stored:
         stored.update(measured, machine=machine_info())
         data = dict(stored)

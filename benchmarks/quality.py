@@ -51,20 +51,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods = [*m.METHODS, *m.HIDDEN_METHODS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ", ".join(TASKS))
-    parser.add_argument("--methods", default=",".join(m.METHODS), help="comma-separated subset of "
-                        + ", ".join(methods))
+    parser.add_argument(
+        "--methods", default=",".join(m.METHODS), help="comma-separated subset of " + ", ".join(methods)
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where quality.json and the plots go (default benchmarks/results; --smoke: a temp dir)")
-    parser.add_argument("--results-md", type=Path, default=None,
-                        help="Markdown file to update (default benchmarks/RESULTS.md, or OUT_DIR/RESULTS.md when "
-                        "--out-dir is given)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where quality.json and the plots go (default benchmarks/results; --smoke: a temp dir)",
+    )
+    parser.add_argument(
+        "--results-md",
+        type=Path,
+        default=None,
+        help="Markdown file to update (default benchmarks/RESULTS.md, or OUT_DIR/RESULTS.md when --out-dir is given)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny steps, 1 seed, 2-point grid: checks that it runs")
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if already recorded")
     parser.add_argument("--report-only", action="store_true", help="only rebuild RESULTS.md and the plots")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--autowu-options", type=json.loads, default={},
-                        help="ablation: JSON of AutoWUConfig options for the autowu method (needs --out-dir)")
+    parser.add_argument(
+        "--autowu-options",
+        type=json.loads,
+        default={},
+        help="ablation: JSON of AutoWUConfig options for the autowu method (needs --out-dir)",
+    )
     args = parser.parse_args(argv)
     if args.autowu_options and args.out_dir is None:
         parser.error("--autowu-options needs --out-dir: ablation rows must not mix with the default's")

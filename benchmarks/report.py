@@ -49,18 +49,24 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str,
                 for r in chosen:
                     per_seed_compute[r["seed"]] = per_seed_compute.get(r["seed"], 0) + r["compute"]
                 compute = list(per_seed_compute.values())
-                extra = {"lr": best, "grid": {lr: [r["val"] for r in rs] for lr, rs in sorted(by_lr.items())},
-                         "grid_test": {lr: [r["test"] for r in rs] for lr, rs in sorted(by_lr.items())}}
+                extra = {
+                    "lr": best,
+                    "grid": {lr: [r["val"] for r in rs] for lr, rs in sorted(by_lr.items())},
+                    "grid_test": {lr: [r["test"] for r in rs] for lr, rs in sorted(by_lr.items())},
+                }
                 chosen = by_lr[best]
             elif method in m.AUTOWU_METHODS:
                 extra = {"lr": geo_mean([r["info"].get("peak_lr") for r in chosen])}
             elif method in m.FINDER_METHODS:
                 extra = {"lr": geo_mean([r["info"].get("suggested_lr") for r in chosen])}
             out[task][method] = {
-                "metric": metric, "runs": sorted(chosen, key=lambda r: r["seed"]),
-                "test": [r["test"] for r in chosen], "val": [r["val"] for r in chosen],
+                "metric": metric,
+                "runs": sorted(chosen, key=lambda r: r["seed"]),
+                "test": [r["test"] for r in chosen],
+                "val": [r["val"] for r in chosen],
                 "compute": float(np.mean(compute)),
-                "wall_s": sum(r["wall_s"] for r in task_runs if r["method"] == method), **extra,
+                "wall_s": sum(r["wall_s"] for r in task_runs if r["method"] == method),
+                **extra,
             }
     return out, stale
 
@@ -126,10 +132,12 @@ def task_table(task: str, methods: dict[str, dict[str, Any]]) -> list[str]:
     is_acc = spec.metric == "accuracy"
     scale, digits = (100.0, 2) if is_acc else (1.0, 4)
     steps = spec.steps
-    lines = [f"### {task}: {spec.title}, {steps} steps per run", "",
-             "| method | settings | test | val | n | failed | compute (steps) | gap to oracle | LR | wall (s) "
-             "| notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {task}: {spec.title}, {steps} steps per run",
+        "",
+        "| method | settings | test | val | n | failed | compute (steps) | gap to oracle | LR | wall (s) | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     oracle_mean = mean_std(methods["oracle"]["test"], scale)[0] if "oracle" in methods else math.nan
     for method, row in methods.items():
         test_m, test_s = mean_std(row["test"], scale)
@@ -153,12 +161,17 @@ def task_table(task: str, methods: dict[str, dict[str, Any]]) -> list[str]:
 def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Per task: the default's gap to the oracle (and whether it is within the band), to Schedule-Free and to the
     range tests; then each method's mean regret over the tasks."""
-    lines = ["### Where the default stands", "",
-             "Band: within one std (of either) or the tolerance (0.5 pp accuracy, 1% relative loss) of the oracle, "
-             "whichever is larger. Regret: distance behind the oracle in units of that tolerance (negative = ahead), "
-             "so that tasks with different metrics can be averaged.", "",
-             "| task | metric | default | oracle | gap | in band | Schedule-Free | range test (steepest) | "
-             "range test (min/10) | paper preset |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "### Where the default stands",
+        "",
+        "Band: within one std (of either) or the tolerance (0.5 pp accuracy, 1% relative loss) of the oracle, "
+        "whichever is larger. Regret: distance behind the oracle in units of that tolerance (negative = ahead), "
+        "so that tasks with different metrics can be averaged.",
+        "",
+        "| task | metric | default | oracle | gap | in band | Schedule-Free | range test (steepest) | "
+        "range test (min/10) | paper preset |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     regrets: dict[str, list[float]] = {}
     for task, methods in summary.items():
         if "oracle" not in methods:
@@ -168,7 +181,8 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         oracle_mean = mean_std(methods["oracle"]["test"], scale)[0]
         for method, row in methods.items():
             regrets.setdefault(method, []).append(
-                regret(mean_std(row["test"])[0], mean_std(methods["oracle"]["test"])[0], metric))
+                regret(mean_std(row["test"])[0], mean_std(methods["oracle"]["test"])[0], metric)
+            )
         cells = []
         for method in ("schedulefree", "lr_finder", "lr_finder_min10", "autowu_paper"):
             row = methods.get(method)
@@ -176,10 +190,16 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         if "autowu" in methods:
             ok, gap = within_band(methods["autowu"], methods["oracle"])
             default = f"{mean_std(methods['autowu']['test'], scale)[0]:.4g}"
-            lines.append(f"| {task} | {metric} | {default} | {oracle_mean:.4g} | {gap:+.3g}{unit} | "
-                         f"{'yes' if ok else 'no'} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean regret over the tasks each method ran (lower is better; tasks: "
-              f"{len([t for t in summary if 'oracle' in summary[t]])}):", ""]
+            lines.append(
+                f"| {task} | {metric} | {default} | {oracle_mean:.4g} | {gap:+.3g}{unit} | "
+                f"{'yes' if ok else 'no'} | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "Mean regret over the tasks each method ran (lower is better; tasks: "
+        f"{len([t for t in summary if 'oracle' in summary[t]])}):",
+        "",
+    ]
     for method, values in sorted(regrets.items(), key=lambda item: np.mean(item[1])):
         lines.append(f"- {method}: {np.mean(values):+.2f} ({len(values)} tasks)")
     return lines + [""]
@@ -187,26 +207,35 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
 
 def report(summary: dict[str, dict[str, dict[str, Any]]], stale: list[dict[str, Any]], commands: list[str]) -> str:
     """The Markdown section of `quality.py`."""
-    lines = ["## Quality per compute (`benchmarks/quality.py`)", "",
-             "Reproduce: `python benchmarks/quality.py` (every task, method and seed; resumable, and several "
-             "processes can share the work). The runs below came from these invocations: "
-             + "; ".join(f"`{c}`" for c in commands), "",
-             f"Machine: {machine_info()}. Wall times depend on what else ran on the machine; they are only roughly "
-             "comparable.", "",
-             f"AutoWU rows: decision code {decision_fingerprint()} (`runner.decision_fingerprint`), at revision "
-             f"{library_revision()} of this report; rows recorded with other decision code are refused.", "",
-             "Metric: test accuracy (%) or test loss (nats per byte, masked bytes for the masked LM); mean ± std over "
-             "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or "
-             "non-finite). Compute: optimizer steps per seed, every grid point and LR sweep included. Gap: method "
-             "minus oracle on test. LR: peak LR used (oracle: chosen grid point; AutoWU: LR chosen at the switch; "
-             "range tests: suggestion; geometric mean over seeds). Wall: seconds for all seeds together.", ""]
+    lines = [
+        "## Quality per compute (`benchmarks/quality.py`)",
+        "",
+        "Reproduce: `python benchmarks/quality.py` (every task, method and seed; resumable, and several "
+        "processes can share the work). The runs below came from these invocations: "
+        + "; ".join(f"`{c}`" for c in commands),
+        "",
+        f"Machine: {machine_info()}. Wall times depend on what else ran on the machine; they are only roughly "
+        "comparable.",
+        "",
+        f"AutoWU rows: decision code {decision_fingerprint()} (`runner.decision_fingerprint`), at revision "
+        f"{library_revision()} of this report; rows recorded with other decision code are refused.",
+        "",
+        "Metric: test accuracy (%) or test loss (nats per byte, masked bytes for the masked LM); mean ± std over "
+        "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or "
+        "non-finite). Compute: optimizer steps per seed, every grid point and LR sweep included. Gap: method "
+        "minus oracle on test. LR: peak LR used (oracle: chosen grid point; AutoWU: LR chosen at the switch; "
+        "range tests: suggestion; geometric mean over seeds). Wall: seconds for all seeds together.",
+        "",
+    ]
     lines += standing(summary)
     for task, methods in summary.items():
         lines += task_table(task, methods)
     if stale:
         names = sorted({f"{r['task']}/{r['method']}" for r in stale})
-        lines += [f"Refused as stale (other decision code; re-run them): {len(stale)} runs of " + ", ".join(names)
-                  + ".", ""]
+        lines += [
+            f"Refused as stale (other decision code; re-run them): {len(stale)} runs of " + ", ".join(names) + ".",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +257,12 @@ def plot(summary: dict[str, dict[str, dict[str, Any]]], out_dir: Path, tasks: li
             losses = np.array([math.nan if v is None else v for v in run["losses"]], dtype=float)
             ax_lr.plot(np.arange(1, len(lrs) + 1), lrs, label=method)
             ax_loss.plot(np.arange(1, len(losses) + 1), losses, label=method, lw=0.8)
-        ax_lr.set(yscale="log", xlabel="optimizer step", ylabel="learning rate (Prodigy: lr x d)",
-                  title=f"{task}: learning rate (seed {min(r['runs'][0]['seed'] for r in methods.values())})")
+        ax_lr.set(
+            yscale="log",
+            xlabel="optimizer step",
+            ylabel="learning rate (Prodigy: lr x d)",
+            title=f"{task}: learning rate (seed {min(r['runs'][0]['seed'] for r in methods.values())})",
+        )
         ax_loss.set(yscale="log", xlabel="optimizer step", ylabel="training loss", title=f"{task}: training loss")
         ax_lr.legend(fontsize=8)
         fig.tight_layout()

@@ -59,9 +59,13 @@ def decision_fingerprint() -> str:
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
-                getattr(body[0], "value", None), ast.Constant
-            ) and isinstance(body[0].value.value, str):
+            if (
+                isinstance(body, list)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
         digest.update(path.name.encode() + ast.dump(tree).encode())
     return digest.hexdigest()[:12]
@@ -181,9 +185,18 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
             start = time.perf_counter()
             result = task.runner(task, method, seed, lr)
             wall = time.perf_counter() - start
-            record = {"task": task_name, "method": method, "seed": seed, "grid_lr": lr, "metric": task.metric,
-                      "wall_s": round(wall, 2), "revision": library_revision(),
-                      "decision_fingerprint": decision_fingerprint(), "finished": time.time(), **result.__dict__}
+            record = {
+                "task": task_name,
+                "method": method,
+                "seed": seed,
+                "grid_lr": lr,
+                "metric": task.metric,
+                "wall_s": round(wall, 2),
+                "revision": library_revision(),
+                "decision_fingerprint": decision_fingerprint(),
+                "finished": time.time(),
+                **result.__dict__,
+            }
             if method == "autowu" and m.ABLATION_OPTIONS:
                 record["autowu_options"] = dict(m.ABLATION_OPTIONS)
             for name in ("lrs", "losses"):
@@ -191,5 +204,8 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
             with locked_json(results_path, EMPTY_RESULTS) as data:
                 data["runs"][key] = record
                 data.setdefault("claims", {}).pop(key, None)
-            print(f"[{i}/{len(planned)}] {task_name} {method} seed={seed} lr={lr} val={result.val:.4f} "
-                  f"test={result.test:.4f} {wall:.1f}s {result.info.get('peak_lr', '')}", flush=True)
+            print(
+                f"[{i}/{len(planned)}] {task_name} {method} seed={seed} lr={lr} val={result.val:.4f} "
+                f"test={result.test:.4f} {wall:.1f}s {result.info.get('peak_lr', '')}",
+                flush=True,
+            )

@@ -69,8 +69,13 @@ class TaskSpec:
 
 def smoke_task(task: TaskSpec) -> TaskSpec:
     """A tiny version of ``task`` for the smoke test."""
-    return replace(task, steps=4 * min(task.steps_per_epoch, 4), steps_per_epoch=min(task.steps_per_epoch, 4),
-                   finder_iters=8, finder_skip=(1, 1))
+    return replace(
+        task,
+        steps=4 * min(task.steps_per_epoch, 4),
+        steps_per_epoch=min(task.steps_per_epoch, 4),
+        finder_iters=8,
+        finder_skip=(1, 1),
+    )
 
 
 @dataclass
@@ -205,8 +210,15 @@ class DigitsCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,8 +246,16 @@ def gpt2_model() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=256,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
 
@@ -245,8 +265,16 @@ def llama_model() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(config)
 
@@ -256,8 +284,13 @@ def bert_model() -> nn.Module:
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
-        vocab_size=MLM_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        max_position_embeddings=64, pad_token_id=MLM_VOCAB - 1,
+        vocab_size=MLM_VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        pad_token_id=MLM_VOCAB - 1,
     )
     return BertForMaskedLM(config)
 
@@ -289,8 +322,9 @@ def _pretrain_gpt2() -> dict[str, torch.Tensor]:
     model = gpt2_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], **m.ADAMW)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe["warmup"], recipe["steps"])
-    windows = RandomWindows(stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"],
-                            recipe["seed"])
+    windows = RandomWindows(
+        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"]
+    )
     loader = DataLoader(windows, batch_size=recipe["batch_size"])
     for batch in loader:
         model(**batch).loss.backward()
@@ -332,11 +366,21 @@ def run_classifier_loop(
     info: dict[str, Any] = {}
     sweep_steps = 0
     if method in m.FINDER_METHODS:
-        sweep_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=task.batch_size, shuffle=True,
-                                  drop_last=True, generator=torch.Generator().manual_seed(seed + 10_000))
+        sweep_loader = DataLoader(
+            TensorDataset(x_train, y_train),
+            batch_size=task.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(seed + 10_000),
+        )
         peak_lr, sweep_steps, info = m.lr_range_test(method, model, nn.CrossEntropyLoss(), sweep_loader, task)
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=task.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        TensorDataset(x_train, y_train),
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     accelerator = None
     if task.entry == "accelerate":
         from accelerate import Accelerator
@@ -448,8 +492,13 @@ def run_with_trainer(
     info: dict[str, Any] = {}
     sweep_steps = 0
     if method in m.FINDER_METHODS:
-        loader = DataLoader(datasets["finder"], batch_size=task.batch_size, shuffle=True,
-                            collate_fn=default_data_collator, generator=torch.Generator().manual_seed(seed + 10_000))
+        loader = DataLoader(
+            datasets["finder"],
+            batch_size=task.batch_size,
+            shuffle=True,
+            collate_fn=default_data_collator,
+            generator=torch.Generator().manual_seed(seed + 10_000),
+        )
         peak_lr, sweep_steps, info = m.lr_range_test(
             method, _LossOf(model), lambda loss, _labels: loss, _dict_batches(loader), task
         )
@@ -466,25 +515,46 @@ def run_with_trainer(
 
     with tempfile.TemporaryDirectory() as tmp:
         common = {
-            "output_dir": tmp, "max_steps": task.steps, "per_device_train_batch_size": task.batch_size,
-            "per_device_eval_batch_size": 256, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-            "use_cpu": True, "seed": seed, "disable_tqdm": True, "dataloader_pin_memory": False,
-            "prediction_loss_only": not classification, **overrides,
+            "output_dir": tmp,
+            "max_steps": task.steps,
+            "per_device_train_batch_size": task.batch_size,
+            "per_device_eval_batch_size": 256,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            "seed": seed,
+            "disable_tqdm": True,
+            "dataloader_pin_memory": False,
+            "prediction_loss_only": not classification,
+            **overrides,
         }
         if task.entry == "trl":
             from trl import SFTConfig
 
-            args = SFTConfig(**common, max_length=None, packing=False, dataset_kwargs={"skip_prepare_dataset": True},
-                             remove_unused_columns=False)
-            trainer_kwargs = {**trainer_kwargs, "processing_class": byte_tokenizer(),
-                              "data_collator": default_data_collator}
+            args = SFTConfig(
+                **common,
+                max_length=None,
+                packing=False,
+                dataset_kwargs={"skip_prepare_dataset": True},
+                remove_unused_columns=False,
+            )
+            trainer_kwargs = {
+                **trainer_kwargs,
+                "processing_class": byte_tokenizer(),
+                "data_collator": default_data_collator,
+            }
         else:
             from transformers import TrainingArguments
 
             args = TrainingArguments(**common)
         trainer = trainer_cls(
-            model=model, args=args, train_dataset=datasets["train"], callbacks=[*callbacks, RecordLR()],
-            compute_metrics=_accuracy if classification else None, **trainer_kwargs,
+            model=model,
+            args=args,
+            train_dataset=datasets["train"],
+            callbacks=[*callbacks, RecordLR()],
+            compute_metrics=_accuracy if classification else None,
+            **trainer_kwargs,
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -497,8 +567,15 @@ def run_with_trainer(
         info.update(m.autowu_info(scheduler))
     key = "accuracy" if classification else "loss"
     return RunResult(
-        val[f"val_{key}"], test[f"test_{key}"], val["val_loss"], test["test_loss"], trainer.state.global_step,
-        lrs, losses, trainer.state.global_step + sweep_steps, info,
+        val[f"val_{key}"],
+        test[f"test_{key}"],
+        val["val_loss"],
+        test["test_loss"],
+        trainer.state.global_step,
+        lrs,
+        losses,
+        trainer.state.global_step + sweep_steps,
+        info,
     )
 
 
@@ -517,8 +594,9 @@ def run_vit_digits(task: TaskSpec, method: str, seed: int, peak_lr: float | None
 
 def run_timm_digits(task: TaskSpec, method: str, seed: int, peak_lr: float | None) -> RunResult:
     """The timm EfficientNet on 16x16 digits through the Trainer."""
-    datasets: dict[str, Dataset] = {name: DictDataset(pixel_values=x, labels=y) for name, (x, y) in
-                                    digits_at(16).items()}
+    datasets: dict[str, Dataset] = {
+        name: DictDataset(pixel_values=x, labels=y) for name, (x, y) in digits_at(16).items()
+    }
     datasets["finder"] = datasets["train"]
     return run_with_trainer(task, method, seed, peak_lr, timm_digits_model, datasets, classification=True)
 
@@ -578,25 +656,105 @@ def run_gpt2_finetune_docs(task: TaskSpec, method: str, seed: int, peak_lr: floa
 TASKS: dict[str, TaskSpec] = {
     task.name: task
     for task in (
-        TaskSpec("digits_cnn", "sklearn digits, 38k-param CNN, README hand-written loop, batch 256 (4 steps/epoch)",
-                 300, 256, 4, "accuracy", "loop", run_digits_cnn, oracle_center=1.28e-2),
-        TaskSpec("digits_cnn_short", "the digits CNN on a short budget, batch 32 (33 steps/epoch), hand-written loop",
-                 240, 32, 33, "accuracy", "loop", run_digits_cnn, oracle_center=1.28e-2),
-        TaskSpec("timm_digits", "digits at 16x16, timm test_efficientnet_gn (101k params), Trainer, batch 64",
-                 255, 64, 17, "accuracy", "trainer", run_timm_digits, oracle_center=8e-4),
-        TaskSpec("vit_digits", "digits at 16x16, timm test_vit (4x4 patches, 253k params), Accelerate loop, batch 64",
-                 300, 64, 16, "accuracy", "accelerate", run_vit_digits, oracle_center=1.6e-3),
-        TaskSpec("gpt2_stdlib", "GPT-2 (2 layers, d=64, 120k params), bytes of the stdlib sources, Trainer, "
-                 "16x64 tokens", 300, 16, 20, "loss", "trainer", run_gpt2_stdlib, oracle_center=3.2e-3),
-        TaskSpec("gpt2_stdlib_long", "the GPT-2 task at a 10x longer budget", 3000, 16, 20, "loss", "trainer",
-                 run_gpt2_stdlib, oracle_center=3.2e-3),
-        TaskSpec("llama_stdlib", "Llama-style decoder (2 layers, d=64, GQA, 125k params), stdlib bytes, "
-                 "AutoWUTrainer, 16x64 tokens", 400, 16, 20, "loss", "autowu_trainer", run_llama_stdlib,
-                 oracle_center=3.2e-3),
-        TaskSpec("bert_mlm_docs", "BERT masked LM (2 layers, d=64), Python's documentation prose, AutoWUTrainer, "
-                 "16x64 tokens", 400, 16, 20, "loss", "autowu_trainer", run_bert_docs, oracle_center=3.2e-3),
-        TaskSpec("gpt2_finetune_docs", "the GPT-2 pretrained on stdlib code (cached), fine-tuned on documentation "
-                 "prose, TRL SFTTrainer, 16x64 tokens", 200, 16, 20, "loss", "trl", run_gpt2_finetune_docs,
-                 oracle_center=1.6e-3),
+        TaskSpec(
+            "digits_cnn",
+            "sklearn digits, 38k-param CNN, README hand-written loop, batch 256 (4 steps/epoch)",
+            300,
+            256,
+            4,
+            "accuracy",
+            "loop",
+            run_digits_cnn,
+            oracle_center=1.28e-2,
+        ),
+        TaskSpec(
+            "digits_cnn_short",
+            "the digits CNN on a short budget, batch 32 (33 steps/epoch), hand-written loop",
+            240,
+            32,
+            33,
+            "accuracy",
+            "loop",
+            run_digits_cnn,
+            oracle_center=1.28e-2,
+        ),
+        TaskSpec(
+            "timm_digits",
+            "digits at 16x16, timm test_efficientnet_gn (101k params), Trainer, batch 64",
+            255,
+            64,
+            17,
+            "accuracy",
+            "trainer",
+            run_timm_digits,
+            oracle_center=8e-4,
+        ),
+        TaskSpec(
+            "vit_digits",
+            "digits at 16x16, timm test_vit (4x4 patches, 253k params), Accelerate loop, batch 64",
+            300,
+            64,
+            16,
+            "accuracy",
+            "accelerate",
+            run_vit_digits,
+            oracle_center=1.6e-3,
+        ),
+        TaskSpec(
+            "gpt2_stdlib",
+            "GPT-2 (2 layers, d=64, 120k params), bytes of the stdlib sources, Trainer, 16x64 tokens",
+            300,
+            16,
+            20,
+            "loss",
+            "trainer",
+            run_gpt2_stdlib,
+            oracle_center=3.2e-3,
+        ),
+        TaskSpec(
+            "gpt2_stdlib_long",
+            "the GPT-2 task at a 10x longer budget",
+            3000,
+            16,
+            20,
+            "loss",
+            "trainer",
+            run_gpt2_stdlib,
+            oracle_center=3.2e-3,
+        ),
+        TaskSpec(
+            "llama_stdlib",
+            "Llama-style decoder (2 layers, d=64, GQA, 125k params), stdlib bytes, AutoWUTrainer, 16x64 tokens",
+            400,
+            16,
+            20,
+            "loss",
+            "autowu_trainer",
+            run_llama_stdlib,
+            oracle_center=3.2e-3,
+        ),
+        TaskSpec(
+            "bert_mlm_docs",
+            "BERT masked LM (2 layers, d=64), Python's documentation prose, AutoWUTrainer, 16x64 tokens",
+            400,
+            16,
+            20,
+            "loss",
+            "autowu_trainer",
+            run_bert_docs,
+            oracle_center=3.2e-3,
+        ),
+        TaskSpec(
+            "gpt2_finetune_docs",
+            "the GPT-2 pretrained on stdlib code (cached), fine-tuned on documentation "
+            "prose, TRL SFTTrainer, 16x64 tokens",
+            200,
+            16,
+            20,
+            "loss",
+            "trl",
+            run_gpt2_finetune_docs,
+            oracle_center=1.6e-3,
+        ),
     )
 }

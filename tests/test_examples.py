@@ -28,6 +28,8 @@ TRAINER_SCRIPT = EXAMPLES / "train_timm_trainer.py"
 CLASSES = ("cat", "dog", "fox")
 TRAIN_PER_CLASS = 8  # 24 training images: 6 steps per epoch at batch 4 on one process, 3 on two
 BATCH = 4
+
+
 # `accelerate launch --cpu --num_processes 2` starts a single process; on a machine without GPUs `--multi_gpu` starts
 # two (torchrun), which form a group (gloo) only when the script is told to use the CPU (`--cpu`, `--use_cpu`).
 def two_processes() -> list[str]:
@@ -38,6 +40,8 @@ def two_processes() -> list[str]:
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     return [*launch, "--main_process_port", str(port)]
+
+
 # AutoWU options given on the command line of the folder runs, checked in the scheduler's saved state
 AUTOWU_OPTIONS = {"confidence": 0.9, "patience": 2, "cooldown_fraction": 0.3}
 needs_trainer_callback = pytest.mark.skipif(

@@ -28,9 +28,7 @@ def fast_tester(preset: str, seed: int, **overrides) -> SwitchTester:
     return SwitchTester(confidence=0.95, n_tests=5, seed=seed, **{**settings(preset), **overrides})
 
 
-def reference_tester(
-    preset: str, seed: int, cls: type = ReferenceSwitchTest, **overrides
-) -> ReferenceSwitchTest:
+def reference_tester(preset: str, seed: int, cls: type = ReferenceSwitchTest, **overrides) -> ReferenceSwitchTest:
     return cls(confidence=0.95, n_tests=5, seed=seed, **{**settings(preset), **overrides})
 
 
