@@ -8,7 +8,9 @@ the examples print when AutoWU ends warmup.
 
 import argparse
 import dataclasses
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -410,11 +412,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def leave_process_group() -> None:
-    """After a multi-process run: wait for every process, then destroy the process group. A gloo group left to the
-    interpreter's exit can abort the process there ("terminate called without an active exception")."""
+    """End a run launched as several processes (`WORLD_SIZE` > 1): wait for every process and destroy the process
+    group if it still exists (`Accelerator.end_training` destroys it), then exit without interpreter finalization.
+    A no-op in a single process.
+
+    Gloo's worker threads can still be releasing the tensors of the last collectives when the interpreter shuts
+    down; a release that needs the GIL then aborts the process ("terminate called without an active exception", exit
+    code -6) after a run that succeeded (pytorch/pytorch#190489; a core dump of such an abort here shows
+    `~AsyncAllreduceWork` taking the GIL inside `Py_FinalizeEx`). Destroying the group does not prevent it. Everything
+    this script writes is closed by now (`end_training` and the Trainer close their trackers), so it flushes its
+    streams and leaves with `os._exit(0)`, which skips finalization.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def limit_cpu_threads(data: ImageData, device: torch.device) -> None:

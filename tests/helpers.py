@@ -63,10 +63,12 @@ def run_processes(command: list[str], expect_rc: int = 0, **kwargs) -> subproces
     """`subprocess.run(command, capture_output=True, text=True, **kwargs)`, run once more when a process of a
     multi-process launch aborted at exit with `GLOO_TEARDOWN_ABORT` instead of returning `expect_rc`.
 
-    That abort comes now and then (about 1 run in 12 of the two-process example tests under load) from a C++ thread
-    torn down with the interpreter, after the work is done (pytorch/pytorch#179291 describes such a race in gloo's
-    teardown; the scripts destroy the process group first, which did not remove it). The second run's result is
-    returned whatever it is, so a repeated failure still fails the test.
+    That abort comes now and then from gloo's worker threads releasing a collective's tensors during interpreter
+    finalization, after the work is done (pytorch/pytorch#190489; a core dump shows `~AsyncAllreduceWork` taking the
+    GIL inside `Py_FinalizeEx`); destroying the process group does not prevent it. The example scripts avoid it by
+    leaving with `os._exit` (`examples/timm_data.leave_process_group`) and are run without this retry; the test
+    scripts run through `torchrun` here keep it. The second run's result is returned whatever it is, so a repeated
+    failure still fails the test.
     """
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if result.returncode != expect_rc and GLOO_TEARDOWN_ABORT in result.stderr:
