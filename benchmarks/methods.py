@@ -20,6 +20,11 @@ AdamW means betas (0.9, 0.999), eps 1e-8, weight decay 0 (the Trainer's defaults
 - ``ramp``: not a method to compare: AutoWU's warmup ramp alone (exponential from 1e-5 towards 1.0 over half
   the budget), run until the ramp's end, recording the loss every step. AutoWU's decisions are a function of this
   curve up to the switch, so it lets the decision rules be replayed offline (`benchmarks/decisions.py`).
+- ``autowu_at``: not a method to compare either: ``autowu`` with the LR chosen at the switch replaced by each point
+  of the oracle's grid (same ramp, switch step, hold and cooldown; the rewind restores the snapshot at or below that
+  LR among those kept, which follow AutoWU's own estimate, so far below it the lowest one kept). It tells what
+  AutoWU's own schedule reaches at each peak LR, which scores a replayed decision better than the oracle's schedule
+  can (`benchmarks/decisions.py`).
 """
 
 from __future__ import annotations
@@ -53,8 +58,10 @@ METHODS: dict[str, str] = {
     "hf_default": "Trainer defaults: AdamW lr 5e-5, linear decay, no warmup",
     "prodigy": "Prodigy lr 1.0 (defaults) + cosine, no warmup",
 }
-HIDDEN_METHODS = ("ramp",)
-AUTOWU_METHODS = ("autowu", "autowu_paper")
+HIDDEN_METHODS = ("ramp", "autowu_at")
+AUTOWU_METHODS = ("autowu", "autowu_paper", "autowu_at")
+GRID_METHODS = ("oracle", "autowu_at")
+"""Methods run at every point of the oracle's grid."""
 FINDER_METHODS = ("lr_finder", "lr_finder_min10")
 
 
@@ -87,6 +94,25 @@ to their own ``--out-dir`` only)."""
 def autowu_options(method: str) -> dict[str, Any]:
     """Keyword arguments that select the AutoWU behaviour of ``method``."""
     return {"preset": "paper"} if method == "autowu_paper" else dict(ABLATION_OPTIONS)
+
+
+@contextlib.contextmanager
+def forced_peak_lr(lr: float) -> Any:
+    """Within the block, every `AutoWU` decays from `lr` at its switch instead of the LR it chose (method
+    ``autowu_at``); everything else (when it switches, the rewind to a snapshot at or below the LR, hold, cooldown)
+    is AutoWU's own."""
+    from hf_autowu import AutoWU
+
+    original = AutoWU._switch
+
+    def switch(self: Any, t: int, chosen: float, reason: str, damaged_from: int | None = None) -> None:
+        original(self, t, lr, reason, damaged_from)
+
+    AutoWU._switch = switch
+    try:
+        yield
+    finally:
+        AutoWU._switch = original
 
 
 def autowu_info(scheduler: Any) -> dict[str, Any]:

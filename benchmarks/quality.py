@@ -10,7 +10,7 @@ Examples::
 
     python benchmarks/quality.py                                  # everything (resumes)
     python benchmarks/quality.py --tasks digits_cnn --methods autowu,oracle --seeds 0,1
-    python benchmarks/quality.py --methods autowu,autowu_paper    # AutoWU rows recorded with older decision code
+    python benchmarks/quality.py --methods autowu,autowu_paper,autowu_at  # rows of older decision code
     python benchmarks/quality.py --report-only                    # rebuild RESULTS.md and the plots
     python benchmarks/quality.py --smoke --out-dir /tmp/quality   # a few seconds per task
     python benchmarks/quality.py --methods autowu --out-dir /tmp/ablation --autowu-options '{"cooldown_fraction": 0.4}'

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -156,7 +157,7 @@ def planned_runs(args: argparse.Namespace, runs: dict[str, dict[str, Any]]) -> l
         task = task_of(args, task_name)
         for seed in args.seeds:
             for method in args.methods:
-                grid = oracle_grid(runs, task, args.seeds, args.smoke) if method == "oracle" else [None]
+                grid = oracle_grid(runs, task, args.seeds, args.smoke) if method in m.GRID_METHODS else [None]
                 planned += [(task_name, method, seed, lr) for lr in grid]
     return planned
 
@@ -183,7 +184,8 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
                 continue
             task = task_of(args, task_name)
             start = time.perf_counter()
-            result = task.runner(task, method, seed, lr)
+            with m.forced_peak_lr(lr) if method == "autowu_at" else contextlib.nullcontext():
+                result = task.runner(task, method, seed, lr)
             wall = time.perf_counter() - start
             record = {
                 "task": task_name,
@@ -197,7 +199,7 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
                 "finished": time.time(),
                 **result.__dict__,
             }
-            if method == "autowu" and m.ABLATION_OPTIONS:
+            if method in ("autowu", "autowu_at") and m.ABLATION_OPTIONS:
                 record["autowu_options"] = dict(m.ABLATION_OPTIONS)
             for name in ("lrs", "losses"):
                 record[name] = [float(f"{v:.6g}") for v in record[name]]

@@ -63,6 +63,38 @@ def test_quality_ablation_options_reach_autowu_and_are_recorded(bench, tmp_path:
     assert bench("methods").ABLATION_OPTIONS == {}
 
 
+def test_autowu_at_forces_the_peak_and_scores_the_replayed_decisions(bench, tmp_path: Path) -> None:
+    quality = bench("quality")
+    methods = bench("methods")
+    from hf_autowu import AutoWU
+
+    original_switch = AutoWU._switch
+    out = ["--out-dir", str(tmp_path)]
+    quality.main(["--smoke", "--tasks", "digits_cnn_short", "--methods", "ramp,oracle,autowu_at", *out])
+    runs = json.loads((tmp_path / "quality.json").read_text())["runs"].values()
+    forced = [r for r in runs if r["method"] == "autowu_at"]
+    oracle_lrs = sorted(r["grid_lr"] for r in runs if r["method"] == "oracle")
+    assert sorted(r["grid_lr"] for r in forced) == oracle_lrs  # the oracle's grid, point for point
+    for run in forced:
+        switch, peak = run["info"]["switch_step"], run["grid_lr"]
+        assert run["info"]["peak_lr"] == peak
+        # the ramp's LRs before the switch, then the forced peak held until the cooldown
+        assert run["lrs"][switch - 1] < 1.0 and run["lrs"][switch] == pytest.approx(peak)
+    assert AutoWU._switch is original_switch  # the override does not outlive its run
+    assert "| autowu_at |" not in (tmp_path / "RESULTS.md").read_text()  # not a method to compare
+    # decisions.py scores replayed LRs with these runs' curve once it covers the oracle's whole grid
+    decisions = bench("decisions")
+    oracle = decisions.quality_curves(list(runs), "digits_cnn_short")
+    curves, source = decisions.scoring_curves(list(runs), "digits_cnn_short", oracle)
+    assert source == "autowu_at"
+    assert list(curves["val"][1]) == [r["val"] for r in sorted(forced, key=lambda r: r["grid_lr"])]
+    _, source = decisions.scoring_curves(
+        forced[:1] + [r for r in runs if r["method"] != "autowu_at"], "digits_cnn_short", oracle
+    )
+    assert source == "oracle"
+    assert methods.ABLATION_OPTIONS == {}
+
+
 def test_holdout_smoke(bench, tmp_path: Path) -> None:
     holdout = bench("holdout")
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
