@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 
 import torch
 
@@ -56,27 +55,15 @@ def assert_state_equal(a, b) -> None:
         assert a == b or (a != a and b != b)
 
 
-GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
     """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
-    error.
-
-    A launch in which a process aborted at exit with `GLOO_TEARDOWN_ABORT` is run once more. That abort comes now and
-    then from gloo's worker threads releasing a collective's tensors during interpreter finalization, after the work
-    is done (pytorch/pytorch#190489; a core dump shows `~AsyncAllreduceWork` taking the GIL inside `Py_FinalizeEx`);
-    destroying the process group does not prevent it. The example scripts avoid it by leaving with `os._exit`
-    (`examples/timm_data.leave_process_group`) and their tests do not re-run. The second run's result stands, so a
-    repeated failure still fails the test.
+    error. The scripts end with `process_exit.leave()`, which skips the interpreter finalization in which gloo's
+    threads can abort a process that did its work (pytorch/pytorch#190489), so every failure is a real one.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command += [script, str(out_dir)]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
-        warnings.warn(f"{GLOO_TEARDOWN_ABORT!r} in a process of {command}; running it again", stacklevel=2)
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
