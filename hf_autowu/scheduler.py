@@ -474,10 +474,8 @@ class AutoWU:
             self._passes = (self._passes + [outcome.passed])[-self.config.patience :]
         if self._watch is not None:
             self._watch.set_reference(self._history)  # the same cross-process means on every process
-        if first_bad is not None:
-            # a non-finite loss: the LR that produced it is too large, whatever the GP says
-            lr = min(self._best_known_estimate(), self._ceiling_before(first_bad))
-            self._switch(t, lr, reason="divergence", damaged_from=first_bad)
+        if first_bad is not None:  # a non-finite loss: the LR that produced it is too large, whatever the GP says
+            self._switch_after_blow_up(t, first_bad, reason="divergence")
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
             self._switch(t, estimate, reason="divergence")
         elif len(self._passes) == self.config.patience and all(self._passes):
@@ -491,12 +489,16 @@ class AutoWU:
         return self._spike_at is not None
 
     def _switch_on_spike(self, t: int) -> None:
-        """The loss blew up at step index `_spike_at` (reason "divergence" when it turned non-finite, else "spike"):
-        decay from the latest estimate of the best LR, kept at or below the LR of the update before the spike."""
+        """The spike watch saw the loss blow up at step index `_spike_at` (reason "divergence" when it turned
+        non-finite, else "spike")."""
         self._flush_pending()  # a local copy with one process; already done at the test with several
-        reason = "divergence" if self._watch.non_finite else "spike"
-        lr = min(self._best_known_estimate(), self._ceiling_before(self._spike_at))
-        self._switch(t, lr, reason=reason, damaged_from=self._spike_at)
+        self._switch_after_blow_up(t, self._spike_at, reason="divergence" if self._watch.non_finite else "spike")
+
+    def _switch_after_blow_up(self, t: int, first_bad: int, reason: str) -> None:
+        """The loss blew up at step index `first_bad`: decay from the latest estimate of the best LR, kept at or
+        below the LR of the update that produced that loss; rewind only to states from before it."""
+        lr = min(self._best_known_estimate(), self._ceiling_before(first_bad))
+        self._switch(t, lr, reason=reason, damaged_from=first_bad)
 
     def _ceiling_before(self, index: int) -> float:
         """The LR of the update that produced loss number `index` (`min_lr` for the first one)."""
