@@ -78,8 +78,8 @@ def example_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def run_example(command: list[str], env: dict[str, str], expect_rc: int = 0) -> subprocess.CompletedProcess:
-    # no re-run on gloo's teardown abort (see `helpers.torchrun`): the examples leave with `os._exit` after a
-    # multi-process run (`timm_data.leave_process_group`), so an abort here is a regression
+    # the examples leave a multi-process run with `os._exit` (`timm_data.leave_process_group`), so gloo's teardown
+    # abort (see `helpers.torchrun`) cannot end them: an abort here is a regression
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == expect_rc, (
         f"exit code {result.returncode}\n{result.stdout[-3000:]}{result.stderr[-5000:]}"
