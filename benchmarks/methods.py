@@ -87,8 +87,8 @@ def effective_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 ABLATION_OPTIONS: dict[str, Any] = {}
-"""Extra `AutoWUConfig` options for the ``autowu`` method, set by ``quality.py --autowu-options`` (ablations, written
-to their own ``--out-dir`` only)."""
+"""Extra `AutoWUConfig` options for the ``autowu`` and ``autowu_at`` methods, set by ``quality.py --autowu-options``
+(ablations, written to their own ``--out-dir`` only)."""
 
 
 def autowu_options(method: str) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--autowu-options",
         type=json.loads,
         default={},
-        help="ablation: JSON of AutoWUConfig options for the autowu method (needs --out-dir)",
+        help="ablation: JSON of AutoWUConfig options for the autowu and autowu_at methods (needs --out-dir)",
     )
     args = parser.parse_args(argv)
     if args.autowu_options and args.out_dir is None:
