@@ -23,6 +23,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "spike_watch": True,
         "estimate_at_cap": True,
         "rewind": True,
+        "rewind_min_shift": 0.35,
         "rise_margin": 0.0,
         "slowed_fraction": 0.3,
         "min_losses": 20,
@@ -37,6 +38,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "spike_watch": False,
         "estimate_at_cap": False,
         "rewind": False,
+        "rewind_min_shift": 0.0,
         "rise_margin": 0.0,
         "slowed_fraction": 0.0,
         "min_losses": 3,
@@ -186,6 +188,15 @@ class AutoWUConfig:
     )
     rewind_snapshots: int = field(default=3, metadata=_help("Snapshots kept for rewind."))
     rewind_lr_factor: float = field(default=2.0, metadata=_help("LR growth between two rewind snapshots (> 1)."))
+    rewind_min_shift: float | None = field(
+        default=None,
+        metadata=_help(
+            "Rewind only when the parameters have moved since the snapshot by at least this fraction of its norm "
+            "(||now - snapshot|| / ||snapshot||); below it the steps trained past the chosen LR are kept, as a model "
+            "that barely moved there (e.g. a pretrained one) gains from them. After a blow-up rewind always restores. "
+            "0: always restore (default: 0.35 for 'robust')."
+        ),
+    )
     rewind_memory_fraction: float = field(
         default=0.5,
         metadata=_help(
@@ -232,6 +243,10 @@ class AutoWUConfig:
         self._check_int("rewind_snapshots")
         if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
+        if self.rewind_min_shift is not None and not (
+            _is_real(self.rewind_min_shift) and 0.0 <= self.rewind_min_shift < math.inf
+        ):
+            raise ValueError(f"`rewind_min_shift` must be a finite number >= 0, got {self.rewind_min_shift!r}.")
         if self.rise_margin is not None and not (_is_real(self.rise_margin) and 0.0 <= self.rise_margin < math.inf):
             raise ValueError(f"`rise_margin` must be a finite number >= 0, got {self.rise_margin!r}.")
         if self.slowed_fraction is not None and not (

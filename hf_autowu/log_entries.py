@@ -52,4 +52,9 @@ def switch_message(scheduler: AutoWU) -> str:
             f" Rewound to the state of step {rewinder.rewound_to['step']} (trained with LRs up to "
             f"{rewinder.rewound_to['lr']:.4g})."
         )
+    elif rewinder is not None and rewinder.kept is not None:
+        message += (
+            f" Not rewound: the parameters moved {rewinder.kept['shift']:.3g} of their norm since step "
+            f"{rewinder.kept['step']} (below rewind_min_shift)."
+        )
     return message

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from .distributed import (
     broadcast_object,
     collective_device,
+    mean_over_processes,
     min_over_processes,
     min_over_processes_each,
     process_rank,
@@ -153,6 +154,10 @@ class WarmupRewinder:
         memory_fraction (`float`, *optional*, defaults to 0.5): Largest share of the node's available host memory
             (or free disk space with `offload_dir`) the snapshots may take; above it rewind turns itself off.
         offload_dir (`str`, *optional*): Keep the snapshots as files in this (local) folder instead of memory.
+        min_shift (`float`, *optional*, defaults to 0.0): Restore a snapshot only when the parameters have moved
+            since it by at least this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all
+            parameters); below it the run keeps the steps trained past the chosen LR. After a blow-up the snapshot
+            is always restored. 0: always restore.
 
     Example:
 
@@ -173,6 +178,7 @@ class WarmupRewinder:
         lr_factor: float = 2.0,
         memory_fraction: float = 0.5,
         offload_dir: str | os.PathLike | None = None,
+        min_shift: float = 0.0,
     ):
         if scheduler is None:
             raise ValueError("`scheduler` is required: the AutoWU scheduler to rewind at.")
@@ -182,6 +188,8 @@ class WarmupRewinder:
             raise ValueError(f"`lr_factor` must be a finite number > 1, got {lr_factor!r}.")
         if not isinstance(memory_fraction, (int, float)) or not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"`memory_fraction` must be in (0, 1], got {memory_fraction!r}.")
+        if not isinstance(min_shift, (int, float)) or isinstance(min_shift, bool) or not 0.0 <= min_shift < math.inf:
+            raise ValueError(f"`min_shift` must be a finite number >= 0, got {min_shift!r}.")
         self.model = model
         self.optimizer = optimizer if optimizer is not None else scheduler.optimizer
         self.max_snapshots = snapshots
@@ -192,7 +200,9 @@ class WarmupRewinder:
         self.enabled = self.mode != UNSUPPORTED
         self.disabled_reason: str | None = None
         self.snapshots: list[dict[str, Any]] = []
+        self.min_shift = float(min_shift)
         self.rewound_to: dict[str, float] | None = None
+        self.kept: dict[str, float] | None = None  # the snapshot not restored (shift below `min_shift`), and the shift
         self.planned_bytes: int | None = None
         self._next_lr = 0.0
         self._budget_checked = False
@@ -217,6 +227,7 @@ class WarmupRewinder:
             lr_factor=config.rewind_lr_factor,
             memory_fraction=config.rewind_memory_fraction,
             offload_dir=config.rewind_offload_dir,
+            min_shift=config.preset_setting("rewind_min_shift"),
         )
 
     # ------------------------------------------------------------------ what is held, and where
@@ -312,20 +323,43 @@ class WarmupRewinder:
             warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
         else:
             chosen = self.snapshots[index]
-            if chosen["lr"] > scheduler.peak_lr:
-                warnings.warn(
-                    "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the "
-                    "oldest. Keep more snapshots (`rewind_snapshots`) to rewind further.",
-                    stacklevel=2,
-                )
             data = None
             if self.holds_snapshots:
                 data = chosen["data"] if chosen["data"] is not None else torch.load(chosen["file"], weights_only=True)
-            self._restore(data)
-            self.rewound_to = {"step": chosen["step"], "lr": chosen["lr"]}
+            shift = self._shift_since(data) if self.min_shift > 0.0 and scheduler.damaged_from is None else math.inf
+            if shift < self.min_shift:
+                self.kept = {"step": chosen["step"], "lr": chosen["lr"], "shift": shift}
+            else:
+                if chosen["lr"] > scheduler.peak_lr:
+                    warnings.warn(
+                        "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the "
+                        "oldest. Keep more snapshots (`rewind_snapshots`) to rewind further.",
+                        stacklevel=2,
+                    )
+                self._restore(data)
+                self.rewound_to = {"step": chosen["step"], "lr": chosen["lr"]}
         for snapshot in self.snapshots:
             self._drop(snapshot)
         self.snapshots = []
+
+    def _shift_since(self, data: dict[str, Any] | None) -> float:
+        """How far the parameters have moved since the snapshot `data`: `||now - snapshot|| / ||snapshot||` over all
+        parameters, in float64 on the host, the same value on every process (sharded: the sums are added over the
+        processes; replicated: the main process's value). NaN when a parameter is not finite (then rewind
+        restores). At the switch only: one pass over the parameters, one collective."""
+        sums = torch.zeros(2, dtype=torch.float64)
+        if data is not None:
+            with torch.no_grad():
+                for (p, _), saved in zip(self._state_tensors(), data["params"], strict=True):
+                    before = saved.to(torch.float64)
+                    sums[0] += (_local(p).detach().to(device="cpu", dtype=torch.float64) - before).square().sum()
+                    sums[1] += before.square().sum()
+        if self.mode == SHARDED:
+            sums = mean_over_processes(sums)  # a mean over processes keeps the ratio of the sums
+        shift = float(sums[0].sqrt() / sums[1].sqrt()) if float(sums[1]) > 0.0 else math.nan
+        if self.mode == REPLICATED:
+            shift = broadcast_object(shift)
+        return shift
 
     # ------------------------------------------------------------------ restore
 
@@ -432,6 +466,7 @@ class WarmupRewinder:
         return {
             "snapshots": snapshots,
             "rewound_to": self.rewound_to,
+            "kept": self.kept,
             "next_lr": self._next_lr,
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
@@ -444,6 +479,7 @@ class WarmupRewinder:
         for snapshot in self.snapshots:
             self._drop(snapshot)
         self.rewound_to = state["rewound_to"]
+        self.kept = state.get("kept")
         self._next_lr = float(state["next_lr"])
         self._budget_checked = bool(state.get("budget_checked", True))
         self.planned_bytes = state.get("planned_bytes")
