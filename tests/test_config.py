@@ -126,6 +126,8 @@ def test_on_off_options_are_command_line_flags():
     ("options", "name"),
     [
         ({"rise_margin": -1.0}, "rise_margin"),
+        ({"rewind_min_shift": -0.1}, "rewind_min_shift"),
+        ({"rewind_min_shift": math.inf}, "rewind_min_shift"),
         ({"slowed_fraction": 1.0}, "slowed_fraction"),
         ({"rewind_memory_fraction": 0.0}, "rewind_memory_fraction"),
         ({"rewind_offload_dir": 3}, "rewind_offload_dir"),

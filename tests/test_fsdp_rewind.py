@@ -141,3 +141,28 @@ def test_nan_loss_on_one_process(load, layout):
         assert math.isfinite(record["lrs"][last - 1])
         assert_same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
         assert all(bool(torch.isfinite(t).all()) for row in record["states"][last] for t in row)
+
+
+def test_the_shift_that_decides_a_rewind_is_the_whole_models_on_every_process(load):
+    """With a threshold no run reaches nothing is restored. Every process, in every layout, gets the same shift:
+    `||now - snapshot|| / ||snapshot||` over the whole model's parameters, which the test recomputes from the
+    processes' recorded local shards (summed over both for the sharded layouts, one replica for DDP)."""
+    shifts = {}
+    for layout in LAYOUTS:
+        records = load(f"{layout}-kept")
+        assert records[0]["kept"] == records[1]["kept"] is not None
+        assert all(r["rewound_to"] is None for r in records)
+        switch, step = records[0]["switch_step"], records[0]["kept"]["step"]
+        holders = records if layout in SHARDED else records[:1]
+        moved = sum(
+            float((a[0].double() - b[0].double()).square().sum())
+            for r in holders
+            for a, b in zip(r["states"][switch], r["states"][step], strict=True)
+        )
+        size = sum(float(b[0].double().square().sum()) for r in holders for b in r["states"][step])
+        assert records[0]["kept"]["shift"] == pytest.approx(math.sqrt(moved / size), rel=1e-9)
+        shifts[layout] = records[0]["kept"]["shift"]
+        clean = load(layout)[0]
+        assert records[0]["switch_step"] == clean["switch_step"] and records[0]["lrs"] == clean["lrs"]
+    assert shifts["fsdp2"] == pytest.approx(shifts["ddp"], rel=1e-5)
+    assert shifts["fsdp1"] == pytest.approx(shifts["ddp"], rel=1e-5)

@@ -10,6 +10,7 @@ import torch
 from helpers import assert_state_equal
 
 from hf_autowu import AutoWU, WarmupRewinder
+from hf_autowu.log_entries import switch_message
 
 
 def make_model(seed=0):
@@ -217,9 +218,62 @@ def test_deepspeed_state_turns_rewind_off_with_a_warning():
         ({"snapshots": 0}, "snapshots"),
         ({"lr_factor": 1.0}, "lr_factor"),
         ({"memory_fraction": 0.0}, "memory_fraction"),
+        ({"min_shift": -1.0}, "min_shift"),
+        ({"min_shift": True}, "min_shift"),
     ],
 )
 def test_bad_rewinder_arguments_name_the_argument(kwargs, name):
     model, optimizer, scheduler = build()
     with pytest.raises(ValueError, match=f"`{name}`"):
         WarmupRewinder(model, optimizer, scheduler, **kwargs)
+
+
+def shift_between(after: dict, before: dict) -> float:
+    """`||after - before|| / ||before||` over the parameters of two model state dicts (buffers left out)."""
+    names = [name for name, _ in make_model().named_parameters()]
+    moved = sum(float((after[n].double() - before[n].double()).square().sum()) for n in names)
+    size = sum(float(before[n].double().square().sum()) for n in names)
+    return math.sqrt(moved) / math.sqrt(size)
+
+
+@pytest.mark.parametrize("min_shift", [None, 1e9])
+def test_rewind_restores_only_when_the_parameters_moved_enough(min_shift):
+    """The default (0.35) against the shift computed from two plain runs; a threshold no run reaches keeps the
+    steps past the chosen LR, so the whole run is bit for bit a run without rewind."""
+    options = {} if min_shift is None else {"rewind_min_shift": min_shift}
+    model, optimizer, scheduler = build(**options)
+    lrs = []
+    train(model, optimizer, scheduler, 0, 400, lrs=lrs)
+    rewinder = scheduler.rewinder
+    target = rewinder.rewound_to or rewinder.kept
+    at_switch, _ = state_after(scheduler.switch_step)
+    at_snapshot, _ = state_after(target["step"])
+    shift = shift_between(at_switch, at_snapshot)
+    threshold = 0.35 if min_shift is None else min_shift
+    if shift >= threshold:
+        assert rewinder.rewound_to is not None and rewinder.kept is None
+    else:
+        assert rewinder.rewound_to is None and rewinder.kept["shift"] == pytest.approx(shift, rel=1e-6)
+        assert "Not rewound" in switch_message(scheduler)
+    if min_shift is not None:
+        plain_model, plain_optimizer, plain = build(rewind=False)
+        plain_lrs = []
+        train(plain_model, plain_optimizer, plain, 0, 400, lrs=plain_lrs)
+        assert lrs == plain_lrs
+        assert_state_equal(model.state_dict(), plain_model.state_dict())
+
+
+def test_rewind_always_restores_after_a_blow_up():
+    """A non-finite loss marks the states from its step on as damaged: the snapshot before it is restored even
+    when the parameters barely moved (a threshold no run reaches)."""
+    model, optimizer, scheduler = build(rewind_min_shift=1e9)
+    for step in range(400):
+        x, y = data(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(torch.tensor(math.nan) if step == 70 else loss)
+    rewinder = scheduler.rewinder
+    assert scheduler.switch_reason == "divergence" and scheduler.damaged_from == 70
+    assert rewinder.kept is None and rewinder.rewound_to is not None and rewinder.rewound_to["step"] < 70

@@ -9,6 +9,7 @@ data, and each process writes `OUT_DIR/{run}_rank{rank}.pt`: the LR of every ste
   the switch restores): model and optimizer with `torch.distributed.checkpoint` (FSDP2) or each process's local
   tensors (FSDP1, DDP), and each process's `scheduler.state_dict()`, which holds its own rewind snapshots;
 - `{layout}-resumed`: rebuilt from another initialisation, loaded from that checkpoint, continued to the end;
+- `{layout}-kept`: `rewind_min_shift=1e9`, so the switch keeps the state it reached (and records the shift);
 - `{layout}-poisoned` (sharded layouts): a NaN sits in process 1's local shard only while the snapshot the
   uninterrupted run restored is taken, so only process 1's copy of it is non-finite;
 - `{layout}-nan` (sharded layouts): process 1's loss is NaN once, and the NaN reaches every shard.
@@ -97,11 +98,11 @@ def nbytes(tensors: list[list[torch.Tensor]]) -> int:
 class Run:
     """A model, AdamW and AutoWU with its defaults, stepped by hand; records what the tests compare."""
 
-    def __init__(self, layout: str, hidden: int, seed: int = 0):
+    def __init__(self, layout: str, hidden: int, seed: int = 0, **options: Any):
         self.layout = layout
         self.model = wrap(layout, make_model(hidden, seed))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1.0)
-        self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL)
+        self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, **options)
         self.record: dict[str, Any] = {
             "sharding": sharding_of(self.optimizer, self.model),
             "lrs": {},
@@ -165,6 +166,7 @@ class Run:
             switch_reason=scheduler.switch_reason,
             peak_lr=scheduler.peak_lr,
             rewound_to=rewinder.rewound_to,
+            kept=rewinder.kept,
             planned_bytes=rewinder.planned_bytes,
             mode=rewinder.mode,
             holds_snapshots=rewinder.holds_snapshots,
@@ -234,6 +236,9 @@ def main() -> None:
         resumed.load(folder)
         resumed.train(RESUME_AT, TOTAL)
         torch.save(resumed.finish(), args.out_dir / f"{layout}-resumed_rank{rank}.pt")
+        kept = Run(layout, args.hidden, rewind_min_shift=1e9)  # a threshold no run reaches: nothing is restored
+        kept.train(0, TOTAL)
+        torch.save(kept.finish(), args.out_dir / f"{layout}-kept_rank{rank}.pt")
         if layout == "ddp":
             continue
         poisoned = Run(layout, args.hidden)
