@@ -123,6 +123,7 @@ def autowu_info(scheduler: Any) -> dict[str, Any]:
         "peak_lr": scheduler.peak_lr,
         "switch_reason": scheduler.switch_reason,
         "rewound_to": getattr(rewinder, "rewound_to", None),
+        "kept": getattr(rewinder, "kept", None),
         "n_tests": len(scheduler.tests),
         "phase": scheduler.phase,
     }
