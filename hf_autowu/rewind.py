@@ -3,7 +3,9 @@
 AutoWU only learns that the LR is too large by seeing the loss rise, so the last steps of warmup train with LRs
 above the one it finally picks. `WarmupRewinder` is a listener of the scheduler: it keeps a few snapshots of the
 parameters and the optimizer state (and the model's buffers, when it knows the model) taken at LR milestones
-during warmup and, at the switch, restores the latest one taken at or below the chosen LR.
+during warmup and, at the switch, restores the latest one taken at or below the chosen LR, when the steps since
+then moved the parameters by at least `min_shift` of their norm (or a blow-up marked them damaged): a model those
+steps barely moved, e.g. a pretrained one being fine-tuned, keeps what they taught it.
 
 Where the snapshots live, so that the default fits every engine:
 
@@ -308,7 +310,8 @@ class WarmupRewinder:
     def on_switch(self, scheduler: AutoWU) -> None:
         """Restore the latest finite snapshot taken at or below the chosen LR, and before the first damaged state
         after a blow-up (the oldest such one, with a warning, when none is at or below the LR), then free the
-        snapshots. Every process restores the same one: with replicated
+        snapshots. Without a blow-up, a snapshot the parameters have moved less than `min_shift` of its norm away
+        from is not restored (`kept` records it and the shift). Every process restores the same one: with replicated
         state the main process chooses and broadcasts its copy; with sharded state the processes agree on which
         snapshots are finite everywhere (one collective each, at the switch only)."""
         if not self.snapshots or scheduler.switch_reason == "no_warmup" or not self.enabled:
