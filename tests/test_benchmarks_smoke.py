@@ -95,6 +95,32 @@ def test_autowu_at_forces_the_peak_and_scores_the_replayed_decisions(bench, tmp_
     assert methods.ABLATION_OPTIONS == {}
 
 
+def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) -> None:
+    quality, gate, report = bench("quality"), bench("rewind_gate"), bench("report")
+    folders = {}
+    for name, shift in (("kept", 1e9), ("restored", 0)):
+        folders[name] = tmp_path / name
+        options = ["--autowu-options", json.dumps({"rewind_min_shift": shift}), "--out-dir", str(folders[name])]
+        quality.main(["--smoke", "--tasks", "digits_cnn_short", "--methods", "autowu", *options])
+    quality.main(["--smoke", "--tasks", "digits_cnn_short", "--methods", "oracle", "--out-dir", str(tmp_path)])
+    kept, restored = gate.load_runs(folders["kept"]), gate.load_runs(folders["restored"])
+    (key,) = kept
+    assert kept[key]["info"]["rewound_to"] is None and kept[key]["info"]["kept"]["shift"] > 0
+    assert restored[key]["info"]["rewound_to"] is not None and restored[key]["info"]["kept"] is None
+    md = tmp_path / "RESULTS.md"
+    gate.main(
+        ["--kept", str(folders["kept"]), "--restored", str(folders["restored"])]
+        + ["--quality", str(tmp_path / "quality.json"), "--results-md", str(md)]
+    )
+    section = md.read_text().split("<!-- rewind_gate:begin -->")[1]
+    summary, _ = report.summarize(list(json.loads((tmp_path / "quality.json").read_text())["runs"].values()))
+    oracle = report.mean_std(summary["digits_cnn_short"]["oracle"]["test"])[0]
+    for threshold, run in (("0", restored[key]), ("inf", kept[key])):
+        expected = report.regret(run["test"], oracle, "accuracy")
+        row = next(line for line in section.splitlines() if line.startswith(f"| {threshold} |"))
+        assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
+
+
 def test_holdout_smoke(bench, tmp_path: Path) -> None:
     holdout = bench("holdout")
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
