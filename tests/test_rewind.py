@@ -277,3 +277,24 @@ def test_rewind_always_restores_after_a_blow_up():
     rewinder = scheduler.rewinder
     assert scheduler.switch_reason == "divergence" and scheduler.damaged_from == 70
     assert rewinder.kept is None and rewinder.rewound_to is not None and rewinder.rewound_to["step"] < 70
+
+
+def test_resume_before_a_switch_that_keeps_its_steps_is_bit_exact():
+    """Saved late in warmup with a threshold no run reaches: the resumed run keeps the same steps at the switch
+    (the shift is measured against the snapshot it loaded) and ends with the uninterrupted run's weights."""
+    model, optimizer, scheduler = build(rewind_min_shift=1e9)
+    expected = []
+    train(model, optimizer, scheduler, 0, 400, lrs=expected)
+    assert scheduler.rewinder.kept is not None
+    stop = scheduler.switch_step - 3
+    model1, optimizer1, scheduler1 = build(rewind_min_shift=1e9)
+    lrs = []
+    train(model1, optimizer1, scheduler1, 0, stop, lrs=lrs)
+    saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    model2, optimizer2, scheduler2 = build(seed=123, rewind_min_shift=1e9)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    train(model2, optimizer2, scheduler2, stop, 400, lrs=lrs)
+    assert lrs == expected and scheduler2.rewinder.kept == scheduler.rewinder.kept
+    assert_state_equal(model2.state_dict(), model.state_dict())
