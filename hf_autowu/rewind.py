@@ -159,13 +159,17 @@ class WarmupRewinder:
         min_shift (`float`, *optional*, defaults to 0.0): Restore a snapshot only when the parameters have moved
             since it by at least this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all
             parameters); below it the run keeps the steps trained past the chosen LR. After a blow-up the snapshot
-            is always restored. 0: always restore.
+            is always restored. 0: always restore. The rewinder the scheduler builds itself (also with
+            `AutoWU(..., model=model)`) takes the config's `rewind_min_shift` (0.35 with the robust preset); one
+            built by hand takes this argument, so pass `min_shift=scheduler.config.preset_setting("rewind_min_shift")`
+            for the same decision.
 
     Example:
 
     ```python
     scheduler = AutoWU(optimizer, total_steps=10_000)
-    WarmupRewinder(model, optimizer, scheduler)  # also restores the model's buffers
+    WarmupRewinder(model, optimizer, scheduler, offload_dir="/local/rewind")  # snapshots on disk, buffers too
+    # (`AutoWU(optimizer, total_steps=10_000, model=model)` restores the buffers with the config's options)
     ```
     """
 
