@@ -243,12 +243,8 @@ class AutoWUConfig:
         self._check_int("rewind_snapshots")
         if not (_is_real(self.rewind_lr_factor) and 1.0 < self.rewind_lr_factor < math.inf):
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
-        if self.rewind_min_shift is not None and not (
-            _is_real(self.rewind_min_shift) and 0.0 <= self.rewind_min_shift < math.inf
-        ):
-            raise ValueError(f"`rewind_min_shift` must be a finite number >= 0, got {self.rewind_min_shift!r}.")
-        if self.rise_margin is not None and not (_is_real(self.rise_margin) and 0.0 <= self.rise_margin < math.inf):
-            raise ValueError(f"`rise_margin` must be a finite number >= 0, got {self.rise_margin!r}.")
+        self._check_optional_non_negative("rewind_min_shift")
+        self._check_optional_non_negative("rise_margin")
         if self.slowed_fraction is not None and not (
             _is_real(self.slowed_fraction) and 0.0 <= self.slowed_fraction < 1.0
         ):
@@ -333,6 +329,11 @@ class AutoWUConfig:
         value = getattr(self, name)
         if not (_is_real(value) and 0.0 < value < math.inf):
             raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+
+    def _check_optional_non_negative(self, name: str) -> None:
+        value = getattr(self, name)
+        if value is not None and not (_is_real(value) and 0.0 <= value < math.inf):
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
 
     def _check_fraction(self, name: str) -> None:
         value = getattr(self, name)

@@ -147,22 +147,24 @@ class WarmupRewinder:
     set to None (the Trainer integration does that and saves one file per process in the checkpoint instead). With
     data-parallel replicas only the main process's state holds the snapshots.
 
+    Every option left at None takes the scheduler's `AutoWUConfig` value (`rewind_*`), so a rewinder built by hand
+    decides as the one the scheduler builds itself.
+
     Args:
         model (`torch.nn.Module`, *optional*): The model; with it, its buffers are snapshotted too.
         optimizer (`torch.optim.Optimizer`, *optional*): The optimizer (defaults to the scheduler's).
         scheduler (`AutoWU`): The scheduler to listen to.
-        snapshots (`int`, *optional*, defaults to 3): How many snapshots to keep.
-        lr_factor (`float`, *optional*, defaults to 2.0): LR growth between two snapshots.
-        memory_fraction (`float`, *optional*, defaults to 0.5): Largest share of the node's available host memory
-            (or free disk space with `offload_dir`) the snapshots may take; above it rewind turns itself off.
-        offload_dir (`str`, *optional*): Keep the snapshots as files in this (local) folder instead of memory.
-        min_shift (`float`, *optional*, defaults to 0.0): Restore a snapshot only when the parameters have moved
-            since it by at least this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all
-            parameters); below it the run keeps the steps trained past the chosen LR. After a blow-up the snapshot
-            is always restored. 0: always restore. The rewinder the scheduler builds itself (also with
-            `AutoWU(..., model=model)`) takes the config's `rewind_min_shift` (0.35 with the robust preset); one
-            built by hand takes this argument, so pass `min_shift=scheduler.config.preset_setting("rewind_min_shift")`
-            for the same decision.
+        snapshots (`int`, *optional*): How many snapshots to keep (default: the config's `rewind_snapshots`, 3).
+        lr_factor (`float`, *optional*): LR growth between two snapshots (default: `rewind_lr_factor`, 2.0).
+        memory_fraction (`float`, *optional*): Largest share of the node's available host memory (or free disk space
+            with `offload_dir`) the snapshots may take; above it rewind turns itself off (default:
+            `rewind_memory_fraction`, 0.5).
+        offload_dir (`str`, *optional*): Keep the snapshots as files in this (local) folder instead of memory
+            (default: `rewind_offload_dir`, None: in memory).
+        min_shift (`float`, *optional*): Restore a snapshot only when the parameters have moved since it by at least
+            this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all parameters); below it the run
+            keeps the steps trained past the chosen LR. After a blow-up the snapshot is always restored. 0: always
+            restore (default: `rewind_min_shift`, 0.35 with the robust preset).
 
     Example:
 
@@ -180,14 +182,20 @@ class WarmupRewinder:
         model: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: AutoWU | None = None,
-        snapshots: int = 3,
-        lr_factor: float = 2.0,
-        memory_fraction: float = 0.5,
+        snapshots: int | None = None,
+        lr_factor: float | None = None,
+        memory_fraction: float | None = None,
         offload_dir: str | os.PathLike | None = None,
-        min_shift: float = 0.0,
+        min_shift: float | None = None,
     ):
         if scheduler is None:
             raise ValueError("`scheduler` is required: the AutoWU scheduler to rewind at.")
+        config = scheduler.config
+        snapshots = config.rewind_snapshots if snapshots is None else snapshots
+        lr_factor = config.rewind_lr_factor if lr_factor is None else lr_factor
+        memory_fraction = config.rewind_memory_fraction if memory_fraction is None else memory_fraction
+        offload_dir = config.rewind_offload_dir if offload_dir is None else offload_dir
+        min_shift = config.preset_setting("rewind_min_shift") if min_shift is None else min_shift
         if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 1:
             raise ValueError(f"`snapshots` must be an int >= 1, got {snapshots!r}.")
         if not isinstance(lr_factor, (int, float)) or not lr_factor > 1.0 or not math.isfinite(lr_factor):
@@ -224,17 +232,7 @@ class WarmupRewinder:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> WarmupRewinder:
         """A rewinder with the scheduler's `rewind_*` options (`AutoWUConfig`), attached to it."""
-        config = scheduler.config
-        return cls(
-            model,
-            optimizer,
-            scheduler,
-            snapshots=config.rewind_snapshots,
-            lr_factor=config.rewind_lr_factor,
-            memory_fraction=config.rewind_memory_fraction,
-            offload_dir=config.rewind_offload_dir,
-            min_shift=config.preset_setting("rewind_min_shift"),
-        )
+        return cls(model, optimizer, scheduler)
 
     # ------------------------------------------------------------------ what is held, and where
 

@@ -298,3 +298,14 @@ def test_resume_before_a_switch_that_keeps_its_steps_is_bit_exact():
     train(model2, optimizer2, scheduler2, stop, 400, lrs=lrs)
     assert lrs == expected and scheduler2.rewinder.kept == scheduler.rewinder.kept
     assert_state_equal(model2.state_dict(), model.state_dict())
+
+
+def test_a_rewinder_built_by_hand_takes_the_scheduler_options():
+    """Options left out come from the config (`rewind_*`, the preset's shift threshold); given ones win."""
+    model, optimizer, scheduler = build(rewind_snapshots=5, rewind_lr_factor=3.0, rewind_memory_fraction=0.25)
+    rewinder = WarmupRewinder(model, optimizer, scheduler)
+    assert (rewinder.max_snapshots, rewinder.lr_factor, rewinder.memory_fraction) == (5, 3.0, 0.25)
+    assert rewinder.min_shift == 0.35 and rewinder.offload_dir is None
+    assert WarmupRewinder(model, optimizer, scheduler, min_shift=0.0, snapshots=2).max_snapshots == 2
+    _, _, paper = build(preset="paper")
+    assert WarmupRewinder(model, optimizer, paper).min_shift == 0.0
