@@ -121,12 +121,26 @@ def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) ->
         assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
 
 
-def test_holdout_smoke(bench, tmp_path: Path) -> None:
+def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     holdout = bench("holdout")
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
     section = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- holdout:begin -->" in section
     assert "| defaults (slowed_fraction 0.3) |" in section and "| slowed_fraction 0.1 |" in section
+    assert "| always restore (rewind_min_shift 0) |" in section
+    assert "| never restore (rewind_min_shift 1e9) |" in section
+    assert all(f"### {name}:" in section for name in holdout.TASKS)
+    # every run is recorded, so a second invocation trains nothing and writes the same section
+    recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
+    assert len(recorded) == len(holdout.TASKS) * (2 + 5)  # 2 grid points; defaults, 2 rewind rows, 0.1, paper
+    assert "| paper preset |" in section
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(holdout, "run", no_training)
+    assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "RESULTS.md").read_text() == section
 
 
 def test_overhead_smoke(bench, tmp_path: Path) -> None:
