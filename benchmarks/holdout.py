@@ -235,6 +235,7 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
             "lr": scheduler.peak_lr,
             "switch_step": scheduler.switch_step,
             "switch_reason": scheduler.switch_reason,
+            "rewind_off": rewinder is None or not rewinder.enabled,
             "rewound": rewinder is not None and rewinder.rewound_to is not None,
             "shift": None if rewinder is None or rewinder.kept is None else rewinder.kept["shift"],
             "decision_fingerprint": decision_fingerprint(),
@@ -311,7 +312,9 @@ def task_report(name: str, task: HoldoutTask, grid_runs: dict[float, list], auto
         spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
         scale = 100 if task.metric == "accuracy" else 1
         outcome = ", ".join(
-            ("restored" if r["rewound"] else "kept")
+            "off"
+            if r.get("rewind_off")
+            else ("restored" if r["rewound"] else "kept")
             + ("" if r["shift"] is None else f" ({r['shift']:.2f})")
             + (" after a blow-up" if r["rewound"] and r["switch_reason"] in BLOW_UPS else "")
             for r in runs

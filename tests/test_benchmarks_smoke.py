@@ -143,6 +143,21 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert (tmp_path / "RESULTS.md").read_text() == section
 
 
+def test_holdout_grid_grows_past_a_best_point_at_its_edge(bench) -> None:
+    """As `quality.py`'s oracle: the next grid point (a factor 2 on) beyond a best point at either end, else None."""
+    holdout = bench("holdout")
+    accuracy_task, loss_task = holdout.TASKS["mlp_sgd"], holdout.TASKS["gru_adafactor"]
+    lrs = [0.0128, 0.0256, 0.0512]
+
+    def runs(values):
+        return {lr: [{"val": v}] for lr, v in zip(lrs, values, strict=True)}
+
+    assert holdout.best_at_edge(accuracy_task, runs([0.5, 0.6, 0.7])) == 0.102
+    assert holdout.best_at_edge(accuracy_task, runs([0.7, 0.6, 0.5])) == 0.0064
+    assert holdout.best_at_edge(accuracy_task, runs([0.5, 0.7, 0.6])) is None
+    assert holdout.best_at_edge(loss_task, runs([3.0, 2.0, 1.0])) == 0.102  # lower loss is better
+
+
 def test_overhead_smoke(bench, tmp_path: Path) -> None:
     overhead = bench("overhead")
     overhead.main(["--smoke", "--out-dir", str(tmp_path)])
