@@ -12,6 +12,7 @@ hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``:
 - ``gru_adafactor``: a byte-level GRU language model (1 layer, width 128) on Python's documentation prose (the text of
   ``quality.py``'s fine-tuning task), transformers' Adafactor with an absolute LR, gradients clipped at norm 1,
   16 windows of 64 bytes per step, 300 steps.
+- ``gru_adamw``: the same GRU with AdamW (torch's defaults), to tell the model family from the optimizer.
 
 The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.grid_lr`), 5% linear warmup + cosine,
 the best point chosen on the validation split and reported on test (the grid grows while its best point is at an
@@ -137,6 +138,11 @@ def gru_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
+def gru_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = ByteGRU()
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
 def text_windows(seed: int) -> Iterator[Batch]:
     """Windows of `SEQ_LEN` + 1 bytes of the prose at random offsets: inputs and next bytes."""
     data, generator = docs_bytes()["train"], torch.Generator().manual_seed(seed)
@@ -192,6 +198,17 @@ TASKS: dict[str, HoldoutTask] = {
         300,
         grid(1),
         gru_adafactor,
+        text_windows,
+        next_byte_loss,
+        text_loss,
+        max_grad_norm=1.0,
+    ),
+    "gru_adamw": HoldoutTask(
+        "the same GRU LM with AdamW (torch defaults, weight decay 0.01), clip 1.0, 16x64 bytes, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        gru_adamw,
         text_windows,
         next_byte_loss,
         text_loss,
