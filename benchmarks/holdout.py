@@ -23,11 +23,13 @@ decision fingerprint, so a change to the decision code re-runs them), so the scr
 
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
+    python benchmarks/holdout.py --replay '{"rise_margin": 3}'  # the recorded ramps under other options (stdout)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -216,6 +218,11 @@ TASKS: dict[str, HoldoutTask] = {
     ),
 }
 
+RAMP = "ramp"
+RAMP_OPTIONS = {"patience": 10**6, "divergence_guard": False, "spike_watch": False, "rewind": False}
+"""The warmup ramp to its cap with nothing that can end it early: every loss of the ramp is recorded, and up to the
+default's switch the ramp trains exactly as the default run does (same seed, same LRs), so `--replay` can feed it to
+the real scheduler under any options, as `decisions.py` does with `quality.py`'s ramps."""
 BLOW_UPS = ("divergence", "spike")  # switch reasons after which rewind always restores
 REWIND_SETTINGS = {"always restore (rewind_min_shift 0)": 0.0, "never restore (rewind_min_shift 1e9)": 1e9}
 
@@ -234,8 +241,10 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
         scheduler = get_cosine_schedule_with_warmup(optimizer, m.warmup_steps(steps), steps)
     stream = task.batches(seed)
     model.train()
+    losses = []
     for _ in range(steps):
         loss = task.loss(model, next(stream))
+        losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         if task.max_grad_norm is not None:
@@ -256,6 +265,7 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
             "rewound": rewinder is not None and rewinder.rewound_to is not None,
             "shift": None if rewinder is None or rewinder.kept is None else rewinder.kept["shift"],
             "decision_fingerprint": decision_fingerprint(),
+            "losses": losses,
         }
     return result
 
@@ -347,6 +357,34 @@ def task_report(name: str, task: HoldoutTask, grid_runs: dict[float, list], auto
     return lines + [""]
 
 
+def replay(losses: list[float], steps: int, **options: Any) -> AutoWU:
+    """Feed a recorded ramp's losses to an `AutoWU` for `steps` with `options` (rewind off) until it switches."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=steps, rewind=False, **options)
+    for loss in losses:
+        if scheduler.phase != "warmup":
+            break
+        scheduler.step(loss)
+    return scheduler
+
+
+def replay_report(
+    name: str, task: HoldoutTask, steps: int, ramps: list[dict], grid_runs: dict[float, list], options: dict
+) -> str:
+    """One line per task: where the replayed scheduler switches, the LR it chooses, and the regret the oracle's grid
+    suggests for that LR (its mean test metric interpolated in log2 of the LR: a proxy, as in `decisions.py`)."""
+    lrs = np.log2(sorted(grid_runs))
+    curve = [np.mean([r["test"] for r in grid_runs[lr]]) for lr in sorted(grid_runs)]
+    oracle = float(np.mean([r["test"] for r in grid_runs[best_point(task, grid_runs)]]))
+    switched = [replay(ramp["losses"], steps, **options) for ramp in ramps]
+    proxies = [regret(float(np.interp(np.log2(s.peak_lr), lrs, curve)), oracle, task.metric) for s in switched]
+    return (
+        f"{name}: "
+        + ", ".join(f"switch {s.switch_step} ({s.switch_reason}) at LR {s.peak_lr:.3g}" for s in switched)
+        + f"; proxy regret {np.mean(proxies):+.2f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -359,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
     parser.add_argument("--smoke", action="store_true", help="30 steps, 1 seed, 2 grid points: checks that it runs")
+    parser.add_argument(
+        "--replay",
+        default=None,
+        metavar="JSON",
+        help="instead of writing the report, replay the recorded ramps under these AutoWUConfig options ('{}': the "
+        "defaults) and print each task's switches, LRs and proxy regret",
+    )
     args = resolve_output_paths(parser.parse_args(argv), "holdout_smoke_")
     names = [t for t in args.tasks.split(",") if t]
     if unknown := sorted(set(names) - set(TASKS)):
@@ -391,11 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         while not args.smoke and (edge := best_at_edge(task, grid_runs)) is not None:  # as quality.py's oracle
             grid_runs[edge] = [one(f"oracle {edge:g}", s, edge) for s in range(seeds)]
             grid_runs = dict(sorted(grid_runs.items()))
+        ramps = [one(RAMP, s, **RAMP_OPTIONS) for s in range(seeds)]
+        if args.replay is not None:
+            print(replay_report(name, task, steps, ramps, grid_runs, json.loads(args.replay)))
+            continue
         autowu = {label: [one(label, s, **options) for s in range(seeds)] for label, options in settings.items()}
         lines += task_report(name, task, grid_runs, autowu)
         print(f"{name}: done")
-    update_section(args.results_md, "holdout", "\n".join(lines))
-    print(f"wrote the holdout section of {args.results_md}")
+    if args.replay is None:
+        update_section(args.results_md, "holdout", "\n".join(lines))
+        print(f"wrote the holdout section of {args.results_md}")
     return 0
 
 

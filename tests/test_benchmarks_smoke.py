@@ -121,7 +121,7 @@ def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) ->
         assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
 
 
-def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     holdout = bench("holdout")
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
     section = (tmp_path / "RESULTS.md").read_text()
@@ -132,7 +132,7 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert all(f"### {name}:" in section for name in holdout.TASKS)
     # every run is recorded, so a second invocation trains nothing and writes the same section
     recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
-    assert len(recorded) == len(holdout.TASKS) * (2 + 5)  # 2 grid points; defaults, 2 rewind rows, 0.1, paper
+    assert len(recorded) == len(holdout.TASKS) * (2 + 5 + 1)  # 2 grid points; defaults, 2 rewind, 0.1, paper; ramp
     assert "| paper preset |" in section
 
     def no_training(*args, **kwargs):
@@ -141,6 +141,14 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(holdout, "run", no_training)
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "RESULTS.md").read_text() == section
+    # the recorded ramp replayed with the defaults decides as the default run did (the same losses up to its switch)
+    capsys.readouterr()
+    assert holdout.main(["--smoke", "--out-dir", str(tmp_path), "--tasks", "mlp_sgd", "--replay", "{}"]) == 0
+    default = recorded["mlp_sgd|defaults (slowed_fraction 0.3)|0|30"]
+    assert (
+        f"switch {default['switch_step']} ({default['switch_reason']}) at LR {default['lr']:.3g}"
+        in capsys.readouterr().out
+    )
 
 
 def test_holdout_grid_grows_past_a_best_point_at_its_edge(bench) -> None:
