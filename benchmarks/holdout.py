@@ -19,7 +19,8 @@ the best point chosen on the validation split and reported on test (the grid gro
 end). AutoWU runs with its defaults; to check the rewind gate, with ``rewind_min_shift`` 0 (always restore at the
 switch) and 1e9 (never restore unless a blow-up forces it); with ``preset="paper"`` for reference; and with the
 ``slowed_fraction`` values of ``--fractions``. Runs are recorded in ``results/holdout.json`` (AutoWU's with the
-decision fingerprint, so a change to the decision code re-runs them), so the script resumes.
+decision fingerprint, so a change to the decision code re-runs them), with each task's ramp for ``--replay``, so
+the script resumes.
 
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
@@ -86,6 +87,8 @@ def digits(flat: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def accuracy(flat: bool) -> Callable[[nn.Module], tuple[float, float]]:
+    """A scorer: the model's validation and test accuracy on the digits (as vectors when `flat`)."""
+
     def score(model: nn.Module) -> tuple[float, float]:
         splits = digits(flat)
         return tuple((model(x).argmax(1) == y).float().mean().item() for x, y in (splits["val"], splits["test"]))
@@ -94,15 +97,18 @@ def accuracy(flat: bool) -> Callable[[nn.Module], tuple[float, float]]:
 
 
 def classify(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the model's class logits on a batch of (inputs, labels)."""
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
 def mlp_sgd(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The MLP and its SGD with momentum 0.9."""
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
 def bn_cnn_nesterov(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The BatchNorm CNN and its SGD with Nesterov momentum 0.9 and weight decay 5e-4."""
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False),
         nn.BatchNorm2d(16),
@@ -135,12 +141,14 @@ SEQ_LEN, TEXT_BATCH = 64, 16
 
 
 def gru_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GRU and transformers' Adafactor with an absolute LR (no parameter scaling, no relative step)."""
     model = ByteGRU()
     optimizer = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
     return model, optimizer
 
 
 def gru_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GRU and torch's AdamW with its defaults."""
     model = ByteGRU()
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
@@ -155,6 +163,7 @@ def text_windows(seed: int) -> Iterator[Batch]:
 
 
 def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats per byte) on a batch of (inputs, next bytes)."""
     return nn.functional.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten())
 
 
@@ -317,6 +326,7 @@ def best_at_edge(task: HoldoutTask, grid_runs: dict[float, list]) -> float | Non
 
 
 def fmt(value: float, metric: str) -> str:
+    """A metric as the report prints it: accuracy in %, loss with 4 decimals."""
     return f"{100 * value:.2f}" if metric == "accuracy" else f"{value:.4f}"
 
 
