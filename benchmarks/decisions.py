@@ -33,9 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
+from methods import ramp_steps  # noqa: E402
 from report import regret  # noqa: E402
 from runner import EMPTY_RESULTS, decision_fingerprint  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from tasks import TASKS, TaskSpec, smoke_task  # noqa: E402
 
 from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
 
@@ -43,9 +44,17 @@ RISE_MARGINS = (0.0, 0.5, 1.0, 2.0)
 SLOWED_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)
 
 
-def replay(task: str, losses: list[float | None], **options: Any) -> AutoWU:
-    """Feed a recorded ramp's losses to an AutoWU with `options` (rewind off) until it switches."""
-    spec = TASKS[task]
+def recorded_spec(task: str, ramps: list[dict[str, Any]]) -> TaskSpec:
+    """The task as its ramps were recorded: the `--smoke` version when they have the smoke ramp's length."""
+    spec, smoke = TASKS[task], smoke_task(TASKS[task])
+    smoke_length = ramp_steps(smoke.steps)
+    if smoke_length != ramp_steps(spec.steps) and all(len(r["losses"]) == smoke_length for r in ramps):
+        return smoke
+    return spec
+
+
+def replay(spec: TaskSpec, losses: list[float | None], **options: Any) -> AutoWU:
+    """Feed a recorded ramp's losses to an AutoWU for task `spec` with `options` (rewind off) until it switches."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = AutoWU(optimizer, spec.steps_per_epoch, total_steps=spec.steps, rewind=False, **options)
     for loss in losses:
@@ -107,20 +116,21 @@ def evaluate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         curves = quality_curves(runs, task)
         if task not in ramps or curves is None:
             continue
-        metric = TASKS[task].metric
+        spec = recorded_spec(task, ramps[task])
+        metric = spec.metric
         best = {split: (max if metric == "accuracy" else min)(curves[split][1]) for split in curves}
         scoring, sources[task] = scoring_curves(runs, task, curves)
         ceilings[task] = ceiling(scoring, curves, metric)
         table[task] = {}
         for margin, fraction in settings:
-            switched = [replay(task, r["losses"], rise_margin=margin, slowed_fraction=fraction) for r in ramps[task]]
+            switched = [replay(spec, r["losses"], rise_margin=margin, slowed_fraction=fraction) for r in ramps[task]]
             lrs = [s.peak_lr for s in switched]
             table[task][(margin, fraction)] = {
                 split: float(np.mean([regret(proxy(scoring[split], lr), best[split], metric) for lr in lrs]))
                 for split in ("val", "test")
             } | {
                 "lr": float(np.exp(np.mean(np.log(lrs)))),
-                "switch": float(np.mean([s.switch_step / TASKS[task].steps for s in switched])),
+                "switch": float(np.mean([s.switch_step / spec.steps for s in switched])),
             }
     return {"settings": settings, "table": table, "sources": sources, "ceilings": ceilings}
 
@@ -145,7 +155,7 @@ def leave_one_out(result: dict[str, Any]) -> list[tuple[str, tuple, float, float
     """Per task: the setting picked on the other tasks (lowest mean validation regret), its test regret on the task,
     and the best test regret any setting reaches there."""
     table, rows = result["table"], []
-    for held_out in table:
+    for held_out in table if len(table) > 1 else ():  # one task leaves nothing to pick on
         others = [t for t in table if t != held_out]
         pick = min(result["settings"], key=lambda s: np.mean([table[t][s]["val"] for t in others]))
         best_here = min(table[held_out][s]["test"] for s in result["settings"])

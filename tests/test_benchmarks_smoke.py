@@ -121,6 +121,20 @@ def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) ->
         assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
 
 
+def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
+    """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp."""
+    quality, decisions = bench("quality"), bench("decisions")
+    quality.main(["--smoke", "--tasks", "digits_cnn", "--methods", "ramp,oracle", "--out-dir", str(tmp_path)])
+    runs = list(json.loads((tmp_path / "quality.json").read_text())["runs"].values())
+    ramps = [r for r in runs if r["method"] == "ramp"]
+    spec = decisions.recorded_spec("digits_cnn", ramps)
+    assert spec.steps < decisions.TASKS["digits_cnn"].steps
+    assert decisions.main(["--results", str(tmp_path / "quality.json"), "--results-md", str(tmp_path / "D.md")]) == 0
+    switched = decisions.replay(spec, ramps[0]["losses"])
+    assert switched.switch_step is not None and switched.switch_step <= len(ramps[0]["losses"])
+    assert "| digits_cnn | oracle |" in (tmp_path / "D.md").read_text()
+
+
 def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     holdout = bench("holdout")
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
