@@ -282,7 +282,7 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
     losses = []
     for _ in range(steps):
         loss = task.loss(model, next(stream))
-        losses.append(loss.item())
+        losses.append(loss.detach())  # read once at the end, not every step
         optimizer.zero_grad()
         loss.backward()
         if task.max_grad_norm is not None:
@@ -303,22 +303,8 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
             "rewound": rewinder is not None and rewinder.rewound_to is not None,
             "shift": None if rewinder is None or rewinder.kept is None else rewinder.kept["shift"],
             "decision_fingerprint": decision_fingerprint(),
-            "losses": losses,
+            "losses": torch.stack(losses).tolist(),
         }
-    return result
-
-
-def cached_run(path: Path, key: str, redo: bool, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The run recorded under `key` in `path` (an AutoWU run only if recorded with today's decision code), else
-    `compute()`, recorded."""
-    with locked_json(path, {"runs": {}}) as data:
-        found = data["runs"].get(key)
-    current = found is not None and found.get("decision_fingerprint", decision_fingerprint()) == decision_fingerprint()
-    if current and not redo:
-        return found
-    result = compute()
-    with locked_json(path, {"runs": {}}) as data:
-        data["runs"][key] = result
     return result
 
 
@@ -333,10 +319,18 @@ def recorded_run(
     lr: float | None = None,
     **options: float,
 ) -> dict[str, Any]:
-    """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`), through
-    the record in `path`."""
+    """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`): the run
+    recorded in `path` (an AutoWU run only if recorded with today's decision code), else a new one, recorded."""
     key = f"{name}|{setting}|{seed}|{steps}"
-    return cached_run(path, key, redo, lambda: run(task, steps, seed, lr, **options))
+    with locked_json(path, {"runs": {}}) as data:
+        found = data["runs"].get(key)
+    current = found is not None and found.get("decision_fingerprint", decision_fingerprint()) == decision_fingerprint()
+    if current and not redo:
+        return found
+    result = run(task, steps, seed, lr, **options)
+    with locked_json(path, {"runs": {}}) as data:
+        data["runs"][key] = result
+    return result
 
 
 def best_point(task: HoldoutTask, grid_runs: dict[float, list]) -> float:
