@@ -29,7 +29,8 @@ PREDICT_POINTS = 500  # 3. at most this many points per prediction
 GRID_POINTS = 500  # 3. evenly spaced prediction points on [0, 1]
 VARIANCE_JITTER = 1e-4  # 4. added to the variance of f_i - f_k
 MAX_FAILURES = 10  # numerical failures before a test gives up
-RISE_NOISE_SDS = 3.0  # robust preset: how far above its minimum the mean must be now to count as rising
+RISE_NOISE_SDS = 3.0  # robust preset: how far above its minimum the mean must be now to count as rising, and
+# how far below its start the minimum must lie to count as a real descent
 
 
 class LossCurveGP(gpytorch.models.ExactGP):
@@ -62,6 +63,8 @@ class ReferenceOutcome:
         lr_estimate (`float`): The LR to decay from (see `estimate_lr`).
         rising (`bool`): Whether the mean posterior mean (over the predictions) now is above its value at the
             start of the history and more than three noise standard deviations above its minimum.
+        descended (`bool`): Whether the minimum of that mean lies more than three noise standard deviations
+            below its value at the start of the history.
     """
 
     probabilities: list[float]
@@ -69,6 +72,7 @@ class ReferenceOutcome:
     passed: bool
     lr_estimate: float
     rising: bool
+    descended: bool
 
 
 def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -251,9 +255,11 @@ class ReferenceSwitchTest:
         mean_curve = torch.stack(means).mean(dim=0)
         noise_sd = math.sqrt(float(self.likelihood.noise.detach()))
         rising = bool(mean_curve[-1] > mean_curve[0] and mean_curve[-1] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
+        # robust preset: has it really fallen below where it started? (after a blow-up, else its minimum is noise)
+        descended = bool(mean_curve[0] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
         # 7. the new LR
         lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction)
-        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising)
+        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising, descended)
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
         """At most `size` finite points in time order, at x = position / len(losses)."""

@@ -20,6 +20,8 @@ from .watch import LossSpikeWatch
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
 _PLATEAU_THRESHOLD = 1e-4
+BLOW_UP_BACKOFF = 10.0
+"""After a blow-up on a warmup curve with no real descent, decay from the blow-up's LR divided by this."""
 
 
 class _SwitchCallback:
@@ -457,8 +459,10 @@ class AutoWU:
             self._history, current_lr=current_lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
         )
         # every process takes the main process's decision
-        votes, estimate, rising = broadcast_floats(
-            [outcome.votes, outcome.lr_estimate, outcome.rising] if outcome else [-1, math.nan, 0]
+        votes, estimate, rising, descended = broadcast_floats(
+            [outcome.votes, outcome.lr_estimate, outcome.rising, outcome.descended]
+            if outcome
+            else [-1, math.nan, 0, 1]
         )
         if votes >= 0:
             if outcome is None:  # cannot happen with identical inputs; keep the processes in step regardless
@@ -467,6 +471,7 @@ class AutoWU:
             outcome.passed = votes > self.config.n_tests / 2
             outcome.lr_estimate = estimate
             outcome.rising = bool(rising)
+            outcome.descended = bool(descended)
             self.last_outcome = outcome
             self.tests.append(
                 SwitchTestRecord(t, outcome.probability, outcome.votes, outcome.passed, estimate, current_lr)
@@ -477,7 +482,7 @@ class AutoWU:
         if first_bad is not None:  # a non-finite loss: the LR that produced it is too large, whatever the GP says
             self._switch_after_blow_up(t, first_bad, reason="divergence")
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
-            self._switch(t, estimate, reason="divergence")
+            self._switch(t, self._lr_after_blow_up(ceiling=current_lr), reason="divergence")
         elif len(self._passes) == self.config.patience and all(self._passes):
             self._switch(t, estimate, reason="test")
 
@@ -495,10 +500,19 @@ class AutoWU:
         self._switch_after_blow_up(t, self._spike_at, reason="divergence" if self._watch.non_finite else "spike")
 
     def _switch_after_blow_up(self, t: int, first_bad: int, reason: str) -> None:
-        """The loss blew up at step index `first_bad`: decay from the latest estimate of the best LR, kept at or
-        below the LR of the update that produced that loss; rewind only to states from before it."""
-        lr = min(self._best_known_estimate(), self._ceiling_before(first_bad))
-        self._switch(t, lr, reason=reason, damaged_from=first_bad)
+        """The loss blew up at step index `first_bad`: decay from the LR `_lr_after_blow_up` chooses below the LR
+        of the update that produced that loss; rewind only to states from before it."""
+        self._switch(t, self._lr_after_blow_up(self._ceiling_before(first_bad)), reason=reason, damaged_from=first_bad)
+
+    def _lr_after_blow_up(self, ceiling: float) -> float:
+        """The LR to decay from when the loss blew up (or rose back above its start) at LR `ceiling`: the latest
+        estimate of the best LR, kept at or below `ceiling`; but when the latest test saw no real descent before
+        the blow-up (its smoothed minimum within three noise standard deviations of the start: a flat curve whose
+        lowest point is noise, as in a fine-tune whose loss barely moves), `ceiling / BLOW_UP_BACKOFF`, the LR
+        range test's rule of a decade below the blow-up."""
+        if self.last_outcome is not None and not self.last_outcome.descended:
+            return ceiling / BLOW_UP_BACKOFF
+        return min(self._best_known_estimate(), ceiling)
 
     def _ceiling_before(self, index: int) -> float:
         """The LR of the update that produced loss number `index` (`min_lr` for the first one)."""

@@ -21,6 +21,9 @@ MIN_FINITE_LOSSES = 3
 FIT_SUBSAMPLE = 100
 PREDICT_SUBSAMPLE = 500
 MAX_GP_FAILURES = 10
+CONFIDENT_CHANGE_SD = 3.0
+"""A change of the smoothed loss counts as real (a rise back, a descent) beyond this many GP noise standard
+deviations."""
 
 
 @dataclass
@@ -38,6 +41,8 @@ class SwitchTestOutcome:
         grid_std (`list[float]`): Posterior standard deviation of the latent curve on the grid (loss units).
         n_losses (`int`): Length of the history the test saw; grid point `x` stands for step `x * n_losses`.
         noise_sd (`float`): The GP's observation noise standard deviation (loss units).
+        descended (`bool`): Whether the posterior mean's minimum lies more than three noise standard deviations
+            below its value at the start of the history: the loss has really fallen, so its minimum is not noise.
     """
 
     probabilities: list[float]
@@ -49,6 +54,7 @@ class SwitchTestOutcome:
     grid_std: list[float] = field(repr=False)
     n_losses: int = 0
     noise_sd: float = math.nan
+    descended: bool = True
 
     @property
     def probability(self) -> float:
@@ -220,17 +226,19 @@ class SwitchTester:
             for i in (slowed_descent_index(m, self.slowed_fraction) for m in mean)
         ]
         avg_mean = mean.mean(axis=0)
-        rise = avg_mean[-1] - avg_mean.min()
+        lowest = avg_mean.min()
+        confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),
             votes=votes,
             passed=votes > self.n_tests / 2,
             lr_estimate=sum(lr_estimates) / len(lr_estimates),
-            rising=bool(avg_mean[-1] > avg_mean[0] and rise > 3.0 * math.sqrt(self.gp.noise)),
+            rising=bool(avg_mean[-1] > avg_mean[0] and avg_mean[-1] - lowest > confident_change),
             grid_mean=(avg_mean * scale + shift).tolist(),
             grid_std=(np.sqrt(np.maximum(variance.mean(axis=0), 0.0)) * scale).tolist(),
             n_losses=n_total,
             noise_sd=math.sqrt(self.gp.noise) * scale,
+            descended=bool(avg_mean[0] - lowest > confident_change),
         )
 
     def _predict(

@@ -74,6 +74,36 @@ def test_robust_switches_at_once_on_nan_and_rewinds_lr():
     assert 5e-3 < scheduler.peak_lr <= 1e-2
 
 
+@pytest.mark.parametrize("blow_up", ["nan", "rise"])
+def test_a_flat_curve_that_blows_up_decays_from_a_decade_below_the_blow_up(blow_up):
+    """A warmup loss that only wanders in its noise (as a fine-tune's can) until it blows up at 1e-2: its smoothed
+    minimum is noise, so the LR chosen is a tenth of the LR of the update that blew up (a NaN), or of the LR at the
+    test that saw the loss rise back above its start, the range test's rule. A curve that fell first keeps the
+    GP's estimate (`test_robust_switches_at_once_on_nan_and_rewinds_lr`)."""
+    total, blow_up_lr = 400, 1e-2
+    scheduler = AutoWU(make_optimizer(), total_steps=total, rewind=False)
+    generator = torch.Generator().manual_seed(0)
+    ramp = [1e-5 * 1e5 ** (t / scheduler.warmup_steps) for t in range(total)]  # the closed-form exponential ramp
+    t = 0
+    while scheduler.phase == "warmup":
+        noise = 0.05 * float(torch.randn((), generator=generator))
+        behind = ramp[max(t - 1, 0)]  # loss number t comes from the update made at the previous step's LR
+        if behind <= blow_up_lr:
+            loss = 2.0 + noise
+        else:
+            loss = math.nan if blow_up == "nan" else 2.0 + 20.0 * math.log10(behind / blow_up_lr) + noise
+        scheduler.step(loss)
+        t += 1
+    assert scheduler.switch_reason == "divergence"
+    assert scheduler.last_outcome is not None and not scheduler.last_outcome.descended
+    first_bad = next(i for i in range(1, total) if ramp[i - 1] > blow_up_lr)
+    if blow_up == "nan":
+        assert scheduler.peak_lr == pytest.approx(ramp[first_bad - 1] / 10, rel=1e-9)
+    else:  # switched at a test a few steps into the rise, from a tenth of the LR there
+        assert scheduler.peak_lr == pytest.approx(ramp[scheduler.switch_step - 1] / 10, rel=1e-9)
+        assert blow_up_lr / 10 < scheduler.peak_lr < 2 * blow_up_lr / 10
+
+
 def test_gp_failures_skip_the_test_with_a_warning(monkeypatch):
     def broken_cholesky(*args, **kwargs):
         raise np.linalg.LinAlgError("injected failure")
