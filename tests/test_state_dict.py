@@ -100,3 +100,20 @@ def test_readable_state(uninterrupted):
     record = scheduler.tests[-1]
     assert record.step == scheduler.switch_step and record.passed
     assert 0.0 <= record.probability <= 1.0 and 0 <= record.votes <= 5
+
+
+def test_a_state_saved_before_descended_existed_resumes_bit_exact(uninterrupted):
+    """States written before `SwitchTestOutcome.descended` was recorded lack it: they load as "descended" (the GP's
+    estimate is trusted after a blow-up, as it always was then) and the run goes on exactly."""
+    preset, reference, expected = uninterrupted
+    stop = reference.tests[0].step + 2
+    first = new_scheduler(preset)
+    lrs = run(first, 0, stop, [])
+    state = roundtrip(first.state_dict())
+    assert state["last_outcome"] is not None
+    del state["last_outcome"]["descended"]
+    resumed = new_scheduler(preset)
+    resumed.load_state_dict(state)
+    assert resumed.last_outcome.descended is True
+    run(resumed, stop, TOTAL, lrs)
+    assert lrs == expected
