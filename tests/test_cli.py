@@ -235,6 +235,28 @@ def test_cli_replay_prints_the_switch_and_writes_the_figure(recorded_run, tmp_pa
     assert figure.read_bytes().startswith(b"\x89PNG")
 
 
+def test_cli_replay_says_when_a_flat_curve_blew_up(tmp_path, capsys):
+    """A loss that only wanders in its noise until it turns NaN above 1e-2: the replay switches a decade below."""
+    generator = torch.Generator().manual_seed(0)
+    total = 400
+    lrs = [1e-5 * 1e5 ** (step / (total // 2)) for step in range(total // 2)]  # the default ramp of a 400-step budget
+    rows = [
+        (
+            step + 1,
+            math.nan if step and lrs[step - 1] > 1e-2 else 2.0 + 0.05 * float(torch.randn((), generator=generator)),
+            lr,
+            0,
+        )
+        for step, lr in enumerate(lrs)
+    ]
+    status = main(["replay", str(write_csv(tmp_path / "run.csv", rows)), "--total-steps", str(total)])
+    out = capsys.readouterr().out
+    assert status == 0
+    first_nan = next(step for step in range(1, len(lrs)) if lrs[step - 1] > 1e-2)
+    assert "(the loss diverged; it had not really fallen before, so a decade below the LR that blew up)" in out
+    assert f"peak LR {lrs[first_nan - 1] / 10:.6g}" in out
+
+
 def test_cli_replay_of_coarse_logging_says_it_is_approximate(recorded_run, tmp_path, capsys):
     scheduler, rows = recorded_run
     state = write_trainer_state(tmp_path / "trainer_state.json", rows, logging_steps=5)
