@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AutoWUConfig
+from .log_entries import blew_up_without_descent
 from .replay import (
     LOSS_TAGS,
     LR_TAGS,
@@ -195,8 +196,7 @@ def _switch_sentence(scheduler: AutoWU, past: bool = False) -> str:
     reason = _REASONS.get(scheduler.switch_reason, scheduler.switch_reason)
     if scheduler.switch_reason == "test":
         reason = f"{scheduler.config.patience} {reason}"
-    outcome = scheduler.last_outcome
-    if scheduler.switch_reason in ("divergence", "spike") and outcome is not None and not outcome.descended:
+    if blew_up_without_descent(scheduler):
         reason += "; it had not really fallen before, so a decade below the LR that blew up"
     ramp = scheduler.lr_at(scheduler.switch_step - 1) if scheduler.switch_step > 0 else scheduler.config.max_lr
     verb = "switched" if past else "switch"

@@ -40,12 +40,21 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
     }
 
 
+def blew_up_without_descent(scheduler: AutoWU) -> bool:
+    """Whether warmup ended on a blow-up of a loss that had not really fallen before it (so the peak LR is a decade
+    below the blow-up's LR, not the GP's estimate; see `SwitchTestOutcome.descended`)."""
+    outcome = scheduler.last_outcome
+    return scheduler.switch_reason in ("divergence", "spike") and outcome is not None and not outcome.descended
+
+
 def switch_message(scheduler: AutoWU) -> str:
     """The line integrations print at the switch: when and why warmup ended, the peak LR, and the rewind."""
     message = (
         f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
         f"{scheduler.peak_lr:.4g}, decaying to 0 by step {scheduler.total_steps}."
     )
+    if blew_up_without_descent(scheduler):
+        message += " The loss had not really fallen before it blew up: the peak is a decade below the blow-up's LR."
     rewinder = scheduler.rewinder
     if rewinder is not None and rewinder.rewound_to is not None:
         message += (

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import hf_autowu.gp
 from hf_autowu import AutoWU
+from hf_autowu.log_entries import switch_message
 
 LOSS_VALUES = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=64),
@@ -68,6 +69,7 @@ def test_robust_switches_at_once_on_nan_and_rewinds_lr():
         scheduler.step(math.nan if lr > 1e-2 else 2.0 - 0.1 * math.log10(lr))
         t += 1
     assert scheduler.switch_reason == "divergence"
+    assert "had not really fallen" not in switch_message(scheduler)  # it fell: the GP's estimate, not the rule
     # switched within one test interval of the first NaN, at the LR of the lowest loss seen
     first_nan = next(i for i in range(400) if scheduler.lr_at(i) > 1e-2)
     assert scheduler.switch_step - first_nan <= 10
@@ -96,6 +98,7 @@ def test_a_flat_curve_that_blows_up_decays_from_a_decade_below_the_blow_up(blow_
         t += 1
     assert scheduler.switch_reason == "divergence"
     assert scheduler.last_outcome is not None and not scheduler.last_outcome.descended
+    assert "had not really fallen before it blew up" in switch_message(scheduler)
     first_bad = next(i for i in range(1, total) if ramp[i - 1] > blow_up_lr)
     if blow_up == "nan":
         assert scheduler.peak_lr == pytest.approx(ramp[first_bad - 1] / 10, rel=1e-9)
