@@ -16,6 +16,9 @@ hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``:
 - ``gpt2_lora``: the fine-tuning task of ``quality.py`` (its GPT-2 pretrained on stdlib code, fine-tuned on the
   documentation prose, 200 steps), with PEFT LoRA adapters (rank 8) instead of every weight: the parameters rewind
   measures its shift on are the adapters (under ``--smoke`` the GPT-2 is not pretrained).
+- ``t5_adafactor``: a small T5 encoder-decoder (2 + 2 layers, width 64, bytes as tokens) that reads 48 bytes of the
+  documentation prose and writes the next 16, with Adafactor at an absolute LR (T5's usual optimizer), 16 windows
+  per step, 300 steps: the seq2seq shape of HF training, which no task of ``quality.py`` has.
 
 The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.grid_lr`), 5% linear warmup + cosine,
 the best point chosen on the validation split and reported on test (the grid grows while its best point is at an
@@ -186,6 +189,57 @@ def gpt2_lora_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **m.ADAMW)
 
 
+SOURCE_LEN, TARGET_LEN = 48, 16
+
+
+def t5_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small T5 (2 encoder and 2 decoder layers, width 64, 4 heads, bytes as tokens; byte 0, absent from the prose,
+    is its pad and decoder start) and transformers' Adafactor with an absolute LR."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=256,
+        d_model=64,
+        d_kv=16,
+        d_ff=256,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    model = T5ForConditionalGeneration(config)
+    optimizer = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    return model, optimizer
+
+
+def continuation_windows(seed: int) -> Iterator[Batch]:
+    """Windows of `SOURCE_LEN` + `TARGET_LEN` bytes of the prose at random offsets: source bytes, next bytes."""
+    data, generator = docs_bytes()["train"], torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(len(data) - SOURCE_LEN - TARGET_LEN, (TEXT_BATCH,), generator=generator)
+        windows = torch.stack([data[s : s + SOURCE_LEN + TARGET_LEN] for s in starts.tolist()])
+        yield windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
+
+
+def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy (nats per byte) of the target bytes given the source bytes."""
+    return model(input_ids=batch[0], labels=batch[1]).loss
+
+
+def continuation_loss(model: nn.Module) -> tuple[float, float]:
+    """Mean loss of the next `TARGET_LEN` bytes on 128 fixed windows of the validation and test prose."""
+    splits = docs_bytes()
+    scores = []
+    for name in ("val", "test"):
+        windows = text_chunks(splits[name], SOURCE_LEN + TARGET_LEN, 128).tensors["input_ids"]
+        source, target = windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
+        scores.append(seq2seq_loss(model, (source, target)).item())
+    return scores[0], scores[1]
+
+
 def text_loss(model: nn.Module) -> tuple[float, float]:
     """Mean next-byte loss on 128 fixed windows of the validation and test prose."""
     splits = docs_bytes()
@@ -254,6 +308,18 @@ TASKS: dict[str, HoldoutTask] = {
         text_windows,
         next_byte_loss,
         text_loss,
+    ),
+    "t5_adafactor": HoldoutTask(
+        "T5 encoder-decoder (2+2 layers, width 64) continuing 48 bytes of the documentation prose by 16, Adafactor "
+        "(absolute LR), clip 1.0, 16 windows, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        t5_adafactor,
+        continuation_windows,
+        seq2seq_loss,
+        continuation_loss,
+        max_grad_norm=1.0,
     ),
 }
 
