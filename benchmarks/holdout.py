@@ -159,15 +159,6 @@ def gru_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
-def text_windows(seed: int) -> Iterator[Batch]:
-    """Windows of `SEQ_LEN` + 1 bytes of the prose at random offsets: inputs and next bytes."""
-    data, generator = docs_bytes()["train"], torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(len(data) - SEQ_LEN - 1, (TEXT_BATCH,), generator=generator)
-        windows = torch.stack([data[s : s + SEQ_LEN + 1] for s in starts.tolist()])
-        yield windows[:, :-1], windows[:, 1:]
-
-
 def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats per byte) on a batch of (inputs, next bytes)."""
     out = model(batch[0])
@@ -215,39 +206,49 @@ def t5_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def continuation_windows(seed: int) -> Iterator[Batch]:
-    """Windows of `SOURCE_LEN` + `TARGET_LEN` bytes of the prose at random offsets: source bytes, next bytes."""
-    data, generator = docs_bytes()["train"], torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(len(data) - SOURCE_LEN - TARGET_LEN, (TEXT_BATCH,), generator=generator)
-        windows = torch.stack([data[s : s + SOURCE_LEN + TARGET_LEN] for s in starts.tolist()])
-        yield windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
-
-
 def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy (nats per byte) of the target bytes given the source bytes."""
     return model(input_ids=batch[0], labels=batch[1]).loss
 
 
-def continuation_loss(model: nn.Module) -> tuple[float, float]:
-    """Mean loss of the next `TARGET_LEN` bytes on 128 fixed windows of the validation and test prose."""
-    splits = docs_bytes()
-    scores = []
-    for name in ("val", "test"):
-        windows = text_chunks(splits[name], SOURCE_LEN + TARGET_LEN, 128).tensors["input_ids"]
-        source, target = windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
-        scores.append(seq2seq_loss(model, (source, target)).item())
-    return scores[0], scores[1]
+def next_bytes(windows: torch.Tensor) -> Batch:
+    """A language model's (inputs, targets) from windows of `SEQ_LEN` + 1 bytes: each byte and the byte after it."""
+    return windows[:, :-1], windows[:, 1:]
 
 
-def text_loss(model: nn.Module) -> tuple[float, float]:
-    """Mean next-byte loss on 128 fixed windows of the validation and test prose."""
-    splits = docs_bytes()
-    scores = []
-    for name in ("val", "test"):
-        windows = text_chunks(splits[name], SEQ_LEN + 1, 128).tensors["input_ids"]
-        scores.append(next_byte_loss(model, (windows[:, :-1], windows[:, 1:])).item())
-    return scores[0], scores[1]
+def continuation(windows: torch.Tensor) -> Batch:
+    """A seq2seq model's (source, target) from windows of `SOURCE_LEN` + `TARGET_LEN` bytes."""
+    return windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
+
+
+def prose_batches(length: int, split: Callable[[torch.Tensor], Batch], seed: int) -> Iterator[Batch]:
+    """`TEXT_BATCH` windows of `length` bytes of the training prose at random offsets per step, `split` into a
+    batch."""
+    data, generator = docs_bytes()["train"], torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(len(data) - length, (TEXT_BATCH,), generator=generator)
+        yield split(torch.stack([data[s : s + length] for s in starts.tolist()]))
+
+
+def prose_score(
+    length: int, split: Callable[[torch.Tensor], Batch], loss: Callable[[nn.Module, Batch], torch.Tensor]
+) -> Callable[[nn.Module], tuple[float, float]]:
+    """A scorer: the model's mean `loss` on 128 fixed windows of `length` bytes of the validation and test prose."""
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        splits = docs_bytes()
+        return tuple(
+            loss(model, split(text_chunks(splits[name], length, 128).tensors["input_ids"])).item()
+            for name in ("val", "test")
+        )
+
+    return score
+
+
+LM_BATCHES = partial(prose_batches, SEQ_LEN + 1, next_bytes)
+LM_SCORE = prose_score(SEQ_LEN + 1, next_bytes, next_byte_loss)
+SEQ2SEQ_BATCHES = partial(prose_batches, SOURCE_LEN + TARGET_LEN, continuation)
+SEQ2SEQ_SCORE = prose_score(SOURCE_LEN + TARGET_LEN, continuation, seq2seq_loss)
 
 
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
@@ -282,9 +283,9 @@ TASKS: dict[str, HoldoutTask] = {
         300,
         grid(1),
         gru_adafactor,
-        text_windows,
+        LM_BATCHES,
         next_byte_loss,
-        text_loss,
+        LM_SCORE,
         max_grad_norm=1.0,
     ),
     "gru_adamw": HoldoutTask(
@@ -293,9 +294,9 @@ TASKS: dict[str, HoldoutTask] = {
         300,
         grid(1),
         gru_adamw,
-        text_windows,
+        LM_BATCHES,
         next_byte_loss,
-        text_loss,
+        LM_SCORE,
         max_grad_norm=1.0,
     ),
     "gpt2_lora": HoldoutTask(
@@ -305,9 +306,9 @@ TASKS: dict[str, HoldoutTask] = {
         200,
         grid(3),
         gpt2_lora_adamw,
-        text_windows,
+        LM_BATCHES,
         next_byte_loss,
-        text_loss,
+        LM_SCORE,
     ),
     "t5_adafactor": HoldoutTask(
         "T5 encoder-decoder (2+2 layers, width 64) continuing 48 bytes of the documentation prose by 16, Adafactor "
@@ -316,9 +317,9 @@ TASKS: dict[str, HoldoutTask] = {
         300,
         grid(1),
         t5_adafactor,
-        continuation_windows,
+        SEQ2SEQ_BATCHES,
         seq2seq_loss,
-        continuation_loss,
+        SEQ2SEQ_SCORE,
         max_grad_norm=1.0,
     ),
 }
