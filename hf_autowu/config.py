@@ -26,6 +26,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind_min_shift": 0.35,
         "rise_margin": 0.0,
         "slowed_fraction": 0.3,
+        "cooldown_type": "linear",
         "min_losses": 20,
         "fit_lr": 0.05,
         "noise_init": 0.1,
@@ -41,6 +42,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind_min_shift": 0.0,
         "rise_margin": 0.0,
         "slowed_fraction": 0.0,
+        "cooldown_type": "cosine",
         "min_losses": 3,
         "fit_lr": 0.01,
         "noise_init": 1e-3,
@@ -112,7 +114,13 @@ class AutoWUConfig:
     cooldown_fraction: float = field(
         default=0.2, metadata=_help("Fraction of the budget at its end spent in cooldown, in [0, 1].")
     )
-    cooldown_type: str = field(default="cosine", metadata=_help("Cooldown shape: 'cosine' or 'half_cosine'."))
+    cooldown_type: str | None = field(
+        default=None,
+        metadata=_help(
+            "Cooldown shape: 'cosine', 'half_cosine' or 'linear' (default: 'linear' for 'robust', 'cosine' for "
+            "'paper')."
+        ),
+    )
     device: str | None = field(
         default=None,
         metadata=_help("Deprecated and ignored: the closed-form GP always runs on the CPU (the reference's option)."),
@@ -224,7 +232,7 @@ class AutoWUConfig:
         self._check_choice("warmup_type", WARMUP_TYPES)
         self._check_choice("warmup_unit", WARMUP_UNITS)
         self._check_choice("decay_phase_stat", DECAY_PHASE_STATS)
-        self._check_choice("cooldown_type", COOLDOWN_TYPES)
+        self._check_choice("cooldown_type", (None, *COOLDOWN_TYPES))
         self._check_choice("preset", PRESETS)
         if not isinstance(self.immediate_cooldown, bool):
             raise ValueError(f"`immediate_cooldown` must be True or False, got {self.immediate_cooldown!r}.")
@@ -315,6 +323,11 @@ class AutoWUConfig:
     def effective_estimate_at_cap(self) -> bool:
         """Whether a warmup that hits its cap decays from the GP's estimate of the best LR."""
         return self.preset_setting("estimate_at_cap")
+
+    @property
+    def effective_cooldown_type(self) -> str:
+        """The cooldown's shape (`ramp.cooldown_factor`)."""
+        return self.preset_setting("cooldown_type")
 
     @property
     def effective_rewind(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 WARMUP_TYPES = ("exp", "linear")
-COOLDOWN_TYPES = ("cosine", "half_cosine")
+COOLDOWN_TYPES = ("cosine", "half_cosine", "linear")
 
 
 def warmup_lr(position: float, *, min_lr: float, max_lr: float, length: float, warmup_type: str) -> float:
@@ -50,16 +50,18 @@ def cooldown_factor(progress: float, cooldown_type: str) -> float:
     """Multiplier of the cooldown's starting LR after `progress` (0 at the start, 1 at the end) of the cooldown.
 
     `"cosine"` starts at 1 and reaches 0 at progress 1; `"half_cosine"` is the second half of a cosine: it
-    starts at 0.5 and reaches 0 at progress 1. Progress < 1 always gives a positive factor, so every step
-    of the budget trains with a positive LR.
+    starts at 0.5 and reaches 0 at progress 1; `"linear"` falls in a straight line from 1 to 0. Progress < 1
+    always gives a positive factor, so every step of the budget trains with a positive LR.
 
     Args:
         progress (`float`): Fraction of the cooldown elapsed, in [0, 1].
-        cooldown_type (`str`): `"cosine"` or `"half_cosine"`.
+        cooldown_type (`str`): `"cosine"`, `"half_cosine"` or `"linear"`.
 
     Returns:
         `float`: the multiplier, in [0, 1].
     """
     if cooldown_type == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cooldown_type == "linear":
+        return 1.0 - progress
     return 0.5 + 0.5 * math.cos(0.5 * math.pi * (1.0 + progress))

@@ -224,16 +224,6 @@ class WarmupRewinder:
             self._disable("DeepSpeed keeps the master weights and optimizer state in its own partitions")
         scheduler.add_listener(self)  # replaces the scheduler's own rewinder, if it built one
 
-    @classmethod
-    def from_config(
-        cls,
-        scheduler: AutoWU,
-        model: torch.nn.Module | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> WarmupRewinder:
-        """A rewinder with the scheduler's `rewind_*` options (`AutoWUConfig`), attached to it."""
-        return cls(model, optimizer, scheduler)
-
     # ------------------------------------------------------------------ what is held, and where
 
     @property

@@ -149,7 +149,7 @@ class AutoWU:
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if config.effective_rewind and self.warmup_steps > 0:
-            WarmupRewinder.from_config(self, model, optimizer)
+            WarmupRewinder(model, optimizer, self)
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
@@ -269,7 +269,7 @@ class AutoWU:
             if step < start:
                 return lr0
             progress = (step - start) / max(self.total_steps - start, 1)
-            return lr0 * cooldown_factor(min(progress, 1.0), self.config.cooldown_type)
+            return lr0 * cooldown_factor(min(progress, 1.0), self.config.effective_cooldown_type)
         if self._cooldown_from is not None and step >= self._cooldown_from[0]:
             start, lr0 = self._cooldown_from
         elif step >= self.cooldown_start:
@@ -277,7 +277,7 @@ class AutoWU:
         else:
             return next(lr for s, lr in reversed(self.lr_changes) if s <= step)
         progress = (step - start) / max(self.total_steps - start, 1)
-        return lr0 * cooldown_factor(min(progress, 1.0), self.config.cooldown_type)
+        return lr0 * cooldown_factor(min(progress, 1.0), self.config.effective_cooldown_type)
 
     def lr_schedule(self) -> list[float]:
         """`lr_at(step)` for every step of the budget (the largest group's LR)."""

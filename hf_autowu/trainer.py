@@ -125,7 +125,7 @@ class _AutoWUEvents(TrainerCallback):
             # scheduler's own rewinder stays when it is off (DeepSpeed): it has said so, once.
             rewinder = scheduler.rewinder
             if rewinder is None or rewinder.enabled:
-                rewinder = WarmupRewinder.from_config(scheduler, trainer.model, trainer.optimizer)
+                rewinder = WarmupRewinder(trainer.model, trainer.optimizer, scheduler)
             rewinder.state_key = None
             _load_rewind_state(rewinder, resume_from_checkpoint)
         scheduler.add_switch_listener(self._on_switch)

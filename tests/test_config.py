@@ -13,7 +13,7 @@ from hf_autowu import AutoWU, AutoWUConfig
     [
         ({"warmup_type": "cosine"}, "warmup_type"),
         ({"warmup_unit": "batch"}, "warmup_unit"),
-        ({"cooldown_type": "linear"}, "cooldown_type"),
+        ({"cooldown_type": "one_minus_sqrt"}, "cooldown_type"),
         ({"decay_phase_stat": "accuracy"}, "decay_phase_stat"),
         ({"preset": "fast"}, "preset"),
         ({"max_warmup_fraction": 1.5}, "max_warmup_fraction"),

@@ -50,7 +50,7 @@ def test_long_budget_steps_zero_restores_the_proportional_ramp():
 
 
 @pytest.mark.parametrize("preset", ["paper", "robust"])
-def test_exp_warmup_to_cap_then_cosine(preset):
+def test_exp_warmup_to_cap_then_cooldown(preset):
     total = 200
     scheduler = AutoWU(make_optimizer(), total_steps=total, immediate_cooldown=True, preset=preset)
     lrs = drive(scheduler, falling)
@@ -67,8 +67,9 @@ def test_exp_warmup_to_cap_then_cosine(preset):
     else:
         assert start == pytest.approx(exp_ramp(40.0 * math.log(1 / 0.3), warmup), rel=0.3)
     for t in range(warmup, total):
-        expected = start * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
-        assert lrs[t] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        progress = (t - warmup) / (total - warmup)  # cosine for the paper, linear for the robust default
+        factor = 0.5 * (1 + math.cos(math.pi * progress)) if preset == "paper" else 1 - progress
+        assert lrs[t] == pytest.approx(start * factor, rel=1e-12, abs=1e-15)
     assert lrs[-1] > 0.0, "the last step trains with a positive LR"
     assert scheduler.phase == "cooldown"
 
@@ -88,7 +89,7 @@ def test_epoch_warmup_unit_grows_once_per_epoch():
         assert lrs[t] == pytest.approx(MIN_LR * (MAX_LR / MIN_LR) ** ((t // 10) / 5), rel=1e-12)
 
 
-@pytest.mark.parametrize("cooldown_type", ["cosine", "half_cosine"])
+@pytest.mark.parametrize("cooldown_type", ["cosine", "half_cosine", "linear"])
 def test_constant_then_cooldown(cooldown_type):
     total = 200
     scheduler = AutoWU(
@@ -102,6 +103,8 @@ def test_constant_then_cooldown(cooldown_type):
         progress = (t - 160) / 40
         if cooldown_type == "cosine":
             factor = 0.5 * (1 + math.cos(math.pi * progress))
+        elif cooldown_type == "linear":
+            factor = 1 - progress
         else:
             factor = 0.5 + 0.5 * math.cos(math.pi / 2 * (1 + progress))
         assert lrs[t] == pytest.approx(held * factor, rel=1e-12)
@@ -123,8 +126,21 @@ def test_no_warmup_starts_at_max_lr():
     scheduler = AutoWU(make_optimizer(), total_steps=50, max_warmup_fraction=0.0, immediate_cooldown=True)
     lrs = drive(scheduler, falling)
     assert lrs[0] == MAX_LR
-    assert lrs[10] == pytest.approx(MAX_LR * 0.5 * (1 + math.cos(math.pi * 10 / 50)), rel=1e-12)
+    assert lrs[10] == pytest.approx(MAX_LR * (1 - 10 / 50), rel=1e-12)  # the robust default's linear cooldown
     assert scheduler.switch_reason == "no_warmup"
+
+
+@pytest.mark.parametrize(("preset", "shape"), [("robust", "linear"), ("paper", "cosine")])
+def test_the_default_cooldown_is_linear_and_the_papers_cosine(preset, shape):
+    # no warmup: max_lr is held until the cooldown starts at 80% of the budget, then decays in the preset's shape
+    scheduler = AutoWU(make_optimizer(), total_steps=100, max_warmup_fraction=0.0, preset=preset)
+    lrs = drive(scheduler, falling)
+    assert lrs[:80] == [MAX_LR] * 80
+    for t in range(80, 100):
+        progress = (t - 80) / 20
+        factor = 1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        assert lrs[t] == pytest.approx(MAX_LR * factor, rel=1e-12)
+    assert 0 < lrs[-1] < 0.06 * MAX_LR  # the last step still trains, with a small positive LR
 
 
 def test_decay_phase_factor_per_epoch():
