@@ -378,8 +378,9 @@ def _autowu_field(name: str, **metadata: Any) -> Any:
 class AutoWUArguments(AutoWUConfig):
     """`AutoWUConfig` as command-line flags: `HfArgumentParser(AutoWUArguments)` lists every AutoWU option.
 
-    The examples' recipe decays by a cosine from the switch (`immediate_cooldown`, the paper's "cosine";
-    `--no_immediate_cooldown` holds the LR until the cooldown). The on/off options that default to "as the preset
+    The examples' recipe decays from the switch (`immediate_cooldown`, the paper's "cosine" schedule; linear with
+    the robust preset, `--cooldown_type cosine` for the paper's shape; `--no_immediate_cooldown` holds the LR until
+    the cooldown). The on/off options that default to "as the preset
     says" are flags (`--rewind`, or `--rewind false`). The deprecated `device` is left out, and AutoWU's subsampling
     seed is the run's own `--seed` (see `to_config`).
     """
