@@ -362,7 +362,7 @@ def test_trainer_autowu_flags_reach_the_options(import_example):
     _, _, config, training_args, _ = example.parse_args(flags)
     assert_options_reached(config.to_dict())
     assert config.rewind is False and config.spike_watch is True and config.divergence_guard is None
-    assert config.immediate_cooldown is True  # the recipe: cosine from the switch
+    assert config.immediate_cooldown is True  # the recipe: decay from the switch (linear for robust, cosine for paper)
     assert config.seed == training_args.seed == 7
     assert type(config) is hf_autowu.AutoWUConfig
 
