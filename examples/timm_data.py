@@ -380,9 +380,9 @@ class AutoWUArguments(AutoWUConfig):
 
     The examples' recipe decays from the switch (`immediate_cooldown`, the paper's "cosine" schedule; linear with
     the robust preset, `--cooldown_type cosine` for the paper's shape; `--no_immediate_cooldown` holds the LR until
-    the cooldown). The on/off options that default to "as the preset
-    says" are flags (`--rewind`, or `--rewind false`). The deprecated `device` is left out, and AutoWU's subsampling
-    seed is the run's own `--seed` (see `to_config`).
+    the cooldown). The on/off options that default to "as the preset says" are flags (`--rewind`, or `--rewind
+    false`). The deprecated `device` is left out, and AutoWU's subsampling seed is the run's own `--seed` (see
+    `to_config`).
     """
 
     _argument_group_name = "AutoWU (the fields of hf_autowu.AutoWUConfig; they set the learning rate of every step)"
