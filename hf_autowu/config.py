@@ -25,7 +25,9 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind": True,
         "rewind_min_shift": 0.35,
         "rise_margin": 0.0,
+        "min_past_lengthscales": 1.0,
         "slowed_fraction": 0.3,
+        "max_descent_left": 0.15,
         "cooldown_type": "linear",
         "min_losses": 20,
         "fit_lr": 0.05,
@@ -41,7 +43,9 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind": False,
         "rewind_min_shift": 0.0,
         "rise_margin": 0.0,
+        "min_past_lengthscales": 0.0,
         "slowed_fraction": 0.0,
+        "max_descent_left": 1.0,
         "cooldown_type": "cosine",
         "min_losses": 3,
         "fit_lr": 0.01,
@@ -171,12 +175,30 @@ class AutoWUConfig:
             "says)."
         ),
     )
+    min_past_lengthscales: float | None = field(
+        default=None,
+        metadata=_help(
+            "A passed switch test counts toward the switch only when the LR it would choose lies at least this many "
+            "GP lengthscales (0.2 of the history) before the latest loss: nearer the end, the smoothed curve is "
+            "shaped by the GP as much as by the losses, and a sharp drop into a flat stretch looks like a minimum "
+            "already passed; 0 is the paper's test (default: 1 for 'robust', 0 for 'paper')."
+        ),
+    )
     slowed_fraction: float | None = field(
         default=None,
         metadata=_help(
             "The LR chosen at the switch: where the smoothed loss's descent (per log-LR) has slowed to this fraction "
             "of its steepest rate, before its minimum; 0 is the LR at the minimum, the paper's choice (default: as "
             "the preset says)."
+        ),
+    )
+    max_descent_left: float | None = field(
+        default=None,
+        metadata=_help(
+            "The LR chosen at the switch is never below the point where only this fraction of the smoothed loss's "
+            "descent (from its highest point before the minimum down to the minimum) is still ahead, so that a "
+            "descent going on well past the slowed point is followed; 1 sets no bound, the paper's choice (default: "
+            "0.15 for 'robust', 1 for 'paper')."
         ),
     )
     estimate_at_cap: bool | None = field(
@@ -253,6 +275,11 @@ class AutoWUConfig:
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
         self._check_optional_non_negative("rewind_min_shift")
         self._check_optional_non_negative("rise_margin")
+        self._check_optional_non_negative("min_past_lengthscales")
+        if self.max_descent_left is not None and not (
+            _is_real(self.max_descent_left) and 0.0 <= self.max_descent_left <= 1.0
+        ):
+            raise ValueError(f"`max_descent_left` must be in [0, 1], got {self.max_descent_left!r}.")
         if self.slowed_fraction is not None and not (
             _is_real(self.slowed_fraction) and 0.0 <= self.slowed_fraction < 1.0
         ):

@@ -65,6 +65,8 @@ class ReferenceOutcome:
             start of the history and more than three noise standard deviations above its minimum.
         descended (`bool`): Whether the minimum of that mean lies more than three noise standard deviations
             below its value at the start of the history.
+        resolved (`bool`): Whether the chosen point (mean over the predictions) lies at least
+            `min_past_lengthscales` lengthscales before the end of the history.
     """
 
     probabilities: list[float]
@@ -73,6 +75,7 @@ class ReferenceOutcome:
     lr_estimate: float
     rising: bool
     descended: bool
+    resolved: bool
 
 
 def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,11 +87,12 @@ def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: t
     return positions[chosen.sort().values]
 
 
-def chosen_point(mu: torch.Tensor, slowed_fraction: float) -> int:
+def chosen_point(mu: torch.Tensor, slowed_fraction: float, max_descent_left: float = 1.0) -> int:
     """The grid point whose LR a prediction proposes: the argmin of its posterior mean (ALGORITHM.md step 7), or,
     with `slowed_fraction` > 0 (the robust preset), the first point after the steepest descent, and not past the
     argmin, where the descent per grid step is no steeper than `slowed_fraction` times the steepest one (the argmin
-    when there is no such point)."""
+    when there is no such point); with `max_descent_left` < 1 (the robust preset), never before the first point
+    from which at most that share of the descent (highest point before the argmin down to the argmin) is ahead."""
     lowest = int(mu.argmin())
     if slowed_fraction <= 0 or lowest == 0:
         return lowest
@@ -96,10 +100,17 @@ def chosen_point(mu: torch.Tensor, slowed_fraction: float) -> int:
     steepest = int(slope[: lowest + 1].argmin())
     if slope[steepest] >= 0:
         return lowest
+    point = lowest
     for i in range(steepest, lowest + 1):
         if slope[i] >= slowed_fraction * slope[steepest]:
-            return i
-    return lowest
+            point = i
+            break
+    if max_descent_left < 1:
+        top = float(mu[: lowest + 1].max())
+        for i in range(lowest + 1):
+            if mu[i] <= mu[lowest] + max_descent_left * (top - mu[lowest]):
+                return max(point, i)
+    return point
 
 
 def estimate_lr(
@@ -109,6 +120,7 @@ def estimate_lr(
     min_lr: float,
     warmup_type: str,
     slowed_fraction: float = 0.0,
+    max_descent_left: float = 1.0,
 ) -> float:
     """ALGORITHM.md step 7: for each prediction the LR on the warmup ramp at its chosen point (`chosen_point`: the
     argmin with the paper's settings), then their mean.
@@ -120,13 +132,14 @@ def estimate_lr(
         min_lr (`float`): LR at the start of the history (x = 0).
         warmup_type (`str`): `"exp"` or `"linear"`.
         slowed_fraction (`float`, *optional*, defaults to 0): See `chosen_point`.
+        max_descent_left (`float`, *optional*, defaults to 1): See `chosen_point`.
 
     Returns:
         `float`: the new LR.
     """
     lrs = []
     for mu in means:
-        x_star = float(grid[chosen_point(mu, slowed_fraction)])
+        x_star = float(grid[chosen_point(mu, slowed_fraction, max_descent_left)])
         if warmup_type == "exp":
             lrs.append(min_lr * (current_lr / min_lr) ** x_star)
         else:
@@ -154,6 +167,9 @@ class ReferenceSwitchTest:
         rise_margin (`float`, *optional*, defaults to 0): Vote "past" on `max_{i<k} P(f_k - f_i > margin)`, the
             margin this many noise standard deviations (0: the paper's test).
         slowed_fraction (`float`, *optional*, defaults to 0): The LR estimate's rule (see `chosen_point`).
+        min_past_lengthscales (`float`, *optional*, defaults to 0): A test is `resolved` when the chosen point
+            (mean over the predictions) lies at least this many lengthscales before the end of the history.
+        max_descent_left (`float`, *optional*, defaults to 1): The LR estimate's bound (see `chosen_point`).
     """
 
     def __init__(
@@ -168,10 +184,14 @@ class ReferenceSwitchTest:
         noise_init: float = NOISE_INIT,
         rise_margin: float = 0.0,
         slowed_fraction: float = 0.0,
+        min_past_lengthscales: float = 0.0,
+        max_descent_left: float = 1.0,
     ):
         self.confidence = confidence
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
+        self.min_past_lengthscales = min_past_lengthscales
+        self.max_descent_left = max_descent_left
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
         self.min_losses = min_losses
@@ -251,6 +271,10 @@ class ReferenceSwitchTest:
 
         # 5. vote
         votes = sum(p > self.confidence for p in probabilities)
+        # robust preset: does the chosen point lie a lengthscale or more before the end of the history? (nearer
+        # the end the posterior's shape is the kernel's as much as the losses')
+        chosen = [float(grid[chosen_point(mu, self.slowed_fraction, self.max_descent_left)]) for mu in means]
+        resolved = 1 - sum(chosen) / len(chosen) >= self.min_past_lengthscales * LENGTHSCALE
         # robust preset: is the smoothed loss rising now, clearly above the noise?
         mean_curve = torch.stack(means).mean(dim=0)
         noise_sd = math.sqrt(float(self.likelihood.noise.detach()))
@@ -258,8 +282,8 @@ class ReferenceSwitchTest:
         # robust preset: has it really fallen below where it started? (after a blow-up, else its minimum is noise)
         descended = bool(mean_curve[0] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
         # 7. the new LR
-        lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction)
-        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising, descended)
+        lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction, self.max_descent_left)
+        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising, descended, resolved)
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
         """At most `size` finite points in time order, at x = position / len(losses)."""

@@ -42,7 +42,8 @@ class SwitchTestRecord:
         step (`int`): Optimizer steps done when the test ran.
         probability (`float`): Mean probability that the minimum is in the past.
         votes (`int`): Predictions that voted "past".
-        passed (`bool`): Whether the test passed.
+        passed (`bool`): Whether the test counts toward the switch: the minimum is confidently in the past, and
+            the LR it would choose lies far enough before the end of the history (`SwitchTestOutcome.resolved`).
         lr_estimate (`float`): The LR at the smoothed minimum.
         lr (`float`): The LR of the most recent step.
     """
@@ -459,10 +460,10 @@ class AutoWU:
             self._history, current_lr=current_lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
         )
         # every process takes the main process's decision
-        votes, estimate, rising, descended = broadcast_floats(
-            [outcome.votes, outcome.lr_estimate, outcome.rising, outcome.descended]
+        votes, estimate, rising, descended, resolved = broadcast_floats(
+            [outcome.votes, outcome.lr_estimate, outcome.rising, outcome.descended, outcome.resolved]
             if outcome
-            else [-1, math.nan, 0, 1]
+            else [-1, math.nan, 0, 1, 1]
         )
         if votes >= 0:
             if outcome is None:  # cannot happen with identical inputs; keep the processes in step regardless
@@ -472,11 +473,11 @@ class AutoWU:
             outcome.lr_estimate = estimate
             outcome.rising = bool(rising)
             outcome.descended = bool(descended)
+            outcome.resolved = bool(resolved)
             self.last_outcome = outcome
-            self.tests.append(
-                SwitchTestRecord(t, outcome.probability, outcome.votes, outcome.passed, estimate, current_lr)
-            )
-            self._passes = (self._passes + [outcome.passed])[-self.config.patience :]
+            counts = outcome.passed and outcome.resolved
+            self.tests.append(SwitchTestRecord(t, outcome.probability, outcome.votes, counts, estimate, current_lr))
+            self._passes = (self._passes + [counts])[-self.config.patience :]
         if self._watch is not None:
             self._watch.set_reference(self._history)  # the same cross-process means on every process
         if first_bad is not None:  # a non-finite loss: the LR that produced it is too large, whatever the GP says
@@ -642,14 +643,23 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         fit_lr=config.preset_setting("fit_lr"),
         noise_init=config.preset_setting("noise_init"),
         rise_margin=config.preset_setting("rise_margin"),
+        min_past_lengthscales=config.preset_setting("min_past_lengthscales"),
         slowed_fraction=config.preset_setting("slowed_fraction"),
+        max_descent_left=config.preset_setting("max_descent_left"),
     )
 
 
+_DECIDED_BEFORE_SAVED = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0}
+"""Options added to the decision after states were saved without them, with the values that reproduce how those
+states decided: a run saved before they existed resumes as it would have gone on."""
+
+
 def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config's fields that `AutoWUConfig` still has; the deprecated `device` is dropped."""
+    """A saved config's fields that `AutoWUConfig` still has; the deprecated `device` is dropped, and options the
+    saved config predates take the values it decided with (`_DECIDED_BEFORE_SAVED`)."""
     names = {f.name for f in fields(AutoWUConfig)}
-    return {k: v for k, v in saved.items() if k in names and not (k == "device" and v in (None, "cpu"))}
+    kept = {k: v for k, v in saved.items() if k in names and not (k == "device" and v in (None, "cpu"))}
+    return {**{k: v for k, v in _DECIDED_BEFORE_SAVED.items() if k not in saved}, **kept}
 
 
 def _check_optional_positive_int(name: str, value: Any) -> int | None:

@@ -43,6 +43,8 @@ class SwitchTestOutcome:
         noise_sd (`float`): The GP's observation noise standard deviation (loss units).
         descended (`bool`): Whether the posterior mean's minimum lies more than three noise standard deviations
             below its value at the start of the history: the loss has really fallen, so its minimum is not noise.
+        resolved (`bool`): Whether the LR the test would choose lies at least `min_past_lengthscales` GP
+            lengthscales before the end of the history; a passed test counts toward the switch only then.
     """
 
     probabilities: list[float]
@@ -55,6 +57,7 @@ class SwitchTestOutcome:
     n_losses: int = 0
     noise_sd: float = math.nan
     descended: bool = True
+    resolved: bool = True
 
     @property
     def probability(self) -> float:
@@ -80,7 +83,7 @@ def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, mar
     return ndtr(z.max(axis=-1))
 
 
-def slowed_descent_index(mean: np.ndarray, fraction: float) -> int:
+def slowed_descent_index(mean: np.ndarray, fraction: float, max_descent_left: float = 1.0) -> int:
     """Where the posterior mean's descent has slowed to `fraction` of its steepest rate, before its minimum.
 
     On the warmup ramp the grid is linear in log-LR (exponential ramp), so the slope is the loss's change per
@@ -89,9 +92,16 @@ def slowed_descent_index(mean: np.ndarray, fraction: float) -> int:
     beyond which more LR bought little more progress in the ramp. With `fraction` 0 it is the argmin (the
     paper's choice).
 
+    A descent can pause and go on: a steep drop, then a long, slower fall to a minimum far beyond it. More LR still
+    bought progress there, so with `max_descent_left` < 1 the point is never earlier than the first one where at
+    most that fraction of the descent (from the highest point before the minimum down to the minimum) is still
+    ahead.
+
     Args:
         mean (`np.ndarray`): Posterior mean on the grid, shape (g,).
         fraction (`float`): Share of the steepest slope, in [0, 1).
+        max_descent_left (`float`, *optional*, defaults to 1): Largest share of the descent still ahead of the
+            point, in [0, 1]; 1 sets no bound.
 
     Returns:
         `int`: the grid index.
@@ -104,7 +114,12 @@ def slowed_descent_index(mean: np.ndarray, fraction: float) -> int:
     if slope[steepest] >= 0.0:
         return lowest
     slowed = np.flatnonzero(slope[steepest : lowest + 1] >= fraction * slope[steepest])
-    return steepest + int(slowed[0]) if slowed.size else lowest  # never slowed: the descent ends at the minimum
+    index = steepest + int(slowed[0]) if slowed.size else lowest  # never slowed: the descent ends at the minimum
+    if max_descent_left < 1.0:
+        descent = mean[: lowest + 1]
+        mostly_done = np.flatnonzero(descent <= mean[lowest] + max_descent_left * (descent.max() - mean[lowest]))
+        index = max(index, int(mostly_done[0]))
+    return index
 
 
 def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -152,7 +167,14 @@ class SwitchTester:
         rise_margin (`float`, *optional*, defaults to 0): A prediction votes "past" only when the curve now lies
             more than this many GP noise standard deviations above its minimum (0: the paper's test).
         slowed_fraction (`float`, *optional*, defaults to 0): The LR estimate is at `slowed_descent_index(mean,
-            slowed_fraction)` of each prediction (0: the argmin, the paper's choice).
+            slowed_fraction, max_descent_left)` of each prediction (0: the argmin, the paper's choice).
+        min_past_lengthscales (`float`, *optional*, defaults to 0): A test is `resolved` only when the chosen
+            point (mean over the predictions) lies at least this many GP lengthscales before the latest loss (0:
+            always, the paper's test). Within a lengthscale of the end of the data the posterior is shaped by the
+            kernel as much as by the losses: after a sharp drop into a flat stretch the smoothed curve dips below
+            the losses at the corner and seems to rise after it, so a minimum at the very end seems confidently
+            past.
+        max_descent_left (`float`, *optional*, defaults to 1): See `slowed_descent_index` (1: no bound).
     """
 
     def __init__(
@@ -167,10 +189,14 @@ class SwitchTester:
         noise_init: float = NOISE_INIT,
         rise_margin: float = 0.0,
         slowed_fraction: float = 0.0,
+        min_past_lengthscales: float = 0.0,
+        max_descent_left: float = 1.0,
     ):
         self.confidence = confidence
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
+        self.min_past_lengthscales = min_past_lengthscales
+        self.max_descent_left = max_descent_left
         self.n_tests = n_tests
         self.standardize_losses = standardize_losses
         self.min_losses = min_losses
@@ -221,11 +247,11 @@ class SwitchTester:
         margin = self.rise_margin * math.sqrt(self.gp.noise)
         probabilities = minimum_in_past_probability(mean, diff_variance, margin)
         votes = int((probabilities > self.confidence).sum())
-        lr_estimates = [
-            lr_at_fraction(float(self._grid[i]), min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type)
-            for i in (slowed_descent_index(m, self.slowed_fraction) for m in mean)
-        ]
+        chosen = self._grid[[slowed_descent_index(m, self.slowed_fraction, self.max_descent_left) for m in mean]]
         avg_mean = mean.mean(axis=0)
+        lr_estimates = [
+            lr_at_fraction(float(x), min_lr=min_lr, current_lr=current_lr, warmup_type=warmup_type) for x in chosen
+        ]
         lowest = avg_mean.min()
         confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
         return SwitchTestOutcome(
@@ -239,6 +265,7 @@ class SwitchTester:
             n_losses=n_total,
             noise_sd=math.sqrt(self.gp.noise) * scale,
             descended=bool(avg_mean[0] - lowest > confident_change),
+            resolved=bool(1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale),
         )
 
     def _predict(

@@ -407,7 +407,7 @@ def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     scheduler = trainer.lr_scheduler
-    assert scheduler.switch_reason == "test"
+    assert scheduler.switch_reason in ("test", "divergence")  # a decision the replay must reproduce
 
     for log in (
         tmp_path / "out",

@@ -15,7 +15,16 @@ from hf_autowu.config import PRESET_SETTINGS
 from hf_autowu.reference import random_subset_in_time_order
 from hf_autowu.switch_test import subsample_sorted
 
-SETTINGS = ("standardize_losses", "min_losses", "fit_lr", "noise_init", "rise_margin", "slowed_fraction")
+SETTINGS = (
+    "standardize_losses",
+    "min_losses",
+    "fit_lr",
+    "noise_init",
+    "rise_margin",
+    "slowed_fraction",
+    "min_past_lengthscales",
+    "max_descent_left",
+)
 MIN_LR = 1e-5
 
 
@@ -48,6 +57,9 @@ def history(kind: str, n: int, seed: int) -> torch.Tensor:
         out[-3:] = math.nan
         out[n // 3] = math.inf
         return out
+    if kind == "drop_then_creep":  # a sharp drop, a slow fall for another 45% of the history, then a rise
+        drop = torch.sigmoid((t - 0.3) / 0.02)
+        return 2.0 - drop - 0.4 * ((t - 0.35) / 0.45).clamp(0, 1) + 30 * (t - 0.8).clamp_min(0) ** 2 + 0.02 * noise
     if kind == "mostly_nan":  # 150 steps of which only every third loss is finite: 50 finite, no subsampling
         out = 2.0 - t + 0.05 * noise
         out[torch.arange(n) % 3 != 0] = math.nan
@@ -69,6 +81,7 @@ EXACT_CASES = [
     ("robust", "noisy_flat", (30, 90), "exp", False),
     ("robust", "late_blowup", (50, 90), "exp", True),
     ("robust", "mostly_nan", (150,), "linear", False),
+    ("robust", "drop_then_creep", (40, 70, 100), "exp", None),
     # the robust preset with a rise margin (an option, 0 by default), and a more slowed-down descent
     ("robust-margin", "valley", (40, 70, 100), "exp", True),
     ("robust-margin", "late_blowup", (50, 90), "exp", True),
@@ -95,6 +108,7 @@ def test_fast_path_matches_reference_exactly_without_subsampling(preset, kind, l
         assert mine.lr_estimate == pytest.approx(ref.lr_estimate, rel=1e-4)
         assert mine.rising == ref.rising
         assert mine.descended == ref.descended
+        assert mine.resolved == ref.resolved
     if rising is not None:  # the rising check is exercised both ways (it only matters to the robust preset)
         assert ref.rising is rising
     # the hyperparameters followed the same Adam trajectory

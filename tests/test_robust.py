@@ -2,11 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import knee_loss, make_optimizer, run_valley, valley_loss
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, SwitchTester
+from hf_autowu.config import PRESET_SETTINGS
+from hf_autowu.switch_test import slowed_descent_index
 
 
 @pytest.mark.parametrize("total", [400, 3000])
@@ -107,3 +110,52 @@ def test_sustainable_lr_below_the_ramp_minimum_is_found_within_2x(total, knee_lr
     while at_minimum.phase == "warmup":
         at_minimum.step(knee_loss(at_minimum.get_last_lr()[0], knee_lr, generator))
     assert at_minimum.peak_lr > robust.peak_lr
+
+
+def test_a_descent_that_goes_on_past_the_slowed_point_is_followed():
+    """A posterior mean (500 grid points) that is flat, drops steeply (index 100-150, to 0.3), then falls slowly to
+    its minimum (0 at index 400) and rises: the slowed-descent point is right after the drop, but 30% of the descent
+    is still ahead there; `max_descent_left` moves the choice to the first point with at most that share ahead."""
+    grid = np.arange(500)
+    mean = np.piecewise(
+        grid.astype(float),
+        [grid < 100, (grid >= 100) & (grid < 150), (grid >= 150) & (grid <= 400), grid > 400],
+        [1.0, lambda i: 1.0 - 0.7 * (i - 100) / 50, lambda i: 0.3 - 0.3 * (i - 150) / 250, lambda i: (i - 400) / 50],
+    )
+    # the first point whose central difference no longer sees the drop: its descent is 1/12 of the steepest there
+    assert slowed_descent_index(mean, 0.3) == 151
+    for left in (0.15, 0.05):
+        # independently: the slow part falls 0.3 over 250 steps, so at most `left` of the descent (1.0) is ahead
+        # from 150 + (0.3 - left) / 0.3 * 250 on
+        assert slowed_descent_index(mean, 0.3, max_descent_left=left) == math.ceil(150 + (0.3 - left) / 0.3 * 250)
+    assert slowed_descent_index(mean, 0.3, max_descent_left=0.0) == 400  # nothing left: the minimum
+    assert slowed_descent_index(mean, 0.3, max_descent_left=0.5) == 151  # the slowed point is already past it
+    assert slowed_descent_index(mean, 0.0, max_descent_left=0.15) == 400  # the paper's choice is the minimum
+
+
+def sharp_drop(n: int, seed: int) -> torch.Tensor:
+    """A loss history that falls from 5.5 to 3.4 over steps 52-67 (as a byte-level language model's does when it
+    learns the byte frequencies) and is flat after, with noise."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(n, dtype=torch.float64)
+    ease = 0.5 - 0.5 * torch.cos(math.pi * ((t - 52) / 15).clamp(0, 1))
+    return 5.5 - 2.1 * ease + 0.03 * torch.randn(n, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_sharp_drop_into_a_flat_stretch_is_not_a_minimum_passed(seed):
+    """Within a GP lengthscale (0.2 of the history) of a sharp drop's end, the smoothed curve dips below the losses
+    at the corner and seems to rise after it, so the paper's test finds a minimum confidently past on a loss that
+    has not risen at all. With the robust preset such a test does not count toward the switch until the LR it would
+    choose (at the corner, step ~67) lies a lengthscale or more in the past: not before step 67 / 0.8 ~ 84."""
+    settings = {name: PRESET_SETTINGS["robust"][name] for name in ("standardize_losses", "min_losses", "fit_lr")}
+    tester = SwitchTester(
+        confidence=0.95, n_tests=5, seed=0, noise_init=0.1, slowed_fraction=0.3, **settings,
+        min_past_lengthscales=PRESET_SETTINGS["robust"]["min_past_lengthscales"],
+    )  # fmt: skip
+    outcomes = [
+        tester.run(sharp_drop(n, seed), current_lr=1e-5 * 10 ** (0.033 * n), min_lr=1e-5, warmup_type="exp")
+        for n in range(69, 82, 2)
+    ]
+    assert any(o.passed for o in outcomes)  # the artefact: the paper's test would count these
+    assert not any(o.resolved for o in outcomes)

@@ -117,3 +117,39 @@ def test_a_state_saved_before_descended_existed_resumes_bit_exact(uninterrupted)
     assert resumed.last_outcome.descended is True
     run(resumed, stop, TOTAL, lrs)
     assert lrs == expected
+
+
+def test_a_state_saved_before_the_resolution_rules_existed_resumes_as_it_would_have_gone_on():
+    """States written before `min_past_lengthscales` and `max_descent_left` existed lack them in their config: they
+    load with the values their run decided with (0 and 1), so a resumed warmup goes on exactly like an uninterrupted
+    run with those values, not like one with today's defaults."""
+    old_options = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0}
+
+    noise = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0)).tolist()
+
+    def drop_losses(lrs_seen):  # a sharp drop at LR 1e-3 into a flat stretch: the rules tell these apart
+        drop = 1.0 / (1.0 + math.exp(math.log10(lrs_seen[-1] / 1e-3) / 0.03))
+        return 1.0 + drop + 0.02 * noise[len(lrs_seen) - 1]
+
+    def train(scheduler, start, stop, lrs):
+        for _ in range(start, stop):
+            lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+            scheduler.step(drop_losses(lrs))
+        return lrs
+
+    def scheduler(**options):
+        return AutoWU(make_optimizer((0.5, 0.05)), total_steps=TOTAL, **options)
+
+    expected = train(scheduler(**old_options), 0, TOTAL, [])
+    assert train(scheduler(), 0, TOTAL, []) != expected  # the rules decide differently on this curve
+    first = scheduler(**old_options)
+    lrs = train(first, 0, 40, [])
+    state = roundtrip(first.state_dict())
+    for name in old_options:
+        del state["config"][name]
+    resumed = scheduler()
+    with pytest.warns(UserWarning, match="saved with other options"):
+        resumed.load_state_dict(state)
+    assert {name: getattr(resumed.config, name) for name in old_options} == old_options
+    train(resumed, 40, TOTAL, lrs)
+    assert lrs == expected
