@@ -10,10 +10,12 @@ recorded, AutoWU's own schedule (same ramp, switch step, rewind, hold and cooldo
 of the oracle's grid; elsewhere the oracle's grid, a rougher proxy since its schedule (5% warmup, cosine) is not
 AutoWU's. Regret is always measured from the oracle's best point.
 
-Settings replayed: ``rise_margin`` x ``slowed_fraction`` (see `AutoWUConfig`), every other option at its default.
-Leave-one-task-out: for each task, the setting with the lowest mean regret on all the other tasks (validation
-metric) is picked, and its regret on the left-out task (test metric) is reported; the setting picked on all tasks
-should be the default, and is flagged when it is not.
+Settings replayed, in two families (see `AutoWUConfig`), every other option at its default: ``rise_margin`` x
+``slowed_fraction`` (when a test votes "past", and where the LR is chosen), and ``min_past_lengthscales`` x
+``max_descent_left`` (when a passed test counts, and how far the choice follows a descent that goes on).
+Leave-one-task-out, per family: for each task, the setting with the lowest mean regret on all the other tasks
+(validation metric) is picked, and its regret on the left-out task (test metric) is reported; the setting picked on
+all tasks should be the default, and is flagged when it is not.
 
     python benchmarks/decisions.py                 # writes the `decisions` section of RESULTS.md
 """
@@ -42,6 +44,16 @@ from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
 
 RISE_MARGINS = (0.0, 0.5, 1.0, 2.0)
 SLOWED_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)
+MIN_PAST_LENGTHSCALES = (0.0, 0.5, 1.0, 1.5)
+MAX_DESCENT_LEFT = (1.0, 0.3, 0.15, 0.1)
+FAMILIES: dict[str, tuple[tuple[str, tuple[float, ...]], tuple[str, tuple[float, ...]]]] = {
+    "switch test and LR rule": (("rise_margin", RISE_MARGINS), ("slowed_fraction", SLOWED_FRACTIONS)),
+    "resolution and descent": (
+        ("min_past_lengthscales", MIN_PAST_LENGTHSCALES),
+        ("max_descent_left", MAX_DESCENT_LEFT),
+    ),
+}
+"""Each family: two options, the rows and the columns of its table; the settings are their products."""
 
 
 def recorded_spec(task: str, ramps: list[dict[str, Any]]) -> TaskSpec:
@@ -102,13 +114,15 @@ def proxy(curve: tuple[np.ndarray, np.ndarray], lr: float) -> float:
     return float(np.interp(math.log2(lr), *curve))
 
 
-def evaluate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Replay every setting on every task that has ramps and an oracle grid; regrets per task and setting."""
+def evaluate(runs: list[dict[str, Any]], family: str = "switch test and LR rule") -> dict[str, Any]:
+    """Replay every setting of `family` (a key of `FAMILIES`) on every task that has ramps and an oracle grid;
+    regrets per task and setting."""
     ramps: dict[str, list[dict]] = {}
     for run in runs:
         if run["method"] == "ramp":
             ramps.setdefault(run["task"], []).append(run)
-    settings = list(itertools.product(RISE_MARGINS, SLOWED_FRACTIONS))
+    (row_name, row_values), (column_name, column_values) = FAMILIES[family]
+    settings = list(itertools.product(row_values, column_values))
     table: dict[str, dict[tuple, dict[str, float]]] = {}
     sources: dict[str, str] = {}
     ceilings: dict[str, dict[str, float]] = {}
@@ -122,17 +136,26 @@ def evaluate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         scoring, sources[task] = scoring_curves(runs, task, curves)
         ceilings[task] = ceiling(scoring, curves, metric)
         table[task] = {}
-        for margin, fraction in settings:
-            switched = [replay(spec, r["losses"], rise_margin=margin, slowed_fraction=fraction) for r in ramps[task]]
+        for row, column in settings:
+            options = {row_name: row, column_name: column}
+            switched = [replay(spec, r["losses"], **options) for r in ramps[task]]
             lrs = [s.peak_lr for s in switched]
-            table[task][(margin, fraction)] = {
+            table[task][(row, column)] = {
                 split: float(np.mean([regret(proxy(scoring[split], lr), best[split], metric) for lr in lrs]))
                 for split in ("val", "test")
             } | {
                 "lr": float(np.exp(np.mean(np.log(lrs)))),
                 "switch": float(np.mean([s.switch_step / spec.steps for s in switched])),
             }
-    return {"settings": settings, "table": table, "sources": sources, "ceilings": ceilings}
+    return {
+        "family": family,
+        "names": (row_name, column_name),
+        "values": (row_values, column_values),
+        "settings": settings,
+        "table": table,
+        "sources": sources,
+        "ceilings": ceilings,
+    }
 
 
 def ceiling(
@@ -163,17 +186,9 @@ def leave_one_out(result: dict[str, Any]) -> list[tuple[str, tuple, float, float
     return rows
 
 
-def report(result: dict[str, Any]) -> str:
-    """The Markdown section."""
-    table = result["table"]
-    tasks = list(table)
-    default = AutoWUConfig()
-    current = (default.preset_setting("rise_margin"), default.preset_setting("slowed_fraction"))
-
-    def mean_val(setting: tuple) -> float:
-        return float(np.mean([table[t][setting]["val"] for t in tasks]))
-
-    overall = min(result["settings"], key=mean_val)
+def report(results: list[dict[str, Any]]) -> str:
+    """The Markdown section: per family, the pick on all tasks, leave one task out and the mean validation regret
+    of every setting; then, per task, the default and the paper's choice."""
     lines = [
         "## Decision settings, replayed (`benchmarks/decisions.py`)",
         "",
@@ -182,41 +197,20 @@ def report(result: dict[str, Any]) -> str:
         "setting; the LR it chooses is scored with the mean metric at that peak LR (log-linear interpolation) of "
         "AutoWU's own schedule with its peak forced to each grid point (`autowu_at`), or, for tasks without those "
         "runs, of the oracle's schedule: a proxy, used to choose the rule, which the real runs above then check. "
+        "It scores the LR chosen, not the switch step: steps a later switch spends on the ramp are not counted. "
         "Regret: distance behind the oracle's best grid point, in units of 0.5 pp accuracy or 1% loss; mean over "
         "seeds.",
         "",
-        f"Decision code {decision_fingerprint()}; default setting: rise_margin={current[0]}, "
-        f"slowed_fraction={current[1]}; picked on all tasks: rise_margin={overall[0]}, slowed_fraction={overall[1]}"
-        + (
-            ""
-            if overall == current
-            else f" (**differs from the default**: mean validation regret {mean_val(overall):.2f}, the default's "
-            f"{mean_val(current):.2f})"
-        )
-        + ".",
+        f"Decision code {decision_fingerprint()}.",
         "",
-        "### Leave one task out",
-        "",
-        "| left out | setting picked on the others (margin, fraction) | its regret there (test) | best any setting "
-        "reaches there | default's regret there |",
-        "| --- | --- | --- | --- | --- |",
     ]
-    for task, pick, held, best_here in leave_one_out(result):
-        lines.append(
-            f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | {table[task][current]['test']:.2f} |"
-        )
+    for result in results:
+        lines += family_report(result)
+    first = results[0]
+    table, (row_name, column_name) = first["table"], first["names"]
+    default = AutoWUConfig()
+    current = (default.preset_setting(row_name), default.preset_setting(column_name))
     lines += [
-        "",
-        "### Mean validation regret over the tasks, per setting",
-        "",
-        "| rise_margin \\ slowed_fraction | " + " | ".join(str(f) for f in SLOWED_FRACTIONS) + " |",
-        "| --- | " + " | ".join("---" for _ in SLOWED_FRACTIONS) + " |",
-    ]
-    for margin in RISE_MARGINS:
-        cells = [f"{np.mean([table[t][(margin, f)]['val'] for t in tasks]):.2f}" for f in SLOWED_FRACTIONS]
-        lines.append(f"| {margin} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
         "### Per task, the default and the paper's choice (LR at the minimum, no margin)",
         "",
         "Scored with: the schedule whose metric-against-peak-LR curve scores the replayed LRs. Its best peak: that "
@@ -226,10 +220,10 @@ def report(result: dict[str, Any]) -> str:
         "| margin 0, argmin: regret (val), LR, switch at |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for task in tasks:
-        top = result["ceilings"][task]
+    for task in table:
+        top = first["ceilings"][task]
         cells = [
-            result["sources"][task],
+            first["sources"][task],
             f"{top['lr']:.2g} ({top['oracle_lr']:.2g}), {top['test']:.2f}",
         ]
         for setting in (current, (0.0, 0.0)):
@@ -237,6 +231,53 @@ def report(result: dict[str, Any]) -> str:
             cells.append(f"{row['val']:.2f}, {row['lr']:.2e}, {row['switch']:.0%} of the budget")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def family_report(result: dict[str, Any]) -> list[str]:
+    """One family's part of the section: its pick on all tasks, leave one task out, and its table."""
+    table, (row_name, column_name), (rows, columns) = result["table"], result["names"], result["values"]
+    tasks = list(table)
+    default = AutoWUConfig()
+    current = (default.preset_setting(row_name), default.preset_setting(column_name))
+
+    def mean_val(setting: tuple) -> float:
+        return float(np.mean([table[t][setting]["val"] for t in tasks]))
+
+    overall = min(result["settings"], key=mean_val)
+    lines = [
+        f"### {result['family'].capitalize()}: `{row_name}` x `{column_name}`",
+        "",
+        f"Default setting: {row_name}={current[0]}, {column_name}={current[1]}; picked on all tasks: "
+        f"{row_name}={overall[0]}, {column_name}={overall[1]}"
+        + (
+            ""
+            if overall == current
+            else f" (**differs from the default**: mean validation regret {mean_val(overall):.2f}, the default's "
+            f"{mean_val(current):.2f})"
+        )
+        + ".",
+        "",
+        "Leave one task out:",
+        "",
+        f"| left out | setting picked on the others ({row_name}, {column_name}) | its regret there (test) | best any "
+        "setting reaches there | default's regret there |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for task, pick, held, best_here in leave_one_out(result):
+        lines.append(
+            f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | {table[task][current]['test']:.2f} |"
+        )
+    lines += [
+        "",
+        "Mean validation regret over the tasks, per setting:",
+        "",
+        f"| {row_name} \\ {column_name} | " + " | ".join(str(c) for c in columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for row in rows:
+        cells = [f"{np.mean([table[t][(row, c)]['val'] for t in tasks]):.2f}" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,11 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with locked_json(args.results, EMPTY_RESULTS) as data:
         runs = list(data["runs"].values())
-    result = evaluate(runs)
-    if not result["table"]:
+    results = [evaluate(runs, family) for family in FAMILIES]
+    if not results[0]["table"]:
         print("no task has both ramp and oracle runs yet", file=sys.stderr)
         return 2
-    update_section(args.results_md, "decisions", report(result))
+    update_section(args.results_md, "decisions", report(results))
     print(f"wrote the decisions section of {args.results_md}")
     return 0
 
