@@ -11,6 +11,7 @@ LOG_KEYS = (
     "autowu/lr",
     "autowu/p_min_in_past",
     "autowu/votes",
+    "autowu/passed",
     "autowu/switch_step",
     "autowu/peak_lr",
 )
@@ -20,8 +21,10 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
     """The values logged at a switch test or at the switch, keyed by `LOG_KEYS`.
 
     `autowu/phase` is the index of the phase in ("warmup", "decay", "cooldown"); `autowu/lr` is the LR (of the
-    largest group) for the next step; `autowu/p_min_in_past` and `autowu/votes` are the latest test's (NaN and 0
-    before any test); `autowu/switch_step` is -1 and `autowu/peak_lr` 0 before the switch.
+    largest group) for the next step; `autowu/p_min_in_past`, `autowu/votes` and `autowu/passed` (1 when the test
+    counted toward the switch, else 0: with the robust preset a test whose votes pass still waits until the LR it
+    would choose is resolved) are the latest test's (NaN, 0 and 0 before any test); `autowu/switch_step` is -1 and
+    `autowu/peak_lr` 0 before the switch.
 
     Args:
         scheduler (`AutoWU`): The scheduler.
@@ -35,6 +38,7 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
         "autowu/lr": max(scheduler.get_last_lr()),
         "autowu/p_min_in_past": record.probability if record is not None else math.nan,
         "autowu/votes": record.votes if record is not None else 0,
+        "autowu/passed": int(record.passed) if record is not None else 0,
         "autowu/switch_step": scheduler.switch_step if scheduler.switch_step is not None else -1,
         "autowu/peak_lr": scheduler.peak_lr if scheduler.peak_lr is not None else 0.0,
     }

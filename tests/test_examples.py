@@ -197,7 +197,10 @@ def test_accelerate_two_processes(image_folders, example_env, tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_accelerate_streaming_two_processes(image_folders, example_env, tmp_path):
+    # a streamed image folder has no split sizes in its metadata (unless an earlier run of this module cached them),
+    # so the size is given: the test must not depend on which tests ran before it
     command = [*two_processes(), str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--streaming"]
+    command += ["--train-samples", str(TRAIN_PER_CLASS * len(CLASSES))]
     command += ["--model", "test_resnet", "--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2"]
     command += ["--output-dir", str(tmp_path), "--report-to", "none", "--cpu"]
     run_example(command, example_env)

@@ -118,6 +118,9 @@ def test_applied_lr_and_loss_are_autowus(entry_point, tmp_path, caplog):
     )
     votes = {record.step: record.votes for record in scheduler.tests}
     assert [entries[step - 1]["autowu/votes"] for step in votes] == list(votes.values())
+    passed = {record.step: int(record.passed) for record in scheduler.tests}
+    assert [entries[step - 1]["autowu/passed"] for step in passed] == list(passed.values())
+    assert scheduler.switch_reason != "test" or entries[scheduler.switch_step - 1]["autowu/passed"] == 1
     assert [r.getMessage() for r in caplog.records if "warmup ended" in r.getMessage()] == [
         f"AutoWU: warmup ended after {scheduler.switch_step} steps ({scheduler.switch_reason}); peak LR "
         f"{scheduler.peak_lr:.4g}, decaying to 0 by step 60. Rewound to the state of step {rewound['step']} "
