@@ -149,8 +149,6 @@ def evaluate(runs: list[dict[str, Any]], family: str = "switch test and LR rule"
             }
     return {
         "family": family,
-        "names": (row_name, column_name),
-        "values": (row_values, column_values),
         "settings": settings,
         "table": table,
         "sources": sources,
@@ -186,6 +184,13 @@ def leave_one_out(result: dict[str, Any]) -> list[tuple[str, tuple, float, float
     return rows
 
 
+def default_setting(family: str) -> tuple:
+    """The default's values of `family`'s two options."""
+    (row_name, _), (column_name, _) = FAMILIES[family]
+    default = AutoWUConfig()
+    return default.preset_setting(row_name), default.preset_setting(column_name)
+
+
 def report(results: list[dict[str, Any]]) -> str:
     """The Markdown section: per family, the pick on all tasks, leave one task out and the mean validation regret
     of every setting; then, per task, the default and the paper's choice."""
@@ -207,9 +212,7 @@ def report(results: list[dict[str, Any]]) -> str:
     for result in results:
         lines += family_report(result)
     first = results[0]
-    table, (row_name, column_name) = first["table"], first["names"]
-    default = AutoWUConfig()
-    current = (default.preset_setting(row_name), default.preset_setting(column_name))
+    table, current = first["table"], default_setting(first["family"])
     lines += [
         "### Per task, the default and the paper's choice (LR at the minimum, no margin)",
         "",
@@ -235,10 +238,9 @@ def report(results: list[dict[str, Any]]) -> str:
 
 def family_report(result: dict[str, Any]) -> list[str]:
     """One family's part of the section: its pick on all tasks, leave one task out, and its table."""
-    table, (row_name, column_name), (rows, columns) = result["table"], result["names"], result["values"]
+    table, current = result["table"], default_setting(result["family"])
+    (row_name, rows), (column_name, columns) = FAMILIES[result["family"]]
     tasks = list(table)
-    default = AutoWUConfig()
-    current = (default.preset_setting(row_name), default.preset_setting(column_name))
 
     def mean_val(setting: tuple) -> float:
         return float(np.mean([table[t][setting]["val"] for t in tasks]))
