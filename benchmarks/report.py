@@ -172,7 +172,7 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         "range test (min/10) | paper preset |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    regrets: dict[str, list[float]] = {}
+    regrets: dict[str, dict[str, tuple[float, float]]] = {}  # method -> task -> (regret, its standard error)
     for task, methods in summary.items():
         if "oracle" not in methods:
             continue
@@ -180,9 +180,7 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         scale, unit = (100.0, "pp") if metric == "accuracy" else (1.0, "")
         oracle_mean = mean_std(methods["oracle"]["test"], scale)[0]
         for method, row in methods.items():
-            regrets.setdefault(method, []).append(
-                regret(mean_std(row["test"])[0], mean_std(methods["oracle"]["test"])[0], metric)
-            )
+            regrets.setdefault(method, {})[task] = regret_with_error(row["test"], methods["oracle"]["test"], metric)
         cells = []
         for method in ("schedulefree", "lr_finder", "lr_finder_min10", "autowu_paper"):
             row = methods.get(method)
@@ -197,12 +195,52 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     lines += [
         "",
         "Mean regret over the tasks each method ran (lower is better; tasks: "
-        f"{len([t for t in summary if 'oracle' in summary[t]])}):",
+        f"{len([t for t in summary if 'oracle' in summary[t]])}; ± one standard error from the seeds' spread, the "
+        "oracle's own spread left out since it moves every method alike):",
         "",
     ]
-    for method, values in sorted(regrets.items(), key=lambda item: np.mean(item[1])):
-        lines.append(f"- {method}: {np.mean(values):+.2f} ({len(values)} tasks)")
+    for method, per_task in sorted(regrets.items(), key=lambda item: mean_regret(item[1])[0]):
+        mean, error = mean_regret(per_task)
+        spread = "" if method == "oracle" else f" ± {error:.2f}"  # 0 by definition
+        lines.append(f"- {method}: {mean:+.2f}{spread} ({len(per_task)} tasks)")
+    if "autowu" in regrets:
+        lines += ["", "The default against each method, on the tasks both ran (mean of the per-task differences):", ""]
+        for method, per_task in sorted(regrets.items(), key=lambda item: mean_regret(item[1])[0]):
+            if method in ("autowu", "oracle") or not (shared := [t for t in per_task if t in regrets["autowu"]]):
+                continue
+            differences = {
+                t: (regrets["autowu"][t][0] - per_task[t][0], math.hypot(regrets["autowu"][t][1], per_task[t][1]))
+                for t in shared
+            }
+            mean, error = mean_regret(differences)
+            ahead = sum(d < 0 for d, _ in differences.values())
+            behind = sum(d > 0 for d, _ in differences.values())
+            lines.append(
+                f"- default minus {method}: {mean:+.2f} ± {error:.2f} ({len(shared)} tasks: ahead on {ahead}, "
+                f"behind on {behind})"
+            )
     return lines + [""]
+
+
+def regret_with_error(
+    values: list[float | None], oracle_values: list[float | None], metric: str
+) -> tuple[float, float]:
+    """A method's regret on one task (its mean test metric against the oracle's) and the standard error of that regret
+    from the spread of its seeds (std / sqrt(n), in regret units; 0 for one seed)."""
+    mean, std = mean_std(values)
+    oracle = mean_std(oracle_values)[0]
+    error = std / math.sqrt(len(values))
+    return regret(mean, oracle, metric), abs(regret(mean + error, oracle, metric) - regret(mean, oracle, metric))
+
+
+def mean_regret(per_task: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The mean of per-task (regret, standard error) pairs and its standard error (the tasks' errors combined as
+    independent)."""
+    values = list(per_task.values())
+    return (
+        float(np.mean([r for r, _ in values])),
+        math.sqrt(sum(e * e for _, e in values)) / len(values),
+    )
 
 
 def report(summary: dict[str, dict[str, dict[str, Any]]], stale: list[dict[str, Any]], commands: list[str]) -> str:

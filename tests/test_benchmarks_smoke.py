@@ -121,6 +121,19 @@ def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) ->
         assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
 
 
+def test_mean_regret_carries_the_standard_error_of_the_seeds(bench) -> None:
+    report = bench("report")
+    # accuracy: seeds 97, 98, 99% (std 1 pp, n 3) against an oracle at 99%: 1 pp behind = 2 tolerances of 0.5 pp
+    accuracy = report.regret_with_error([0.97, 0.98, 0.99], [0.99, 0.99, 0.99], "accuracy")
+    assert accuracy == pytest.approx((2.0, 2.0 / 3**0.5))
+    # loss: seeds 2.0 and 2.2 (std 0.1414, standard error 0.1) against an oracle at 2.0, whose tolerance is 0.02
+    loss = report.regret_with_error([2.0, 2.2], [1.9, 2.1], "loss")
+    assert loss == pytest.approx((5.0, 5.0))
+    mean, error = report.mean_regret({"digits": accuracy, "text": loss})
+    assert mean == pytest.approx(3.5)
+    assert error == pytest.approx((4.0 / 3 + 25.0) ** 0.5 / 2)
+
+
 def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp."""
     quality, decisions = bench("quality"), bench("decisions")
@@ -144,10 +157,18 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert "| always restore (rewind_min_shift 0) |" in section
     assert "| never restore (rewind_min_shift 1e9) |" in section
     assert all(f"### {name}:" in section for name in holdout.TASKS)
+    roles = [task.role for task in holdout.TASKS.values()]
+    assert f"| mean of {roles.count('fresh')} | fresh |" in section
+    assert f"| mean of {roles.count('chosen-on')} | chosen-on |" in section
     # every run is recorded, so a second invocation trains nothing and writes the same section
     recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
     assert len(recorded) == len(holdout.TASKS) * (2 + 5 + 1)  # 2 grid points; defaults, 2 rewind, 0.1, paper; ramp
     assert "| paper preset |" in section
+    # the summary's regret of the default on the MLP: its test accuracy against the grid point best on validation
+    grid = [run for key, run in recorded.items() if key.startswith("mlp_sgd|oracle ")]
+    oracle = max(grid, key=lambda run: run["val"])["test"]
+    default = recorded["mlp_sgd|defaults (slowed_fraction 0.3)|0|30"]["test"]
+    assert f"| mlp_sgd | chosen-on | {(oracle - default) * 200:+.2f} |" in section
 
     def no_training(*args, **kwargs):
         raise AssertionError("a recorded run was trained again")

@@ -1,0 +1,447 @@
+"""The held-out tasks of ``holdout.py``: model families and optimizers outside ``quality.py``'s suite.
+
+Every task of ``quality.py`` trains with AdamW. The tasks here use other optimizers and other model families, all in
+a plain hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``. Each has a `HoldoutTask.role`:
+
+``"chosen-on"``: six tasks that no setting was chosen on up to 64f9e55, whose ramps then helped choose the two rules
+of 19c648e (``min_past_lengthscales``, ``max_descent_left``):
+
+- ``mlp_sgd``: an MLP (64-128-128-10) on the digits of ``quality.py`` (same splits), SGD with momentum 0.9, batch 32,
+  400 steps.
+- ``bn_cnn_nesterov``: a CNN with BatchNorm (its running statistics are restored with the parameters) on the same
+  digits, SGD with Nesterov momentum and weight decay 5e-4, batch 64, 300 steps.
+- ``gru_adafactor``: a byte-level GRU language model (1 layer, width 128) on Python's documentation prose (the text of
+  ``quality.py``'s fine-tuning task), transformers' Adafactor with an absolute LR, gradients clipped at norm 1,
+  16 windows of 64 bytes per step, 300 steps.
+- ``gru_adamw``: the same GRU with AdamW (torch's defaults), to tell the model family from the optimizer.
+- ``gpt2_lora``: the fine-tuning task of ``quality.py`` (its GPT-2 pretrained on stdlib code, fine-tuned on the
+  documentation prose, 200 steps), with PEFT LoRA adapters (rank 8) instead of every weight: the parameters rewind
+  measures its shift on are the adapters (under ``--smoke`` the GPT-2 is not pretrained).
+- ``t5_adafactor``: a small T5 encoder-decoder (2 + 2 layers, width 64, bytes as tokens) that reads 48 bytes of the
+  documentation prose and writes the next 16, with Adafactor at an absolute LR (T5's usual optimizer), 16 windows
+  per step, 300 steps: the seq2seq shape of HF training, which no task of ``quality.py`` has.
+
+``"fresh"``: three tasks added after those rules were fixed (decision code 96ccde02eb8a), run once at that code and
+never used to choose anything:
+
+- ``timm_resnet_sgd``: timm's ``test_resnet`` (residual stages with BatchNorm) on the digits at 16x16, SGD with
+  momentum 0.9 and weight decay 5e-5 (timm's usual optimizer), batch 64, 300 steps.
+- ``lstm_code_adam``: a byte-level LSTM language model (2 layers, width 128) on the standard library's code (the text
+  of ``quality.py``'s GPT-2 tasks, not the GRU's prose), torch's Adam, gradients clipped at norm 1, 16 windows of
+  64 bytes per step, 300 steps.
+- ``gpt2_classifier``: ``quality.py``'s pretrained GPT-2 under a new sequence-classification head
+  (``GPT2ForSequenceClassification``), every weight fine-tuned with AdamW to tell which of four standard-library
+  modules a 64-byte window of code comes from, 16 windows per step, 200 steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cache, partial
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import methods as m  # noqa: E402
+import torch  # noqa: E402
+from tasks import digits_at, digits_splits, docs_bytes, gpt2_model, pretrained_gpt2, stdlib_bytes, text_chunks  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers.optimization import Adafactor  # noqa: E402
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HoldoutTask:
+    """One held-out task: how to build it, feed it and score it."""
+
+    description: str
+    metric: str  # "accuracy" (higher is better) or "loss" (nats per byte, lower is better)
+    steps: int
+    grid: tuple[float, ...]
+    build: Callable[[float], tuple[nn.Module, torch.optim.Optimizer]]  # peak LR -> model, optimizer (seeded before)
+    batches: Callable[[int], Iterator[Batch]]  # seed -> endless batches
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    score: Callable[[nn.Module], tuple[float, float]]  # model -> (val, test)
+    max_grad_norm: float | None = None
+    chance: Callable[[], float] | None = None  # accuracy tasks: the test accuracy of a model that learned nothing
+    role: str = "chosen-on"  # or "fresh": added after the rules of 19c648e were fixed, never used to choose one
+
+
+def shuffled(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> Iterator[Batch]:
+    """Shuffled batches of `batch` examples, epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(x), generator=generator)
+        yield from ((x[i], y[i]) for i in (order[j : j + batch] for j in range(0, len(x) - batch + 1, batch)))
+
+
+def digits(flat: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`quality.py`'s digits splits, as 64-vectors (`flat`) or 1x8x8 images."""
+    return {name: (x.flatten(1) if flat else x, y) for name, (x, y) in digits_splits().items()}
+
+
+@cache
+def digits_16px() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`quality.py`'s digits splits upsampled to 1x16x16 (as its timm tasks see them)."""
+    return digits_at(16)
+
+
+def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's logits: a `transformers` model's output, or the module's own."""
+    out = model(inputs)
+    return getattr(out, "logits", out)
+
+
+def accuracy(splits: Callable[[], dict[str, Batch]]) -> Callable[[nn.Module], tuple[float, float]]:
+    """A scorer: the model's validation and test accuracy on the (inputs, labels) splits `splits()` returns."""
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        data = splits()
+        return tuple(
+            (logits_of(model, x).argmax(-1) == y).float().mean().item() for x, y in (data["val"], data["test"])
+        )
+
+    return score
+
+
+def majority_share(splits: Callable[[], dict[str, Batch]]) -> Callable[[], float]:
+    """The test accuracy of always answering the most common class of the test split of `splits()`: a model that
+    learned nothing scores this much (a tenth on the digits, 41% on `module_windows`, whose classes differ in size)."""
+
+    def share() -> float:
+        labels = splits()["test"][1]
+        return torch.bincount(labels).max().item() / len(labels)
+
+    return share
+
+
+def classify(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of the model's class logits on a batch of (inputs, labels)."""
+    return nn.functional.cross_entropy(logits_of(model, batch[0]), batch[1])
+
+
+def mlp_sgd(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The MLP and its SGD with momentum 0.9."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def bn_cnn_nesterov(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The BatchNorm CNN and its SGD with Nesterov momentum 0.9 and weight decay 5e-4."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+class ByteRNN(nn.Module):
+    """A byte-level recurrent language model: embedding 32, `layers` layers of a `cell` (GRU or LSTM) of width 128,
+    a linear read-out."""
+
+    def __init__(self, cell: type[nn.RNNBase], layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, 32)
+        self.rnn = cell(32, 128, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(128, 256)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits for a batch of byte windows."""
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+SEQ_LEN, TEXT_BATCH = 64, 16
+
+
+def gru_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GRU and transformers' Adafactor with an absolute LR (no parameter scaling, no relative step)."""
+    model = ByteRNN(nn.GRU)
+    optimizer = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    return model, optimizer
+
+
+def gru_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GRU and torch's AdamW with its defaults."""
+    model = ByteRNN(nn.GRU)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats per byte) on a batch of (inputs, next bytes)."""
+    return nn.functional.cross_entropy(logits_of(model, batch[0]).flatten(0, 1), batch[1].flatten())
+
+
+PRETRAINED = True  # False under --smoke: LoRA and the classifier then start from an untrained GPT-2 (no pretraining)
+
+
+def gpt2_lora_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`quality.py`'s GPT-2 pretrained on stdlib code (its fine-tuning task's base model) with PEFT LoRA adapters
+    (rank 8, alpha 16, on the attention and MLP projections) and AdamW on the adapters, as `quality.py` sets it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = pretrained_gpt2() if PRETRAINED else gpt2_model()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    model = get_peft_model(base, config)
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **m.ADAMW)
+
+
+SOURCE_LEN, TARGET_LEN = 48, 16
+
+
+def t5_adafactor(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small T5 (2 encoder and 2 decoder layers, width 64, 4 heads, bytes as tokens; byte 0, absent from the prose,
+    is its pad and decoder start) and transformers' Adafactor with an absolute LR."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=256,
+        d_model=64,
+        d_kv=16,
+        d_ff=256,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    model = T5ForConditionalGeneration(config)
+    optimizer = Adafactor(model.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    return model, optimizer
+
+
+def seq2seq_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy (nats per byte) of the target bytes given the source bytes."""
+    return model(input_ids=batch[0], labels=batch[1]).loss
+
+
+def next_bytes(windows: torch.Tensor) -> Batch:
+    """A language model's (inputs, targets) from windows of `SEQ_LEN` + 1 bytes: each byte and the byte after it."""
+    return windows[:, :-1], windows[:, 1:]
+
+
+def continuation(windows: torch.Tensor) -> Batch:
+    """A seq2seq model's (source, target) from windows of `SOURCE_LEN` + `TARGET_LEN` bytes."""
+    return windows[:, :SOURCE_LEN].contiguous(), windows[:, SOURCE_LEN:].contiguous()
+
+
+def text_batches(
+    text: Callable[[], dict[str, torch.Tensor]], length: int, split: Callable[[torch.Tensor], Batch], seed: int
+) -> Iterator[Batch]:
+    """`TEXT_BATCH` windows of `length` bytes of the training split of `text()` (the prose or the code) at random
+    offsets per step, `split` into a batch."""
+    data, generator = text()["train"], torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(len(data) - length, (TEXT_BATCH,), generator=generator)
+        yield split(torch.stack([data[s : s + length] for s in starts.tolist()]))
+
+
+def text_score(
+    text: Callable[[], dict[str, torch.Tensor]],
+    length: int,
+    split: Callable[[torch.Tensor], Batch],
+    loss: Callable[[nn.Module, Batch], torch.Tensor],
+) -> Callable[[nn.Module], tuple[float, float]]:
+    """A scorer: the model's mean `loss` on 128 fixed windows of `length` bytes of the validation and test splits of
+    `text()`."""
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        splits = text()
+        return tuple(
+            loss(model, split(text_chunks(splits[name], length, 128).tensors["input_ids"])).item()
+            for name in ("val", "test")
+        )
+
+    return score
+
+
+LM_BATCHES = partial(text_batches, docs_bytes, SEQ_LEN + 1, next_bytes)
+LM_SCORE = text_score(docs_bytes, SEQ_LEN + 1, next_bytes, next_byte_loss)
+SEQ2SEQ_BATCHES = partial(text_batches, docs_bytes, SOURCE_LEN + TARGET_LEN, continuation)
+SEQ2SEQ_SCORE = text_score(docs_bytes, SOURCE_LEN + TARGET_LEN, continuation, seq2seq_loss)
+CODE_LM_BATCHES = partial(text_batches, stdlib_bytes, SEQ_LEN + 1, next_bytes)
+CODE_LM_SCORE = text_score(stdlib_bytes, SEQ_LEN + 1, next_bytes, next_byte_loss)
+
+
+# ------------------------------------------------------------------ the fresh tasks (role "fresh")
+
+
+def timm_resnet_sgd(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """timm's `test_resnet` (BatchNorm, residual stages, 373k parameters) for one-channel images, and SGD with
+    momentum 0.9 and weight decay 5e-5, as timm's training script sets it up by default."""
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+
+
+def lstm_adam(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A two-layer byte-level LSTM and torch's Adam with its defaults."""
+    model = ByteRNN(nn.LSTM, layers=2)
+    return model, torch.optim.Adam(model.parameters(), lr=lr)
+
+
+CLASSIFIED_MODULES = ("argparse", "pickletools", "turtle", "_pydecimal")
+"""The standard-library modules whose code `gpt2_classifier` tells apart: large ones of unlike subjects, one class
+each (with eight modules this model stays near chance in 200 steps at every LR)."""
+CHUNK = 1024  # bytes: each module's code is dealt out to the splits in chunks of this size
+
+
+@cache
+def module_windows() -> dict[str, Batch]:
+    """64-byte windows of the code of `CLASSIFIED_MODULES`, labelled by module. Each file is cut into `CHUNK`-byte
+    chunks dealt out as `tasks.py` deals out files (index % 10: 0 validation, 1 test, the rest training), so every
+    split samples the whole file; training windows start every 16 bytes, validation and test windows every 128."""
+    import sysconfig
+    from pathlib import Path
+
+    splits: dict[str, tuple[list[torch.Tensor], list[int]]] = {name: ([], []) for name in ("train", "val", "test")}
+    for label, module in enumerate(CLASSIFIED_MODULES):
+        code = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_bytes()
+        data = torch.frombuffer(bytearray(code), dtype=torch.uint8).long()
+        for index, start in enumerate(range(0, len(data) - CHUNK + 1, CHUNK)):
+            name = "val" if index % 10 == 0 else "test" if index % 10 == 1 else "train"
+            offsets = range(start, start + CHUNK - SEQ_LEN + 1, 16 if name == "train" else 128)
+            splits[name][0].extend(data[o : o + SEQ_LEN] for o in offsets)
+            splits[name][1].extend([label] * len(offsets))
+    return {name: (torch.stack(windows), torch.tensor(labels)) for name, (windows, labels) in splits.items()}
+
+
+def gpt2_classifier(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`quality.py`'s GPT-2 pretrained on stdlib code under a new sequence-classification head (one class per module of
+    `CLASSIFIED_MODULES`; it reads the last byte, byte 0, absent from the code, being the pad), and AdamW on every
+    weight, as `quality.py` sets it."""
+    from transformers import GPT2ForSequenceClassification
+
+    base = pretrained_gpt2() if PRETRAINED else gpt2_model()
+    config = copy.deepcopy(base.config)
+    config.num_labels, config.pad_token_id = len(CLASSIFIED_MODULES), 0
+    model = GPT2ForSequenceClassification(config)
+    model.transformer.load_state_dict(base.transformer.state_dict())
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
+
+
+def grid(first: int, count: int = 9) -> tuple[float, ...]:
+    """`count` points of `quality.py`'s grid from its `first`-th, a factor 2 apart."""
+    return tuple(m.grid_lr(k) for k in range(first, first + count))
+
+
+TASKS: dict[str, HoldoutTask] = {
+    "mlp_sgd": HoldoutTask(
+        "MLP 64-128-128-10 on the digits, SGD + momentum 0.9, batch 32, 400 steps",
+        "accuracy",
+        400,
+        grid(7),
+        mlp_sgd,
+        lambda seed: shuffled(*digits(True)["train"], 32, seed),
+        classify,
+        accuracy(partial(digits, True)),
+        chance=majority_share(partial(digits, True)),
+    ),
+    "bn_cnn_nesterov": HoldoutTask(
+        "CNN with BatchNorm on the digits, SGD + Nesterov momentum 0.9 + weight decay 5e-4, batch 64, 300 steps",
+        "accuracy",
+        300,
+        grid(6),
+        bn_cnn_nesterov,
+        lambda seed: shuffled(*digits(False)["train"], 64, seed),
+        classify,
+        accuracy(partial(digits, False)),
+        chance=majority_share(partial(digits, False)),
+    ),
+    "gru_adafactor": HoldoutTask(
+        "byte-level GRU LM on Python's documentation prose, Adafactor (absolute LR), clip 1.0, 16x64 bytes, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        gru_adafactor,
+        LM_BATCHES,
+        next_byte_loss,
+        LM_SCORE,
+        max_grad_norm=1.0,
+    ),
+    "gru_adamw": HoldoutTask(
+        "the same GRU LM with AdamW (torch defaults, weight decay 0.01), clip 1.0, 16x64 bytes, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        gru_adamw,
+        LM_BATCHES,
+        next_byte_loss,
+        LM_SCORE,
+        max_grad_norm=1.0,
+    ),
+    "gpt2_lora": HoldoutTask(
+        "quality.py's pretrained GPT-2 fine-tuned on the documentation prose with PEFT LoRA (rank 8), AdamW, "
+        "16x64 bytes, 200 steps",
+        "loss",
+        200,
+        grid(3),
+        gpt2_lora_adamw,
+        LM_BATCHES,
+        next_byte_loss,
+        LM_SCORE,
+    ),
+    "t5_adafactor": HoldoutTask(
+        "T5 encoder-decoder (2+2 layers, width 64) continuing 48 bytes of the documentation prose by 16, Adafactor "
+        "(absolute LR), clip 1.0, 16 windows, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        t5_adafactor,
+        SEQ2SEQ_BATCHES,
+        seq2seq_loss,
+        SEQ2SEQ_SCORE,
+        max_grad_norm=1.0,
+    ),
+    "timm_resnet_sgd": HoldoutTask(
+        "timm test_resnet (BatchNorm, residual) on the digits at 16x16, SGD + momentum 0.9 + weight decay 5e-5, "
+        "batch 64, 300 steps",
+        "accuracy",
+        300,
+        grid(6),
+        timm_resnet_sgd,
+        lambda seed: shuffled(*digits_16px()["train"], 64, seed),
+        classify,
+        accuracy(digits_16px),
+        chance=majority_share(digits_16px),
+        role="fresh",
+    ),
+    "lstm_code_adam": HoldoutTask(
+        "byte-level LSTM LM (2 layers, width 128) on the standard library's code, Adam (torch defaults), clip 1.0, "
+        "16x64 bytes, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        lstm_adam,
+        CODE_LM_BATCHES,
+        next_byte_loss,
+        CODE_LM_SCORE,
+        max_grad_norm=1.0,
+        role="fresh",
+    ),
+    "gpt2_classifier": HoldoutTask(
+        "quality.py's pretrained GPT-2 with a new classification head, fine-tuned (every weight, AdamW) to tell which "
+        "of 4 stdlib modules a 64-byte window of code comes from, 16 windows per step, 200 steps",
+        "accuracy",
+        200,
+        grid(1),
+        gpt2_classifier,
+        lambda seed: shuffled(*module_windows()["train"], TEXT_BATCH, seed),
+        classify,
+        accuracy(module_windows),
+        chance=majority_share(module_windows),
+        role="fresh",
+    ),
+}
