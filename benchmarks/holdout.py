@@ -152,7 +152,7 @@ def at_chance(task: HoldoutTask, value: float) -> bool:
         return True
     if task.metric == "loss":
         return value >= 0.95 * np.log(256)
-    return value <= max(0.2, task.chance() + 0.005)
+    return value <= max(0.2, (task.chance() if task.chance is not None else 0.0) + 0.005)
 
 
 def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:

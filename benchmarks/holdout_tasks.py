@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import copy
 import os
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache, partial
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -303,9 +305,6 @@ def module_windows() -> dict[str, Batch]:
     """64-byte windows of the code of `CLASSIFIED_MODULES`, labelled by module. Each file is cut into `CHUNK`-byte
     chunks dealt out as `tasks.py` deals out files (index % 10: 0 validation, 1 test, the rest training), so every
     split samples the whole file; training windows start every 16 bytes, validation and test windows every 128."""
-    import sysconfig
-    from pathlib import Path
-
     splits: dict[str, tuple[list[torch.Tensor], list[int]]] = {name: ([], []) for name in ("train", "val", "test")}
     for label, module in enumerate(CLASSIFIED_MODULES):
         code = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_bytes()
