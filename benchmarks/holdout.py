@@ -155,6 +155,13 @@ def at_chance(task: HoldoutTask, value: float) -> bool:
     return value <= max(0.2, (task.chance() if task.chance is not None else 0.0) + 0.005)
 
 
+def setting_outcome(task: HoldoutTask, runs: list[dict[str, Any]], oracle: float) -> tuple[float, int]:
+    """A setting's regret (its mean test metric against the oracle's `oracle`) and how many of its runs are at
+    chance."""
+    values = [r["test"] for r in runs]
+    return regret(float(np.mean(values)), oracle, task.metric), sum(at_chance(task, v) for v in values)
+
+
 def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:
     """Per task (name -> role, {setting: (regret, runs at chance)} for the default and the paper preset), then the
     mean regret over each role's tasks and how many of their runs learned nothing."""
@@ -194,6 +201,7 @@ def task_report(name: str, task: HoldoutTask, grid_runs: dict[float, list], auto
     ]
     for setting, runs in autowu.items():
         values = [r["test"] for r in runs]
+        setting_regret, failed = setting_outcome(task, runs, oracle)
         spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
         scale = 100 if task.metric == "accuracy" else 1
         outcome = ", ".join(
@@ -204,8 +212,7 @@ def task_report(name: str, task: HoldoutTask, grid_runs: dict[float, list], auto
         )
         lines.append(
             f"| {setting} | {fmt(np.mean(values), task.metric)} ± {scale * spread:.{2 if scale == 100 else 4}f} | "
-            f"{regret(float(np.mean(values)), oracle, task.metric):+.2f} | "
-            f"{sum(at_chance(task, v) for v in values)}/{len(values)} | "
+            f"{setting_regret:+.2f} | {failed}/{len(values)} | "
             + ", ".join(f"{r['lr']:.3g}" for r in runs)
             + " | "
             + ", ".join(f"{r['switch_step']} {r['switch_reason']}" for r in runs)
@@ -232,7 +239,7 @@ def replay_report(
     suggests for that LR (its mean test metric interpolated in log2 of the LR: a proxy, as in `decisions.py`)."""
     lrs = np.log2(sorted(grid_runs))
     curve = [np.mean([r["test"] for r in grid_runs[lr]]) for lr in sorted(grid_runs)]
-    oracle = float(np.mean([r["test"] for r in grid_runs[best_point(task, grid_runs)]]))
+    oracle = oracle_test(task, grid_runs)
     switched = [replay(ramp["losses"], steps, **options) for ramp in ramps]
     proxies = [regret(float(np.interp(np.log2(s.peak_lr), lrs, curve)), oracle, task.metric) for s in switched]
     return (
@@ -307,13 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         oracle = oracle_test(task, grid_runs)
         summary[name] = (
             task.role,
-            {
-                label: (
-                    regret(float(np.mean([r["test"] for r in autowu[label]])), oracle, task.metric),
-                    sum(at_chance(task, r["test"]) for r in autowu[label]),
-                )
-                for label in (default_label, "paper preset")
-            },
+            {label: setting_outcome(task, autowu[label], oracle) for label in (default_label, "paper preset")},
         )
         task_lines += task_report(name, task, grid_runs, autowu)
         print(f"{name}: done")

@@ -113,6 +113,7 @@ def majority_share(splits: Callable[[], dict[str, Batch]]) -> Callable[[], float
     """The test accuracy of always answering the most common class of the test split of `splits()`: a model that
     learned nothing scores this much (a tenth on the digits, 41% on `module_windows`, whose classes differ in size)."""
 
+    @cache
     def share() -> float:
         labels = splits()["test"][1]
         return torch.bincount(labels).max().item() / len(labels)
@@ -186,12 +187,18 @@ def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 PRETRAINED = True  # False under --smoke: LoRA and the classifier then start from an untrained GPT-2 (no pretraining)
 
 
+def base_gpt2() -> nn.Module:
+    """The base model of the GPT-2 fine-tunes: `quality.py`'s GPT-2 pretrained on stdlib code (untrained when not
+    `PRETRAINED`)."""
+    return pretrained_gpt2() if PRETRAINED else gpt2_model()
+
+
 def gpt2_lora_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """`quality.py`'s GPT-2 pretrained on stdlib code (its fine-tuning task's base model) with PEFT LoRA adapters
     (rank 8, alpha 16, on the attention and MLP projections) and AdamW on the adapters, as `quality.py` sets it."""
     from peft import LoraConfig, get_peft_model
 
-    base = pretrained_gpt2() if PRETRAINED else gpt2_model()
+    base = base_gpt2()
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     model = get_peft_model(base, config)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **m.ADAMW)
@@ -323,7 +330,7 @@ def gpt2_classifier(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     weight, as `quality.py` sets it."""
     from transformers import GPT2ForSequenceClassification
 
-    base = pretrained_gpt2() if PRETRAINED else gpt2_model()
+    base = base_gpt2()
     config = copy.deepcopy(base.config)
     config.num_labels, config.pad_token_id = len(CLASSIFIED_MODULES), 0
     model = GPT2ForSequenceClassification(config)

@@ -199,13 +199,14 @@ def standing(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         "oracle's own spread left out since it moves every method alike):",
         "",
     ]
-    for method, per_task in sorted(regrets.items(), key=lambda item: mean_regret(item[1])[0]):
+    ranked = sorted(regrets.items(), key=lambda item: mean_regret(item[1])[0])
+    for method, per_task in ranked:
         mean, error = mean_regret(per_task)
         spread = "" if method == "oracle" else f" ± {error:.2f}"  # 0 by definition
         lines.append(f"- {method}: {mean:+.2f}{spread} ({len(per_task)} tasks)")
     if "autowu" in regrets:
         lines += ["", "The default against each method, on the tasks both ran (mean of the per-task differences):", ""]
-        for method, per_task in sorted(regrets.items(), key=lambda item: mean_regret(item[1])[0]):
+        for method, per_task in ranked:
             if method in ("autowu", "oracle") or not (shared := [t for t in per_task if t in regrets["autowu"]]):
                 continue
             differences = {
@@ -230,7 +231,8 @@ def regret_with_error(
     mean, std = mean_std(values)
     oracle = mean_std(oracle_values)[0]
     error = std / math.sqrt(len(values))
-    return regret(mean, oracle, metric), abs(regret(mean + error, oracle, metric) - regret(mean, oracle, metric))
+    value = regret(mean, oracle, metric)
+    return value, abs(regret(mean + error, oracle, metric) - value)
 
 
 def mean_regret(per_task: dict[str, tuple[float, float]]) -> tuple[float, float]:
