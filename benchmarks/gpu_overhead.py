@@ -6,9 +6,11 @@ Measured, with interleaved repeats (constant / autowu / autowu_tests, ABCABC...)
 - steps/s with a constant LR (no scheduler), with ``AutoWU`` on a budget so long that no switch test fires
   in the timed window (its per-step cost: ``step(loss)`` with the loss left on the GPU), and with ``AutoWU``
   on a short budget where switch tests fire every few dozen steps (the amortised cost of the tests);
-- host-device synchronisations per ordinary step, counted as the warnings of
-  ``torch.cuda.set_sync_debug_mode("warn")`` over a few steps, for each variant, and on a step that runs a
-  switch test.
+- step by step, from a fresh scheduler on the short budget (and with a constant LR): what the scheduler did
+  on the step (nothing, a rewind snapshot, a switch test), its wall time with the device drained before and
+  after, and its host-device synchronisations, counted as the warnings of
+  ``torch.cuda.set_sync_debug_mode("warn")``. An ordinary step must add none; a snapshot copies the parameters
+  and optimizer state to the host (a sync per tensor); a test reads the losses (one sync).
 
 It needs a CUDA GPU and refuses to run without one (exit code 2), unless ``--device cpu`` is given for a dry run
 of the code path (small model, no sync counts). Writes ``gpu_overhead.json`` and a RESULTS.md section.
@@ -94,27 +96,43 @@ class Bench:
         tests = len(self.scheduler.tests) - tests_before if self.scheduler is not None else 0
         return steps / wall, tests
 
-    def count_syncs(self, steps: int) -> int:
-        """Host-device syncs reported by ``torch.cuda.set_sync_debug_mode("warn")`` over ``steps`` steps."""
-        self.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for _ in range(steps):
-                    self.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message).lower() for w in caught)
+    def marks(self) -> tuple[int, int | None]:
+        """(switch tests run so far, step of the latest rewind snapshot): what tells one step's work from another's."""
+        if self.scheduler is None:
+            return 0, None
+        rewinder = self.scheduler.rewinder
+        latest = rewinder.snapshots[-1]["step"] if rewinder is not None and rewinder.snapshots else None
+        return len(self.scheduler.tests), latest
 
-    def syncs_on_test_step(self, max_steps: int) -> int | None:
-        """Syncs of the first step that runs a switch test (``autowu_tests`` schedule), None if none ran."""
-        for _ in range(max_steps):
-            before = len(self.scheduler.tests)
-            syncs = self.count_syncs(1)
-            if len(self.scheduler.tests) > before:
-                return syncs
-        return None
+    def step_kind(self, before: tuple[int, int | None]) -> str:
+        """What the scheduler did on the step just taken: ``ordinary``, ``snapshot``, ``test`` or ``snapshot+test``."""
+        tests, snapshot = self.marks()
+        kinds = [name for name, done in (("snapshot", snapshot != before[1]), ("test", tests > before[0])) if done]
+        return "+".join(kinds) or "ordinary"
+
+    def profile(self, steps: int, count_syncs: bool) -> list[dict[str, Any]]:
+        """Each of ``steps`` steps: what the scheduler did, and either its host-device syncs (the warnings of
+        ``torch.cuda.set_sync_debug_mode("warn")``) or its wall time with the device drained before and after."""
+        rows = []
+        for _ in range(steps):
+            before = self.marks()
+            if count_syncs:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        self.step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                value = sum("synchroniz" in str(w.message).lower() for w in caught)
+            else:
+                self.synchronize()
+                start = time.perf_counter()
+                self.step()
+                self.synchronize()
+                value = (time.perf_counter() - start) * 1e3
+            rows.append({"kind": self.step_kind(before), "syncs" if count_syncs else "ms": value})
+        return rows
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,14 +147,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             rate, tests = bench.steps_per_second(args.steps)
             throughput.append({"variant": variant, "repeat": repeat, "steps_per_s": rate, "switch_tests": tests})
             print(f"{variant:>12} repeat {repeat}: {rate:.2f} steps/s ({tests} switch tests)", flush=True)
-    syncs: dict[str, Any] = {}
-    if bench.device.type == "cuda":
-        for variant in ("constant", "autowu"):
+    # step by step: syncs (CUDA only) and wall time, by what the scheduler did on the step
+    steps: dict[str, dict[str, Any]] = {}
+    for variant in ("constant", "autowu_tests"):
+        passes = (True, False) if bench.device.type == "cuda" else (False,)
+        by_kind: dict[str, Any] = {}
+        for count_syncs in passes:  # a fresh scheduler each pass (the model trains on: the work may differ a little)
             bench.use(variant)
-            syncs[variant] = bench.count_syncs(args.sync_steps) / args.sync_steps
-        bench.use("autowu_tests")
-        syncs["autowu_test_step"] = bench.syncs_on_test_step(args.short_budget // 2)
-        print(f"syncs per step: {syncs}", flush=True)
+            rows = bench.profile(args.profile_steps, count_syncs)
+            field = "syncs" if count_syncs else "ms"
+            for kind in sorted({r["kind"] for r in rows}):
+                values = [r[field] for r in rows if r["kind"] == kind]
+                row = by_kind.setdefault(kind, {"steps": len(values), "median_ms": None, "median_syncs": None})
+                if count_syncs:
+                    row.update(median_syncs=statistics.median(values), max_syncs=max(values))
+                else:
+                    row.update(steps=len(values), median_ms=statistics.median(values))
+        steps[variant] = by_kind
+        print(f"{variant}: {by_kind}", flush=True)
     device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else "CPU (dry run)"
     return {
         "command": command_line(),
@@ -148,7 +176,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "short_budget": args.short_budget,
         "throughput": throughput,
-        "syncs_per_step": syncs,
+        "profile_steps": args.profile_steps,
+        "steps_by_kind": steps,
     }
 
 
@@ -174,14 +203,34 @@ def report(data: dict[str, Any]) -> str:
         lines.append(
             f"| {variant} | {len(rows)} | {rate:.2f} | {rate / base:.3f} | {sum(r['switch_tests'] for r in rows)} |"
         )
-    if data["syncs_per_step"]:
-        s = data["syncs_per_step"]
-        lines += [
-            "",
-            f"Host-device syncs (`set_sync_debug_mode` warnings) per ordinary step: constant "
-            f"{s['constant']:g}, autowu {s['autowu']:g}; on a step that runs a switch test: "
-            f"{s['autowu_test_step']}.",
-        ]
+    kinds = {
+        "ordinary": "ordinary step",
+        "snapshot": "rewind snapshot",
+        "test": "switch test",
+        "snapshot+test": "snapshot and test",
+    }
+    lines += [
+        "",
+        f"Step by step ({data['profile_steps']} steps from a fresh scheduler, `autowu_tests`' budget; the time of "
+        "each step with the device drained before and after; syncs: the warnings of "
+        '`torch.cuda.set_sync_debug_mode("warn")`, on a second pass over the same steps):',
+        "",
+        "| variant | step | steps | median ms | ms over the constant LR's step | syncs (median, max) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    ordinary = data["steps_by_kind"]["constant"]["ordinary"]["median_ms"]
+    for variant, by_kind in data["steps_by_kind"].items():
+        for kind, row in by_kind.items():
+            syncs = "-" if row["median_syncs"] is None else f"{row['median_syncs']:g}, {row['max_syncs']:g}"
+            lines.append(
+                f"| {variant} | {kinds.get(kind, kind)} | {row['steps']} | "
+                + (
+                    "- | - |"
+                    if row["median_ms"] is None
+                    else f"{row['median_ms']:.2f} | {row['median_ms'] - ordinary:+.2f} |"
+                )
+                + f" {syncs} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each variant")
     parser.add_argument("--warmup-steps", type=int, default=20, help="untimed steps before measuring")
-    parser.add_argument("--sync-steps", type=int, default=10, help="steps over which syncs are counted")
+    parser.add_argument("--profile-steps", type=int, default=300, help="steps profiled one by one per variant")
     parser.add_argument("--short-budget", type=int, default=1000, help="AutoWU budget of the autowu_tests variant")
     parser.add_argument("--out-dir", type=Path, default=None, help="where gpu_overhead.json goes")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
@@ -203,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.batch_size, args.image_size = "test_resnet", 2, 32
-        args.steps, args.repeats, args.warmup_steps, args.sync_steps, args.short_budget = 3, 1, 1, 2, 40
+        args.steps, args.repeats, args.warmup_steps, args.profile_steps, args.short_budget = 3, 1, 1, 40, 40
     return resolve_output_paths(args, "gpu_overhead_smoke_")
 
 

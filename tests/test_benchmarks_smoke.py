@@ -230,6 +230,11 @@ def test_gpu_overhead_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert gpu_overhead.main(["--device", "cpu", "--smoke", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_overhead.json").read_text())
     assert {r["variant"] for r in data["throughput"]} == set(gpu_overhead.VARIANTS)
+    # step by step: the constant LR does nothing but steps; AutoWU snapshots on its first step (LR milestones)
+    kinds = data["steps_by_kind"]
+    assert set(kinds["constant"]) == {"ordinary"} and kinds["constant"]["ordinary"]["steps"] == data["profile_steps"]
+    assert sum(row["steps"] for row in kinds["autowu_tests"].values()) == data["profile_steps"]
+    assert kinds["autowu_tests"]["snapshot"]["steps"] >= 1 and kinds["autowu_tests"]["ordinary"]["steps"] >= 1
 
 
 def test_gpu_checks_refuses_without_cuda(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
