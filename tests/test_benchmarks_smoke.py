@@ -134,6 +134,18 @@ def test_mean_regret_carries_the_standard_error_of_the_seeds(bench) -> None:
     assert error == pytest.approx((4.0 / 3 + 25.0) ** 0.5 / 2)
 
 
+def test_band_is_the_oracles_spread_not_the_methods(bench) -> None:
+    report = bench("report")
+    oracle = {"metric": "accuracy", "test": [0.95, 0.95, 0.95]}  # no spread: the band is the 0.5 pp tolerance
+    steady = {"metric": "accuracy", "test": [0.946, 0.946, 0.946]}  # 0.4 pp behind
+    erratic = {"metric": "accuracy", "test": [0.95, 0.95, 0.80]}  # 5 pp behind on the mean, std 8.7 pp
+    assert report.within_band(steady, oracle) == (True, pytest.approx(0.4))
+    assert report.within_band(erratic, oracle) == (False, pytest.approx(5.0))
+    spread = {"metric": "loss", "test": [2.0, 2.2, 2.4]}  # the oracle's own std (0.2) widens the band past 1%
+    assert report.within_band({"metric": "loss", "test": [2.35]}, spread)[0]
+    assert not report.within_band({"metric": "loss", "test": [2.45]}, spread)[0]
+
+
 def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp."""
     quality, decisions = bench("quality"), bench("decisions")
