@@ -198,6 +198,14 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     )
 
 
+def test_holdout_refuses_fewer_default_seeds_than_seeds(bench, tmp_path: Path, capsys) -> None:
+    holdout = bench("holdout")
+    with pytest.raises(SystemExit):
+        holdout.main(["--seeds", "3", "--default-seeds", "2", "--out-dir", str(tmp_path)])
+    assert "--default-seeds must be at least --seeds (3), got 2" in capsys.readouterr().err
+    assert not (tmp_path / "holdout.json").exists()
+
+
 def test_holdout_grid_grows_past_a_best_point_at_its_edge(bench) -> None:
     """As `quality.py`'s oracle: the next grid point (a factor 2 on) beyond a best point at either end, else None."""
     holdout = bench("holdout")
