@@ -23,7 +23,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "spike_watch": True,
         "estimate_at_cap": True,
         "rewind": True,
-        "rewind_min_shift": 0.35,
+        "rewind_min_shift": 0.2,
         "rise_margin": 0.0,
         "min_past_lengthscales": 1.0,
         "slowed_fraction": 0.3,
@@ -224,7 +224,7 @@ class AutoWUConfig:
             "Rewind only when the parameters have moved since the snapshot by at least this fraction of its norm "
             "(||now - snapshot|| / ||snapshot||); below it the steps trained past the chosen LR are kept, as a model "
             "that barely moved there (e.g. a pretrained one) gains from them. After a blow-up rewind always restores. "
-            "0: always restore (default: 0.35 for 'robust')."
+            "0: always restore (default: 0.2 for 'robust')."
         ),
     )
     rewind_memory_fraction: float = field(
@@ -276,10 +276,8 @@ class AutoWUConfig:
         self._check_optional_non_negative("rewind_min_shift")
         self._check_optional_non_negative("rise_margin")
         self._check_optional_non_negative("min_past_lengthscales")
-        if self.max_descent_left is not None and not (
-            _is_real(self.max_descent_left) and 0.0 <= self.max_descent_left <= 1.0
-        ):
-            raise ValueError(f"`max_descent_left` must be in [0, 1], got {self.max_descent_left!r}.")
+        if self.max_descent_left is not None:
+            self._check_fraction("max_descent_left")
         if self.slowed_fraction is not None and not (
             _is_real(self.slowed_fraction) and 0.0 <= self.slowed_fraction < 1.0
         ):

@@ -164,7 +164,7 @@ class WarmupRewinder:
         min_shift (`float`, *optional*): Restore a snapshot only when the parameters have moved since it by at least
             this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all parameters); below it the run
             keeps the steps trained past the chosen LR. After a blow-up the snapshot is always restored. 0: always
-            restore (default: `rewind_min_shift`, 0.35 with the robust preset).
+            restore (default: `rewind_min_shift`, 0.2 with the robust preset).
 
     Example:
 
