@@ -119,6 +119,9 @@ def test_rewind_gate_replays_both_outcomes_of_each_run(bench, tmp_path: Path) ->
         expected = report.regret(run["test"], oracle, "accuracy")
         row = next(line for line in section.splitlines() if line.startswith(f"| {threshold} |"))
         assert float(row.split("|")[3]) == pytest.approx(expected, abs=0.006)
+    # the default's line: its regret is the row of its threshold (the only run: kept below 0.2 of a shift, else not)
+    default_row = next(line for line in section.splitlines() if line.startswith("| 0.2 |"))
+    assert f"The default, 0.2: mean regret {float(default_row.split('|')[2]):.2f} (val)" in section
 
 
 def test_mean_regret_carries_the_standard_error_of_the_seeds(bench) -> None:
