@@ -45,6 +45,7 @@ from transformers import (
     TimmWrapperForImageClassification,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from hf_autowu import AutoWUCallback, AutoWUConfig
@@ -207,16 +208,21 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {"top1": top1, "top5": top5}
 
 
-def build_model(name: str, label_names: list[str]) -> TimmWrapperForImageClassification:
+def build_model(name: str, label_names: list[str], seed: int) -> TimmWrapperForImageClassification:
     """A randomly initialised timm model wrapped for transformers (offline: built from a config, not the Hub).
+
+    The weights are drawn after `set_seed(seed)`: the Trainer seeds only when it is built, after the model, so
+    without it every run would start from other weights.
 
     Args:
         name (`str`): The timm architecture.
         label_names (`list[str]`): The class names.
+        seed (`int`): The run's seed (`--seed`).
 
     Returns:
         `TimmWrapperForImageClassification`: The model, with timm's own weight initialisation.
     """
+    set_seed(seed)
     config = TimmWrapperConfig(
         architecture=name,
         num_labels=len(label_names),
@@ -256,7 +262,7 @@ def train(
             seed=training_args.seed,
         )
     limit_cpu_threads(data, training_args.device)
-    model = build_model(recipe["model"], data.label_names)
+    model = build_model(recipe["model"], data.label_names, training_args.seed)
     sync_bn = recipe["model"].startswith("efficientnet") if script_args.sync_bn is None else script_args.sync_bn
     if sync_bn and training_args.world_size > 1 and training_args.device.type != "cpu":
         model.timm_model = convert_sync_batchnorm(model.timm_model)

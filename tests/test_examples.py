@@ -331,6 +331,14 @@ def help_text(example: ModuleType, capsys: pytest.CaptureFixture, flag: str = "-
 
 
 @needs_trainer_callback
+def test_trainer_example_draws_the_same_weights_for_the_same_seed(import_example):
+    example = import_example("train_timm_trainer")
+    first, again = (example.build_model("test_resnet", ["a", "b"], seed=3).state_dict() for _ in range(2))
+    other = example.build_model("test_resnet", ["a", "b"], seed=4).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+
+
 def test_trainer_help_is_readable(import_example, capsys):
     example = import_example("train_timm_trainer")
     out = help_text(example, capsys)
