@@ -27,7 +27,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rise_margin": 0.0,
         "min_past_lengthscales": 1.0,
         "slowed_fraction": 0.3,
-        "max_descent_left": 0.15,
+        "max_descent_left": 0.06,
         "cooldown_type": "linear",
         "min_losses": 20,
         "fit_lr": 0.05,
@@ -198,7 +198,7 @@ class AutoWUConfig:
             "The LR chosen at the switch is never below the point where only this fraction of the smoothed loss's "
             "descent (from its highest point before the minimum down to the minimum) is still ahead, so that a "
             "descent going on well past the slowed point is followed; 1 sets no bound, the paper's choice (default: "
-            "0.15 for 'robust', 1 for 'paper')."
+            "0.06 for 'robust', 1 for 'paper')."
         ),
     )
     estimate_at_cap: bool | None = field(
