@@ -10,12 +10,16 @@ recorded, AutoWU's own schedule (same ramp, switch step, rewind, hold and cooldo
 of the oracle's grid; elsewhere the oracle's grid, a rougher proxy since its schedule (5% warmup, cosine) is not
 AutoWU's. Regret is always measured from the oracle's best point.
 
-Settings replayed, in two families (see `AutoWUConfig`), every other option at its default: ``rise_margin`` x
-``slowed_fraction`` (when a test votes "past", and where the LR is chosen), and ``min_past_lengthscales`` x
-``max_descent_left`` (when a passed test counts, and how far the choice follows a descent that goes on).
-Leave-one-task-out, per family: for each task, the setting with the lowest mean regret on all the other tasks
-(validation metric) is picked, and its regret on the left-out task (test metric) is reported; the setting picked on
-all tasks should be the default, and is flagged when it is not.
+Settings replayed, in three families (see `AutoWUConfig`), every other option at its default: ``rise_margin`` x
+``slowed_fraction`` (when a test votes "past", and where the LR is chosen), ``min_past_lengthscales`` x
+``max_descent_left`` (when a passed test counts, and how far the choice follows a descent that goes on), and
+``confidence`` x ``patience`` (how sure each test must be, and how many in a row).
+
+The tasks: the suite's, and those of ``holdout.py`` (other model families and optimizers, in plain loops), whose
+ramps it records the same way; their LRs are scored with their oracle's curve. Leave-one-task-out, per family: for
+each task, the setting with the lowest mean regret on all the other tasks (validation metric) is picked, and its
+regret on the left-out task (test metric) is reported; the setting picked on all tasks should be the default, and is
+flagged when it is not.
 
     python benchmarks/decisions.py                 # writes the `decisions` section of RESULTS.md
 """
@@ -27,11 +31,13 @@ import itertools
 import math
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import holdout  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
@@ -45,13 +51,16 @@ from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
 RISE_MARGINS = (0.0, 0.5, 1.0, 2.0)
 SLOWED_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5)
 MIN_PAST_LENGTHSCALES = (0.0, 0.5, 1.0, 1.5)
-MAX_DESCENT_LEFT = (1.0, 0.3, 0.15, 0.1)
+MAX_DESCENT_LEFT = (1.0, 0.3, 0.15, 0.1, 0.06, 0.04)
+CONFIDENCES = (0.9, 0.95, 0.99, 0.999)
+PATIENCES = (2, 3, 5, 8)
 FAMILIES: dict[str, tuple[tuple[str, tuple[float, ...]], tuple[str, tuple[float, ...]]]] = {
     "switch test and LR rule": (("rise_margin", RISE_MARGINS), ("slowed_fraction", SLOWED_FRACTIONS)),
     "resolution and descent": (
         ("min_past_lengthscales", MIN_PAST_LENGTHSCALES),
         ("max_descent_left", MAX_DESCENT_LEFT),
     ),
+    "switch confidence": (("confidence", CONFIDENCES), ("patience", PATIENCES)),
 }
 """Each family: two options, the rows and the columns of its table; the settings are their products."""
 
@@ -114,45 +123,112 @@ def proxy(curve: tuple[np.ndarray, np.ndarray], lr: float) -> float:
     return float(np.interp(math.log2(lr), *curve))
 
 
-def evaluate(runs: list[dict[str, Any]], family: str = "switch test and LR rule") -> dict[str, Any]:
-    """Replay every setting of `family` (a key of `FAMILIES`) on every task that has ramps and an oracle grid;
-    regrets per task and setting."""
+def suite_cases(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The suite's tasks that have ``ramp`` runs and an oracle grid in `runs`: per task, its group (``suite``), the
+    ramps' losses, how to replay them, the metric, the oracle's curves, the curves that score a replayed LR and where
+    those come from (`scoring_curves`)."""
     ramps: dict[str, list[dict]] = {}
     for run in runs:
         if run["method"] == "ramp":
             ramps.setdefault(run["task"], []).append(run)
-    (row_name, row_values), (column_name, column_values) = FAMILIES[family]
-    settings = list(itertools.product(row_values, column_values))
-    table: dict[str, dict[tuple, dict[str, float]]] = {}
-    sources: dict[str, str] = {}
-    ceilings: dict[str, dict[str, float]] = {}
+    cases = []
     for task in TASKS:
         curves = quality_curves(runs, task)
         if task not in ramps or curves is None:
             continue
         spec = recorded_spec(task, ramps[task])
-        metric = spec.metric
+        scoring, source = scoring_curves(runs, task, curves)
+        cases.append(
+            {
+                "task": task,
+                "group": "suite",
+                "ramps": [r["losses"] for r in ramps[task]],
+                "replay": partial(replay, spec),
+                "steps": spec.steps,
+                "metric": spec.metric,
+                "curves": curves,
+                "scoring": scoring,
+                "source": source,
+            }
+        )
+    return cases
+
+
+def held_out_cases(path: Path) -> list[dict[str, Any]]:
+    """The tasks of ``holdout.py`` whose ramps and oracle grid are recorded in `path` (at the task's budget when
+    recorded there, else at the `--smoke` one), as `suite_cases` describes them (group ``held out``); a replayed LR
+    is scored with the oracle's curves."""
+    if not path.exists():
+        return []
+    with locked_json(path, {"runs": {}}) as data:
+        recorded = dict(data["runs"])
+    cases = []
+    for name, task in holdout.TASKS.items():
+        by_budget: dict[int, tuple[dict[float, list[dict]], list]] = {}
+        for key, run in recorded.items():
+            task_name, label, _, steps = key.split("|")
+            if task_name != name:
+                continue
+            grid, ramps = by_budget.setdefault(int(steps), ({}, []))
+            if label.startswith("oracle "):
+                grid.setdefault(float(label.split()[1]), []).append(run)
+            elif label == holdout.RAMP:
+                ramps.append(run["losses"])
+        budgets = [s for s, (grid, ramps) in by_budget.items() if grid and ramps]
+        if not budgets:
+            continue
+        steps = task.steps if task.steps in budgets else max(budgets)
+        grid, ramps = by_budget[steps]
+        seeds = max(len(v) for v in grid.values())
+        lrs = [lr for lr in sorted(grid) if len(grid[lr]) == seeds]
+        curves = {
+            split: (np.log2(lrs), np.array([np.mean([r[split] for r in grid[lr]]) for lr in lrs]))
+            for split in ("val", "test")
+        }
+        cases.append(
+            {
+                "task": name,
+                "group": "held out",
+                "ramps": ramps,
+                "replay": partial(holdout.replay, steps=steps),
+                "steps": steps,
+                "metric": task.metric,
+                "curves": curves,
+                "scoring": curves,
+                "source": "oracle",
+            }
+        )
+    return cases
+
+
+def evaluate(cases: list[dict[str, Any]], family: str = "switch test and LR rule") -> dict[str, Any]:
+    """Replay every setting of `family` (a key of `FAMILIES`) on every task of `cases` (`suite_cases`,
+    `held_out_cases`); regrets per task and setting."""
+    (row_name, row_values), (column_name, column_values) = FAMILIES[family]
+    settings = list(itertools.product(row_values, column_values))
+    table: dict[str, dict[tuple, dict[str, float]]] = {}
+    for case in cases:
+        task, metric, curves, scoring = case["task"], case["metric"], case["curves"], case["scoring"]
         best = {split: (max if metric == "accuracy" else min)(curves[split][1]) for split in curves}
-        scoring, sources[task] = scoring_curves(runs, task, curves)
-        ceilings[task] = ceiling(scoring, curves, metric)
+        ramps = [[math.nan if x is None else float(x) for x in losses] for losses in case["ramps"]]
         table[task] = {}
         for row, column in settings:
-            options = {row_name: row, column_name: column}
-            switched = [replay(spec, r["losses"], **options) for r in ramps[task]]
+            switched = [case["replay"](losses, **{row_name: row, column_name: column}) for losses in ramps]
             lrs = [s.peak_lr for s in switched]
             table[task][(row, column)] = {
                 split: float(np.mean([regret(proxy(scoring[split], lr), best[split], metric) for lr in lrs]))
                 for split in ("val", "test")
             } | {
                 "lr": float(np.exp(np.mean(np.log(lrs)))),
-                "switch": float(np.mean([s.switch_step / spec.steps for s in switched])),
+                "switch": float(np.mean([s.switch_step / case["steps"] for s in switched])),
             }
     return {
         "family": family,
         "settings": settings,
         "table": table,
-        "sources": sources,
-        "ceilings": ceilings,
+        "groups": {case["task"]: case["group"] for case in cases},
+        "sources": {case["task"]: case["source"] for case in cases},
+        "ceilings": {case["task"]: ceiling(case["scoring"], case["curves"], case["metric"]) for case in cases},
     }
 
 
@@ -194,17 +270,22 @@ def default_setting(family: str) -> tuple:
 def report(results: list[dict[str, Any]]) -> str:
     """The Markdown section: per family, the pick on all tasks, leave one task out and the mean validation regret
     of every setting; then, per task, the default and the paper's choice."""
+    groups = results[0]["groups"]
+    counts = {g: sum(1 for v in groups.values() if v == g) for g in ("suite", "held out")}
     lines = [
         "## Decision settings, replayed (`benchmarks/decisions.py`)",
         "",
         "Reproduce: `python benchmarks/decisions.py` (needs the `ramp` and `oracle` runs of `quality.py`, and where "
-        "recorded its `autowu_at` runs). Each recorded warmup ramp is replayed through the real `AutoWU` under each "
-        "setting; the LR it chooses is scored with the mean metric at that peak LR (log-linear interpolation) of "
-        "AutoWU's own schedule with its peak forced to each grid point (`autowu_at`), or, for tasks without those "
-        "runs, of the oracle's schedule: a proxy, used to choose the rule, which the real runs above then check. "
-        "It scores the LR chosen, not the switch step: steps a later switch spends on the ramp are not counted. "
-        "Regret: distance behind the oracle's best grid point, in units of 0.5 pp accuracy or 1% loss; mean over "
-        "seeds.",
+        "recorded its `autowu_at` runs; and those of `holdout.py`, where recorded). Each recorded warmup ramp is "
+        "replayed through the real `AutoWU` under each setting; the LR it chooses is scored with the mean metric at "
+        "that peak LR (log-linear interpolation) of AutoWU's own schedule with its peak forced to each grid point "
+        "(`autowu_at`), or, for tasks without those runs, of the oracle's schedule: a proxy, used to choose the rule, "
+        "which the real runs above then check. It scores the LR chosen, not the switch step: steps a later switch "
+        "spends on the ramp are not counted. Regret: distance behind the oracle's best grid point, in units of 0.5 pp "
+        "accuracy or 1% loss; mean over seeds. "
+        f"Tasks: the suite's {counts['suite']} and the {counts['held out']} of `holdout.py` (other model families "
+        "and optimizers, in plain loops), pooled: a setting is picked on all of them, so none is held out from that "
+        "choice except in the leave-one-task-out tables.",
         "",
         f"Decision code {decision_fingerprint()}.",
         "",
@@ -232,8 +313,13 @@ def report(results: list[dict[str, Any]]) -> str:
         for setting in (current, (0.0, 0.0)):
             row = table[task][setting]
             cells.append(f"{row['val']:.2f}, {row['lr']:.2e}, {row['switch']:.0%} of the budget")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task_label(first, task)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def task_label(result: dict[str, Any], task: str) -> str:
+    """`task`, marked when it is one of `holdout.py`'s."""
+    return task + (" (held out)" if result["groups"][task] == "held out" else "")
 
 
 def family_report(result: dict[str, Any]) -> list[str]:
@@ -241,9 +327,10 @@ def family_report(result: dict[str, Any]) -> list[str]:
     table, current = result["table"], default_setting(result["family"])
     (row_name, rows), (column_name, columns) = FAMILIES[result["family"]]
     tasks = list(table)
+    groups = [[t for t in tasks if result["groups"][t] == g] for g in ("suite", "held out")]
 
-    def mean_val(setting: tuple) -> float:
-        return float(np.mean([table[t][setting]["val"] for t in tasks]))
+    def mean_val(setting: tuple, among: list[str] = tasks) -> float:
+        return float(np.mean([table[t][setting]["val"] for t in among])) if among else math.nan
 
     overall = min(result["settings"], key=mean_val)
     lines = [
@@ -265,19 +352,31 @@ def family_report(result: dict[str, Any]) -> list[str]:
         "setting reaches there | default's regret there |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for task, pick, held, best_here in leave_one_out(result):
+    loo = leave_one_out(result)
+    for task, pick, held, best_here in loo:
         lines.append(
-            f"| {task} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} | {table[task][current]['test']:.2f} |"
+            f"| {task_label(result, task)} | {pick[0]}, {pick[1]} | {held:.2f} | {best_here:.2f} "
+            f"| {table[task][current]['test']:.2f} |"
+        )
+    if loo:
+        lines.append(
+            f"| mean | | {np.mean([row[2] for row in loo]):.2f} | {np.mean([row[3] for row in loo]):.2f} "
+            f"| {np.mean([table[row[0]][current]['test'] for row in loo]):.2f} |"
         )
     lines += [
         "",
-        "Mean validation regret over the tasks, per setting:",
+        "Mean validation regret per setting: over all tasks (the suite's; the held-out ones):",
         "",
         f"| {row_name} \\ {column_name} | " + " | ".join(str(c) for c in columns) + " |",
         "| --- | " + " | ".join("---" for _ in columns) + " |",
     ]
     for row in rows:
-        cells = [f"{np.mean([table[t][(row, c)]['val'] for t in tasks]):.2f}" for c in columns]
+        cells = [
+            f"{mean_val((row, c)):.2f} ("
+            + "; ".join("-" if not among else f"{mean_val((row, c), among):.2f}" for among in groups)
+            + ")"
+            for c in columns
+        ]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -286,11 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
+    parser.add_argument(
+        "--holdout", type=Path, default=RESULTS_DIR / "holdout.json", help="holdout.py's results (used if present)"
+    )
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to update")
     args = parser.parse_args(argv)
     with locked_json(args.results, EMPTY_RESULTS) as data:
         runs = list(data["runs"].values())
-    results = [evaluate(runs, family) for family in FAMILIES]
+    cases = suite_cases(runs) + held_out_cases(args.holdout)
+    results = [evaluate(cases, family) for family in FAMILIES]
     if not results[0]["table"]:
         print("no task has both ramp and oracle runs yet", file=sys.stderr)
         return 2

@@ -150,17 +150,26 @@ def test_band_is_the_oracles_spread_not_the_methods(bench) -> None:
 
 
 def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
-    """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp."""
-    quality, decisions = bench("quality"), bench("decisions")
+    """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp; the
+    held-out tasks' ramps join the suite's in every table."""
+    quality, holdout, decisions = bench("quality"), bench("holdout"), bench("decisions")
     quality.main(["--smoke", "--tasks", "digits_cnn", "--methods", "ramp,oracle", "--out-dir", str(tmp_path)])
+    assert holdout.main(["--smoke", "--tasks", "mlp_sgd", "--out-dir", str(tmp_path)]) == 0
     runs = list(json.loads((tmp_path / "quality.json").read_text())["runs"].values())
     ramps = [r for r in runs if r["method"] == "ramp"]
     spec = decisions.recorded_spec("digits_cnn", ramps)
     assert spec.steps < decisions.TASKS["digits_cnn"].steps
-    assert decisions.main(["--results", str(tmp_path / "quality.json"), "--results-md", str(tmp_path / "D.md")]) == 0
+    paths = ["--results", str(tmp_path / "quality.json"), "--holdout", str(tmp_path / "holdout.json")]
+    assert decisions.main([*paths, "--results-md", str(tmp_path / "D.md")]) == 0
     switched = decisions.replay(spec, ramps[0]["losses"])
     assert switched.switch_step is not None and switched.switch_step <= len(ramps[0]["losses"])
-    assert "| digits_cnn | oracle |" in (tmp_path / "D.md").read_text()
+    (held_out,) = decisions.held_out_cases(tmp_path / "holdout.json")
+    assert held_out["task"] == "mlp_sgd" and held_out["steps"] == 30  # the smoke budget, the only one recorded
+    replayed = held_out["replay"](held_out["ramps"][0])
+    assert replayed.total_steps == 30 and replayed.switch_step is not None
+    section = (tmp_path / "D.md").read_text()
+    assert "| digits_cnn | oracle |" in section and "| mlp_sgd (held out) | oracle |" in section
+    assert "| mlp_sgd (held out) | " in section.split("### Switch confidence")[1]  # its leave-one-out row
 
 
 def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
