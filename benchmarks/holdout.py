@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         "Model families and optimizers outside the suite (every `quality.py` task uses AdamW), each in a hand-written "
         "loop with `AutoWU(optimizer, total_steps=..., model=model)`. Role `chosen-on`: no setting was chosen on "
         "these up to 64f9e55, but their ramps helped choose the two rules of 19c648e; role `fresh`: added after "
-        "those rules were fixed, never used to choose anything. Test metric, mean ± std over "
+        "those rules were fixed, never used to choose anything until `max_descent_left` 0.06, which `decisions.py` "
+        "picked on the ramps of the suite and of every task here (its leave-one-task-out table is the held-out "
+        "check). Test metric, mean ± std over "
         f"{base_seeds} seeds"
         + ("" if args.default_seeds == base_seeds else f" ({args.default_seeds} for the defaults)")
         + " (accuracy in %, loss in nats per byte); regret in units of 0.5 pp "
