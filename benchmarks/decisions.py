@@ -164,16 +164,7 @@ def held_out_cases(path: Path) -> list[dict[str, Any]]:
         recorded = dict(data["runs"])
     cases = []
     for name, task in holdout.TASKS.items():
-        by_budget: dict[int, tuple[dict[float, list[dict]], list]] = {}
-        for key, run in recorded.items():
-            task_name, label, _, steps = key.split("|")
-            if task_name != name:
-                continue
-            grid, ramps = by_budget.setdefault(int(steps), ({}, []))
-            if label.startswith("oracle "):
-                grid.setdefault(float(label.split()[1]), []).append(run)
-            elif label == holdout.RAMP:
-                ramps.append(run["losses"])
+        by_budget = holdout.recorded_by_budget(recorded, name)
         budgets = [s for s, (grid, ramps) in by_budget.items() if grid and ramps]
         if not budgets:
             continue

@@ -95,6 +95,28 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
     return result
 
 
+def run_key(name: str, setting: str, seed: int, steps: int) -> str:
+    """Where `holdout.json` records the run of task `name` under `setting` (``RAMP``, ``oracle <lr>`` or an AutoWU
+    setting's label) for `seed` and a budget of `steps`."""
+    return f"{name}|{setting}|{seed}|{steps}"
+
+
+def recorded_by_budget(runs: dict[str, dict], name: str) -> dict[int, tuple[dict[float, list[dict]], list[list]]]:
+    """Task `name`'s oracle grid (grid LR to its runs) and ramps (their losses) among `runs` (`holdout.json`'s),
+    per step budget (the task's own, or the ``--smoke`` one)."""
+    by_budget: dict[int, tuple[dict[float, list[dict]], list[list]]] = {}
+    for key, run in runs.items():
+        task_name, setting, _, steps = key.split("|")
+        if task_name != name:
+            continue
+        grid, ramps = by_budget.setdefault(int(steps), ({}, []))
+        if setting.startswith("oracle "):
+            grid.setdefault(float(setting.split()[1]), []).append(run)
+        elif setting == RAMP:
+            ramps.append(run["losses"])
+    return by_budget
+
+
 def recorded_run(
     path: Path,
     redo: bool,
@@ -108,7 +130,7 @@ def recorded_run(
 ) -> dict[str, Any]:
     """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`): the run
     recorded in `path` (an AutoWU run only if recorded with today's decision code), else a new one, recorded."""
-    key = f"{name}|{setting}|{seed}|{steps}"
+    key = run_key(name, setting, seed, steps)
     with locked_json(path, {"runs": {}}) as data:
         found = data["runs"].get(key)
     current = found is not None and found.get("decision_fingerprint", decision_fingerprint()) == decision_fingerprint()

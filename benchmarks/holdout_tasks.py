@@ -33,7 +33,7 @@ never used to choose anything:
   (``GPT2ForSequenceClassification``), every weight fine-tuned with AdamW to tell which of four standard-library
   modules a 64-byte window of code comes from, 16 windows per step, 200 steps.
 
-Since ``max_descent_left`` 0.06 (robust preset, after 4fa82ea) no task here is held out from every choice: that value
+Since ``max_descent_left`` 0.06 (robust preset, 500d558) no task here is held out from every choice: that value
 was picked by ``decisions.py`` on the ramps of the suite and of all nine tasks here, and its leave-one-task-out table
 is the check on tasks left out of the choice.
 """
