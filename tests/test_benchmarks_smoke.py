@@ -288,3 +288,39 @@ def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert all(run["ok"] and run["checks"]["resume_exact"] for run in runs.values())
     assert runs["deepspeed-trainer-optimizer"]["checks"]["rewind_off_with_one_warning"]
     assert "<!-- gpu_checks:begin -->" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_post_switch_backs_off_where_the_loss_rises_after_the_switch(bench) -> None:
+    """The back-off rule of `post_switch.py`: a rising post-switch loss halves the LR (scored on the curve at half the
+    LR), a falling one leaves it; the slope statistic's sign and scale follow a line with known noise."""
+    import numpy as np
+
+    post_switch = bench("post_switch")
+    rng = np.random.default_rng(0)
+    noise = 0.01 * rng.standard_normal(40)
+    switch = 5
+    falling = [None] * switch + list(1.0 - 0.01 * np.arange(40) + noise)
+    rising = [None] * switch + list(1.0 + 0.01 * np.arange(40) + noise)
+    assert post_switch.slope_t(falling, switch, 20) < -10 < 10 < post_switch.slope_t(rising, switch, 20)
+    assert np.isnan(post_switch.slope_t([None] * 10, 0, 10))  # too few finite losses to fit a line
+
+    grid = np.log2([0.01, 0.02, 0.04])
+    accuracy = np.array([0.9, 0.8, 0.5])  # the best peak is the lowest LR
+    case = {
+        "grid": grid,
+        "at": {
+            (0, 0): {"losses": falling, "info": {"switch_step": switch}},
+            (0, 1): {"losses": falling, "info": {"switch_step": switch}},
+            (0, 2): {"losses": rising, "info": {"switch_step": switch}},
+        },
+        "seeds": [0],
+        "chosen": {0: 0.04, 1: 0.01},  # seed 1 reads seed 0's runs
+        "scoring": {"val": (grid, accuracy), "test": (grid, accuracy)},
+        "best": {"val": 0.9, "test": 0.9},
+        "metric": "accuracy",
+    }
+    off = post_switch.replay_rule(case, None, 2.0)
+    on = post_switch.replay_rule(case, 20, 2.0)
+    # off: regret of 0.5 and 0.9 against 0.9, in units of 0.5 pp: (80 + 0) / 2; on: 0.04 backs off once to 0.02
+    assert off["test"] == pytest.approx(40.0) and off["backed_off"] == 0
+    assert on["test"] == pytest.approx(10.0) and on["backed_off"] == 1

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Could the loss just after the switch tell AutoWU that the LR it chose is more than the model can sustain?
+
+Issue 10 names a lever for the LR choice: keep testing for a short window after the switch, and back off (rewind to
+the switch, lower the LR) when the loss confidently stops improving or rises at the chosen LR. Whether that signal
+exists can be read off runs already recorded, without training again: the ``autowu_at`` runs of ``quality.py`` are
+AutoWU's own schedule with its peak forced to each point of the oracle's grid (3 seeds), every step's loss recorded,
+so they show what the training loss does in the first `W` steps at each peak LR, on every task of the suite.
+
+The rule replayed: over the `W` steps after the switch, fit a straight line to the training loss (least squares) and
+take its slope in standard errors, ``t``; the rule fires when ``t > z``. ``z`` = 2 reads "the loss confidently
+rises", ``z`` = 0 "it does not fall", ``z`` = -1 "it does not confidently fall". When it fires at a grid LR, the LR
+backs off one grid step (a factor 2), at most twice. Each real default run of the suite (``autowu``, 5 seeds) is
+replayed: its chosen LR is placed on the grid (nearest point in log2), the rule is read off the ``autowu_at`` run of
+the same seed (seeds 3 and 4 read those of seeds 0 and 1) at that point, and the LR it ends at is scored with the
+``autowu_at`` curve of metric against peak LR, as `decisions.py` does. The score is optimistic for the rule: the `W`
+steps that a back-off spends again are not counted.
+
+    python benchmarks/post_switch.py      # writes the `post_switch` section of RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
+from decisions import proxy, quality_curves  # noqa: E402
+from report import regret  # noqa: E402
+from runner import EMPTY_RESULTS, decision_fingerprint  # noqa: E402
+from tasks import TASKS  # noqa: E402
+
+WINDOWS = (10, 20, 40)
+THRESHOLDS = (2.0, 1.0, 0.0, -1.0)
+MAX_BACK_OFFS = 2
+
+
+def slope_t(losses: list[float | None], start: int, window: int) -> float:
+    """The least-squares slope of `losses[start:start + window]` (non-finite entries dropped) in standard errors."""
+    y = np.array([math.nan if x is None else x for x in losses[start : start + window]], dtype=float)
+    t = np.arange(len(y), dtype=float)
+    keep = np.isfinite(y)
+    t, y = t[keep], y[keep]
+    if len(y) < 4:
+        return math.nan
+    centred = t - t.mean()
+    slope = float(centred @ (y - y.mean()) / (centred @ centred))
+    residual = y - y.mean() - slope * centred
+    error = math.sqrt(float(residual @ residual) / (len(y) - 2) / float(centred @ centred))
+    return slope / error if error > 0 else math.copysign(math.inf, slope)
+
+
+def task_case(runs: list[dict], task: str) -> dict | None:
+    """Per task: the grid (log2 LRs), per (seed, grid index) the post-switch loss and switch step of the
+    ``autowu_at`` run, the default's chosen LRs by seed, the scoring curves and the oracle's best per split."""
+    fingerprint = decision_fingerprint()
+    at = [r for r in runs if r["task"] == task and r["method"] == "autowu_at"]
+    at = [r for r in at if r.get("decision_fingerprint") == fingerprint]
+    default = [r for r in runs if r["task"] == task and r["method"] == "autowu"]
+    default = [r for r in default if r.get("decision_fingerprint") == fingerprint]
+    scoring, oracle = quality_curves(runs, task, "autowu_at"), quality_curves(runs, task)
+    if not at or not default or scoring is None or oracle is None:
+        return None
+    grid = scoring["test"][0]
+    metric = TASKS[task].metric
+    pick = max if metric == "accuracy" else min
+    return {
+        "grid": grid,
+        "at": {(r["seed"], int(np.argmin(abs(grid - math.log2(r["grid_lr"]))))): r for r in at},
+        "seeds": sorted({r["seed"] for r in at}),
+        "chosen": {r["seed"]: r["info"]["peak_lr"] for r in default},
+        "scoring": scoring,
+        "best": {split: pick(oracle[split][1]) for split in ("val", "test")},
+        "metric": metric,
+    }
+
+
+def replay_rule(case: dict, window: int | None, threshold: float) -> dict[str, float]:
+    """Mean regret (val, test) of the default's runs on one task with the back-off rule (`window` None: off), and
+    how many of them backed off."""
+    regrets: dict[str, list[float]] = {"val": [], "test": []}
+    backed_off = 0
+    for seed, lr in case["chosen"].items():
+        source = case["seeds"][seed % len(case["seeds"])]
+        index = int(np.argmin(abs(case["grid"] - math.log2(lr))))
+        steps = 0
+        while window is not None and steps < MAX_BACK_OFFS and index - steps >= 0:
+            run = case["at"].get((source, index - steps))
+            if run is None or not slope_t(run["losses"], run["info"]["switch_step"], window) > threshold:
+                break
+            steps += 1
+        backed_off += steps > 0
+        for split in regrets:
+            regrets[split].append(
+                regret(proxy(case["scoring"][split], lr / 2.0**steps), case["best"][split], case["metric"])
+            )
+    return {split: float(np.mean(v)) for split, v in regrets.items()} | {
+        "backed_off": backed_off,
+        "runs": len(case["chosen"]),
+    }
+
+
+def report(cases: dict[str, dict]) -> str:
+    """Replay every rule on every task of `cases` (`task_case`), pick one on validation (on all tasks, and leaving
+    one task out); the Markdown section."""
+    settings = [(None, math.inf)] + list(itertools.product(WINDOWS, THRESHOLDS))
+    table = {task: {s: replay_rule(case, *s) for s in settings} for task, case in cases.items()}
+
+    def mean(setting: tuple, split: str, among: list[str]) -> float:
+        return float(np.mean([table[t][setting][split] for t in among]))
+
+    tasks = list(table)
+    label = {s: "off" if s[0] is None else f"W={s[0]}, t > {s[1]:g}" for s in settings}
+    lines = [
+        "## Back-off after the switch, replayed (`benchmarks/post_switch.py`)",
+        "",
+        "Reproduce: `python benchmarks/post_switch.py` (needs the `autowu`, `autowu_at` and `oracle` runs of "
+        "`quality.py`). The rule: over the `W` steps after the switch, the training loss's least-squares slope in "
+        "standard errors, `t`; when `t > z` the LR backs off a factor 2 (at most twice). Each default run's chosen LR "
+        "is replayed against the `autowu_at` run of its seed (seeds 3, 4: those of 0, 1) at the nearest grid point, "
+        "and scored with the `autowu_at` curve of metric against peak LR, as `decisions.py` scores; optimistic for "
+        f"the rule (the `W` steps spent again are not counted). Regret in tolerance units. Decision code "
+        f"{decision_fingerprint()}.",
+        "",
+        "| rule | mean regret, val | mean regret, test | runs backed off | " + " | ".join(tasks) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |",
+    ]
+    for s in settings:
+        backed = sum(table[t][s]["backed_off"] for t in tasks)
+        total = sum(table[t][s]["runs"] for t in tasks)
+        cells = [f"{table[t][s]['test']:.2f}" for t in tasks]
+        lines.append(
+            f"| {label[s]} | {mean(s, 'val', tasks):.2f} | {mean(s, 'test', tasks):.2f} | {backed}/{total} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    overall = min(settings, key=lambda s: mean(s, "val", tasks))
+    loo = []
+    for held_out in tasks:
+        others = [t for t in tasks if t != held_out]
+        pick = min(settings, key=lambda s: mean(s, "val", others))
+        loo.append((held_out, pick, table[held_out][pick]["test"], table[held_out][settings[0]]["test"]))
+    lines += [
+        "",
+        f"Picked on all tasks (validation): {label[overall]}. Leaving one task out, the rule picked on the other "
+        f"{len(tasks) - 1} scores mean test regret {np.mean([r[2] for r in loo]):.2f} on the left-out task, against "
+        f"{np.mean([r[3] for r in loo]):.2f} with no back-off:",
+        "",
+        "| left out | picked on the others | its test regret there | no back-off |",
+        "| --- | --- | --- | --- |",
+    ] + [f"| {t} | {label[p]} | {r:.2f} | {off:.2f} |" for t, p, r, off in loo]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
+    parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to update")
+    args = parser.parse_args(argv)
+    with locked_json(args.results, EMPTY_RESULTS) as data:
+        runs = list(data["runs"].values())
+    cases = {task: case for task in TASKS if (case := task_case(runs, task)) is not None}
+    if not cases:
+        print("no task has autowu, autowu_at and oracle runs at the current decision code", file=sys.stderr)
+        return 2
+    update_section(args.results_md, "post_switch", report(cases))
+    print(f"wrote the post_switch section of {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
