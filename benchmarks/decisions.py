@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
 from methods import ramp_steps  # noqa: E402
 from report import regret  # noqa: E402
-from runner import EMPTY_RESULTS, decision_fingerprint  # noqa: E402
+from runner import decision_fingerprint, recorded_runs  # noqa: E402
 from tasks import TASKS, TaskSpec, smoke_task  # noqa: E402
 
 from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
@@ -381,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to update")
     args = parser.parse_args(argv)
-    with locked_json(args.results, EMPTY_RESULTS) as data:
-        runs = list(data["runs"].values())
+    runs = recorded_runs(args.results)
     cases = suite_cases(runs) + held_out_cases(args.holdout)
     results = [evaluate(cases, family) for family in FAMILIES]
     if not results[0]["table"]:

@@ -31,10 +31,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
+from common import RESULTS_DIR, RESULTS_MD, update_section  # noqa: E402
 from decisions import proxy, quality_curves  # noqa: E402
 from report import regret  # noqa: E402
-from runner import EMPTY_RESULTS, decision_fingerprint  # noqa: E402
+from runner import decision_fingerprint, recorded_runs  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 WINDOWS = (10, 20, 40)
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="Markdown file to update")
     args = parser.parse_args(argv)
-    with locked_json(args.results, EMPTY_RESULTS) as data:
-        runs = list(data["runs"].values())
+    runs = recorded_runs(args.results)
     cases = {task: case for task in TASKS if (case := task_case(runs, task)) is not None}
     if not cases:
         print("no task has autowu, autowu_at and oracle runs at the current decision code", file=sys.stderr)

@@ -27,6 +27,15 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
+
+
+def recorded_runs(results_path: Path) -> list[dict[str, Any]]:
+    """Every run recorded in `results_path` (a ``quality.json``), read under its lock by `locked_json`, which
+    creates the file, empty, when it does not exist yet."""
+    with locked_json(results_path, EMPTY_RESULTS) as data:
+        return list(data["runs"].values())
+
+
 _STARTED = time.time()
 
 
