@@ -55,10 +55,40 @@ def library_revision() -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 
+PROSE_CALLS = frozenset({"_help", "_flag_help", "warn", "info", "warning", "debug", "error"})
+"""Calls whose text arguments are for people (option help, warnings, log lines), not for the decision."""
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+
+
+class _DropProse(ast.NodeTransformer):
+    """Removes from a syntax tree what is written for people: every statement that is a bare string (docstrings,
+    attribute docstrings), and the text arguments of option help, warnings, log calls and raised exceptions."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        for name in ("body", "orelse", "finalbody"):
+            body = getattr(node, name, None)
+            if isinstance(body, list) and body and all(isinstance(s, ast.stmt) for s in body):
+                kept = [s for s in body if not (isinstance(s, ast.Expr) and _is_text(s.value))]
+                setattr(node, name, kept or [ast.Pass()])
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        if name in PROSE_CALLS or name.endswith(("Error", "Warning", "Exception")):
+            node.args = [ast.Constant("") if _is_text(a) else a for a in node.args]
+        return node
+
+
 @cache
 def decision_fingerprint() -> str:
     """A hash of AutoWU's decision code as it is now: the syntax trees of every `hf_autowu` module that can change
-    a decision (all but `NOT_DECISION_CODE`), docstrings removed, so comments and docs do not count.
+    a decision (all but `NOT_DECISION_CODE`), without what is written for people (`_DropProse`: docstrings, option
+    help, the text of warnings, log lines and errors), so comments and wording do not count.
 
     A recorded AutoWU run whose fingerprint differs from this one ran other decision code: the report refuses it.
     """
@@ -66,17 +96,7 @@ def decision_fingerprint() -> str:
     for path in sorted((REPO / "hf_autowu").glob("*.py")):
         if path.name in NOT_DECISION_CODE:
             continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (
-                isinstance(body, list)
-                and body
-                and isinstance(body[0], ast.Expr)
-                and isinstance(getattr(body[0], "value", None), ast.Constant)
-                and isinstance(body[0].value.value, str)
-            ):
-                node.body = body[1:] or [ast.Pass()]
+        tree = _DropProse().visit(ast.parse(path.read_text()))
         digest.update(path.name.encode() + ast.dump(tree).encode())
     return digest.hexdigest()[:12]
 

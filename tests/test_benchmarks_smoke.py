@@ -324,3 +324,44 @@ def test_post_switch_backs_off_where_the_loss_rises_after_the_switch(bench) -> N
     # off: regret of 0.5 and 0.9 against 0.9, in units of 0.5 pp: (80 + 0) / 2; on: 0.04 backs off once to 0.02
     assert off["test"] == pytest.approx(40.0) and off["backed_off"] == 0
     assert on["test"] == pytest.approx(10.0) and on["backed_off"] == 1
+
+
+def test_decision_fingerprint_ignores_prose_and_sees_code(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rewording an option's help, a warning, an error or an attribute docstring keeps every recorded AutoWU row
+    current; changing a constant or a string the code compares with does not."""
+    import shutil
+
+    runner = bench("runner")
+    shutil.copytree(BENCH_DIR.parent / "hf_autowu", tmp_path / "hf_autowu")
+    monkeypatch.setattr(runner, "REPO", tmp_path)
+
+    def fingerprint_after(path: str, old: str, new: str) -> str:
+        file = tmp_path / "hf_autowu" / path
+        text = file.read_text()
+        assert old in text
+        file.write_text(text.replace(old, new, 1))
+        runner.decision_fingerprint.cache_clear()
+        try:
+            return runner.decision_fingerprint()
+        finally:
+            file.write_text(text)
+
+    runner.decision_fingerprint.cache_clear()
+    current = runner.decision_fingerprint()
+    prose = [
+        ("config.py", '_help("Learning rate at the start of warmup.")', '_help("The ramp\'s first LR.")'),
+        ("switch_test.py", '"AutoWU: the GP fit diverged numerically;', '"AutoWU: GP fit failed;'),
+        ("switch_test.py", '"""A change of the smoothed loss counts as real', '"""A smoothed change counts as real'),
+        ("config.py", 'raise ValueError(f"`test_lr_growth` must be', 'raise ValueError(f"`test_lr_growth` should be'),
+    ]
+    for edit in prose:
+        assert fingerprint_after(*edit) == current, edit
+    code = [
+        ("switch_test.py", "CONFIDENT_CHANGE_SD = 3.0", "CONFIDENT_CHANGE_SD = 3.5"),
+        ("ramp.py", 'if warmup_type == "exp":', 'if warmup_type == "expo":'),
+    ]
+    for edit in code:
+        assert fingerprint_after(*edit) != current, edit
+    runner.decision_fingerprint.cache_clear()
