@@ -123,6 +123,11 @@ def proxy(curve: tuple[np.ndarray, np.ndarray], lr: float) -> float:
     return float(np.interp(math.log2(lr), *curve))
 
 
+def best_metric(curves: dict[str, tuple[np.ndarray, np.ndarray]], metric: str) -> dict[str, float]:
+    """Per split, the best mean metric on `curves` (`quality_curves`): the oracle's best grid point."""
+    return {split: (max if metric == "accuracy" else min)(curves[split][1]) for split in curves}
+
+
 def suite_cases(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The suite's tasks that have ``ramp`` runs and an oracle grid in `runs`: per task, its group (``suite``), the
     ramps' losses, how to replay them, the metric, the oracle's curves, the curves that score a replayed LR and where
@@ -200,7 +205,7 @@ def evaluate(cases: list[dict[str, Any]], family: str = "switch test and LR rule
     table: dict[str, dict[tuple, dict[str, float]]] = {}
     for case in cases:
         task, metric, curves, scoring = case["task"], case["metric"], case["curves"], case["scoring"]
-        best = {split: (max if metric == "accuracy" else min)(curves[split][1]) for split in curves}
+        best = best_metric(curves, metric)
         ramps = [[math.nan if x is None else float(x) for x in losses] for losses in case["ramps"]]
         table[task] = {}
         for row, column in settings:

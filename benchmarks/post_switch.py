@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, update_section  # noqa: E402
-from decisions import proxy, quality_curves  # noqa: E402
+from decisions import best_metric, proxy, quality_curves  # noqa: E402
 from report import regret  # noqa: E402
 from runner import decision_fingerprint, recorded_runs  # noqa: E402
 from tasks import TASKS  # noqa: E402
@@ -57,27 +57,30 @@ def slope_t(losses: list[float | None], start: int, window: int) -> float:
     return slope / error if error > 0 else math.copysign(math.inf, slope)
 
 
+def grid_index(grid: np.ndarray, lr: float) -> int:
+    """The point of `grid` (log2 LRs) nearest to `lr` in log2."""
+    return int(np.argmin(abs(grid - math.log2(lr))))
+
+
 def task_case(runs: list[dict], task: str) -> dict | None:
     """Per task: the grid (log2 LRs), per (seed, grid index) the post-switch loss and switch step of the
     ``autowu_at`` run, the default's chosen LRs by seed, the scoring curves and the oracle's best per split."""
     fingerprint = decision_fingerprint()
-    at = [r for r in runs if r["task"] == task and r["method"] == "autowu_at"]
-    at = [r for r in at if r.get("decision_fingerprint") == fingerprint]
-    default = [r for r in runs if r["task"] == task and r["method"] == "autowu"]
-    default = [r for r in default if r.get("decision_fingerprint") == fingerprint]
+    current = [r for r in runs if r["task"] == task and r.get("decision_fingerprint") == fingerprint]
+    at = [r for r in current if r["method"] == "autowu_at"]
+    default = [r for r in current if r["method"] == "autowu"]
     scoring, oracle = quality_curves(runs, task, "autowu_at"), quality_curves(runs, task)
     if not at or not default or scoring is None or oracle is None:
         return None
     grid = scoring["test"][0]
     metric = TASKS[task].metric
-    pick = max if metric == "accuracy" else min
     return {
         "grid": grid,
-        "at": {(r["seed"], int(np.argmin(abs(grid - math.log2(r["grid_lr"]))))): r for r in at},
+        "at": {(r["seed"], grid_index(grid, r["grid_lr"])): r for r in at},
         "seeds": sorted({r["seed"] for r in at}),
         "chosen": {r["seed"]: r["info"]["peak_lr"] for r in default},
         "scoring": scoring,
-        "best": {split: pick(oracle[split][1]) for split in ("val", "test")},
+        "best": best_metric(oracle, metric),
         "metric": metric,
     }
 
@@ -89,7 +92,7 @@ def replay_rule(case: dict, window: int | None, threshold: float) -> dict[str, f
     backed_off = 0
     for seed, lr in case["chosen"].items():
         source = case["seeds"][seed % len(case["seeds"])]
-        index = int(np.argmin(abs(case["grid"] - math.log2(lr))))
+        index = grid_index(case["grid"], lr)
         steps = 0
         while window is not None and steps < MAX_BACK_OFFS and index - steps >= 0:
             run = case["at"].get((source, index - steps))
