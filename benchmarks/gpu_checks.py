@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Checks that need a CUDA GPU: the Trainer with FSDP2 and with DeepSpeed ZeRO-2, driven by AutoWU.
+"""Checks that need a CUDA GPU: the Trainer with FSDP2 and with DeepSpeed ZeRO-2 and ZeRO-3, driven by AutoWU.
 
 A tiny Llama (from a config, byte vocabulary, eager attention, fp32, deterministic algorithms) on byte sequences of
 hf_autowu's own sources, with AutoWU's defaults, through `AutoWUCallback` and `AutoWUTrainer`:
@@ -10,9 +10,10 @@ hf_autowu's own sources, with AutoWU's defaults, through `AutoWUCallback` and `A
   its sharded mode; right after the switch the parameters and optimizer state are bit for bit those of the step
   the rewind restored (fingerprints of the local shards taken at every step); resuming from the last checkpoint
   written before the switch gives the same LRs and final weights.
-- ``deepspeed``: ZeRO-2, a config without a `scheduler` section, with an `optimizer` section (DeepSpeed's engine
-  steps the scheduler inside the backward pass) and without one (the Trainer steps it). The same checks, with the
-  LR read inside DeepSpeed's optimizer step, except rewind: off, with exactly one warning.
+- ``deepspeed``: configs without a `scheduler` section: ZeRO-2 with an `optimizer` section (DeepSpeed's engine
+  steps the scheduler inside the backward pass) and without one (the Trainer steps it), and ZeRO-3. The same
+  checks, with the LR read inside DeepSpeed's optimizer step; the rewind fingerprints cover DeepSpeed's fp32 master
+  partitions, their optimizer state and the weights the model computes with (ZeRO-3: each parameter's partition).
 
 Each part runs in its own process, started with ``torch.distributed.run --nproc_per_node 1`` (Accelerate takes its
 FSDP and DeepSpeed paths only in a distributed launch). Then ``benchmarks/gpu_overhead.py`` runs (its own RESULTS.md
@@ -49,7 +50,7 @@ from common import command_line, locked_json, resolve_output_paths, update_secti
 
 BENCH_DIR = Path(__file__).resolve().parent
 ENTRY_POINTS = ("callback", "trainer")
-DEEPSPEED_CONFIGS = ("optimizer", "no_optimizer")
+DEEPSPEED_CONFIGS = ("optimizer", "no_optimizer", "zero3")
 SEQUENCE = 64
 
 
@@ -90,6 +91,30 @@ def byte_dataset(rows: int) -> torch.utils.data.Dataset:
     return Rows()
 
 
+def deepspeed_state(zero: Any, model: torch.nn.Module) -> list[torch.Tensor]:
+    """DeepSpeed's training state on this process: its fp32 master partitions with their optimizer state, and the
+    weights the model computes with. ZeRO-3 keeps its flat partitions out of `param_groups` between steps, and only
+    the real elements of each parameter's partition are taken (the last processes' run into uninitialised padding)."""
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        masters = [p for group in zero.param_groups for p in group["params"]]
+        moments = [v for p in masters for _, v in sorted(zero.state.get(p, {}).items()) if torch.is_tensor(v)]
+        return masters + moments + [p for _, p in sorted(model.named_parameters())]
+
+    def real(partition: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+        size = partition.numel()
+        start = torch.distributed.get_rank(group=param.ds_process_group) * size
+        return partition[: min(max(param.ds_numel - start, 0), size)]
+
+    tensors = []
+    for flat, params in zip(flats, zero.fp16_groups, strict=True):
+        state = zero.state[flat]
+        for tensor in [flat, *(state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].dim())]:
+            parts = tensor.split([p.ds_tensor.ds_numel for p in params])
+            tensors += [real(part, p) for part, p in zip(parts, params, strict=True)]
+    return tensors + [real(p.ds_tensor, p) for _, p in sorted(model.named_parameters())]
+
+
 def fingerprint(tensors: list[torch.Tensor]) -> str:
     """A hash of the bytes of `tensors` (local shards of DTensors), to compare states bit for bit."""
     digest = hashlib.sha256()
@@ -116,7 +141,7 @@ def make_recorder() -> Any:
 
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             inner = getattr(optimizer, "optimizer", None)
-            if type(inner).__name__ == "DeepSpeedZeroOptimizer":
+            if type(inner).__name__.startswith("DeepSpeedZeroOptimizer"):
                 self.zero = inner
                 original = inner.step
 
@@ -129,18 +154,23 @@ def make_recorder() -> Any:
                 inner.step = step
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if self.zero is None:  # (DeepSpeed keeps its own partitions: nothing to rewind, nothing to compare)
+            if self.zero is None:
                 params = [p for group in optimizer.param_groups for p in group["params"]]
                 states = [sorted(optimizer.state.get(p, {}).items()) for p in params]
                 moments = [value for state in states for _, value in state if torch.is_tensor(value)]
                 self.begin_fingerprints.append(fingerprint(params + moments))
+            else:
+                self.begin_fingerprints.append(fingerprint(deepspeed_state(self.zero, model)))
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             if self.zero is None:
                 self.updates.append(([group["lr"] for group in optimizer.param_groups], False))
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            self.final_fingerprint = fingerprint([p for _, p in sorted(model.named_parameters())])
+            if self.zero is None:
+                self.final_fingerprint = fingerprint([p for _, p in sorted(model.named_parameters())])
+            else:
+                self.final_fingerprint = fingerprint(deepspeed_state(self.zero, model))
 
     return Recorder()
 
@@ -170,7 +200,7 @@ def train_once(part: str, entry_point: str, config: str, out: Path, opts: argpar
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
-            "zero_optimization": {"stage": 2},
+            "zero_optimization": {"stage": 3 if config == "zero3" else 2},
         }
         if config == "optimizer":
             # torch's AdamW: no DeepSpeed op to compile
@@ -243,16 +273,15 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
         "autowu_in_logs": bool(entries) and all("autowu/lr" in e for e in entries),
         "switched": scheduler.switch_step is not None,
     }
-    if part == "fsdp":
-        target = result["rewound_to"]
-        checks["rewind_restored_bit_for_bit"] = (
-            target is not None
-            and recorder.begin_fingerprints[scheduler.switch_step] == recorder.begin_fingerprints[target["step"]]
-        )
-        if opts.device == "cuda":  # a CPU has no FSDP through Accelerate
-            checks["sharded_with_sharded_rewind"] = sharded and result["rewind_mode"] == "sharded"
-    else:
-        checks["rewind_off_with_one_warning"] = not result["rewind_enabled"] and len(rewind_warnings) == 1
+    target = result["rewound_to"]
+    checks["rewind_restored_bit_for_bit"] = (
+        target is not None
+        and recorder.begin_fingerprints[scheduler.switch_step] == recorder.begin_fingerprints[target["step"]]
+    )
+    if opts.device == "cuda":  # a CPU has no FSDP through Accelerate
+        checks["sharded_with_sharded_rewind"] = sharded and result["rewind_mode"] == "sharded"
+    if part == "deepspeed":
+        checks["rewind_on_without_warning"] = result["rewind_enabled"] and not rewind_warnings
     written = sorted(int(p.name.split("-")[1]) for p in (out / "full").glob("checkpoint-*"))
     before = [step for step in written if scheduler.switch_step is not None and step < scheduler.switch_step]
     result["resumed_from"] = before[-1] if before else None
@@ -327,7 +356,7 @@ def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
 def report(data: dict[str, Any]) -> str:
     """The RESULTS.md section."""
     lines = [
-        "## GPU checks: the Trainer with FSDP2 and DeepSpeed ZeRO-2 (`benchmarks/gpu_checks.py`)",
+        "## GPU checks: the Trainer with FSDP2 and DeepSpeed ZeRO-2 and ZeRO-3 (`benchmarks/gpu_checks.py`)",
         "",
         f"Produced by: `{data['command']}`",
         "",

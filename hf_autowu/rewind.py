@@ -12,10 +12,15 @@ Where the snapshots live, so that the default fits every engine:
 - one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding): every replica holds the
   same state, so only the main process keeps snapshots; at the switch it restores its copy and broadcasts it to
   the others (one snapshot set in the job, not one per process);
-- sharded models (FSDP1 with `use_orig_params`, FSDP2 `fully_shard`, `ZeroRedundancyOptimizer`): every process
-  keeps a snapshot of its own shards and restores them itself;
-- DeepSpeed: its engine keeps the master weights and optimizer state in its own partitions, which a snapshot of
-  `param_groups` would miss: rewind turns itself off with one warning.
+- sharded state (FSDP1 with `use_orig_params`, FSDP2 `fully_shard`, `ZeroRedundancyOptimizer`, DeepSpeed ZeRO
+  stages 1 to 3): every process keeps a snapshot of its own shards and restores them itself. DeepSpeed's optimizer
+  steps fp32 master partitions: those and their optimizer state are what is snapshotted, and after a restore the
+  model's weights are refreshed from them the way DeepSpeed's step does it (`state_layout`);
+- state out of reach (DeepSpeed with NVMe offload, or an optimizer that is not DeepSpeed's while DeepSpeed runs the
+  model): rewind turns itself off with one warning that says why.
+
+The layout is read when the first snapshot is due (after `accelerator.prepare` or `deepspeed.initialize` has
+wrapped the optimizer), not when the rewinder is built.
 
 Before the first snapshot is copied, the rewinder compares what its snapshots will take (summed over the
 processes of the node that hold them) with `memory_fraction` of the host memory available (or of the free disk
@@ -44,13 +49,15 @@ from .distributed import (
     min_over_processes_each,
     process_rank,
 )
+from .state_layout import REPLICATED, SHARDED, UNSUPPORTED, layout_of, sharding_of
+
+__all__ = ["REPLICATED", "SHARDED", "UNSUPPORTED", "WarmupRewinder", "sharding_of"]
 
 if TYPE_CHECKING:
     from .scheduler import AutoWU
 
 logger = logging.getLogger(__name__)
 
-REPLICATED, SHARDED, UNSUPPORTED = "replicated", "sharded", "unsupported"
 _BROADCAST_BUCKET_BYTES = 256 * 2**20
 
 
@@ -67,35 +74,6 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
 def _nbytes(tensor: torch.Tensor) -> int:
     local = _local(tensor)
     return local.numel() * local.element_size()
-
-
-def sharding_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> str:
-    """How the training state is laid out over processes: `REPLICATED`, `SHARDED` or `UNSUPPORTED` (DeepSpeed).
-
-    Args:
-        optimizer (`torch.optim.Optimizer`): The optimizer (Accelerate's wrapper is fine).
-        model (`torch.nn.Module`, *optional*): The model, when known.
-
-    Returns:
-        `str`: one of the three constants.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    chain: list[Any] = [optimizer]
-    while getattr(chain[-1], "optimizer", None) is not None and len(chain) < 8:
-        chain.append(chain[-1].optimizer)  # Accelerate's and DeepSpeed's wrappers
-    names = {type(obj).__module__.split(".")[0] for obj in [*chain, model] if obj is not None}
-    if "deepspeed" in names or any(hasattr(p, "ds_id") for p in params):
-        return UNSUPPORTED
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
-        return SHARDED
-    if any(getattr(p, "_fsdp_flattened", False) for p in params):
-        return SHARDED
-    if any(type(obj).__name__ == "ZeroRedundancyOptimizer" for obj in chain):
-        return SHARDED
-    if model is not None and any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
-        return SHARDED
-    return REPLICATED
 
 
 def available_host_memory() -> int | None:
@@ -210,8 +188,9 @@ class WarmupRewinder:
         self.lr_factor = float(lr_factor)
         self.memory_fraction = float(memory_fraction)
         self.offload_dir = None if offload_dir is None else Path(offload_dir)
-        self.mode = sharding_of(self.optimizer, model)
-        self.enabled = self.mode != UNSUPPORTED
+        self.mode = REPLICATED  # read again, with the refresh DeepSpeed needs, when the first snapshot is due
+        self._refresh_model = self._layout_params = self._padding_masks = None
+        self.enabled = True
         self.disabled_reason: str | None = None
         self.snapshots: list[dict[str, Any]] = []
         self.min_shift = float(min_shift)
@@ -220,8 +199,6 @@ class WarmupRewinder:
         self.planned_bytes: int | None = None
         self._next_lr = 0.0
         self._budget_checked = False
-        if not self.enabled:
-            self._disable("DeepSpeed keeps the master weights and optimizer state in its own partitions")
         scheduler.add_listener(self)  # replaces the scheduler's own rewinder, if it built one
 
     # ------------------------------------------------------------------ what is held, and where
@@ -236,12 +213,17 @@ class WarmupRewinder:
         """Host memory held by this process's snapshots (0 when they are offloaded to disk)."""
         return sum(s["bytes"] for s in self.snapshots if s.get("data") is not None)
 
+    def _stepped_params(self) -> list[torch.Tensor]:
+        """The tensors the optimizer steps, in its order (DeepSpeed: its fp32 master partitions)."""
+        if self._layout_params is not None:
+            return self._layout_params()
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _state_tensors(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """The parameters, in the optimizer's order, with their optimizer state."""
         state = self.optimizer.state
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                yield p, state.get(p, {})
+        for p in self._stepped_params():
+            yield p, state.get(p, {})
 
     def _buffers(self) -> list[torch.Tensor]:
         return [] if self.model is None else [b for b in self.model.buffers() if b is not None]
@@ -274,6 +256,7 @@ class WarmupRewinder:
                 ],
                 "buffers": [_host_copy(b) for b in self._buffers()],
             }
+            self._clear_padding(data["params"], data["state"])
             # a state a NaN has already reached is not kept (the metadata is, so that every process keeps the same
             # list); `on_switch` never picks it
             entry["finite"] = all(bool(torch.isfinite(t).all()) for t in _tensors_in(data) if t.is_floating_point())
@@ -337,6 +320,16 @@ class WarmupRewinder:
             self._drop(snapshot)
         self.snapshots = []
 
+    def _clear_padding(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        """Zero, in host copies, the padding elements DeepSpeed leaves uninitialised (ZeRO 3), in each stepped tensor
+        and in the state tensors shaped like it, so that no check or distance reads them."""
+        for i, mask in enumerate(self._padding_masks or []):
+            if mask is None:
+                continue
+            for tensor in [params[i], *(v for v in states[i].values() if isinstance(v, torch.Tensor))]:
+                if tensor.shape == mask.shape:
+                    tensor[~mask] = 0
+
     def _shift_since(self, data: dict[str, Any] | None) -> float:
         """How far the parameters have moved since the snapshot `data`: `||now - snapshot|| / ||snapshot||` over all
         parameters, in float64 on the host, the same value on every process (sharded: the sums are added over the
@@ -345,9 +338,13 @@ class WarmupRewinder:
         sums = torch.zeros(2, dtype=torch.float64)
         if data is not None:
             with torch.no_grad():
-                for (p, _), saved in zip(self._state_tensors(), data["params"], strict=True):
+                masks = self._padding_masks or [None] * len(data["params"])
+                for (p, _), saved, mask in zip(self._state_tensors(), data["params"], masks, strict=True):
                     before = saved.to(torch.float64)
-                    sums[0] += (_local(p).detach().to(device="cpu", dtype=torch.float64) - before).square().sum()
+                    moved = _local(p).detach().to(device="cpu", dtype=torch.float64) - before
+                    if mask is not None:
+                        moved[~mask] = 0
+                    sums[0] += moved.square().sum()
                     sums[1] += before.square().sum()
         if self.mode == SHARDED:
             sums = mean_over_processes(sums)  # a mean over processes keeps the ratio of the sums
@@ -397,6 +394,8 @@ class WarmupRewinder:
                 tensors.append(_local(buffer))
             if broadcast:
                 _broadcast_in_place(tensors)
+        if self._refresh_model is not None:
+            self._refresh_model()  # DeepSpeed: the model's weights from the restored master partitions
 
     # ------------------------------------------------------------------ memory budget
 
@@ -404,6 +403,10 @@ class WarmupRewinder:
         """Before the first copy: do the snapshots fit in the budget on every node? Decided the same on every
         process (one collective); off with one warning when they do not."""
         self._budget_checked = True
+        self._read_layout()
+        if min_over_processes(float(self.mode != UNSUPPORTED)) < 1.0:
+            self._disable(self.disabled_reason or "another process's training state is out of a snapshot's reach")
+            return False
         per_snapshot = self._snapshot_bytes()
         holders_here = (local_world_size() if self.mode == SHARDED else 1) if self.holds_snapshots else 0
         self.planned_bytes = per_snapshot * self.max_snapshots * holders_here
@@ -429,6 +432,15 @@ class WarmupRewinder:
                 f"process(es) on this node = {_gib(self.planned_bytes)} of {where} ({self.mode} state)."
             )
         return True
+
+    def _read_layout(self) -> None:
+        """Read where the training state lives now (Accelerate and DeepSpeed wrap the optimizer after the rewinder
+        may have been built); unsupported state records its reason."""
+        layout = layout_of(self.optimizer, self.model)
+        self.mode, self._refresh_model, self._layout_params = layout.mode, layout.refresh_model, layout.stepped_params
+        self._padding_masks = None if layout.real_elements is None else layout.real_elements()
+        if layout.mode == UNSUPPORTED:
+            self.disabled_reason = layout.reason
 
     def _disable(self, reason: str) -> None:
         self.enabled = False
@@ -473,6 +485,7 @@ class WarmupRewinder:
         """Restore what `state_dict` returned (on a process that holds no snapshots, only the bookkeeping)."""
         for snapshot in self.snapshots:
             self._drop(snapshot)
+        self._read_layout()
         self.rewound_to = state["rewound_to"]
         self.kept = state.get("kept")
         self._next_lr = float(state["next_lr"])
@@ -480,6 +493,8 @@ class WarmupRewinder:
         self.planned_bytes = state.get("planned_bytes")
         if not state.get("enabled", True):
             self.enabled, self.disabled_reason = False, state.get("disabled_reason")
+        elif self.mode == UNSUPPORTED:
+            self._disable(self.disabled_reason)
         self.snapshots = []
         for saved in state["snapshots"]:
             entry = {

@@ -122,7 +122,7 @@ class _AutoWUEvents(TrainerCallback):
         if scheduler.config.effective_rewind and scheduler.warmup_steps > 0:
             # with the model its buffers are restored too; one file per process in the checkpoint, not scheduler.pt.
             # (After the switch it only keeps its bookkeeping, e.g. `rewound_to`, for a run resumed then.) The
-            # scheduler's own rewinder stays when it is off (DeepSpeed): it has said so, once.
+            # scheduler's own rewinder stays when it is off: it has said so, once.
             rewinder = scheduler.rewinder
             if rewinder is None or rewinder.enabled:
                 rewinder = WarmupRewinder(trainer.model, trainer.optimizer, scheduler)
@@ -212,7 +212,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     `restore_callback_states_from_checkpoint=True` also works (it rebuilds the callback from the options saved
     in `trainer_state.json`, so read `trainer.callback_handler.callbacks` rather than a stale reference). With
     DeepSpeed, a config without a `scheduler` section is fine (with an `optimizer` section, DeepSpeed's engine steps
-    the Trainer's scheduler inside the backward pass; the callback overrides it all the same); rewind is then off.
+    the Trainer's scheduler inside the backward pass; the callback overrides it all the same); rewind restores
+    DeepSpeed's master partitions and refreshes the model from them (ZeRO 1 to 3; off, with one warning, with NVMe
+    offload).
 
     Args:
         config (`AutoWUConfig`, *optional*): The AutoWU options.

@@ -55,6 +55,21 @@ def assert_state_equal(a, b) -> None:
         assert a == b or (a != a and b != b)
 
 
+def flat_tensors(value) -> list[torch.Tensor]:
+    """The tensors in nested lists and tuples, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for item in value for t in flat_tensors(item)]
+
+
+def same_tensors(a, b) -> bool:
+    """Whether two nested lists/tuples of tensors hold the same tensors (dtype and values), in the same order."""
+    flat_a, flat_b = flat_tensors(a), flat_tensors(b)
+    return len(flat_a) == len(flat_b) and all(
+        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(flat_a, flat_b, strict=True)
+    )
+
+
 def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
     """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
     error. The scripts end with `process_exit.leave()`, which skips the interpreter finalization in which gloo's

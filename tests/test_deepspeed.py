@@ -1,9 +1,10 @@
-"""The Trainer with DeepSpeed ZeRO-2 on CPU (one process, `DS_ACCELERATOR=cpu`), both entry points, DeepSpeed
-configs without a `scheduler` section, with an `optimizer` section (DeepSpeed's engine builds the scheduler through
+"""The Trainer with DeepSpeed on CPU (one process, `DS_ACCELERATOR=cpu`), both entry points, DeepSpeed configs
+without a `scheduler` section: ZeRO-2 with an `optimizer` section (DeepSpeed's engine builds the scheduler through
 `create_scheduler` on a shallow copy of the trainer and steps it inside the backward pass) and without one (the
-Trainer steps it): AutoWU's LR is applied (read inside DeepSpeed's optimizer step) and logged, updates DeepSpeed
-skips on a non-finite gradient norm (its fp16 overflow path) are not steps, resume is exact, and rewind is off with
-one warning; a `scheduler` section is refused."""
+Trainer steps it), and ZeRO-3. AutoWU's LR is applied (read inside DeepSpeed's optimizer step) and logged, updates
+DeepSpeed skips on a non-finite gradient norm (its fp16 overflow path) are not steps, rewind restores DeepSpeed's
+master partitions, their optimizer state and the model's weights, resume is exact; a `scheduler` section is
+refused. `tests/test_deepspeed_rewind.py` runs ZeRO 1 to 3 in two processes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import same_tensors, torchrun
 
 from hf_autowu import AutoWU
 
@@ -23,7 +24,7 @@ from deepspeed_trainer import MAX_STEPS, OVERFLOW_STEPS, RESUME_AT  # noqa: E402
 from trainer_toy import AUTOWU_OPTIONS  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
-ENTRY_POINTS, CONFIGS = ("callback", "trainer"), ("optimizer", "no_optimizer")
+ENTRY_POINTS, CONFIGS = ("callback", "trainer"), ("optimizer", "no_optimizer", "zero3")
 RUNS = [f"{entry_point}-{config}" for entry_point in ENTRY_POINTS for config in CONFIGS]
 
 
@@ -65,11 +66,27 @@ def test_lr_applied_and_logged_and_skipped_updates_not_counted(results, run):
     assert record["logged"] == [(step + 1, lr) for step, lr in enumerate(expected)]
 
 
+def after_scheduler_steps(count: int) -> int:
+    """The first global step after which the scheduler has taken `count` steps (skipped updates are not steps)."""
+    return next(g for g in range(count, MAX_STEPS + 1) if g - sum(o < g for o in OVERFLOW_STEPS) == count)
+
+
 @pytest.mark.parametrize("run", RUNS)
-def test_rewind_is_off_with_one_warning(results, run):
-    for record in (results[run], results[f"{run}-resumed"]):
-        assert not record["rewind_enabled"]
-        assert len(record["rewind_warnings"]) == 1 and "DeepSpeed" in record["rewind_warnings"][0]
+def test_rewind_restores_deepspeed_masters_state_and_weights(results, run):
+    """Right after the switch, DeepSpeed's fp32 master partitions, their AdamW state and the weights the model
+    computes with (ZeRO-3: its partitions) are bit for bit those after the snapshot's step, with no warning; the
+    resumed run restores the same snapshot from the checkpoint's rewind file."""
+    full, resumed = results[run], results[f"{run}-resumed"]
+    for record in (full, resumed):
+        assert record["rewind_enabled"] and record["rewind_mode"] == "sharded" and record["rewind_warnings"] == []
+        assert record["rewound_to"] is not None and record["rewound_to"]["step"] < record["switch_step"]
+    assert resumed["rewound_to"] == full["rewound_to"]
+    switch = after_scheduler_steps(full["switch_step"])
+    target = after_scheduler_steps(full["rewound_to"]["step"])
+    assert target < RESUME_AT < switch
+    assert same_tensors(full["states"][switch], full["states"][target])
+    assert not same_tensors(full["states"][switch - 1], full["states"][switch]), "the rewind changed nothing"
+    assert same_tensors(resumed["states"][switch], full["states"][target])
 
 
 @pytest.mark.parametrize("run", RUNS)

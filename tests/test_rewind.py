@@ -197,18 +197,20 @@ def test_paper_preset_and_rewind_false_attach_nothing():
     )
 
 
-def test_deepspeed_state_turns_rewind_off_with_a_warning():
-    """DeepSpeed's parameters carry a `ds_id` (what `sharding_of` looks for); `tests/test_deepspeed.py` runs the
-    real thing through the Trainer."""
+def test_partitioned_parameters_outside_deepspeeds_optimizer_turn_rewind_off_with_a_warning():
+    """ZeRO-3's parameters carry a `ds_id`; stepped by an optimizer that is not DeepSpeed's, their state is out of a
+    snapshot's reach: rewind turns itself off, once, when the first snapshot is due, and the run goes on.
+    `tests/test_deepspeed.py` and `tests/test_deepspeed_rewind.py` run the real thing."""
     param = torch.nn.Parameter(torch.zeros(3))
     param.ds_id = 0
     optimizer = torch.optim.AdamW([param], lr=1.0)
-    with pytest.warns(UserWarning, match="rewind is off: DeepSpeed"):
-        scheduler = AutoWU(optimizer, total_steps=100)
-    for step in range(100):
-        param.grad = torch.full_like(param, 0.1)
-        optimizer.step()
-        scheduler.step(1.0 / (step + 1))
+    scheduler = AutoWU(optimizer, total_steps=100)
+    with pytest.warns(UserWarning, match="rewind is off: DeepSpeed's partitioned parameters") as caught:
+        for step in range(100):
+            param.grad = torch.full_like(param, 0.1)
+            optimizer.step()
+            scheduler.step(1.0 / (step + 1))
+    assert len([w for w in caught if "AutoWU rewind" in str(w.message)]) == 1
     assert scheduler.rewinder.snapshots == [] and scheduler.switch_step is not None
 
 

@@ -25,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from deepspeed_rewind import master_state, model_weights  # noqa: E402
 from process_exit import leave  # noqa: E402
 from trainer_toy import AUTOWU_OPTIONS, ToyRegressor, regression_data, training_args  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
@@ -40,6 +41,7 @@ CONFIGS = {
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
     },
     "no_optimizer": {},
+    "zero3": {"zero_optimization": {"stage": 3}},
 }
 
 
@@ -53,6 +55,7 @@ class RecordUpdates(TrainerCallback):
         self.updates: list[tuple[list[float], bool]] = []
         self.micro_losses: list[list[torch.Tensor]] = []
         self.model_weights: dict[str, torch.Tensor] | None = None
+        self.states: dict[int, tuple[list[list[torch.Tensor]], list[torch.Tensor]]] = {}
         self._hooked = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -62,7 +65,8 @@ class RecordUpdates(TrainerCallback):
             )
             self._hooked = True
         zero = optimizer.optimizer  # Accelerate's DeepSpeedOptimizerWrapper > DeepSpeed's ZeRO optimizer
-        assert type(zero).__name__ == "DeepSpeedZeroOptimizer", type(zero)
+        assert type(zero).__name__.startswith("DeepSpeedZeroOptimizer"), type(zero)
+        self.zero = zero
         original = zero.step
 
         def step(*a, **k):
@@ -76,9 +80,18 @@ class RecordUpdates(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         model.nan_loss = state.global_step in OVERFLOW_STEPS
         self.micro_losses.append([])
+        self.record_state(state.global_step, model)
+
+    def record_state(self, updates: int, model) -> None:
+        """After `updates` updates (and, at the switch, the rewind, which `AutoWUTrainer` does at `on_step_end`):
+        the fp32 master partitions with their AdamW state, and the weights the model computes with."""
+        self.states[updates] = (master_state(self.zero), model_weights(model))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.record_state(state.global_step, model)
         self.model_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        if hasattr(self.zero, "fp32_partitioned_groups_flat"):  # ZeRO 3: the weights are this process's partitions
+            self.model_weights = {name: p.ds_tensor.detach().clone() for name, p in model.named_parameters()}
 
 
 def run(entry_point: str, config: str, output_dir: Path, resume: str | None = None) -> dict:
@@ -119,6 +132,10 @@ def run(entry_point: str, config: str, output_dir: Path, resume: str | None = No
         "switch_step": scheduler.switch_step,
         "peak_lr": scheduler.peak_lr,
         "rewind_enabled": scheduler.rewinder.enabled,
+        "rewind_mode": scheduler.rewinder.mode,
+        "rewound_to": scheduler.rewinder.rewound_to,
+        "kept": scheduler.rewinder.kept,
+        "states": recorder.states,
         "rewind_warnings": [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)],
         "weights": recorder.model_weights,
         "checkpoint_files": sorted(os.listdir(output_dir / f"checkpoint-{RESUME_AT}")) if resume is None else None,

@@ -1,0 +1,163 @@
+"""Rewind with DeepSpeed ZeRO in two processes, a hand-written loop, for `tests/test_deepspeed_rewind.py`.
+
+Run with `torchrun --standalone --nproc_per_node 2 tests/multiprocess/deepspeed_rewind.py OUT_DIR`
+(`DS_ACCELERATOR=cpu`, gloo). For ZeRO stages 1, 2 and 3, `deepspeed.initialize` wraps AdamW and the loop drives
+`AutoWU(engine.optimizer, total_steps=TOTAL, model=engine.module)` with its defaults (rewind on): `engine.backward`,
+`engine.step`, `scheduler.step(loss)`, each process on its own data. Each process writes
+`OUT_DIR/zero{stage}[-resumed]_rank{rank}.pt`: the LR of every step and, after every step, this process's fp32
+master partitions with their AdamW state (what DeepSpeed's optimizer steps) and the weights the model computes with
+(ZeRO 1 and 2: every parameter in full; ZeRO 3: this process's partition of each, and the full tensor of the
+persistent ones), plus the rewind bookkeeping. The uninterrupted run saves after `RESUME_AT` steps (late warmup)
+with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the resumed run starts from another
+initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
+`deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
+itself off, with one warning, and the run go on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from process_exit import leave  # noqa: E402
+from sharded_rewind import batch, local_state, make_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hf_autowu import AutoWU  # noqa: E402
+
+TOTAL, RESUME_AT, HIDDEN = 200, 70, 32
+STAGES = (1, 2, 3)
+
+
+def real_part(partition: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """The elements of this process's ZeRO 3 partition of `param` that hold values (the last processes' partitions
+    run past the parameter's end, into padding DeepSpeed leaves uninitialised)."""
+    size = partition.numel()
+    start = dist.get_rank(group=param.ds_process_group) * size
+    return partition[: min(max(param.ds_numel - start, 0), size)]
+
+
+def model_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the weights the model computes with: with ZeRO 3 this process's partition of each parameter
+    (`ds_tensor`) and the gathered tensor of those that stay gathered (persistent), else every parameter in full."""
+    result = []
+    for p in model.parameters():
+        partition = getattr(p, "ds_tensor", None)
+        if partition is not None:
+            result.append(real_part(partition, p).detach().clone())
+        if partition is None or p.numel() > 0:
+            result.append(p.detach().clone())
+    return result
+
+
+def master_state(optimizer: Any) -> list[list[torch.Tensor]]:
+    """Copies of this process's fp32 master partitions and their AdamW state, in the optimizer's order; ZeRO 3
+    keeps its flat partitions out of `param_groups` between steps, and only their real elements are kept."""
+    partitions = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if partitions is None:
+        return local_state(optimizer)
+    rows = []
+    for flat, params in zip(partitions, optimizer.fp16_groups, strict=True):
+        state = optimizer.state[flat]
+        tensors = [flat, *(state[k] for k in sorted(state) if torch.is_tensor(state[k]) and state[k].dim())]
+        for tensor in tensors:
+            parts = tensor.split([p.ds_tensor.ds_numel for p in params])
+            rows.append([real_part(part, p).clone() for part, p in zip(parts, params, strict=True)])
+    return rows
+
+
+class Run:
+    """`deepspeed.initialize` on the model and AdamW, and AutoWU with its defaults on DeepSpeed's optimizer (with
+    `before_initialize`: on AdamW, built before `deepspeed.initialize`, as a scheduler handed to
+    `accelerator.prepare` is)."""
+
+    def __init__(self, stage: int, seed: int = 0, before_initialize: bool = False):
+        config = {
+            "train_micro_batch_size_per_gpu": 32,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage},
+        }
+        import deepspeed  # here, not at the top: the tests import this module's constants
+
+        model = make_model(HIDDEN, seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+        if before_initialize:
+            self.scheduler = AutoWU(optimizer, total_steps=TOTAL)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if not before_initialize:
+            self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, model=self.engine.module)
+        self.record: dict[str, Any] = {"lrs": {}, "losses": {}, "states": {}, "weights": {}}
+
+    def train(self, start: int, stop: int, save_to: Path | None = None) -> None:
+        for step in range(start, stop):
+            x, y = batch(step)
+            loss = nn.functional.mse_loss(self.engine(x), y)
+            self.engine.backward(loss)
+            self.record["lrs"][step] = self.optimizer.param_groups[0]["lr"]
+            self.record["losses"][step] = loss.item()
+            self.engine.step()
+            self.scheduler.step(loss.detach())
+            # after `step + 1` optimizer steps (and, at the switch, the rewind)
+            self.record["states"][step + 1] = master_state(self.optimizer)
+            self.record["weights"][step + 1] = model_weights(self.engine.module)
+            if save_to is not None and step + 1 == RESUME_AT:
+                self.engine.save_checkpoint(str(save_to), tag="warmup")
+                torch.save(self.scheduler.state_dict(), save_to / f"scheduler_rank{dist.get_rank()}.pt")
+
+    def load(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder), tag="warmup")
+        self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{dist.get_rank()}.pt", weights_only=True))
+
+    def finish(self) -> dict[str, Any]:
+        scheduler, rewinder = self.scheduler, self.scheduler.rewinder
+        self.record.update(
+            optimizer=type(self.optimizer).__name__,
+            switch_step=scheduler.switch_step,
+            switch_reason=scheduler.switch_reason,
+            peak_lr=scheduler.peak_lr,
+            rewound_to=rewinder.rewound_to,
+            kept=rewinder.kept,
+            enabled=rewinder.enabled,
+            disabled_reason=rewinder.disabled_reason,
+            mode=rewinder.mode,
+            holds_snapshots=rewinder.holds_snapshots,
+        )
+        return self.record
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    for stage in STAGES:
+        folder = out / f"zero{stage}-checkpoint"
+        full = Run(stage)
+        full.train(0, TOTAL, save_to=folder)
+        torch.save(full.finish(), out / f"zero{stage}_rank{rank}.pt")
+        dist.barrier()
+        resumed = Run(stage, seed=123)  # a different initialisation: all must come from the checkpoint
+        resumed.load(folder)
+        resumed.train(RESUME_AT, TOTAL)
+        torch.save(resumed.finish(), out / f"zero{stage}-resumed_rank{rank}.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        early = Run(2, before_initialize=True)
+        early.train(0, TOTAL)
+    record = early.finish()
+    record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
+    torch.save(record, out / f"zero2-before-initialize_rank{rank}.pt")
+    leave()  # the last statement: skips finalization, see process_exit.leave
+
+
+if __name__ == "__main__":
+    main()

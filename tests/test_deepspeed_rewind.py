@@ -1,0 +1,79 @@
+"""Rewind with DeepSpeed ZeRO stages 1, 2 and 3 across two processes (torchrun, gloo on CPU), in a hand-written loop
+with AutoWU's defaults built on DeepSpeed's optimizer: every process snapshots and restores its own fp32 master
+partitions and their AdamW state, and the model's weights are refreshed from them (ZeRO 1 and 2: every parameter
+in full on every process; ZeRO 3: each process's partitions and the persistent parameters it keeps gathered)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import same_tensors, torchrun
+
+pytest.importorskip("deepspeed")
+SCRIPTS = Path(__file__).parent / "multiprocess"
+sys.path.insert(0, str(SCRIPTS))
+from deepspeed_rewind import RESUME_AT, STAGES, TOTAL  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed_rewind")
+    torchrun("deepspeed_rewind.py", str(out), cwd=str(SCRIPTS))
+    return lambda run: [torch.load(out / f"{run}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_process_applies_the_same_lr_and_rewinds_to_the_same_snapshot(load, stage):
+    first, second = load(f"zero{stage}")
+    assert first["optimizer"].startswith("DeepSpeedZeroOptimizer")
+    assert first["lrs"] == second["lrs"] and len(first["lrs"]) == TOTAL
+    assert first["switch_step"] == second["switch_step"] is not None
+    assert first["peak_lr"] == second["peak_lr"] and first["rewound_to"] == second["rewound_to"] is not None
+    for record in (first, second):
+        assert record["enabled"] and record["mode"] == "sharded" and record["holds_snapshots"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_rewind_restores_masters_state_and_weights_bit_for_bit(load, stage):
+    """Right after the switch each process's master partitions, their AdamW state and the model's weights are
+    exactly those it had after the snapshot's step; the processes' partitions differ, so each restored its own."""
+    records = load(f"zero{stage}")
+    for record in records:
+        switch, target = record["switch_step"], record["rewound_to"]
+        assert target["lr"] <= record["peak_lr"] and target["step"] < switch - 1
+        assert same_tensors(record["states"][switch], record["states"][target["step"]])
+        assert same_tensors(record["weights"][switch], record["weights"][target["step"]])
+        assert not same_tensors(record["states"][switch - 1], record["states"][switch]), "the rewind changed nothing"
+    assert not same_tensors(records[0]["states"][1], records[1]["states"][1]), "the processes hold the same partition"
+    if stage < 3:  # every process computes with the full weights, the same on each
+        switch = records[0]["switch_step"]
+        assert same_tensors(records[0]["weights"][switch], records[1]["weights"][switch])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resume_from_deepspeed_checkpoint_and_scheduler_state_is_exact(load, stage):
+    """Saved late in warmup, after the snapshot the switch restores: it comes back from each process's
+    `scheduler.state_dict()`, and the resumed run gives the uninterrupted run's LRs and final state bit for bit."""
+    for full, resumed in zip(load(f"zero{stage}"), load(f"zero{stage}-resumed"), strict=True):
+        assert full["rewound_to"]["step"] < RESUME_AT < full["switch_step"]
+        assert resumed["rewound_to"] == full["rewound_to"] and resumed["switch_step"] == full["switch_step"]
+        assert {k: v for k, v in full["lrs"].items() if k >= RESUME_AT} == resumed["lrs"]
+        assert same_tensors(resumed["states"][TOTAL], full["states"][TOTAL])
+        assert same_tensors(resumed["weights"][TOTAL], full["weights"][TOTAL])
+
+
+def test_autowu_built_before_deepspeed_initialize_turns_rewind_off_with_one_warning(load):
+    """AdamW's parameters become DeepSpeed's master partitions, which differ between processes: treating them as
+    replicas would broadcast one process's partition over the others'. Rewind is off, said once, and the run goes
+    on with the same LRs on both processes."""
+    first, second = load("zero2-before-initialize")
+    assert first["lrs"] == second["lrs"] and first["switch_step"] == second["switch_step"] is not None
+    for record in (first, second):
+        assert not record["enabled"] and record["rewound_to"] is None
+        assert "not DeepSpeed's" in record["disabled_reason"]
+    assert len(first["warnings"]) == 1 and "rewind is off" in first["warnings"][0] and second["warnings"] == []
