@@ -38,11 +38,15 @@ def test_every_process_applies_the_same_lr_and_rewinds_to_the_same_snapshot(load
         assert record["enabled"] and record["mode"] == "sharded" and record["holds_snapshots"]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_rewind_restores_masters_state_and_weights_bit_for_bit(load, stage):
-    """Right after the switch each process's master partitions, their AdamW state and the model's weights are
-    exactly those it had after the snapshot's step; the processes' partitions differ, so each restored its own."""
-    records = load(f"zero{stage}")
+@pytest.mark.parametrize("run", [*(f"zero{stage}" for stage in STAGES), "zero2-bf16"])
+def test_rewind_restores_masters_state_and_weights_bit_for_bit(load, run):
+    """Right after the switch each process's master partitions, their AdamW state and the model's weights (bf16
+    ones included) are exactly those it had after the snapshot's step; the processes' partitions differ, so each
+    restored its own."""
+    records = load(run)
+    stage = int(run[4])
+    dtype = torch.bfloat16 if run.endswith("bf16") else torch.float32
+    assert all(weight.dtype == dtype for weight in records[0]["weights"][1])
     for record in records:
         switch, target = record["switch_step"], record["rewound_to"]
         assert target["lr"] <= record["peak_lr"] and target["step"] < switch - 1

@@ -11,7 +11,8 @@ persistent ones), plus the rewind bookkeeping. The uninterrupted run saves after
 with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the resumed run starts from another
 initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
-itself off, with one warning, and the run go on.
+itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
+fp32 masters.
 """
 
 from __future__ import annotations
@@ -78,12 +79,14 @@ class Run:
     `before_initialize`: on AdamW, built before `deepspeed.initialize`, as a scheduler handed to
     `accelerator.prepare` is)."""
 
-    def __init__(self, stage: int, seed: int = 0, before_initialize: bool = False):
+    def __init__(self, stage: int, seed: int = 0, before_initialize: bool = False, bf16: bool = False):
         config = {
             "train_micro_batch_size_per_gpu": 32,
             "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16},
         }
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
         import deepspeed  # here, not at the top: the tests import this module's constants
 
         model = make_model(HIDDEN, seed)
@@ -98,7 +101,7 @@ class Run:
     def train(self, start: int, stop: int, save_to: Path | None = None) -> None:
         for step in range(start, stop):
             x, y = batch(step)
-            loss = nn.functional.mse_loss(self.engine(x), y)
+            loss = nn.functional.mse_loss(self.engine(x.to(self.dtype)).float(), y)
             self.engine.backward(loss)
             self.record["lrs"][step] = self.optimizer.param_groups[0]["lr"]
             self.record["losses"][step] = loss.item()
@@ -156,6 +159,9 @@ def main() -> None:
     record = early.finish()
     record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
     torch.save(record, out / f"zero2-before-initialize_rank{rank}.pt")
+    bf16 = Run(2, bf16=True)
+    bf16.train(0, TOTAL)
+    torch.save(bf16.finish(), out / f"zero2-bf16_rank{rank}.pt")
     leave()  # the last statement: skips finalization, see process_exit.leave
 
 
