@@ -400,8 +400,9 @@ class WarmupRewinder:
     # ------------------------------------------------------------------ memory budget
 
     def _check_budget(self) -> bool:
-        """Before the first copy: do the snapshots fit in the budget on every node? Decided the same on every
-        process (one collective); off with one warning when they do not."""
+        """Before the first copy: is the training state within a snapshot's reach on every process (its layout is
+        read now, once the optimizer is wrapped), and do the snapshots fit in the budget on every node? Decided the
+        same on every process (two collectives, here only); off with one warning when either is not so."""
         self._budget_checked = True
         self._read_layout()
         if min_over_processes(float(self.mode != UNSUPPORTED)) < 1.0:
