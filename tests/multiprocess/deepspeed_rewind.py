@@ -13,12 +13,19 @@ initialisation, loads both and continues to the end. A last ZeRO-2 run builds Au
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
 itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
 fp32 masters.
+
+With `--memory-only` each process only trains the uninterrupted runs and prints its peak rewind memory as one JSON
+line (for the memory figures of the documentation):
+
+    cd tests/multiprocess && torchrun --standalone --nproc_per_node 2 deepspeed_rewind.py /tmp/mem --hidden 1024 \
+        --memory-only
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,7 +86,9 @@ class Run:
     `before_initialize`: on AdamW, built before `deepspeed.initialize`, as a scheduler handed to
     `accelerator.prepare` is)."""
 
-    def __init__(self, stage: int, seed: int = 0, before_initialize: bool = False, bf16: bool = False):
+    def __init__(
+        self, stage: int, seed: int = 0, before_initialize: bool = False, bf16: bool = False, hidden: int = HIDDEN
+    ):
         config = {
             "train_micro_batch_size_per_gpu": 32,
             "gradient_accumulation_steps": 1,
@@ -89,14 +98,15 @@ class Run:
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         import deepspeed  # here, not at the top: the tests import this module's constants
 
-        model = make_model(HIDDEN, seed)
+        model = make_model(hidden, seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
         if before_initialize:
             self.scheduler = AutoWU(optimizer, total_steps=TOTAL)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         if not before_initialize:
             self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, model=self.engine.module)
-        self.record: dict[str, Any] = {"lrs": {}, "losses": {}, "states": {}, "weights": {}}
+        self.record: dict[str, Any] = {"lrs": {}, "losses": {}, "states": {}, "weights": {}, "memory_bytes": 0}
+        self.keep_states = True
 
     def train(self, start: int, stop: int, save_to: Path | None = None) -> None:
         for step in range(start, stop):
@@ -107,9 +117,10 @@ class Run:
             self.record["losses"][step] = loss.item()
             self.engine.step()
             self.scheduler.step(loss.detach())
-            # after `step + 1` optimizer steps (and, at the switch, the rewind)
-            self.record["states"][step + 1] = master_state(self.optimizer)
-            self.record["weights"][step + 1] = model_weights(self.engine.module)
+            self.record["memory_bytes"] = max(self.record["memory_bytes"], self.scheduler.rewinder.memory_bytes)
+            if self.keep_states:  # after `step + 1` optimizer steps (and, at the switch, the rewind)
+                self.record["states"][step + 1] = master_state(self.optimizer)
+                self.record["weights"][step + 1] = model_weights(self.engine.module)
             if save_to is not None and step + 1 == RESUME_AT:
                 self.engine.save_checkpoint(str(save_to), tag="warmup")
                 torch.save(self.scheduler.state_dict(), save_to / f"scheduler_rank{dist.get_rank()}.pt")
@@ -136,12 +147,31 @@ class Run:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--memory-only", action="store_true")
+    args = parser.parse_args()
+    out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
+    if args.memory_only:
+        for stage in STAGES:
+            run = Run(stage, hidden=args.hidden)
+            run.keep_states = False
+            run.train(0, TOTAL)
+            record = run.finish()
+            summary = {
+                "stage": stage,
+                "rank": rank,
+                "peak_memory_bytes": record["memory_bytes"],
+                "planned_bytes": run.scheduler.rewinder.planned_bytes,
+            }
+            print(json.dumps(summary), flush=True)
+        leave()
     for stage in STAGES:
         folder = out / f"zero{stage}-checkpoint"
         full = Run(stage)
