@@ -1,10 +1,12 @@
 """Rewind with DeepSpeed ZeRO stages 1, 2 and 3 across two processes (torchrun, gloo on CPU), in a hand-written loop
 with AutoWU's defaults built on DeepSpeed's optimizer: every process snapshots and restores its own fp32 master
 partitions and their AdamW state, and the model's weights are refreshed from them (ZeRO 1 and 2: every parameter
-in full on every process; ZeRO 3: each process's partitions and the persistent parameters it keeps gathered)."""
+in full on every process; ZeRO 3: each process's partitions and the persistent parameters it keeps gathered). A NaN
+loss on one process is rewound on both, and the run ends finite."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from helpers import same_tensors, torchrun
 pytest.importorskip("deepspeed")
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
-from deepspeed_rewind import RESUME_AT, STAGES, TOTAL  # noqa: E402
+from deepspeed_rewind import NAN_LOSS_AT, RESUME_AT, STAGES, TOTAL  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 
@@ -81,3 +83,19 @@ def test_autowu_built_before_deepspeed_initialize_turns_rewind_off_with_one_warn
         assert not record["enabled"] and record["rewound_to"] is None
         assert "not DeepSpeed's" in record["disabled_reason"]
     assert len(first["warnings"]) == 1 and "rewind is off" in first["warnings"][0] and second["warnings"] == []
+
+
+@pytest.mark.parametrize("stage", (2, 3))
+def test_a_nan_loss_on_one_process_is_rewound_and_the_run_ends_finite(load, stage):
+    """Process 1's loss is NaN once: both processes switch at the same step, restore the same snapshot from before
+    it bit for bit, and every LR and every state from then to the end is finite."""
+    first, second = load(f"zero{stage}-nan")
+    assert first["lrs"] == second["lrs"] and all(math.isfinite(lr) and lr >= 0.0 for lr in first["lrs"].values())
+    assert first["switch_step"] == second["switch_step"] and first["rewound_to"] == second["rewound_to"] is not None
+    for record in (first, second):
+        switch, target = record["switch_step"], record["rewound_to"]["step"]
+        assert target <= NAN_LOSS_AT < switch
+        assert same_tensors(record["states"][switch], record["states"][target])
+        after = [t for step in range(switch, TOTAL + 1) for row in record["states"][step] for t in row]
+        assert all(bool(torch.isfinite(t).all()) for t in after)
+        assert all(bool(torch.isfinite(w).all()) for w in record["weights"][TOTAL])

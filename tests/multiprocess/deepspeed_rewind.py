@@ -12,7 +12,7 @@ with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the r
 initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
 itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
-fp32 masters.
+fp32 masters. Last, ZeRO-2 and ZeRO-3 runs in which process 1's loss is NaN once, at step `NAN_LOSS_AT`.
 
 With `--memory-only` each process only trains the uninterrupted runs and prints its peak rewind memory as one JSON
 line (for the memory figures of the documentation):
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import nn  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
 
-TOTAL, RESUME_AT, HIDDEN = 200, 70, 32
+TOTAL, RESUME_AT, HIDDEN, NAN_LOSS_AT = 200, 70, 32, 60
 STAGES = (1, 2, 3)
 
 
@@ -108,10 +109,14 @@ class Run:
         self.record: dict[str, Any] = {"lrs": {}, "losses": {}, "states": {}, "weights": {}, "memory_bytes": 0}
         self.keep_states = True
 
-    def train(self, start: int, stop: int, save_to: Path | None = None) -> None:
+    def train(self, start: int, stop: int, save_to: Path | None = None, nan_loss_at: int | None = None) -> None:
+        """Steps `start` to `stop - 1`; `nan_loss_at`: process 1's loss of that step (0-based) is NaN, and through
+        the gradients' reduction the NaN reaches every process's partitions."""
         for step in range(start, stop):
             x, y = batch(step)
             loss = nn.functional.mse_loss(self.engine(x.to(self.dtype)).float(), y)
+            if step == nan_loss_at and dist.get_rank() == 1:
+                loss = loss * math.nan
             self.engine.backward(loss)
             self.record["lrs"][step] = self.optimizer.param_groups[0]["lr"]
             self.record["losses"][step] = loss.item()
@@ -192,6 +197,10 @@ def main() -> None:
     bf16 = Run(2, bf16=True)
     bf16.train(0, TOTAL)
     torch.save(bf16.finish(), out / f"zero2-bf16_rank{rank}.pt")
+    for stage in (2, 3):
+        nan = Run(stage)
+        nan.train(0, TOTAL, nan_loss_at=NAN_LOSS_AT)
+        torch.save(nan.finish(), out / f"zero{stage}-nan_rank{rank}.pt")
     leave()  # the last statement: skips finalization, see process_exit.leave
 
 
