@@ -40,11 +40,14 @@ def test_every_process_applies_the_same_lr_and_rewinds_to_the_same_snapshot(load
         assert record["enabled"] and record["mode"] == "sharded" and record["holds_snapshots"]
 
 
-@pytest.mark.parametrize("run", [*(f"zero{stage}" for stage in STAGES), "zero2-bf16"])
+BIT_FOR_BIT_RUNS = [*(f"zero{stage}" for stage in STAGES), "zero2-bf16", "zero2-offload", "zero3-offload"]
+
+
+@pytest.mark.parametrize("run", BIT_FOR_BIT_RUNS)
 def test_rewind_restores_masters_state_and_weights_bit_for_bit(load, run):
     """Right after the switch each process's master partitions, their AdamW state and the model's weights (bf16
-    ones included) are exactly those it had after the snapshot's step; the processes' partitions differ, so each
-    restored its own."""
+    ones included; with ZeRO-Offload too) are exactly those it had after the snapshot's step; the processes'
+    partitions differ, so each restored its own."""
     records = load(run)
     stage = int(run[4])
     dtype = torch.bfloat16 if run.endswith("bf16") else torch.float32

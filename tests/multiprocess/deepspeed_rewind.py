@@ -12,7 +12,8 @@ with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the r
 initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
 itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
-fp32 masters. Last, ZeRO-2 and ZeRO-3 runs in which process 1's loss is NaN once, at step `NAN_LOSS_AT`.
+fp32 masters. Last, ZeRO-2 and ZeRO-3 runs with the optimizer offloaded to the host (ZeRO-Offload), and runs in
+which process 1's loss is NaN once, at step `NAN_LOSS_AT`.
 
 With `--memory-only` each process only trains the uninterrupted runs and prints its peak rewind memory as one JSON
 line (for the memory figures of the documentation):
@@ -88,7 +89,13 @@ class Run:
     `accelerator.prepare` is)."""
 
     def __init__(
-        self, stage: int, seed: int = 0, before_initialize: bool = False, bf16: bool = False, hidden: int = HIDDEN
+        self,
+        stage: int,
+        seed: int = 0,
+        before_initialize: bool = False,
+        bf16: bool = False,
+        hidden: int = HIDDEN,
+        offload: bool = False,
     ):
         config = {
             "train_micro_batch_size_per_gpu": 32,
@@ -96,6 +103,9 @@ class Run:
             "zero_optimization": {"stage": stage},
             "bf16": {"enabled": bf16},
         }
+        if offload:  # ZeRO-Offload: the master partitions and AdamW's state on the host, stepped by torch's AdamW
+            config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            config["zero_force_ds_cpu_optimizer"] = False
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         import deepspeed  # here, not at the top: the tests import this module's constants
 
@@ -198,6 +208,9 @@ def main() -> None:
     bf16.train(0, TOTAL)
     torch.save(bf16.finish(), out / f"zero2-bf16_rank{rank}.pt")
     for stage in (2, 3):
+        offload = Run(stage, offload=True)
+        offload.train(0, TOTAL)
+        torch.save(offload.finish(), out / f"zero{stage}-offload_rank{rank}.pt")
         nan = Run(stage)
         nan.train(0, TOTAL, nan_loss_at=NAN_LOSS_AT)
         torch.save(nan.finish(), out / f"zero{stage}-nan_rank{rank}.pt")
