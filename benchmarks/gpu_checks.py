@@ -278,10 +278,12 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
         target is not None
         and recorder.begin_fingerprints[scheduler.switch_step] == recorder.begin_fingerprints[target["step"]]
     )
-    if opts.device == "cuda":  # a CPU has no FSDP through Accelerate
+    if part == "fsdp" and opts.device == "cuda":  # a CPU has no FSDP through Accelerate
         checks["sharded_with_sharded_rewind"] = sharded and result["rewind_mode"] == "sharded"
-    if part == "deepspeed":
-        checks["rewind_on_without_warning"] = result["rewind_enabled"] and not rewind_warnings
+    if part == "deepspeed":  # each process's own master partitions
+        checks["rewind_on_without_warning"] = (
+            result["rewind_enabled"] and result["rewind_mode"] == "sharded" and not rewind_warnings
+        )
     written = sorted(int(p.name.split("-")[1]) for p in (out / "full").glob("checkpoint-*"))
     before = [step for step in written if scheduler.switch_step is not None and step < scheduler.switch_step]
     result["resumed_from"] = before[-1] if before else None
