@@ -89,9 +89,10 @@ class RecordUpdates(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.record_state(state.global_step, model)
-        self.model_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-        if hasattr(self.zero, "fp32_partitioned_groups_flat"):  # ZeRO 3: the weights are this process's partitions
-            self.model_weights = {name: p.ds_tensor.detach().clone() for name, p in model.named_parameters()}
+        zero3 = hasattr(self.zero, "fp32_partitioned_groups_flat")  # the weights are this process's partitions
+        self.model_weights = {
+            name: (p.ds_tensor if zero3 else p).detach().clone() for name, p in model.named_parameters()
+        }
 
 
 def run(entry_point: str, config: str, output_dir: Path, resume: str | None = None) -> dict:
@@ -134,7 +135,6 @@ def run(entry_point: str, config: str, output_dir: Path, resume: str | None = No
         "rewind_enabled": scheduler.rewinder.enabled,
         "rewind_mode": scheduler.rewinder.mode,
         "rewound_to": scheduler.rewinder.rewound_to,
-        "kept": scheduler.rewinder.kept,
         "states": recorder.states,
         "rewind_warnings": [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)],
         "weights": recorder.model_weights,
