@@ -2,8 +2,9 @@
 
 Three layouts:
 
-- `REPLICATED`: one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding); every
-  replica holds the same parameters and optimizer state.
+- `REPLICATED`: one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding, DeepSpeed
+  ZeRO stage 0); every replica holds the same parameters and optimizer state. With DeepSpeed's stage 0 in bf16 or
+  fp16 those parameters are fp32 master weights, which `refresh_model` copies into the model's after a restore.
 - `SHARDED`: every process holds its own part (FSDP1 with `use_orig_params`, FSDP2 `fully_shard`,
   `ZeroRedundancyOptimizer`, DeepSpeed ZeRO stages 1 to 3). For DeepSpeed the optimizer's parameters are the fp32
   master partitions, not the model's weights: after they are restored, the layout's `refresh_model` copies them
@@ -109,6 +110,29 @@ def _zero3_real_elements(zero: Any) -> Callable[[], list[torch.Tensor | None]]:
     return masks
 
 
+def _is_params_list(groups: Any) -> bool:
+    """Whether `groups` is a list of lists of tensors (one list per parameter group)."""
+    return isinstance(groups, list) and all(
+        isinstance(group, list) and all(torch.is_tensor(t) for t in group) for group in groups
+    )
+
+
+def _replicated_refresh(weights: list[list[torch.Tensor]], masters: list[Any]) -> Callable[[], None]:
+    """ZeRO stage 0 in bf16 or fp16 (DeepSpeed's `FP16_Optimizer` wrappers): every process holds every fp32 master
+    weight, either one tensor per weight or one flat tensor per group; copy them into the model's weights, as the
+    wrapper's step does."""
+
+    @torch.no_grad()
+    def refresh() -> None:
+        for group, master in zip(weights, masters, strict=True):
+            if torch.is_tensor(master):  # one flat fp32 tensor for the group, the weights in order
+                master = master.split([w.numel() for w in group])
+            for weight, value in zip(group, master, strict=True):
+                weight.data.copy_(value.data.view_as(weight))
+
+    return refresh
+
+
 def _deepspeed_layout(zero: Any) -> StateLayout:
     """The layout for DeepSpeed's optimizer wrapper `zero`, whose inner optimizer steps the fp32 master partitions."""
     name = type(zero).__name__
@@ -122,8 +146,8 @@ def _deepspeed_layout(zero: Any) -> StateLayout:
             lows is None
             or any(low is None for low in lows)
             or not all(
-                hasattr(zero, name)
-                for name in (
+                hasattr(zero, member)
+                for member in (
                     "_unflatten_partitioned_parameters",
                     "checkpoint_event_prologue",
                     "checkpoint_event_epilogue",
@@ -138,6 +162,12 @@ def _deepspeed_layout(zero: Any) -> StateLayout:
             stepped_params=lambda: list(zero.fp32_partitioned_groups_flat),
             real_elements=_zero3_real_elements(zero),
         )
+    if _is_params_list(getattr(zero, "fp16_groups", None)):  # ZeRO stage 0 in bf16 or fp16: full fp32 masters
+        masters = getattr(zero, "fp32_groups_flat", None)  # FP16_Optimizer (fused): one flat master per group
+        if _is_params_list(getattr(zero, "fp32_groups", None)):  # FP16_UnfusedOptimizer: one master per weight
+            masters = zero.fp32_groups
+        if isinstance(masters, list) and len(masters) == len(zero.fp16_groups):
+            return StateLayout(REPLICATED, refresh_model=_replicated_refresh(zero.fp16_groups, masters))
     return StateLayout(
         UNSUPPORTED, f"DeepSpeed's {name} keeps master weights that AutoWU cannot copy back into the model"
     )
@@ -159,7 +189,7 @@ def layout_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = 
     if zero is not None:
         return _deepspeed_layout(zero)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if any(hasattr(p, "ds_id") for p in params) or (model is not None and _from_deepspeed(model)):
+    if any(hasattr(p, "ds_id") for p in params):
         return StateLayout(
             UNSUPPORTED,
             "DeepSpeed's partitioned parameters are stepped by an optimizer that is not DeepSpeed's; build AutoWU "
@@ -174,9 +204,9 @@ def layout_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = 
         return StateLayout(SHARDED)
     if model is not None and any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
         return StateLayout(SHARDED)
-    if _deepspeed_running():
+    if _deepspeed_running() or (model is not None and _from_deepspeed(model)):
         # DeepSpeed replaces the parameters an optimizer built before `deepspeed.initialize` steps with its fp32
-        # partitions: only the model can tell that they are still its own weights (no ZeRO, fp32)
+        # partitions: only the model (or its engine) can tell that they are still its own weights (no ZeRO, fp32)
         owned = model is not None and {id(p) for p in params} <= {id(p) for p in model.parameters()}
         if not owned:
             return StateLayout(

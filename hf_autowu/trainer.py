@@ -213,7 +213,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     in `trainer_state.json`, so read `trainer.callback_handler.callbacks` rather than a stale reference). With
     DeepSpeed, a config without a `scheduler` section is fine (with an `optimizer` section, DeepSpeed's engine steps
     the Trainer's scheduler inside the backward pass; the callback overrides it all the same); rewind restores
-    DeepSpeed's master partitions and refreshes the model from them (ZeRO 1 to 3; off, with one warning, with NVMe
+    DeepSpeed's master partitions and refreshes the model from them (ZeRO 0 to 3; off, with one warning, with NVMe
     offload).
 
     Args:

@@ -1,8 +1,10 @@
-"""Rewind with DeepSpeed ZeRO stages 1, 2 and 3 across two processes (torchrun, gloo on CPU), in a hand-written loop
+"""Rewind with DeepSpeed ZeRO stages 0 to 3 across two processes (torchrun, gloo on CPU), in a hand-written loop
 with AutoWU's defaults built on DeepSpeed's optimizer: every process snapshots and restores its own fp32 master
 partitions and their AdamW state, and the model's weights are refreshed from them (ZeRO 1 and 2: every parameter
-in full on every process; ZeRO 3: each process's partitions and the persistent parameters it keeps gathered). A NaN
-loss on one process is rewound on both, and the run ends finite."""
+in full on every process; ZeRO 3: each process's partitions and the persistent parameters it keeps gathered).
+Without ZeRO (stage 0) the processes are replicas: the main process snapshots, and at the switch broadcasts the
+restored masters (fp32, or DeepSpeed's fp32 copies of bf16 weights) before the weights are refreshed. A NaN loss on
+one process is rewound on both, and the run ends finite."""
 
 from __future__ import annotations
 
@@ -102,3 +104,33 @@ def test_a_nan_loss_on_one_process_is_rewound_and_the_run_ends_finite(load, stag
         after = [t for step in range(switch, TOTAL + 1) for row in record["states"][step] for t in row]
         assert all(bool(torch.isfinite(t).all()) for t in after)
         assert all(bool(torch.isfinite(w).all()) for w in record["weights"][TOTAL])
+
+
+@pytest.mark.parametrize("run", ["zero0", "zero0-bf16", "zero0-bf16-nan"])
+def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights_from_the_fp32_masters(load, run):
+    """ZeRO stage 0: every process holds the whole model. In fp32 the optimizer is AdamW itself (and `model` is the
+    engine); in bf16 DeepSpeed's `FP16_UnfusedOptimizer` steps fp32 master weights and copies them into the bf16
+    model. Only the main process keeps snapshots; at the switch both processes hold the snapshot's masters, AdamW
+    state and weights bit for bit, and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips:
+    the switch comes at the next step and restores a snapshot from before it)."""
+    records = load(run)
+    assert [r["optimizer"] for r in records] == ["FP16_UnfusedOptimizer" if "bf16" in run else "AdamW"] * 2
+    assert [(r["enabled"], r["mode"], r["holds_snapshots"]) for r in records] == [
+        (True, "replicated", True),
+        (True, "replicated", False),
+    ]
+    first, second = records
+    assert first["lrs"] == second["lrs"] and all(math.isfinite(lr) and lr >= 0.0 for lr in first["lrs"].values())
+    switch, target = first["switch_step"], first["rewound_to"]
+    assert second["switch_step"] == switch and second["rewound_to"] == target is not None
+    if run.endswith("nan"):
+        assert target["step"] <= NAN_LOSS_AT < switch == NAN_LOSS_AT + 1
+    dtype = torch.bfloat16 if "bf16" in run else torch.float32
+    for record in records:
+        assert all(weight.dtype == dtype for weight in record["weights"][switch])
+        assert same_tensors(record["states"][switch], record["states"][target["step"]])
+        assert same_tensors(record["weights"][switch], record["weights"][target["step"]])
+        assert not same_tensors(record["states"][switch - 1], record["states"][switch]), "the rewind changed nothing"
+    assert same_tensors(first["states"][switch], second["states"][switch])
+    assert same_tensors(first["weights"][TOTAL], second["weights"][TOTAL])
+    assert all(bool(torch.isfinite(w).all()) for w in first["weights"][TOTAL])

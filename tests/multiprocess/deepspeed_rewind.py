@@ -12,8 +12,10 @@ with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the r
 initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
 itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
-fp32 masters. Last, ZeRO-2 and ZeRO-3 runs with the optimizer offloaded to the host (ZeRO-Offload), and runs in
-which process 1's loss is NaN once, at step `NAN_LOSS_AT`.
+fp32 masters. Stage 0 (no ZeRO, replicas) runs in fp32, with the engine as `model`, and in bf16, where DeepSpeed's
+`FP16_UnfusedOptimizer` keeps fp32 master weights, once with a NaN loss. Last, ZeRO-2 and ZeRO-3 runs with the
+optimizer offloaded to the host (ZeRO-Offload), and runs in which process 1's loss is NaN once, at step
+`NAN_LOSS_AT`.
 
 With `--memory-only` each process only trains the uninterrupted runs and prints its peak rewind memory as one JSON
 line (for the memory figures of the documentation):
@@ -96,6 +98,7 @@ class Run:
         bf16: bool = False,
         hidden: int = HIDDEN,
         offload: bool = False,
+        model_is_engine: bool = False,
     ):
         config = {
             "train_micro_batch_size_per_gpu": 32,
@@ -115,7 +118,8 @@ class Run:
             self.scheduler = AutoWU(optimizer, total_steps=TOTAL)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         if not before_initialize:
-            self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, model=self.engine.module)
+            model = self.engine if model_is_engine else self.engine.module
+            self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, model=model)
         self.record: dict[str, Any] = {"lrs": {}, "losses": {}, "states": {}, "weights": {}, "memory_bytes": 0}
         self.keep_states = True
 
@@ -207,6 +211,14 @@ def main() -> None:
     bf16 = Run(2, bf16=True)
     bf16.train(0, TOTAL)
     torch.save(bf16.finish(), out / f"zero2-bf16_rank{rank}.pt")
+    for name, bf16, nan_loss_at in (
+        ("zero0", False, None),
+        ("zero0-bf16", True, None),
+        ("zero0-bf16-nan", True, NAN_LOSS_AT),
+    ):
+        replicated = Run(0, bf16=bf16, model_is_engine=not bf16)  # no ZeRO: replicas; in bf16 with fp32 masters
+        replicated.train(0, TOTAL, nan_loss_at=nan_loss_at)
+        torch.save(replicated.finish(), out / f"{name}_rank{rank}.pt")
     for stage in (2, 3):
         offload = Run(stage, offload=True)
         offload.train(0, TOTAL)
