@@ -106,15 +106,17 @@ def test_a_nan_loss_on_one_process_is_rewound_and_the_run_ends_finite(load, stag
         assert all(bool(torch.isfinite(w).all()) for w in record["weights"][TOTAL])
 
 
-@pytest.mark.parametrize("run", ["zero0", "zero0-bf16", "zero0-bf16-nan"])
+@pytest.mark.parametrize("run", ["zero0", "zero0-bf16", "zero0-bf16-nan", "zero0-bf16-fused"])
 def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights_from_the_fp32_masters(load, run):
     """ZeRO stage 0: every process holds the whole model. In fp32 the optimizer is AdamW itself (and `model` is the
     engine); in bf16 DeepSpeed's `FP16_UnfusedOptimizer` steps fp32 master weights and copies them into the bf16
-    model. Only the main process keeps snapshots; at the switch both processes hold the snapshot's masters, AdamW
-    state and weights bit for bit, and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips:
-    the switch comes at the next step and restores a snapshot from before it)."""
+    model (with DeepSpeed's FusedAdam, `FP16_Optimizer`: one flat fp32 master per group). Only the main process
+    keeps snapshots; at the switch both processes hold the snapshot's masters, AdamW state and weights bit for bit,
+    and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips: the switch comes at the next
+    step and restores a snapshot from before it)."""
     records = load(run)
-    assert [r["optimizer"] for r in records] == ["FP16_UnfusedOptimizer" if "bf16" in run else "AdamW"] * 2
+    wrapper = "FP16_Optimizer" if run.endswith("fused") else "FP16_UnfusedOptimizer" if "bf16" in run else "AdamW"
+    assert [r["optimizer"] for r in records] == [wrapper] * 2
     assert [(r["enabled"], r["mode"], r["holds_snapshots"]) for r in records] == [
         (True, "replicated", True),
         (True, "replicated", False),

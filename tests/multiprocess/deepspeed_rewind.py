@@ -13,7 +13,8 @@ initialisation, loads both and continues to the end. A last ZeRO-2 run builds Au
 `deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
 itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
 fp32 masters. Stage 0 (no ZeRO, replicas) runs in fp32, with the engine as `model`, and in bf16, where DeepSpeed's
-`FP16_UnfusedOptimizer` keeps fp32 master weights, once with a NaN loss. Last, ZeRO-2 and ZeRO-3 runs with the
+`FP16_UnfusedOptimizer` keeps fp32 master weights (once with a NaN loss), and with DeepSpeed's FusedAdam, where
+`FP16_Optimizer` keeps one flat fp32 master per group. Last, ZeRO-2 and ZeRO-3 runs with the
 optimizer offloaded to the host (ZeRO-Offload), and runs in which process 1's loss is NaN once, at step
 `NAN_LOSS_AT`.
 
@@ -99,6 +100,7 @@ class Run:
         hidden: int = HIDDEN,
         offload: bool = False,
         model_is_engine: bool = False,
+        fused: bool = False,
     ):
         config = {
             "train_micro_batch_size_per_gpu": 32,
@@ -113,7 +115,12 @@ class Run:
         import deepspeed  # here, not at the top: the tests import this module's constants
 
         model = make_model(hidden, seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+        if fused:  # DeepSpeed's FusedAdam (its CPU build here): in bf16 without ZeRO, the fused FP16_Optimizer
+            from deepspeed.ops.adam import FusedAdam
+
+            optimizer = FusedAdam(model.parameters(), lr=1.0)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
         if before_initialize:
             self.scheduler = AutoWU(optimizer, total_steps=TOTAL)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -215,8 +222,10 @@ def main() -> None:
         ("zero0", False, None),
         ("zero0-bf16", True, None),
         ("zero0-bf16-nan", True, NAN_LOSS_AT),
+        ("zero0-bf16-fused", True, None),
     ):
-        replicated = Run(0, bf16=bf16, model_is_engine=not bf16)  # no ZeRO: replicas; in bf16 with fp32 masters
+        # no ZeRO: replicas; in bf16 with fp32 masters (one per weight, or one flat tensor per group when fused)
+        replicated = Run(0, bf16=bf16, model_is_engine=not bf16, fused=name.endswith("fused"))
         replicated.train(0, TOTAL, nan_loss_at=nan_loss_at)
         torch.save(replicated.finish(), out / f"{name}_rank{rank}.pt")
     for stage in (2, 3):
