@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import same_tensors, torchrun
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -30,13 +30,6 @@ def load(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_rewind")
     torchrun("sharded_rewind.py", str(out), cwd=str(SCRIPTS))
     return lambda run: [torch.load(out / f"{run}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-
-
-def assert_same_tensors(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> None:
-    assert len(a) == len(b)
-    for row_a, row_b in zip(a, b, strict=True):
-        assert len(row_a) == len(row_b)
-        assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(row_a, row_b, strict=True))
 
 
 def full_state_bytes() -> tuple[int, int]:
@@ -68,7 +61,7 @@ def test_rewind_restores_every_shard_bit_for_bit(load, layout):
         switch, target = record["switch_step"], record["rewound_to"]
         assert target["step"] in record["snapshot_steps"] and target["lr"] <= record["peak_lr"]
         assert target["step"] < switch - 1
-        assert_same_tensors(record["states"][switch], record["states"][target["step"]])
+        assert same_tensors(record["states"][switch], record["states"][target["step"]])
         before, after = ([t for row in record["states"][step] for t in row] for step in (switch - 1, switch))
         assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the rewind changed nothing"
 
@@ -83,8 +76,8 @@ def test_resume_from_saved_per_process_state_is_exact(load, layout):
         assert sorted(resumed["lrs"]) == list(range(RESUME_AT, TOTAL))
         assert resumed["lrs"] == {step: lr for step, lr in full["lrs"].items() if step >= RESUME_AT}
         assert resumed["rewound_to"] == full["rewound_to"] and resumed["switch_step"] == full["switch_step"]
-        assert_same_tensors(resumed["states"][TOTAL], full["states"][TOTAL])
-        assert_same_tensors(resumed["states"][full["switch_step"]], full["states"][full["rewound_to"]["step"]])
+        assert same_tensors(resumed["states"][TOTAL], full["states"][TOTAL])
+        assert same_tensors(resumed["states"][full["switch_step"]], full["states"][full["rewound_to"]["step"]])
 
 
 @pytest.mark.parametrize("layout", SHARDED)
@@ -108,8 +101,8 @@ def test_ddp_keeps_one_snapshot_set_in_the_job(load):
     assert max(main["memory_bytes"].values()) == main["planned_bytes"] == SNAPSHOTS * main["local_bytes"]
     assert set(other["memory_bytes"].values()) == {0} and other["planned_bytes"] == 0
     # both restored the main process's snapshot: the same state after the switch, and the same final weights
-    assert_same_tensors(main["states"][main["switch_step"]], other["states"][other["switch_step"]])
-    assert_same_tensors(main["states"][TOTAL], other["states"][TOTAL])
+    assert same_tensors(main["states"][main["switch_step"]], other["states"][other["switch_step"]])
+    assert same_tensors(main["states"][TOTAL], other["states"][TOTAL])
 
 
 @pytest.mark.parametrize("layout", SHARDED)
@@ -125,7 +118,7 @@ def test_a_snapshot_non_finite_on_one_process_is_skipped_by_all(load, layout):
     assert alone[-1] == poisoned, "without agreeing, process 0 would restore the poisoned snapshot"
     assert first["rewound_to"] == second["rewound_to"] and first["rewound_to"]["step"] != poisoned
     for record in (first, second):
-        assert_same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
+        assert same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
         assert all(bool(torch.isfinite(t).all()) for row in record["states"][max(record["states"])] for t in row)
 
 
@@ -139,7 +132,7 @@ def test_nan_loss_on_one_process(load, layout):
     for record in (first, second):
         last = max(record["states"])
         assert math.isfinite(record["lrs"][last - 1])
-        assert_same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
+        assert same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
         assert all(bool(torch.isfinite(t).all()) for row in record["states"][last] for t in row)
 
 
