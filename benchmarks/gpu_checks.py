@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Checks that need a CUDA GPU: the Trainer with FSDP2 and with DeepSpeed ZeRO-2 and ZeRO-3, driven by AutoWU.
+"""Checks that need a CUDA GPU: the Trainer with FSDP2 and DeepSpeed (ZeRO-2, ZeRO-3, stage 0 in bf16), under AutoWU.
 
 A tiny Llama (from a config, byte vocabulary, eager attention, fp32, deterministic algorithms) on byte sequences of
 hf_autowu's own sources, with AutoWU's defaults, through `AutoWUCallback` and `AutoWUTrainer`:
@@ -11,7 +11,8 @@ hf_autowu's own sources, with AutoWU's defaults, through `AutoWUCallback` and `A
   the rewind restored (fingerprints of the local shards taken at every step); resuming from the last checkpoint
   written before the switch gives the same LRs and final weights.
 - ``deepspeed``: configs without a `scheduler` section: ZeRO-2 with an `optimizer` section (DeepSpeed's engine
-  steps the scheduler inside the backward pass) and without one (the Trainer steps it), and ZeRO-3. The same
+  steps the scheduler inside the backward pass) and without one (the Trainer steps it), ZeRO-3, and no ZeRO
+  (stage 0) with bf16 weights, whose fp32 masters DeepSpeed's `FP16_UnfusedOptimizer` keeps. The same
   checks, with the LR read inside DeepSpeed's optimizer step; the rewind fingerprints cover DeepSpeed's fp32 master
   partitions, their optimizer state and the weights the model computes with (ZeRO-3: each parameter's partition).
 
@@ -50,7 +51,7 @@ from common import command_line, locked_json, resolve_output_paths, update_secti
 
 BENCH_DIR = Path(__file__).resolve().parent
 ENTRY_POINTS = ("callback", "trainer")
-DEEPSPEED_CONFIGS = ("optimizer", "no_optimizer", "zero3")
+DEEPSPEED_CONFIGS = ("optimizer", "no_optimizer", "zero3", "zero0_bf16")
 SEQUENCE = 64
 
 
@@ -141,7 +142,7 @@ def make_recorder() -> Any:
 
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             inner = getattr(optimizer, "optimizer", None)
-            if type(inner).__name__.startswith("DeepSpeedZeroOptimizer"):
+            if type(inner).__name__.startswith(("DeepSpeedZeroOptimizer", "FP16_")):  # ZeRO, or stage 0 in bf16
                 self.zero = inner
                 original = inner.step
 
@@ -200,8 +201,10 @@ def train_once(part: str, entry_point: str, config: str, out: Path, opts: argpar
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
-            "zero_optimization": {"stage": 3 if config == "zero3" else 2},
+            "zero_optimization": {"stage": {"zero3": 3, "zero0_bf16": 0}.get(config, 2)},
         }
+        if config == "zero0_bf16":  # no ZeRO, bf16 weights: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters
+            deepspeed["bf16"] = {"enabled": "auto"}
         if config == "optimizer":
             # torch's AdamW: no DeepSpeed op to compile
             params = {"lr": "auto", "weight_decay": "auto", "torch_adam": True}
@@ -221,6 +224,7 @@ def train_once(part: str, entry_point: str, config: str, out: Path, opts: argpar
         data_seed=0,
         use_cpu=False,
         dataloader_pin_memory=False,
+        bf16=config == "zero0_bf16",
         **engine,
     )
     recorder = make_recorder()
@@ -280,9 +284,10 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
     )
     if part == "fsdp" and opts.device == "cuda":  # a CPU has no FSDP through Accelerate
         checks["sharded_with_sharded_rewind"] = sharded and result["rewind_mode"] == "sharded"
-    if part == "deepspeed":  # each process's own master partitions
+    if part == "deepspeed":  # each process's own master partitions (stage 0: replicas)
+        mode = "replicated" if config == "zero0_bf16" else "sharded"
         checks["rewind_on_without_warning"] = (
-            result["rewind_enabled"] and result["rewind_mode"] == "sharded" and not rewind_warnings
+            result["rewind_enabled"] and result["rewind_mode"] == mode and not rewind_warnings
         )
     written = sorted(int(p.name.split("-")[1]) for p in (out / "full").glob("checkpoint-*"))
     before = [step for step in written if scheduler.switch_step is not None and step < scheduler.switch_step]
