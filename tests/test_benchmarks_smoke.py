@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,46 @@ def test_post_switch_backs_off_where_the_loss_rises_after_the_switch(bench) -> N
     # off: regret of 0.5 and 0.9 against 0.9, in units of 0.5 pp: (80 + 0) / 2; on: 0.04 backs off once to 0.02
     assert off["test"] == pytest.approx(40.0) and off["backed_off"] == 0
     assert on["test"] == pytest.approx(10.0) and on["backed_off"] == 1
+
+
+def test_post_switch_trial_keeps_the_neighbour_with_the_lowest_loss(bench) -> None:
+    """The comparing trial of `post_switch.py`: of the chosen LR's grid neighbours, the one whose first `k`
+    post-switch losses have the lowest mean is kept (scored on the curve there); read on successive seeds' runs, each
+    candidate's loss comes from another seed; with no trial the chosen LR stays."""
+    import numpy as np
+
+    post_switch = bench("post_switch")
+    switch = 3
+    grid = np.log2([0.01, 0.02, 0.04])
+    accuracy = np.array([0.9, 0.8, 0.5])
+
+    def run(level: float) -> dict:
+        return {"losses": [None] * switch + [level] * 10 + [100.0] * 10, "info": {"switch_step": switch}}
+
+    case = {
+        "grid": grid,
+        # seed 0: the lowest LR trains best over the first steps; seed 1: the highest
+        "at": {(0, 0): run(0.5), (0, 1): run(1.0), (0, 2): run(2.0), (1, 0): run(3.0), (1, 1): run(2.0)}
+        | {(1, 2): run(0.1)},
+        "seeds": [0, 1],
+        "chosen": {0: 0.02},
+        "scoring": {"val": (grid, accuracy), "test": (grid, accuracy)},
+        "best": {"val": 0.9, "test": 0.9},
+        "metric": "accuracy",
+    }
+    assert post_switch.mean_loss([None, 1.0, 3.0, None], 0, 4) == 2.0
+    assert post_switch.mean_loss([None, None], 0, 2) == math.inf
+    none = post_switch.replay_trial(case, None, (0,), False)
+    assert none["test"] == pytest.approx(20.0) and none["moved"] == 0  # 0.8 against 0.9, in units of 0.5 pp
+    same = post_switch.replay_trial(case, 10, (-1, 0, 1), False)
+    assert same["test"] == pytest.approx(0.0) and same["moved"] == 1  # x1/2 has the lowest loss on seed 0
+    # on successive seeds: x1/2 read on seed 0 (0.5), x1 on seed 1 (2.0), x2 on seed 0 (2.0): x1/2 again
+    assert post_switch.replay_trial(case, 10, (-1, 0, 1), True)["test"] == pytest.approx(0.0)
+    # x1 on seed 0 (1.0) and x2 on seed 1 (0.1): x2, where the accuracy is 0.5
+    assert post_switch.replay_trial(case, 10, (0, 1), True)["test"] == pytest.approx(80.0)
+    # a candidate off the grid is not tried: at the grid's top, x2 does not exist and x1 stays
+    top = case | {"chosen": {0: 0.04}}
+    assert post_switch.replay_trial(top, 10, (0, 1), False)["moved"] == 0
 
 
 def test_decision_fingerprint_ignores_prose_and_sees_code(
