@@ -9,9 +9,10 @@ steps barely moved, e.g. a pretrained one being fine-tuned, keeps what they taug
 
 Where the snapshots live, so that the default fits every engine:
 
-- one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding): every replica holds the
-  same state, so only the main process keeps snapshots; at the switch it restores its copy and broadcasts it to
-  the others (one snapshot set in the job, not one per process);
+- one process, or data-parallel replicas (DDP, Accelerate, the Trainer without sharding, DeepSpeed without ZeRO):
+  every replica holds the same state, so only the main process keeps snapshots; at the switch it restores its copy
+  and broadcasts it to the others (one snapshot set in the job, not one per process; DeepSpeed's bf16/fp16 wrappers
+  then copy their fp32 masters into the model);
 - sharded state (FSDP1 with `use_orig_params`, FSDP2 `fully_shard`, `ZeroRedundancyOptimizer`, DeepSpeed ZeRO
   stages 1 to 3): every process keeps a snapshot of its own shards and restores them itself. DeepSpeed's optimizer
   steps fp32 master partitions: those and their optimizer state are what is snapshotted, and after a restore the

@@ -40,7 +40,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from process_exit import leave  # noqa: E402
-from sharded_rewind import batch, local_state, make_model  # noqa: E402
+from sharded_rewind import batch, local_state, make_model, switch_record  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
@@ -156,19 +156,7 @@ class Run:
         self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{dist.get_rank()}.pt", weights_only=True))
 
     def finish(self) -> dict[str, Any]:
-        scheduler, rewinder = self.scheduler, self.scheduler.rewinder
-        self.record.update(
-            optimizer=type(self.optimizer).__name__,
-            switch_step=scheduler.switch_step,
-            switch_reason=scheduler.switch_reason,
-            peak_lr=scheduler.peak_lr,
-            rewound_to=rewinder.rewound_to,
-            kept=rewinder.kept,
-            enabled=rewinder.enabled,
-            disabled_reason=rewinder.disabled_reason,
-            mode=rewinder.mode,
-            holds_snapshots=rewinder.holds_snapshots,
-        )
+        self.record.update(switch_record(self.scheduler), optimizer=type(self.optimizer).__name__)
         return self.record
 
 

@@ -91,6 +91,23 @@ def local_state(optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
     return result
 
 
+def switch_record(scheduler: AutoWU) -> dict[str, Any]:
+    """The scheduler's switch and its rewinder's bookkeeping, as every run records them."""
+    rewinder = scheduler.rewinder
+    return {
+        "switch_step": scheduler.switch_step,
+        "switch_reason": scheduler.switch_reason,
+        "peak_lr": scheduler.peak_lr,
+        "rewound_to": rewinder.rewound_to,
+        "kept": rewinder.kept,
+        "enabled": rewinder.enabled,
+        "disabled_reason": rewinder.disabled_reason,
+        "mode": rewinder.mode,
+        "holds_snapshots": rewinder.holds_snapshots,
+        "planned_bytes": rewinder.planned_bytes,
+    }
+
+
 def nbytes(tensors: list[list[torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for row in tensors for t in row)
 
@@ -160,18 +177,7 @@ class Run:
                 break
 
     def finish(self) -> dict[str, Any]:
-        scheduler, rewinder = self.scheduler, self.scheduler.rewinder
-        self.record.update(
-            switch_step=scheduler.switch_step,
-            switch_reason=scheduler.switch_reason,
-            peak_lr=scheduler.peak_lr,
-            rewound_to=rewinder.rewound_to,
-            kept=rewinder.kept,
-            planned_bytes=rewinder.planned_bytes,
-            mode=rewinder.mode,
-            holds_snapshots=rewinder.holds_snapshots,
-            local_bytes=nbytes(local_state(self.optimizer)),
-        )
+        self.record.update(switch_record(self.scheduler), local_bytes=nbytes(local_state(self.optimizer)))
         return self.record
 
     def save(self, folder: Path) -> None:
