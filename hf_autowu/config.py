@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,11 +243,22 @@ class AutoWUConfig:
     seed: int = field(default=0, metadata=_help("Seed of the subsampling generator (same on every process)."))
 
     def __post_init__(self) -> None:
+        for option in dataclasses.fields(self):  # numpy scalars become Python numbers (the state stays plain)
+            value = getattr(self, option.name)
+            if isinstance(value, numbers.Number) and hasattr(value, "item") and not isinstance(value, bool):
+                setattr(self, option.name, value.item())
+        if isinstance(self.rewind_offload_dir, os.PathLike):
+            self.rewind_offload_dir = os.fspath(self.rewind_offload_dir)
         self._check_positive_finite("min_lr")
         self._check_positive_finite("max_lr")
         if not self.min_lr < self.max_lr:
             raise ValueError(
                 f"`min_lr` must be smaller than `max_lr`, got min_lr={self.min_lr}, max_lr={self.max_lr}."
+            )
+        if not self.max_lr / self.min_lr < math.inf:
+            raise ValueError(
+                f"`max_lr / min_lr` must be finite, got min_lr={self.min_lr}, max_lr={self.max_lr}: the ramp grows "
+                "geometrically from one to the other."
             )
         self._check_fraction("max_warmup_fraction")
         self._check_fraction("cooldown_fraction")
@@ -287,7 +300,7 @@ class AutoWUConfig:
         if self.rewind_offload_dir is not None and not isinstance(self.rewind_offload_dir, str):
             raise ValueError(f"`rewind_offload_dir` must be a folder path or None, got {self.rewind_offload_dir!r}.")
         for name in ("standardize_losses", "divergence_guard", "spike_watch", "estimate_at_cap", "rewind"):
-            if getattr(self, name) not in (None, True, False):
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
@@ -387,6 +400,24 @@ class AutoWUConfig:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def resolve_config(
+    config: AutoWUConfig | dict[str, Any] | None, options: dict[str, Any], argument: str
+) -> AutoWUConfig:
+    """The options an entry point runs with: `config` (an `AutoWUConfig` or a dict of its fields; default: all
+    defaults) with `options` (keyword options) on top.
+
+    Raises:
+        `ValueError`: when `config` is neither, naming `argument`.
+    """
+    if config is None:
+        return AutoWUConfig(**options)
+    if isinstance(config, dict):
+        return AutoWUConfig(**{**config, **options})
+    if not isinstance(config, AutoWUConfig):
+        raise ValueError(f"`{argument}` must be an AutoWUConfig, a dict of its options or None, got {config!r}.")
+    return AutoWUConfig(**{**config.to_dict(), **options}) if options else config
 
 
 def _is_real(value: Any) -> bool:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +190,7 @@ class WarmupRewinder:
         self.lr_factor = float(lr_factor)
         self.memory_fraction = float(memory_fraction)
         self.offload_dir = None if offload_dir is None else Path(offload_dir)
+        self._file_tag = uuid.uuid4().hex[:12]  # two rewinders may share a folder (two models, a sweep)
         self.mode = REPLICATED  # read again, with the refresh DeepSpeed needs, when the first snapshot is due
         self._refresh_model = self._layout_params = self._padding_masks = None
         self.enabled = True
@@ -453,8 +455,21 @@ class WarmupRewinder:
         if process_rank() == 0:
             warnings.warn(f"AutoWU rewind is off: {reason}. Training goes on without rewind.", stacklevel=3)
 
+    @property
+    def holds_state(self) -> bool:
+        """Whether this rewinder holds anything a successor should take over: snapshots, a decision, or being off."""
+        return bool(self.snapshots) or self.rewound_to is not None or self.kept is not None or not self.enabled
+
+    def hand_over(self) -> dict[str, Any]:
+        """This rewinder's state, for the one that replaces it; its own snapshot files are deleted."""
+        state = self.state_dict()
+        for snapshot in self.snapshots:
+            self._drop(snapshot)
+        self.snapshots = []
+        return state
+
     def _offload_path(self, step: int) -> Path:
-        return self.offload_dir / f"autowu_rewind_rank{process_rank()}_step{step}.pt"
+        return self.offload_dir / f"autowu_rewind_{self._file_tag}_rank{process_rank()}_step{step}.pt"
 
     @staticmethod
     def _drop(snapshot: dict[str, Any]) -> None:

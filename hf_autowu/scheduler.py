@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .config import AutoWUConfig
+from .config import AutoWUConfig, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, world_size
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder
@@ -71,7 +72,7 @@ class AutoWU:
         steps_per_epoch (`int`, *optional*): Optimizer steps per epoch (the reference's second argument).
         total_epochs (`int` or `float`, *optional*): Epochs in the budget.
         total_steps (`int`, *optional*): The step budget; defaults to `steps_per_epoch * total_epochs`.
-        config (`AutoWUConfig`, *optional*): The options; keyword `options` override its fields.
+        config (`AutoWUConfig` or `dict`, *optional*): The options; keyword `options` override its fields.
         **options: Any field of `AutoWUConfig` (`min_lr`, `immediate_cooldown`, `preset`, ...).
 
     Example:
@@ -98,14 +99,11 @@ class AutoWU:
         total_epochs: float | None = None,
         *,
         total_steps: int | None = None,
-        config: AutoWUConfig | None = None,
+        config: AutoWUConfig | dict[str, Any] | None = None,
         model: torch.nn.Module | None = None,
         **options: Any,
     ):
-        if config is None:
-            config = AutoWUConfig(**options)
-        elif options:
-            config = AutoWUConfig(**{**config.to_dict(), **options})
+        config = resolve_config(config, options, "config")
         self.config = config
         self.optimizer = optimizer
         self.steps_per_epoch = _check_optional_positive_int("steps_per_epoch", steps_per_epoch)
@@ -116,7 +114,7 @@ class AutoWU:
             if self.steps_per_epoch is None:
                 raise ValueError("`decay_phase_stat`/`decay_phase_factor` act per epoch and need `steps_per_epoch`.")
 
-        configured = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+        configured = [_configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
         top = max(configured)
         self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
 
@@ -126,6 +124,8 @@ class AutoWU:
         self._watch = LossSpikeWatch() if config.effective_spike_watch else None
         self._listeners: list[Any] = []
         self._listener_states: dict[str, Any] = {}  # saved states of listeners not attached (yet)
+        self._model = model
+        self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
 
         self.last_step = 0
         self.phase = "warmup"
@@ -150,7 +150,7 @@ class AutoWU:
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if config.effective_rewind and self.warmup_steps > 0:
-            WarmupRewinder(model, optimizer, self)
+            self._own_rewinder = WarmupRewinder(model, optimizer, self)
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
@@ -264,8 +264,9 @@ class AutoWU:
             end = min(self.warmup_steps, self.cooldown_start)
             if step < end:
                 return self._ramp(step)
-            # the plan without a switch: warmup ends at its cap, from the LR reached
-            lr0 = self._ramp(end - 1)
+            # the plan without a switch: warmup ends at its cap, from the LR reached (the ramp's first when the
+            # budget is all cooldown)
+            lr0 = self._ramp(max(end - 1, 0))
             start = end if self.config.immediate_cooldown else self.cooldown_start
             if step < start:
                 return lr0
@@ -295,10 +296,15 @@ class AutoWU:
         """
         key = getattr(listener, "state_key", None)
         if key is not None:
-            for other in [o for o in self._listeners if getattr(o, "state_key", None) == key]:
+            replaced = [o for o in self._listeners if getattr(o, "state_key", None) == key]
+            for other in replaced:
                 self.remove_listener(other)
+            own = self._own_rewinder
             if key in self._listener_states:
                 listener.load_state_dict(self._listener_states.pop(key))
+            elif own is not None and any(o is own for o in replaced) and own.holds_state:
+                # a rewinder attached by hand after a load takes over what this scheduler's own one had loaded
+                listener.load_state_dict(own.hand_over())
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Any) -> None:
@@ -339,7 +345,7 @@ class AutoWU:
             "tests": [asdict(record) for record in self.tests],
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
             "history": self._history.clone(),
-            "pending": _pending_to_tensor(self._pending),
+            "pending": _pending_to_tensor(self._pending).cpu(),
             "passes": list(self._passes),
             "next_test": self._next_test,
             "plateau_best": self._plateau_best,
@@ -362,8 +368,20 @@ class AutoWU:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()`; the optimizer's LRs are set to the restored schedule."""
+        if not isinstance(state_dict, dict) or "config" not in state_dict or "history" not in state_dict:
+            raise ValueError(
+                "AutoWU.load_state_dict: this is not an AutoWU state (no `config` or `history`); was the checkpoint "
+                "written with another scheduler?"
+            )
+        if int(state_dict["total_steps"]) != self.total_steps:
+            warnings.warn(
+                f"AutoWU: the saved schedule is planned for {int(state_dict['total_steps'])} steps and this scheduler "
+                f"for {self.total_steps}; the saved plan is kept (steps past its budget train at LR 0).",
+                stacklevel=2,
+            )
         saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
-        if saved_config != self.config:
+        config_changed = saved_config != self.config
+        if config_changed:
             warnings.warn(
                 "AutoWU: loading a state saved with other options; the saved options are used.", stacklevel=2
             )
@@ -404,7 +422,20 @@ class AutoWU:
             key = getattr(listener, "state_key", None)
             if key is not None and key in self._listener_states:
                 listener.load_state_dict(self._listener_states.pop(key))
+        if config_changed:
+            self._follow_config_rewind()
         self._apply_lr()
+
+    def _follow_config_rewind(self) -> None:
+        """After a load that replaced the options: the rewinder this scheduler builds itself is attached exactly when
+        the options ask for rewind (one attached by hand, or by an integration, is left alone)."""
+        wanted = self.config.effective_rewind and self.warmup_steps > 0
+        own = self._own_rewinder
+        if wanted and self.rewinder is None:
+            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self)  # takes the saved rewind state
+        elif not wanted and own is not None and any(listener is own for listener in self._listeners):
+            self.remove_listener(own)
+            self._own_rewinder = None
 
     @property
     def losses(self) -> torch.Tensor:
@@ -614,7 +645,7 @@ class AutoWU:
         if self.phase != "decay":
             self._lr = self.lr_at(self.last_step)
         for group, ratio in zip(self.optimizer.param_groups, self.group_ratios, strict=False):
-            group["lr"] = self._lr * ratio
+            set_group_lr(group, self._lr * ratio)
 
     def _flush_pending(self) -> None:
         if self._pending:
@@ -626,9 +657,9 @@ class AutoWU:
         if total_steps is None:
             if self.steps_per_epoch is None or total_epochs is None:
                 raise ValueError("Give `total_steps`, or both `steps_per_epoch` and `total_epochs`.")
-            if not (isinstance(total_epochs, (int, float)) and total_epochs > 0):
-                raise ValueError(f"`total_epochs` must be a number > 0, got {total_epochs!r}.")
-            total_steps = math.ceil(self.steps_per_epoch * total_epochs)
+            if not (_is_number(total_epochs) and 0 < total_epochs < math.inf):
+                raise ValueError(f"`total_epochs` must be a finite number > 0, got {total_epochs!r}.")
+            total_steps = math.ceil(self.steps_per_epoch * float(total_epochs))
         return _check_optional_positive_int("total_steps", total_steps)
 
 
@@ -665,21 +696,55 @@ def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
 def _check_optional_positive_int(name: str, value: Any) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    return value
+    return int(value)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (numpy's scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _configured_lr(index: int, group: dict[str, Any]) -> float:
+    """The LR a parameter group was built with; a clear error when it has none AutoWU can scale."""
+    lr = group.get("initial_lr", group.get("lr"))
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        return float(lr)
+    if not (_is_number(lr) and 0 <= lr < math.inf):
+        raise ValueError(
+            f"AutoWU sets every parameter group's `lr`, but group {index} has lr={lr!r}: give the optimizer a finite "
+            "lr >= 0 (for transformers' Adafactor: `lr=1e-3, relative_step=False, scale_parameter=False`)."
+        )
+    return float(lr)
+
+
+def set_group_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a parameter group's LR; a tensor LR (as for capturable or compiled optimizers) is updated in place, as
+    torch's own schedulers do, so that whatever reads that tensor sees the new value."""
+    current = group.get("lr")
+    if isinstance(current, torch.Tensor):
+        current.fill_(lr)
+    else:
+        group["lr"] = lr
 
 
 def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
-    """The loss as a detached scalar tensor (no sync) or a float."""
+    """The step's loss, as it is now: a float, or for a tensor off the CPU a detached copy (a device-side copy, no
+    sync). A copy, because a caller may reuse the tensor and change it in place before it is read."""
     if loss is None:
         raise ValueError("`AutoWU.step(loss)` needs the step's loss during warmup (a tensor or a float).")
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")
-        return loss.detach().reshape(())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        if loss.device.type == "cpu":
+            return float(loss.detach())
+        return loss.detach().reshape(()).clone()
+    if _is_number(loss):
         return float(loss)
+    kind = getattr(getattr(loss, "dtype", None), "kind", "")
+    if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):
+        return float(loss)  # a numpy array holding one number
     raise ValueError(f"`loss` must be a tensor or a float, got {type(loss).__name__}.")
 
 

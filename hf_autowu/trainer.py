@@ -23,12 +23,12 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from . import trainer_hooks
-from .config import AutoWUConfig
+from .config import AutoWUConfig, resolve_config
 from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder
-from .scheduler import AutoWU
+from .scheduler import AutoWU, set_group_lr
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     offload).
 
     Args:
-        config (`AutoWUConfig`, *optional*): The AutoWU options.
+        config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options.
         **options: Fields of `AutoWUConfig`, overriding `config`'s.
 
     Example:
@@ -239,13 +239,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
 
     entry_point = "AutoWUCallback"
 
-    def __init__(self, config: AutoWUConfig | None = None, **options: Any):
+    def __init__(self, config: AutoWUConfig | dict[str, Any] | None = None, **options: Any):
         super().__init__()
-        if config is None:
-            config = AutoWUConfig(**options)
-        elif options:
-            config = AutoWUConfig(**{**config.to_dict(), **options})
-        self.config = config
+        self.config = resolve_config(config, options, "config")
         self._trainer_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def state(self) -> dict[str, Any]:
@@ -265,6 +261,11 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
             raise ValueError(f"{type(trainer).__name__} already runs AutoWU: remove the AutoWUCallback.")
         _refuse_unsupported(trainer, self.entry_point)
         trainer_scheduler = _unwrap_scheduler(trainer.lr_scheduler)
+        if isinstance(trainer_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise ValueError(
+                "AutoWUCallback cannot drive a ReduceLROnPlateau: the Trainer steps it after evaluation, after AutoWU "
+                "has set the LR. Pass `optimizers=(optimizer, None)`."
+            )
         if not isinstance(trainer_scheduler, torch.optim.lr_scheduler.LRScheduler):
             raise ValueError(
                 f"AutoWUCallback drives the Trainer's scheduler, which must be a torch LRScheduler; got "
@@ -323,7 +324,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         """Undo the Trainer's scheduler step: AutoWU's LR in the optimizer, and as the LR the Trainer reports."""
         lrs = self.scheduler.get_last_lr()
         for group, lr in zip(self.scheduler.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
+            set_group_lr(group, lr)
         self._trainer_scheduler._last_lr = list(lrs)
 
 
@@ -344,7 +345,7 @@ class AutoWUTrainerMixin:
 
     Args:
         *args: The base trainer's positional arguments.
-        autowu_config (`AutoWUConfig`, *optional*): The AutoWU options (defaults to `AutoWUConfig()`).
+        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options (defaults to `AutoWUConfig()`).
         **kwargs: The base trainer's keyword arguments.
 
     Example:
@@ -365,8 +366,8 @@ class AutoWUTrainerMixin:
             "greedy", or an `AutoWUCallback` among the callbacks).
     """
 
-    def __init__(self, *args: Any, autowu_config: AutoWUConfig | None = None, **kwargs: Any):
-        self.autowu_config = autowu_config if autowu_config is not None else AutoWUConfig()
+    def __init__(self, *args: Any, autowu_config: AutoWUConfig | dict[str, Any] | None = None, **kwargs: Any):
+        self.autowu_config = resolve_config(autowu_config, {}, "autowu_config")
         self._autowu_events = _AutoWUEvents(trainer=self)
         self._autowu_steps_per_epoch: int | None = None
         super().__init__(*args, **kwargs)
@@ -426,7 +427,7 @@ class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
 
     Args:
         *args: `Trainer`'s positional arguments.
-        autowu_config (`AutoWUConfig`, *optional*): The AutoWU options.
+        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options.
         **kwargs: `Trainer`'s keyword arguments (leave `optimizers[1]`, the scheduler, as `None`).
 
     Example:

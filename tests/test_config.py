@@ -40,6 +40,9 @@ from hf_autowu import AutoWU, AutoWUConfig
         ({"immediate_cooldown": "yes"}, "immediate_cooldown"),
         ({"standardize_losses": "yes"}, "standardize_losses"),
         ({"seed": 1.5}, "seed"),
+        ({"spike_watch": 1}, "spike_watch"),
+        ({"rewind": 0}, "rewind"),
+        ({"min_lr": 1e-200, "max_lr": 1e200}, "max_lr / min_lr"),
     ],
 )
 def test_invalid_option_names_the_option(options, name):
@@ -57,6 +60,7 @@ def test_invalid_option_names_the_option(options, name):
         ({"total_steps": 10.5}, "total_steps"),
         ({"steps_per_epoch": 0, "total_epochs": 3}, "steps_per_epoch"),
         ({"steps_per_epoch": 10, "total_epochs": 0}, "total_epochs"),
+        ({"steps_per_epoch": 10, "total_epochs": math.inf}, "total_epochs"),
         ({}, "total_steps"),
         ({"total_steps": 100, "warmup_unit": "epoch"}, "steps_per_epoch"),
         ({"total_steps": 100, "decay_phase_stat": "loss"}, "steps_per_epoch"),
@@ -75,6 +79,34 @@ def test_step_rejects_bad_losses():
         scheduler.step(torch.ones(3))
     with pytest.raises(ValueError, match="loss"):
         scheduler.step("0.5")
+
+
+def test_numpy_scalars_and_paths_are_taken_as_plain_values(tmp_path):
+    np = pytest.importorskip("numpy")
+    scheduler = AutoWU(
+        make_optimizer(),
+        total_steps=np.int64(100),
+        min_lr=np.float32(1e-4),
+        patience=np.int64(4),
+        rewind_offload_dir=tmp_path,
+    )
+    options = scheduler.config.to_dict()
+    assert scheduler.total_steps == 100 and type(scheduler.total_steps) is int
+    assert type(options["min_lr"]) is float and options["min_lr"] == float(np.float32(1e-4))
+    assert type(options["patience"]) is int and options["rewind_offload_dir"] == str(tmp_path)
+    for loss in (np.float32(0.5), np.array(0.5), np.float64(0.5)):
+        scheduler.step(loss)
+    assert scheduler.state_dict()["pending"].tolist() == [0.5, 0.5, 0.5]
+
+
+def test_an_optimizer_without_an_lr_is_refused_clearly():
+    from transformers.optimization import Adafactor
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="relative_step=False"):
+        AutoWU(Adafactor(params), total_steps=100)  # relative_step=True: its LR is None
+    scheduler = AutoWU(Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False), total_steps=100)
+    assert scheduler.get_last_lr() == [1e-5]
 
 
 def test_reference_signature_and_defaults():

@@ -195,3 +195,13 @@ def test_plan_before_any_step_is_warmup_to_cap_then_decay():
     scheduler = AutoWU(make_optimizer(), total_steps=150, max_warmup_fraction=0.4, preset="paper")
     planned = scheduler.lr_schedule()
     assert drive(scheduler, falling) == pytest.approx(planned, rel=1e-12), "a run to the cap follows the plan"
+
+
+def test_a_budget_that_is_all_cooldown_decays_from_the_ramps_first_lr():
+    total = 10
+    scheduler = AutoWU(make_optimizer(), total_steps=total, cooldown_fraction=1.0)
+    lrs = drive(scheduler, falling)
+    # one step on the ramp (its first LR), then the cap: a linear cooldown from there to the end of the budget
+    expected = [MIN_LR] + [MIN_LR * (1.0 - (t - 1) / (total - 1)) for t in range(1, total)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert scheduler.lr_schedule() == pytest.approx(lrs, rel=1e-12)
