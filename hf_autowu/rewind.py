@@ -276,11 +276,17 @@ class WarmupRewinder:
 
     def _evict(self, scheduler: AutoWU) -> None:
         """Keep `max_snapshots`, in this order of priority: the anchor (the latest snapshot at or below the GP's
-        current estimate of the best LR, the likely rewind target; the oldest one before any estimate), the one
-        after it (the target if the estimate still grows by up to `lr_factor`), and the newest."""
+        current estimate of the best LR, the likely rewind target; the oldest one when all lie above it), the one
+        after it (the target if the estimate still grows by up to `lr_factor`), and the newest. Before any estimate
+        (a short budget's fast ramp can take many snapshots before the first switch test): the oldest, a state no
+        blow-up can have reached yet, and the newest, since a switch at the cap comes at the end of the ramp so far.
+        The choice depends only on what every process knows alike, so they all keep the same list."""
         estimate = scheduler.last_outcome.lr_estimate if scheduler.last_outcome is not None else None
         while len(self.snapshots) > self.max_snapshots:
-            below = [i for i, s in enumerate(self.snapshots) if estimate is not None and s["lr"] <= estimate]
+            if estimate is None:
+                self._drop(self.snapshots.pop(1))  # the oldest stays; the second oldest goes
+                continue
+            below = [i for i, s in enumerate(self.snapshots) if s["lr"] <= estimate]
             anchor = below[-1] if below else 0
             kept = [anchor, anchor + 1, len(self.snapshots) - 1][: self.max_snapshots]
             self._drop(self.snapshots.pop(next(i for i in range(len(self.snapshots)) if i not in kept)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -17,6 +18,8 @@ from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder
 from .switch_test import SwitchTester, SwitchTestOutcome
 from .watch import LossSpikeWatch
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
@@ -373,12 +376,7 @@ class AutoWU:
                 "AutoWU.load_state_dict: this is not an AutoWU state (no `config` or `history`); was the checkpoint "
                 "written with another scheduler?"
             )
-        if int(state_dict["total_steps"]) != self.total_steps:
-            warnings.warn(
-                f"AutoWU: the saved schedule is planned for {int(state_dict['total_steps'])} steps and this scheduler "
-                f"for {self.total_steps}; the saved plan is kept (steps past its budget train at LR 0).",
-                stacklevel=2,
-            )
+        budget = self.total_steps
         saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
         config_changed = saved_config != self.config
         if config_changed:
@@ -424,7 +422,29 @@ class AutoWU:
                 listener.load_state_dict(self._listener_states.pop(key))
         if config_changed:
             self._follow_config_rewind()
+        if budget != self.total_steps:
+            self._replan_budget(budget)
         self._apply_lr()
+
+    def _replan_budget(self, total_steps: int) -> None:
+        """Plan a loaded schedule for the budget this scheduler was built with (a run resumed with another
+        `max_steps`). The ramp keeps its pace; until the cooldown has begun, the budget and the cooldown's start move
+        to the new budget's (the cooldown begins now when that point has passed); once it has begun, the saved plan
+        is kept, since changing it would rewrite LRs already used."""
+        saved = self.total_steps
+        if self.phase == "cooldown" or total_steps <= self.last_step:
+            logger.warning(
+                f"AutoWU: the saved schedule is planned for {saved} steps and this run for {total_steps}; at step "
+                f"{self.last_step} ({self.phase}) it cannot be re-planned, so the saved plan is kept (steps past "
+                f"{saved} train at LR 0)."
+            )
+            return
+        self.total_steps = total_steps
+        self.cooldown_start = max(total_steps - int(self.config.cooldown_fraction * total_steps), self.last_step)
+        logger.warning(
+            f"AutoWU: the saved schedule was planned for {saved} steps; re-planned for this run's {total_steps}: the "
+            f"cooldown starts at step {self.cooldown_start}."
+        )
 
     def _follow_config_rewind(self) -> None:
         """After a load that replaced the options: the rewinder this scheduler builds itself is attached exactly when

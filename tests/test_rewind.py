@@ -311,3 +311,67 @@ def test_a_rewinder_built_by_hand_takes_the_scheduler_options():
     assert WarmupRewinder(model, optimizer, scheduler, min_shift=0.0, snapshots=2).max_snapshots == 2
     _, _, paper = build(preset="paper")
     assert WarmupRewinder(model, optimizer, paper).min_shift == 0.0
+
+
+@pytest.mark.parametrize(("saved_with", "built_with"), [({}, {"rewind": False}), ({"rewind": False}, {})])
+def test_a_resume_follows_the_saved_rewind_option(saved_with, built_with):
+    """The saved options are used, rewind included: the run goes on as the uninterrupted one with them."""
+    model, optimizer, scheduler = build(**saved_with)
+    expected = []
+    train(model, optimizer, scheduler, 0, 400, lrs=expected)
+    assert (scheduler.rewinder is not None) == (saved_with == {})
+
+    model1, optimizer1, scheduler1 = build(**saved_with)
+    lrs = []
+    train(model1, optimizer1, scheduler1, 0, 30, lrs=lrs)
+    saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    model2, optimizer2, scheduler2 = build(seed=123, **built_with)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    with pytest.warns(UserWarning, match="the saved options are used"):
+        scheduler2.load_state_dict(saved["sched"])
+    train(model2, optimizer2, scheduler2, 30, 400, lrs=lrs)
+    assert lrs == expected
+    assert (scheduler2.rewinder is not None) == (scheduler.rewinder is not None)
+    if scheduler.rewinder is not None:
+        assert scheduler2.rewinder.rewound_to == scheduler.rewinder.rewound_to is not None
+    assert_state_equal(model2.state_dict(), model.state_dict())
+
+
+def test_a_rewinder_attached_by_hand_after_a_load_takes_over_the_loaded_snapshots():
+    model, optimizer, scheduler = build(with_model=True)
+    train(model, optimizer, scheduler, 0, 60)
+    saved = roundtrip(scheduler.state_dict())
+    model2 = make_model()
+    optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1.0)
+    scheduler2 = AutoWU(optimizer2, total_steps=400, immediate_cooldown=True)  # builds its own rewinder
+    scheduler2.load_state_dict(saved)
+    rewinder = WarmupRewinder(model2, optimizer2, scheduler2)
+    assert scheduler2.rewinder is rewinder
+    assert [s["step"] for s in rewinder.snapshots] == [s["step"] for s in scheduler.rewinder.snapshots]
+
+
+def test_two_rewinders_sharing_an_offload_folder_restore_their_own_snapshots(tmp_path):
+    """Two models trained side by side (two runs of a sweep, a GAN's two networks) with one offload folder."""
+    in_memory = [build(seed=seed) for seed in (0, 1)]
+    offloaded = [build(seed=seed, rewind_offload_dir=str(tmp_path)) for seed in (0, 1)]
+    for step in range(400):
+        for run in (*in_memory, *offloaded):
+            train(*run, step, step + 1)
+    for reference, run in zip(in_memory, offloaded, strict=True):
+        assert run[2].rewinder.rewound_to == reference[2].rewinder.rewound_to is not None
+        assert_state_equal(run[0].state_dict(), reference[0].state_dict())
+    assert list(tmp_path.glob("*.pt")) == []
+
+
+def test_before_any_switch_test_the_newest_snapshots_are_kept():
+    """A 40-step budget ramps from 1e-5 to 1 in 20 steps, faster than a switch test can run: the warmup ends at
+    its cap, and the state restored is the latest snapshot at or below the LR chosen, not one from the ramp's
+    first steps."""
+    model, optimizer, _ = build()
+    scheduler = AutoWU(optimizer, total_steps=40)
+    train(model, optimizer, scheduler, 0, 40)
+    assert scheduler.tests == [] and scheduler.switch_reason == "cap"
+    target = scheduler.rewinder.rewound_to
+    assert target is not None
+    assert scheduler.peak_lr / scheduler.config.rewind_lr_factor < target["lr"] <= scheduler.peak_lr

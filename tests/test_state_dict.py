@@ -153,3 +153,10 @@ def test_a_state_saved_before_the_resolution_rules_existed_resumes_as_it_would_h
     assert {name: getattr(resumed.config, name) for name in old_options} == old_options
     train(resumed, 40, TOTAL, lrs)
     assert lrs == expected
+
+
+def test_loading_a_state_that_is_not_autowus_names_the_problem():
+    optimizer = make_optimizer()
+    other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(ValueError, match="not an AutoWU state"):
+        AutoWU(optimizer, total_steps=100).load_state_dict(other.state_dict())

@@ -5,6 +5,7 @@ uninterrupted run exactly: the same LRs, switch and final weights (rewind includ
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -108,3 +109,32 @@ def test_resume_from_every_checkpoint_written(entry_point, strategy, tmp_path):
         assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
         final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
         assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_a_resume_with_a_longer_budget_moves_the_cooldown_to_its_end(entry_point, tmp_path, caplog):
+    """Resumed after the switch with 24 epochs instead of 15 (96 optimizer steps instead of 60): the LR holds at the
+    peak until the longer budget's cooldown (its last 20%, from step 96 - 19 = 77), then falls linearly to 0 at
+    96, instead of training the 36 extra steps at LR 0."""
+    kept = KeepCheckpoints(tmp_path / "kept")
+    full = make_trainer(entry_point, tmp_path / "full", "steps", [kept])
+    full.train()
+    peak, switch = scheduler_of(full).peak_lr, scheduler_of(full).switch_step
+    start = 35
+    assert switch < start < 48, "resumed while holding the peak"
+
+    torch.manual_seed(0)
+    args = training_args(str(tmp_path / "longer"), logging_steps=100, num_train_epochs=24)
+    common = {"model": ToyRegressor(), "args": args, "train_dataset": regression_data()}
+    recorder = StepRecorder()
+    config = AutoWUConfig(**AUTOWU_OPTIONS)
+    if entry_point == "callback":
+        resumed = Trainer(**common, callbacks=[recorder, AutoWUCallback(config)])
+    else:
+        resumed = AutoWUTrainer(**common, callbacks=[recorder], autowu_config=config)
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.scheduler"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
+    assert any("re-planned for this run's 96" in record.getMessage() for record in caplog.records)
+    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
+    expected = [peak if t < 77 else peak * (1.0 - (t - 77) / (96 - 77)) for t in range(start, 96)]
+    assert lrs == pytest.approx(expected, rel=1e-12)

@@ -92,3 +92,29 @@ def test_callback_outside_a_trainer_points_to_autowu_trainer(tmp_path):
     callback = AutoWUCallback()
     with pytest.raises(RuntimeError, match="Use AutoWUTrainer"):
         callback.on_train_begin(training_args(str(tmp_path)), TrainerState(), TrainerControl())
+
+
+def test_the_callback_refuses_a_reduce_on_plateau_scheduler_given_to_the_trainer(tmp_path):
+    """The Trainer steps a given ReduceLROnPlateau after evaluation, after AutoWU has set the LR."""
+    model = ToyRegressor()
+    optimizer = torch.optim.AdamW(model.parameters())
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    args = training_args(str(tmp_path), max_steps=2, eval_strategy="steps", eval_steps=1)
+    with pytest.raises(ValueError, match="ReduceLROnPlateau"):
+        build_and_train("callback", args, optimizers=(optimizer, plateau))
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_options_may_come_as_a_dict_and_anything_else_is_refused(entry_point, tmp_path):
+    common = {"model": ToyRegressor(), "args": training_args(str(tmp_path), max_steps=2)}
+    common["train_dataset"] = regression_data()
+    if entry_point == "callback":
+        callback = AutoWUCallback({"max_lr": 2.0}, min_lr=1e-4)
+        assert (callback.config.max_lr, callback.config.min_lr) == (2.0, 1e-4)
+        with pytest.raises(ValueError, match="`config`"):
+            AutoWUCallback("robust")
+    else:
+        trainer = AutoWUTrainer(**common, autowu_config={"max_lr": 2.0})
+        assert trainer.autowu_config.max_lr == 2.0
+        with pytest.raises(ValueError, match="`autowu_config`"):
+            AutoWUTrainer(**common, autowu_config=["max_lr", 2.0])

@@ -35,7 +35,7 @@ from hf_autowu import AutoWUCallback, AutoWUConfig, AutoWUTrainer  # noqa: E402
 
 hf_autowu.trainer.SAVE_FIGURE = False
 OVERFLOW_STEPS = (2, 5)
-SAVE_STEPS, RESUME_AT, MAX_STEPS = 10, 10, 60
+SAVE_STEPS, RESUME_AT, MAX_STEPS = 20, 20, 60
 CONFIGS = {
     "optimizer": {
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
