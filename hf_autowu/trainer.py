@@ -231,8 +231,9 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
 
     Raises:
         `ValueError`: at `on_train_begin`, for a setup AutoWU cannot drive (a DeepSpeed-owned scheduler,
-            layer-wise or schedule-free optimizers, `lr_scheduler_type` "reduce_lr_on_plateau"/"greedy", a
-            scheduler that is not a `torch.optim.lr_scheduler.LRScheduler`, or an `AutoWUTrainer`).
+            layer-wise or schedule-free optimizers, `lr_scheduler_type` "reduce_lr_on_plateau"/"greedy", a given
+            `ReduceLROnPlateau` or other scheduler that is not a `torch.optim.lr_scheduler.LRScheduler`, or an
+            `AutoWUTrainer`).
         `RuntimeError`: when the Trainer running the callback cannot be found, or a step went by without
             `training_step`; use `AutoWUTrainer` (or `AutoWUTrainerMixin`) then.
     """
