@@ -160,3 +160,33 @@ def test_loading_a_state_that_is_not_autowus_names_the_problem():
     other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(ValueError, match="not an AutoWU state"):
         AutoWU(optimizer, total_steps=100).load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("new_total", [450, 200])
+def test_a_state_loaded_into_a_scheduler_with_another_budget_is_re_planned_until_its_cooldown(new_total, caplog):
+    """Loaded while holding the peak into a scheduler built for another budget: the LR holds until that budget's
+    cooldown (its last 20%, linear to 0), as if the run had been planned for it after the switch. Loaded in the
+    cooldown, the saved plan is kept, with a warning."""
+    reference = AutoWU(make_optimizer(), total_steps=TOTAL)
+    lrs = run(reference, 0, TOTAL, [])
+    assert reference.switch_step < 150 < reference.cooldown_start
+    peak = lrs[reference.switch_step + 1]
+
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL)
+    run(scheduler, 0, 150, [])
+    resumed = AutoWU(make_optimizer(), total_steps=new_total)
+    with caplog.at_level("WARNING", logger="hf_autowu.scheduler"):
+        resumed.load_state_dict(roundtrip(scheduler.state_dict()))
+    assert f"re-planned for this run's {new_total}" in caplog.text
+    start = new_total - int(0.2 * new_total)
+    expected = [peak if t < start else peak * (1.0 - (t - start) / (new_total - start)) for t in range(150, new_total)]
+    assert run(resumed, 150, new_total, []) == pytest.approx(expected, rel=1e-12)
+
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL)
+    run(scheduler, 0, 260, [])
+    resumed = AutoWU(make_optimizer(), total_steps=new_total)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_autowu.scheduler"):
+        resumed.load_state_dict(roundtrip(scheduler.state_dict()))
+    assert "the saved plan is kept" in caplog.text
+    assert run(resumed, 260, TOTAL, []) == lrs[260:TOTAL]
