@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
@@ -342,6 +343,18 @@ class AutoWUConfig:
         span = total_steps if not reference or total_steps <= reference else math.sqrt(reference * total_steps)
         return int(self.max_warmup_fraction * span)
 
+    def cooldown_start(self, total_steps: int) -> int:
+        """The step at which the cooldown begins at the latest for a budget of `total_steps`: its last
+        `cooldown_fraction` (rounded down to whole steps).
+
+        Args:
+            total_steps (`int`): The step budget `T`.
+
+        Returns:
+            `int`: `T - floor(cooldown_fraction * T)`.
+        """
+        return total_steps - int(self.cooldown_fraction * total_steps)
+
     @property
     def effective_standardize_losses(self) -> bool:
         """Whether losses are standardised before the GP fit."""
@@ -409,8 +422,15 @@ def resolve_config(
     defaults) with `options` (keyword options) on top.
 
     Raises:
-        `ValueError`: when `config` is neither, naming `argument`.
+        `ValueError`: when `config` is neither, naming `argument`, or for a name that is not an option.
     """
+    known = {option.name for option in dataclasses.fields(AutoWUConfig)}
+    given = {**config} if isinstance(config, dict) else {}
+    for name in [*given, *options]:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else " See `AutoWUConfig` for the options."
+            raise ValueError(f"`{name}` is not an AutoWU option.{hint}")
     if config is None:
         return AutoWUConfig(**options)
     if isinstance(config, dict):
@@ -420,5 +440,12 @@ def resolve_config(
     return AutoWUConfig(**{**config.to_dict(), **options}) if options else config
 
 
+def is_number(value: Any) -> bool:
+    """A real number (numpy's scalars included), not a bool; NaN included."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    """An option's number: a plain int or float (numpy's scalars are converted at construction; anything else would
+    not load with `weights_only`), not NaN."""
+    return isinstance(value, (int, float)) and is_number(value) and not math.isnan(value)

@@ -461,13 +461,11 @@ class WarmupRewinder:
         if process_rank() == 0:
             warnings.warn(f"AutoWU rewind is off: {reason}. Training goes on without rewind.", stacklevel=3)
 
-    @property
-    def holds_state(self) -> bool:
-        """Whether this rewinder holds anything a successor should take over: snapshots, a decision, or being off."""
-        return bool(self.snapshots) or self.rewound_to is not None or self.kept is not None or not self.enabled
-
-    def hand_over(self) -> dict[str, Any]:
-        """This rewinder's state, for the one that replaces it; its own snapshot files are deleted."""
+    def hand_over(self) -> dict[str, Any] | None:
+        """For the rewinder that replaces this one on the scheduler: this one's state, or None when it holds nothing
+        to take over (no snapshot, no decision, not turned off). Its own snapshot files are deleted."""
+        if not (self.snapshots or self.rewound_to is not None or self.kept is not None or not self.enabled):
+            return None
         state = self.state_dict()
         for snapshot in self.snapshots:
             self._drop(snapshot)

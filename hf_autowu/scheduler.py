@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import AutoWUConfig, resolve_config
+from .config import AutoWUConfig, is_number, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, world_size
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder
@@ -122,7 +122,7 @@ class AutoWU:
         self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
 
         self.warmup_steps = config.warmup_length(self.total_steps)
-        self.cooldown_start = self.total_steps - int(config.cooldown_fraction * self.total_steps)
+        self.cooldown_start = config.cooldown_start(self.total_steps)
         self._tester = _make_tester(config)
         self._watch = LossSpikeWatch() if config.effective_spike_watch else None
         self._listeners: list[Any] = []
@@ -294,20 +294,21 @@ class AutoWU:
 
         A listener whose `state_key` attribute is a string has its `state_dict()` saved in this scheduler's
         `state_dict()` under that key, and restored by `load_state_dict()` (also when it attaches after the
-        state was loaded); attaching it replaces a listener with the same key. `WarmupRewinder` is such a
-        listener (key `"rewind"`).
+        state was loaded); attaching it replaces a listener with the same key, and takes over the state the one it
+        replaces hands over (its `hand_over()`, when it has one and returns a state rather than None): a rewinder
+        attached after a load, or after training began, goes on from the snapshots the replaced one held.
+        `WarmupRewinder` is such a listener (key `"rewind"`).
         """
         key = getattr(listener, "state_key", None)
         if key is not None:
             replaced = [o for o in self._listeners if getattr(o, "state_key", None) == key]
             for other in replaced:
                 self.remove_listener(other)
-            own = self._own_rewinder
+            handed = [o.hand_over() for o in replaced if hasattr(o, "hand_over")]
             if key in self._listener_states:
                 listener.load_state_dict(self._listener_states.pop(key))
-            elif own is not None and any(o is own for o in replaced) and own.holds_state:
-                # a rewinder attached by hand after a load takes over what this scheduler's own one had loaded
-                listener.load_state_dict(own.hand_over())
+            elif any(state is not None for state in handed):
+                listener.load_state_dict(next(state for state in handed if state is not None))
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Any) -> None:
@@ -387,7 +388,7 @@ class AutoWU:
         self.total_steps = int(state_dict["total_steps"])
         self.steps_per_epoch = state_dict["steps_per_epoch"]
         self.warmup_steps = self.config.warmup_length(self.total_steps)
-        self.cooldown_start = self.total_steps - int(self.config.cooldown_fraction * self.total_steps)
+        self.cooldown_start = self.config.cooldown_start(self.total_steps)
         self.group_ratios = [float(r) for r in state_dict["group_ratios"]]
         self.last_step = int(state_dict["last_step"])
         self.phase = state_dict["phase"]
@@ -440,7 +441,7 @@ class AutoWU:
             )
             return
         self.total_steps = total_steps
-        self.cooldown_start = max(total_steps - int(self.config.cooldown_fraction * total_steps), self.last_step)
+        self.cooldown_start = max(self.config.cooldown_start(total_steps), self.last_step)
         logger.warning(
             f"AutoWU: the saved schedule was planned for {saved} steps; re-planned for this run's {total_steps}: the "
             f"cooldown starts at step {self.cooldown_start}."
@@ -677,7 +678,7 @@ class AutoWU:
         if total_steps is None:
             if self.steps_per_epoch is None or total_epochs is None:
                 raise ValueError("Give `total_steps`, or both `steps_per_epoch` and `total_epochs`.")
-            if not (_is_number(total_epochs) and 0 < total_epochs < math.inf):
+            if not (is_number(total_epochs) and 0 < total_epochs < math.inf):
                 raise ValueError(f"`total_epochs` must be a finite number > 0, got {total_epochs!r}.")
             total_steps = math.ceil(self.steps_per_epoch * float(total_epochs))
         return _check_optional_positive_int("total_steps", total_steps)
@@ -721,17 +722,12 @@ def _check_optional_positive_int(name: str, value: Any) -> int | None:
     return int(value)
 
 
-def _is_number(value: Any) -> bool:
-    """A real number (numpy's scalars included), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _configured_lr(index: int, group: dict[str, Any]) -> float:
     """The LR a parameter group was built with; a clear error when it has none AutoWU can scale."""
     lr = group.get("initial_lr", group.get("lr"))
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
         return float(lr)
-    if not (_is_number(lr) and 0 <= lr < math.inf):
+    if not (is_number(lr) and 0 <= lr < math.inf):
         raise ValueError(
             f"AutoWU sets every parameter group's `lr`, but group {index} has lr={lr!r}: give the optimizer a finite "
             "lr >= 0 (for transformers' Adafactor: `lr=1e-3, relative_step=False, scale_parameter=False`)."
@@ -757,10 +753,12 @@ def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")
+        if loss.is_complex():
+            raise ValueError(f"`loss` must be real, got a {loss.dtype} tensor.")
         if loss.device.type == "cpu":
             return float(loss.detach())
         return loss.detach().reshape(()).clone()
-    if _is_number(loss):
+    if is_number(loss):
         return float(loss)
     kind = getattr(getattr(loss, "dtype", None), "kind", "")
     if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):

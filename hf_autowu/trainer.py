@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
 _STATE_KEY = "autowu_state"  # where AutoWUCallback keeps AutoWU's state inside the Trainer's scheduler
+_STATE_NAMES_KEY = "autowu_state_names"  # in AutoWUTrainer's scheduler state: AutoWU's entries (see state_dict)
 REWIND_FILE = "autowu_rewind_rank{rank}.pt"
 """Each process's rewind state in a checkpoint folder (snapshots only where that process holds them)."""
 SAVE_FIGURE = True
@@ -79,6 +80,7 @@ class _TrainerAutoWU(AutoWU):
     def __init__(self, optimizer: torch.optim.Optimizer, *args: Any, step_loss: _StepLoss, **kwargs: Any):
         self._step_loss = step_loss
         self._update_noted = False
+        self._warm_up_again = False
         super().__init__(optimizer, *args, **kwargs)
 
     def step(self, loss: torch.Tensor | float | None = None, metric: Any = None) -> None:
@@ -86,6 +88,45 @@ class _TrainerAutoWU(AutoWU):
             self._update_noted = True
             return
         super().step(loss, metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        """`AutoWU.state_dict()`, also loadable by the `LambdaLR` a plain Trainer builds (its `lr_lambdas`, and the
+        names of AutoWU's entries), so that `AutoWUCallback` can resume a checkpoint written by `AutoWUTrainer`."""
+        state = super().state_dict()
+        return {**state, "lr_lambdas": [None] * len(self.optimizer.param_groups), _STATE_NAMES_KEY: list(state)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """`AutoWU.load_state_dict`, for a checkpoint written by either entry point (`AutoWUCallback` keeps AutoWU's
+        state inside the Trainer's scheduler state). Options that differ from this trainer's are logged, since the
+        Trainer drops warnings while it loads a scheduler."""
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(_STATE_KEY), dict):
+            state_dict = state_dict[_STATE_KEY]
+        if isinstance(state_dict, dict) and "config" not in state_dict and "last_epoch" in state_dict:
+            # another torch scheduler's state (a checkpoint written without AutoWU): warm up again, once the
+            # Trainer's step count is known (`warm_up_again`, at `on_train_begin`)
+            self._warm_up_again = True
+            return
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("config"), dict):
+            saved = {k: v for k, v in state_dict["config"].items() if k in self.config.to_dict()}
+            changed = sorted(k for k, v in saved.items() if v != self.config.to_dict()[k])
+            if changed:
+                logger.warning(
+                    f"AutoWU: the checkpoint was written with other options ({', '.join(changed)}); the saved ones "
+                    "are used."
+                )
+        super().load_state_dict(state_dict)
+
+    def warm_up_again(self, steps_done: int) -> None:
+        """After a checkpoint written without AutoWU was loaded: warm up again over the budget's remaining steps, as
+        `AutoWUCallback` does (nothing otherwise)."""
+        if not self._warm_up_again:
+            return
+        self._warm_up_again = False
+        remaining = max(self.total_steps - steps_done, 1)
+        _log_warming_up_again(remaining)
+        AutoWU.__init__(
+            self, self.optimizer, self.steps_per_epoch, total_steps=remaining, config=self.config, model=self._model
+        )
 
     def complete_step(self) -> None:
         """Step AutoWU with the step's loss, if an update was noted since the last call."""
@@ -115,6 +156,8 @@ class _AutoWUEvents(TrainerCallback):
 
     def _start(self, trainer: Trainer, scheduler: AutoWU, resume_from_checkpoint: str | None) -> None:
         """Watch `scheduler` for this `train()` call (after any checkpoint state was loaded into it)."""
+        if isinstance(scheduler, _TrainerAutoWU):
+            scheduler.warm_up_again(trainer.state.global_step)
         self._trainer = trainer
         self.scheduler = scheduler
         self.step_loss.reset()
@@ -272,14 +315,11 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
                 f"AutoWUCallback drives the Trainer's scheduler, which must be a torch LRScheduler; got "
                 f"{type(trainer_scheduler).__name__}. Pass `optimizers=(optimizer, None)`, or use AutoWUTrainer."
             )
-        saved = trainer_scheduler.__dict__.pop(_STATE_KEY, None) if state.global_step > 0 else None
+        saved = _take_saved_state(trainer_scheduler) if state.global_step > 0 else None
         total_steps = state.max_steps
         if state.global_step > 0 and saved is None:
             total_steps = max(state.max_steps - state.global_step, 1)
-            logger.warning(
-                f"AutoWU: the checkpoint holds no AutoWU state; warming up again over the remaining {total_steps} "
-                "steps."
-            )
+            _log_warming_up_again(total_steps)
         scheduler = AutoWU(
             trainer.optimizer,
             _steps_per_epoch(train_dataloader, args),
@@ -440,6 +480,23 @@ class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
     trainer.train()
     ```
     """
+
+
+def _log_warming_up_again(remaining: int) -> None:
+    logger.warning(
+        f"AutoWU: the checkpoint holds no AutoWU state; warming up again over the remaining {remaining} steps."
+    )
+
+
+def _take_saved_state(trainer_scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any] | None:
+    """The AutoWU state a checkpoint's `scheduler.pt` loaded into the Trainer's own scheduler, removed from it: under
+    `_STATE_KEY` when `AutoWUCallback` wrote it, as top-level entries when `AutoWUTrainer` did; None without one."""
+    attributes = trainer_scheduler.__dict__
+    names = attributes.pop(_STATE_NAMES_KEY, None)
+    if names is not None:
+        attributes.pop(_STATE_KEY, None)
+        return {name: attributes.pop(name) for name in names if name in attributes}
+    return attributes.pop(_STATE_KEY, None)
 
 
 def _save_figure(scheduler: AutoWU, output_dir: str) -> None:

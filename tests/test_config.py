@@ -5,7 +5,7 @@ import torch
 from helpers import make_optimizer
 from transformers import HfArgumentParser
 
-from hf_autowu import AutoWU, AutoWUConfig
+from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig
 
 
 @pytest.mark.parametrize(
@@ -71,6 +71,16 @@ def test_invalid_budget_names_the_argument(kwargs, name):
         AutoWU(make_optimizer(), **kwargs)
 
 
+def test_a_misspelt_option_is_named_with_the_closest_one():
+    for build in (
+        lambda: AutoWU(make_optimizer(), total_steps=100, min_lrr=1e-4),
+        lambda: AutoWU(make_optimizer(), total_steps=100, config={"confidense": 0.9}),
+        lambda: AutoWUCallback(rewnd=False),
+    ):
+        with pytest.raises(ValueError, match=r"is not an AutoWU option\. Did you mean `(min_lr|confidence|rewind)`"):
+            build()
+
+
 def test_step_rejects_bad_losses():
     scheduler = AutoWU(make_optimizer(), total_steps=100)
     with pytest.raises(ValueError, match="loss"):
@@ -79,6 +89,10 @@ def test_step_rejects_bad_losses():
         scheduler.step(torch.ones(3))
     with pytest.raises(ValueError, match="loss"):
         scheduler.step("0.5")
+    with pytest.raises(ValueError, match="real"):
+        scheduler.step(torch.tensor(0.5 + 0.1j))
+    with pytest.raises(ValueError, match="loss"):
+        scheduler.step(0.5 + 0.1j)
 
 
 def test_numpy_scalars_and_paths_are_taken_as_plain_values(tmp_path):

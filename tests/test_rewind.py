@@ -192,6 +192,22 @@ def test_a_rewinder_attached_by_hand_after_loading_takes_the_saved_snapshots(bui
     assert [s["step"] for s in rewinder.snapshots] == [s["step"] for s in scheduler.rewinder.snapshots]
 
 
+def test_a_rewinder_that_replaces_another_during_warmup_takes_over_its_snapshots():
+    """Re-attaching a rewinder mid-warmup (say, to give it the model) goes on from the snapshots the replaced one
+    held: the run rewinds to the same state as one that kept its first rewinder."""
+    reference = build(with_model=True)
+    train(*reference, 0, 400)
+    model, optimizer, scheduler = build(with_model=True)
+    train(model, optimizer, scheduler, 0, 30)
+    first = scheduler.rewinder
+    assert first.snapshots and scheduler.phase == "warmup"
+    second = WarmupRewinder(model, optimizer, scheduler)
+    assert scheduler.rewinder is second and first not in scheduler._listeners
+    train(model, optimizer, scheduler, 30, 400)
+    assert second.rewound_to == reference[2].rewinder.rewound_to is not None
+    assert_state_equal(model.state_dict(), reference[0].state_dict())
+
+
 def test_paper_preset_and_rewind_false_attach_nothing():
     assert (
         AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=10, preset="paper").rewinder

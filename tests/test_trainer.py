@@ -259,16 +259,29 @@ def test_parameter_groups_keep_their_ratio(entry_point, tmp_path):
     assert recorder.lrs == [[scheduler.lr_at(step), scheduler.lr_at(step) * 0.25] for step in range(4)]
 
 
-def test_callback_resumes_a_checkpoint_saved_without_it(tmp_path, caplog):
-    """Warmup starts over on the remaining steps, with a warning, and the next checkpoints save fine."""
+def test_a_checkpoint_saved_without_autowu_warms_up_again(tmp_path, caplog):
+    """Both entry points resume a plain Trainer's checkpoint (a linear schedule's state) by warming up again on the
+    remaining steps, with a warning: the same LRs from `min_lr`, and the next checkpoints save fine."""
     args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
     torch.manual_seed(0)
     Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data()).train()
-    args = training_args(str(tmp_path / "resumed"), max_steps=12, save_strategy="steps", save_steps=4)
-    callback = AutoWUCallback(**AUTOWU_OPTIONS)
-    trainer = Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), callbacks=[callback])
-    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    assert "holds no AutoWU state" in caplog.text
-    assert callback.scheduler.total_steps == callback.scheduler.last_step == 8
-    assert (tmp_path / "resumed" / "checkpoint-12" / "scheduler.pt").exists()
+    lrs = {}
+    for entry_point in ENTRY_POINTS:
+        caplog.clear()
+        torch.manual_seed(0)
+        args = training_args(str(tmp_path / entry_point), max_steps=12, save_strategy="steps", save_steps=4)
+        recorder = StepRecorder()
+        common = {"model": ToyRegressor(), "args": args, "train_dataset": regression_data()}
+        if entry_point == "callback":
+            trainer = Trainer(**common, callbacks=[recorder, AutoWUCallback(**AUTOWU_OPTIONS)])
+        else:
+            trainer = AutoWUTrainer(**common, callbacks=[recorder], autowu_config=AutoWUConfig(**AUTOWU_OPTIONS))
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+        assert "warming up again over the remaining 8 steps" in caplog.text, entry_point
+        scheduler = scheduler_of(trainer)
+        assert scheduler.total_steps == scheduler.last_step == 8, entry_point
+        assert (tmp_path / entry_point / "checkpoint-12" / "scheduler.pt").exists(), entry_point
+        lrs[entry_point] = [group_lrs[0] for group_lrs in recorder.lrs]
+    assert lrs["callback"][0] == AUTOWU_OPTIONS["min_lr"]
+    assert lrs["trainer"] == lrs["callback"] and len(lrs["trainer"]) == 8

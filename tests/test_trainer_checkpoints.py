@@ -138,3 +138,40 @@ def test_a_resume_with_a_longer_budget_moves_the_cooldown_to_its_end(entry_point
     lrs = [group_lrs[0] for group_lrs in recorder.lrs]
     expected = [peak if t < 77 else peak * (1.0 - (t - 77) / (96 - 77)) for t in range(start, 96)]
     assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("written_by", "resumed_by"), [("callback", "trainer"), ("trainer", "callback")])
+def test_a_checkpoint_resumes_bit_exactly_with_the_other_entry_point(written_by, resumed_by, tmp_path):
+    """A run moved from `AutoWUCallback` to `AutoWUTrainer` (or back) mid-training goes on as if it had not moved:
+    the same LRs, switch, losses, rewind and final weights, from a checkpoint before and one after the switch."""
+    recorder, kept = StepRecorder(), KeepCheckpoints(tmp_path / "kept")
+    full = make_trainer(written_by, tmp_path / "full", "steps", [recorder, kept])
+    full.train()
+    reference = scheduler_of(full)
+    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
+    starts = [max(s for s in kept.steps if s < reference.switch_step), min(s for s in kept.steps if s > 35)]
+    for start in starts:
+        resumed_recorder = StepRecorder()
+        resumed = make_trainer(resumed_by, tmp_path / f"resumed{start}", "steps", [resumed_recorder], save=False)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
+        scheduler = scheduler_of(resumed)
+        assert [group_lrs[0] for group_lrs in resumed_recorder.lrs] == lrs[start:], start
+        assert scheduler.switch_step == reference.switch_step and scheduler.peak_lr == reference.peak_lr, start
+        assert torch.equal(scheduler.losses, reference.losses), start
+        assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
+        final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
+        assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start
+
+
+def test_autowutrainer_logs_options_that_differ_from_the_checkpoints(tmp_path, caplog):
+    """The Trainer drops warnings while it loads a scheduler: a resume with other options says so in the log."""
+    kept = KeepCheckpoints(tmp_path / "kept")
+    make_trainer("trainer", tmp_path / "full", "steps", [kept]).train()
+    torch.manual_seed(0)
+    args = training_args(str(tmp_path / "resumed"), logging_steps=100, save_strategy="no")
+    config = AutoWUConfig(**{**AUTOWU_OPTIONS, "confidence": 0.9})
+    resumed = AutoWUTrainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), autowu_config=config)
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{kept.steps[0]}"))
+    assert any("other options (confidence)" in record.getMessage() for record in caplog.records)
+    assert resumed.lr_scheduler.config.confidence == AutoWUConfig(**AUTOWU_OPTIONS).confidence
