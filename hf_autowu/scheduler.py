@@ -21,6 +21,10 @@ from .watch import LossSpikeWatch
 
 logger = logging.getLogger(__name__)
 
+TRAINER_STATE_KEY = "autowu_state"
+"""Where a Trainer checkpoint's `scheduler.pt` holds AutoWU's state (inside the state of the plain Trainer's own
+scheduler with `AutoWUCallback`, and beside what that scheduler needs to load it with `AutoWUTrainer`)."""
+
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
 _PLATEAU_THRESHOLD = 1e-4
@@ -170,6 +174,7 @@ class AutoWU:
         Returns:
             `AutoWU`: a scheduler in the saved state.
         """
+        state = autowu_state_of(state)
         if optimizer is None:
             ratios = state.get("group_ratios") or [1.0]
             optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": ratio} for ratio in ratios], lr=1.0)
@@ -371,7 +376,9 @@ class AutoWU:
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a `state_dict()`; the optimizer's LRs are set to the restored schedule."""
+        """Restore a `state_dict()` (or a Trainer checkpoint's scheduler state that holds one); the optimizer's LRs
+        are set to the restored schedule."""
+        state_dict = autowu_state_of(state_dict)
         if not isinstance(state_dict, dict) or "config" not in state_dict or "history" not in state_dict:
             raise ValueError(
                 "AutoWU.load_state_dict: this is not an AutoWU state (no `config` or `history`); was the checkpoint "
@@ -704,6 +711,13 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
 _DECIDED_BEFORE_SAVED = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0}
 """Options added to the decision after states were saved without them, with the values that reproduce how those
 states decided: a run saved before they existed resumes as it would have gone on."""
+
+
+def autowu_state_of(state: Any) -> Any:
+    """AutoWU's state inside a Trainer checkpoint's scheduler state (under `TRAINER_STATE_KEY`), else `state`."""
+    if isinstance(state, dict) and "config" not in state and isinstance(state.get(TRAINER_STATE_KEY), dict):
+        return state[TRAINER_STATE_KEY]
+    return state
 
 
 def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:

@@ -28,13 +28,11 @@ from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder
-from .scheduler import AutoWU, set_group_lr
+from .scheduler import TRAINER_STATE_KEY, AutoWU, _config_fields, autowu_state_of, set_group_lr
 
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
-_STATE_KEY = "autowu_state"  # where AutoWUCallback keeps AutoWU's state inside the Trainer's scheduler
-_STATE_NAMES_KEY = "autowu_state_names"  # in AutoWUTrainer's scheduler state: AutoWU's entries (see state_dict)
 REWIND_FILE = "autowu_rewind_rank{rank}.pt"
 """Each process's rewind state in a checkpoint folder (snapshots only where that process holds them)."""
 SAVE_FIGURE = True
@@ -90,31 +88,34 @@ class _TrainerAutoWU(AutoWU):
         super().step(loss, metric)
 
     def state_dict(self) -> dict[str, Any]:
-        """`AutoWU.state_dict()`, also loadable by the `LambdaLR` a plain Trainer builds (its `lr_lambdas`, and the
-        names of AutoWU's entries), so that `AutoWUCallback` can resume a checkpoint written by `AutoWUTrainer`."""
-        state = super().state_dict()
-        return {**state, "lr_lambdas": [None] * len(self.optimizer.param_groups), _STATE_NAMES_KEY: list(state)}
+        """`AutoWU.state_dict()` under `TRAINER_STATE_KEY`, beside what the `LambdaLR` of a plain Trainer needs to
+        load it (its `lr_lambdas`, and the step count): `AutoWUCallback` resumes a checkpoint written by
+        `AutoWUTrainer`, and a Trainer without AutoWU goes on from the right step of its own schedule."""
+        return {
+            "lr_lambdas": [None] * len(self.optimizer.param_groups),
+            "last_epoch": self.last_step,
+            "_step_count": self.last_step + 1,
+            TRAINER_STATE_KEY: super().state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """`AutoWU.load_state_dict`, for a checkpoint written by either entry point (`AutoWUCallback` keeps AutoWU's
-        state inside the Trainer's scheduler state). Options that differ from this trainer's are logged, since the
-        Trainer drops warnings while it loads a scheduler."""
-        if isinstance(state_dict, dict) and isinstance(state_dict.get(_STATE_KEY), dict):
-            state_dict = state_dict[_STATE_KEY]
-        if isinstance(state_dict, dict) and "config" not in state_dict and "last_epoch" in state_dict:
-            # another torch scheduler's state (a checkpoint written without AutoWU): warm up again, once the
-            # Trainer's step count is known (`warm_up_again`, at `on_train_begin`)
+        """`AutoWU.load_state_dict`, for a checkpoint written by either entry point. Options that differ from this
+        trainer's are logged, since the Trainer drops warnings while it loads a scheduler; another scheduler's state
+        (a checkpoint written without AutoWU) means warming up again (`warm_up_again`, once the Trainer's step count
+        is known)."""
+        state = autowu_state_of(state_dict)
+        if isinstance(state, dict) and "config" not in state and "last_epoch" in state:
             self._warm_up_again = True
             return
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("config"), dict):
-            saved = {k: v for k, v in state_dict["config"].items() if k in self.config.to_dict()}
-            changed = sorted(k for k, v in saved.items() if v != self.config.to_dict()[k])
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            saved, ours = AutoWUConfig(**_config_fields(state["config"])).to_dict(), self.config.to_dict()
+            changed = sorted(name for name, value in saved.items() if value != ours[name])
             if changed:
                 logger.warning(
                     f"AutoWU: the checkpoint was written with other options ({', '.join(changed)}); the saved ones "
                     "are used."
                 )
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state)
 
     def warm_up_again(self, steps_done: int) -> None:
         """After a checkpoint written without AutoWU was loaded: warm up again over the budget's remaining steps, as
@@ -124,9 +125,12 @@ class _TrainerAutoWU(AutoWU):
         self._warm_up_again = False
         remaining = max(self.total_steps - steps_done, 1)
         _log_warming_up_again(remaining)
+        kept = [listener for listener in self._listeners if listener is not self._own_rewinder]
         AutoWU.__init__(
             self, self.optimizer, self.steps_per_epoch, total_steps=remaining, config=self.config, model=self._model
         )
+        for listener in kept:  # attached by others (user callbacks run on_train_begin before this one)
+            self.add_listener(listener)
 
     def complete_step(self) -> None:
         """Step AutoWU with the step's loss, if an update was noted since the last call."""
@@ -315,7 +319,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
                 f"AutoWUCallback drives the Trainer's scheduler, which must be a torch LRScheduler; got "
                 f"{type(trainer_scheduler).__name__}. Pass `optimizers=(optimizer, None)`, or use AutoWUTrainer."
             )
-        saved = _take_saved_state(trainer_scheduler) if state.global_step > 0 else None
+        saved = trainer_scheduler.__dict__.pop(TRAINER_STATE_KEY, None) if state.global_step > 0 else None
         total_steps = state.max_steps
         if state.global_step > 0 and saved is None:
             total_steps = max(state.max_steps - state.global_step, 1)
@@ -350,10 +354,10 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     def before_save(self) -> None:
         """Average the untested losses, and put AutoWU's state where the Trainer saves its own scheduler."""
         super().before_save()
-        self._trainer_scheduler.__dict__[_STATE_KEY] = self.scheduler.state_dict()
+        self._trainer_scheduler.__dict__[TRAINER_STATE_KEY] = self.scheduler.state_dict()
 
     def after_save(self, output_dir: str) -> None:
-        self._trainer_scheduler.__dict__.pop(_STATE_KEY, None)
+        self._trainer_scheduler.__dict__.pop(TRAINER_STATE_KEY, None)
         super().after_save(output_dir)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -486,17 +490,6 @@ def _log_warming_up_again(remaining: int) -> None:
     logger.warning(
         f"AutoWU: the checkpoint holds no AutoWU state; warming up again over the remaining {remaining} steps."
     )
-
-
-def _take_saved_state(trainer_scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any] | None:
-    """The AutoWU state a checkpoint's `scheduler.pt` loaded into the Trainer's own scheduler, removed from it: under
-    `_STATE_KEY` when `AutoWUCallback` wrote it, as top-level entries when `AutoWUTrainer` did; None without one."""
-    attributes = trainer_scheduler.__dict__
-    names = attributes.pop(_STATE_NAMES_KEY, None)
-    if names is not None:
-        attributes.pop(_STATE_KEY, None)
-        return {name: attributes.pop(name) for name in names if name in attributes}
-    return attributes.pop(_STATE_KEY, None)
 
 
 def _save_figure(scheduler: AutoWU, output_dir: str) -> None:

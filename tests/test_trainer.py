@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainer
@@ -285,3 +285,43 @@ def test_a_checkpoint_saved_without_autowu_warms_up_again(tmp_path, caplog):
         lrs[entry_point] = [group_lrs[0] for group_lrs in recorder.lrs]
     assert lrs["callback"][0] == AUTOWU_OPTIONS["min_lr"]
     assert lrs["trainer"] == lrs["callback"] and len(lrs["trainer"]) == 8
+
+
+def test_warming_up_again_keeps_the_listeners_a_callback_attached(tmp_path):
+    """User callbacks run `on_train_begin` before AutoWUTrainer's own: a listener attached there hears every step."""
+
+    class Attach(TrainerCallback):
+        steps = 0
+
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            lr_scheduler.add_listener(self)
+
+        def on_step(self, scheduler):
+            self.steps += 1
+
+    args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    torch.manual_seed(0)
+    Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data()).train()
+    attach = Attach()
+    args = training_args(str(tmp_path / "resumed"), max_steps=12, logging_steps=100)
+    config = AutoWUConfig(**AUTOWU_OPTIONS)
+    trainer = AutoWUTrainer(
+        model=ToyRegressor(), args=args, train_dataset=regression_data(), callbacks=[attach], autowu_config=config
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert trainer.lr_scheduler.last_step == attach.steps == 8
+
+
+def test_a_trainer_without_autowu_resumes_an_autowutrainer_checkpoint_on_its_own_schedule(tmp_path):
+    """Dropping AutoWU mid-run: the plain Trainer's linear schedule goes on from the checkpoint's step (its first
+    step still has AutoWU's LR, restored with the optimizer)."""
+    args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    torch.manual_seed(0)
+    config = AutoWUConfig(**AUTOWU_OPTIONS)
+    AutoWUTrainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), autowu_config=config).train()
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path / "plain"), max_steps=12, logging_steps=100)
+    plain = Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), callbacks=[recorder])
+    plain.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    expected = [args.learning_rate * (12 - step) / 12 for step in range(5, 12)]
+    assert [group_lrs[0] for group_lrs in recorder.lrs[1:]] == pytest.approx(expected, rel=1e-12)

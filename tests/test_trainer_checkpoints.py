@@ -175,3 +175,10 @@ def test_autowutrainer_logs_options_that_differ_from_the_checkpoints(tmp_path, c
         resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{kept.steps[0]}"))
     assert any("other options (confidence)" in record.getMessage() for record in caplog.records)
     assert resumed.lr_scheduler.config.confidence == AutoWUConfig(**AUTOWU_OPTIONS).confidence
+
+    caplog.clear()
+    state = torch.load(tmp_path / "kept" / f"checkpoint-{kept.steps[0]}" / "scheduler.pt", weights_only=True)
+    state["autowu_state"]["config"]["device"] = "cpu"  # a checkpoint from before `device` was deprecated
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        resumed.lr_scheduler.load_state_dict(state)
+    assert not any("other options" in record.getMessage() for record in caplog.records)
