@@ -182,3 +182,4 @@ def test_autowutrainer_logs_options_that_differ_from_the_checkpoints(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
         resumed.lr_scheduler.load_state_dict(state)
     assert not any("other options" in record.getMessage() for record in caplog.records)
+    assert AutoWU.from_state_dict(state).last_step == kept.steps[0]  # scheduler.pt read back as the README shows
