@@ -19,12 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-import methods as m
 import tasks as t
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader, TensorDataset
 
 MODELS = {"vit_digits": (t.timm_vit_model, lambda: t.digits_at(16)), "digits_cnn": (t.DigitsCNN, t.digits_splits)}
 ADAM_EOS = 38.0  # 2 (1 + beta1) / (1 - beta1) at beta1 = 0.9
@@ -76,22 +74,9 @@ def probe(task_name: str, seed: int) -> dict:
     x_fixed, y_fixed = x_train[fixed], y_train[fixed]
     torch.manual_seed(seed)
     model = make_model()
-    loader = DataLoader(
-        TensorDataset(x_train, y_train),
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
+    model, optimizer, scheduler, loader, accelerator = t.classifier_loop_setup(
+        task, "autowu", seed, None, model, x_train, y_train
     )
-    accelerator = None
-    if task.entry == "accelerate":
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=True)
-        model, loader = accelerator.prepare(model, loader)
-    optimizer, scheduler = m.loop_optimizer("autowu", model, task, None)
-    if accelerator is not None:
-        optimizer = accelerator.prepare(optimizer)
     inner = getattr(optimizer, "optimizer", optimizer)
     record: dict = {"ramp": [], "switch": None}
 

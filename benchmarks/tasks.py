@@ -350,6 +350,36 @@ def _classify(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
+def classifier_loop_setup(
+    task: TaskSpec,
+    method: str,
+    seed: int,
+    peak_lr: float | None,
+    model: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+) -> tuple[nn.Module, Any, Any, DataLoader, Any]:
+    """The model, optimizer, scheduler, shuffled training loader and Accelerator (None for a plain loop) of
+    `run_classifier_loop`, prepared by Accelerate for ``entry="accelerate"``."""
+    loader = DataLoader(
+        TensorDataset(x_train, y_train),
+        batch_size=task.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    accelerator = None
+    if task.entry == "accelerate":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        model, loader = accelerator.prepare(model, loader)
+    optimizer, scheduler = m.loop_optimizer(method, model, task, peak_lr)
+    if accelerator is not None:
+        optimizer = accelerator.prepare(optimizer)
+    return model, optimizer, scheduler, loader, accelerator
+
+
 def run_classifier_loop(
     task: TaskSpec,
     method: str,
@@ -374,22 +404,9 @@ def run_classifier_loop(
             generator=torch.Generator().manual_seed(seed + 10_000),
         )
         peak_lr, sweep_steps, info = m.lr_range_test(method, model, nn.CrossEntropyLoss(), sweep_loader, task)
-    loader = DataLoader(
-        TensorDataset(x_train, y_train),
-        batch_size=task.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
+    model, optimizer, scheduler, loader, accelerator = classifier_loop_setup(
+        task, method, seed, peak_lr, model, x_train, y_train
     )
-    accelerator = None
-    if task.entry == "accelerate":
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(cpu=True)
-        model, loader = accelerator.prepare(model, loader)
-    optimizer, scheduler = m.loop_optimizer(method, model, task, peak_lr)
-    if accelerator is not None:
-        optimizer = accelerator.prepare(optimizer)
     batches = _endless(loader)
     lrs, losses = [], []
     model.train()
