@@ -62,8 +62,9 @@ def preconditioned_sharpness(model, optimizer, x, y, iters: int = 20) -> float:
         return value
 
     dominant = power(0.0)
+    top = dominant if dominant > 0 else power(dominant) + dominant  # most negative first: shift past it
     model.train(was_training)
-    return dominant if dominant > 0 else power(dominant) + dominant
+    return top
 
 
 def probe(task_name: str, seed: int) -> dict:

@@ -77,6 +77,24 @@ def scheduler_of(trainer: Trainer) -> AutoWU:
     return callback.scheduler
 
 
+def assert_resumes_exactly(
+    entry_point: str, strategy: str, tmp_path: Path, start: int, reference: AutoWU, recorder: StepRecorder
+) -> None:
+    """Resume `entry_point` from the checkpoint kept at `start`: the same LRs, switch, losses, rewind target and
+    final weights as the uninterrupted run (`reference`, whose steps `recorder` recorded)."""
+    resumed_recorder = StepRecorder()
+    resumed = make_trainer(entry_point, tmp_path / f"resumed{start}", strategy, [resumed_recorder], save=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
+    scheduler = scheduler_of(resumed)
+    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
+    assert [group_lrs[0] for group_lrs in resumed_recorder.lrs] == lrs[start:], start
+    assert scheduler.switch_step == reference.switch_step and scheduler.peak_lr == reference.peak_lr, start
+    assert torch.equal(scheduler.losses, reference.losses), start
+    assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
+    final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
+    assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_resume_from_every_checkpoint_written(entry_point, strategy, tmp_path):
@@ -84,7 +102,6 @@ def test_resume_from_every_checkpoint_written(entry_point, strategy, tmp_path):
     full = make_trainer(entry_point, tmp_path / "full", strategy, [recorder, kept])
     full.train()
     reference = scheduler_of(full)
-    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
     switch = reference.switch_step
     assert switch is not None and reference.rewinder.rewound_to is not None
 
@@ -99,16 +116,7 @@ def test_resume_from_every_checkpoint_written(entry_point, strategy, tmp_path):
         assert set(written) < set(range(3, 61, 3)) and len(written) > 2
 
     for start in [step for step in written if step < 60]:  # (the last one has nothing left to train)
-        resumed_recorder = StepRecorder()
-        resumed = make_trainer(entry_point, tmp_path / f"resumed{start}", strategy, [resumed_recorder], save=False)
-        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
-        scheduler = scheduler_of(resumed)
-        assert [group_lrs[0] for group_lrs in resumed_recorder.lrs] == lrs[start:], start
-        assert scheduler.switch_step == switch and scheduler.peak_lr == reference.peak_lr, start
-        assert torch.equal(scheduler.losses, reference.losses), start
-        assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
-        final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
-        assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start
+        assert_resumes_exactly(entry_point, strategy, tmp_path, start, reference, recorder)
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
@@ -148,19 +156,9 @@ def test_a_checkpoint_resumes_bit_exactly_with_the_other_entry_point(written_by,
     full = make_trainer(written_by, tmp_path / "full", "steps", [recorder, kept])
     full.train()
     reference = scheduler_of(full)
-    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
     starts = [max(s for s in kept.steps if s < reference.switch_step), min(s for s in kept.steps if s > 35)]
     for start in starts:
-        resumed_recorder = StepRecorder()
-        resumed = make_trainer(resumed_by, tmp_path / f"resumed{start}", "steps", [resumed_recorder], save=False)
-        resumed.train(resume_from_checkpoint=str(tmp_path / "kept" / f"checkpoint-{start}"))
-        scheduler = scheduler_of(resumed)
-        assert [group_lrs[0] for group_lrs in resumed_recorder.lrs] == lrs[start:], start
-        assert scheduler.switch_step == reference.switch_step and scheduler.peak_lr == reference.peak_lr, start
-        assert torch.equal(scheduler.losses, reference.losses), start
-        assert scheduler.rewinder.rewound_to == reference.rewinder.rewound_to, start
-        final, reference_final = resumed_recorder.states[-1], recorder.states[-1]
-        assert all(torch.equal(final[key], value) for key, value in reference_final.items()), start
+        assert_resumes_exactly(resumed_by, "steps", tmp_path, start, reference, recorder)
 
 
 def test_autowutrainer_logs_options_that_differ_from_the_checkpoints(tmp_path, caplog):
