@@ -389,6 +389,11 @@ class AutoWUConfig:
         """The options as a plain dict (JSON- and `weights_only`-safe)."""
         return dataclasses.asdict(self)
 
+    def differing_options(self, other: AutoWUConfig) -> list[str]:
+        """The names of the options whose values differ from `other`'s, sorted."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name, value in mine.items() if value != theirs[name])
+
     def _check_positive_finite(self, name: str) -> None:
         value = getattr(self, name)
         if not (_is_real(value) and 0.0 < value < math.inf):
@@ -425,7 +430,7 @@ def resolve_config(
         `ValueError`: when `config` is neither, naming `argument`, or for a name that is not an option.
     """
     known = {option.name for option in dataclasses.fields(AutoWUConfig)}
-    given = {**config} if isinstance(config, dict) else {}
+    given = config if isinstance(config, dict) else {}
     for name in [*given, *options]:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
@@ -448,4 +453,4 @@ def is_number(value: Any) -> bool:
 def _is_real(value: Any) -> bool:
     """An option's number: a plain int or float (numpy's scalars are converted at construction; anything else would
     not load with `weights_only`), not NaN."""
-    return isinstance(value, (int, float)) and is_number(value) and not math.isnan(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)

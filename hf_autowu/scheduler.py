@@ -125,14 +125,20 @@ class AutoWU:
         top = max(configured)
         self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
 
+        self._listeners: list[Any] = []
+        self._model = model
+        self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
+        self._start()
+
+    def _start(self) -> None:
+        """Set the state of a run that has not stepped yet, for `self.total_steps` steps under `self.config`; builds
+        this scheduler's own rewinder when the options ask for one, and sets the first step's LR."""
+        config = self.config
         self.warmup_steps = config.warmup_length(self.total_steps)
         self.cooldown_start = config.cooldown_start(self.total_steps)
         self._tester = _make_tester(config)
         self._watch = LossSpikeWatch() if config.effective_spike_watch else None
-        self._listeners: list[Any] = []
         self._listener_states: dict[str, Any] = {}  # saved states of listeners not attached (yet)
-        self._model = model
-        self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
 
         self.last_step = 0
         self.phase = "warmup"
@@ -157,7 +163,7 @@ class AutoWU:
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if config.effective_rewind and self.warmup_steps > 0:
-            self._own_rewinder = WarmupRewinder(model, optimizer, self)
+            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self)
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
         self._apply_lr()
@@ -293,6 +299,26 @@ class AutoWU:
         """`lr_at(step)` for every step of the budget (the largest group's LR)."""
         return [self.lr_at(step) for step in range(self.total_steps)]
 
+    def restart(self, total_steps: int) -> None:
+        """Warm up again from the start, over `total_steps` steps: the state a new `AutoWU` on this optimizer, with
+        these options, model and group ratios, would have. Listeners attached from outside stay attached and keep
+        their own state; the scheduler's own rewinder is built anew. The Trainer integration calls this when it
+        resumes a checkpoint written without AutoWU.
+
+        Args:
+            total_steps (`int`): The new budget, in optimizer steps.
+
+        Raises:
+            `ValueError`: when `total_steps` is not an int >= 1.
+        """
+        if total_steps is None:
+            raise ValueError("`total_steps` must be an int >= 1, got None.")
+        self.total_steps = _check_optional_positive_int("total_steps", total_steps)
+        if self._own_rewinder is not None:
+            self.remove_listener(self._own_rewinder)
+            self._own_rewinder = None
+        self._start()
+
     def add_listener(self, listener: Any) -> None:
         """Attach a listener: any object with `on_step(scheduler)` (after every step's decisions) and/or
         `on_switch(scheduler)` (once, when warmup ends, after `peak_lr` and `switch_step` are set).
@@ -386,11 +412,9 @@ class AutoWU:
             )
         budget = self.total_steps
         saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
-        config_changed = saved_config != self.config
-        if config_changed:
-            warnings.warn(
-                "AutoWU: loading a state saved with other options; the saved options are used.", stacklevel=2
-            )
+        changed = saved_config.differing_options(self.config)
+        if changed:
+            self._report_other_options(changed)
             self.config = saved_config
         self.total_steps = int(state_dict["total_steps"])
         self.steps_per_epoch = state_dict["steps_per_epoch"]
@@ -428,11 +452,19 @@ class AutoWU:
             key = getattr(listener, "state_key", None)
             if key is not None and key in self._listener_states:
                 listener.load_state_dict(self._listener_states.pop(key))
-        if config_changed:
+        if changed:
             self._follow_config_rewind()
         if budget != self.total_steps:
             self._replan_budget(budget)
         self._apply_lr()
+
+    def _report_other_options(self, names: list[str]) -> None:
+        """Say that the state being loaded was saved with other options (`names`), and that the saved ones are used:
+        a `UserWarning`. The Trainer's scheduler logs it instead (the Trainer drops warnings while it loads one)."""
+        warnings.warn(
+            f"AutoWU: loading a state saved with other options ({', '.join(names)}); the saved options are used.",
+            stacklevel=3,
+        )
 
     def _replan_budget(self, total_steps: int) -> None:
         """Plan a loaded schedule for the budget this scheduler was built with (a run resumed with another

@@ -28,7 +28,7 @@ from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder
-from .scheduler import TRAINER_STATE_KEY, AutoWU, _config_fields, autowu_state_of, set_group_lr
+from .scheduler import TRAINER_STATE_KEY, AutoWU, autowu_state_of, set_group_lr
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +99,20 @@ class _TrainerAutoWU(AutoWU):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """`AutoWU.load_state_dict`, for a checkpoint written by either entry point. Options that differ from this
-        trainer's are logged, since the Trainer drops warnings while it loads a scheduler; another scheduler's state
-        (a checkpoint written without AutoWU) means warming up again (`warm_up_again`, once the Trainer's step count
-        is known)."""
+        """`AutoWU.load_state_dict`, for a checkpoint written by either entry point; another scheduler's state (a
+        checkpoint written without AutoWU) means warming up again (`warm_up_again`, once the Trainer's step count is
+        known)."""
         state = autowu_state_of(state_dict)
         if isinstance(state, dict) and "config" not in state and "last_epoch" in state:
             self._warm_up_again = True
             return
-        if isinstance(state, dict) and isinstance(state.get("config"), dict):
-            saved, ours = AutoWUConfig(**_config_fields(state["config"])).to_dict(), self.config.to_dict()
-            changed = sorted(name for name, value in saved.items() if value != ours[name])
-            if changed:
-                logger.warning(
-                    f"AutoWU: the checkpoint was written with other options ({', '.join(changed)}); the saved ones "
-                    "are used."
-                )
         super().load_state_dict(state)
+
+    def _report_other_options(self, names: list[str]) -> None:
+        """Logged, not warned: the Trainer drops warnings while it loads a scheduler."""
+        logger.warning(
+            f"AutoWU: the checkpoint was written with other options ({', '.join(names)}); the saved ones are used."
+        )
 
     def warm_up_again(self, steps_done: int) -> None:
         """After a checkpoint written without AutoWU was loaded: warm up again over the budget's remaining steps, as
@@ -125,12 +122,7 @@ class _TrainerAutoWU(AutoWU):
         self._warm_up_again = False
         remaining = max(self.total_steps - steps_done, 1)
         _log_warming_up_again(remaining)
-        kept = [listener for listener in self._listeners if listener is not self._own_rewinder]
-        AutoWU.__init__(
-            self, self.optimizer, self.steps_per_epoch, total_steps=remaining, config=self.config, model=self._model
-        )
-        for listener in kept:  # attached by others (user callbacks run on_train_begin before this one)
-            self.add_listener(listener)
+        self.restart(remaining)  # listeners that user callbacks attached in on_train_begin stay
 
     def complete_step(self) -> None:
         """Step AutoWU with the step's loss, if an update was noted since the last call."""

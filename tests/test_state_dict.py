@@ -148,7 +148,7 @@ def test_a_state_saved_before_the_resolution_rules_existed_resumes_as_it_would_h
     for name in old_options:
         del state["config"][name]
     resumed = scheduler()
-    with pytest.warns(UserWarning, match="saved with other options"):
+    with pytest.warns(UserWarning, match=r"saved with other options \(max_descent_left, min_past_lengthscales\)"):
         resumed.load_state_dict(state)
     assert {name: getattr(resumed.config, name) for name in old_options} == old_options
     train(resumed, 40, TOTAL, lrs)
@@ -190,3 +190,31 @@ def test_a_state_loaded_into_a_scheduler_with_another_budget_is_re_planned_until
         resumed.load_state_dict(roundtrip(scheduler.state_dict()))
     assert "the saved plan is kept" in caplog.text
     assert run(resumed, 260, TOTAL, []) == lrs[260:TOTAL]
+
+
+def test_restart_warms_up_again_like_a_new_scheduler_and_keeps_outside_listeners(uninterrupted):
+    """`restart(total_steps)` mid-run (here in decay): every LR from then on equals a new scheduler's with that budget
+    on the same losses; a listener attached from outside hears every step, before and after."""
+    preset, reference, _ = uninterrupted
+    fresh = AutoWU(make_optimizer((0.5, 0.05)), 10, total_steps=200, preset=preset, decay_phase_factor=0.9)
+    expected = run(fresh, 0, 200, [])
+
+    class Counter:
+        steps = 0
+
+        def on_step(self, scheduler):
+            self.steps += 1
+
+    counter = Counter()
+    scheduler = new_scheduler(preset)
+    scheduler.add_listener(counter)
+    run(scheduler, 0, reference.switch_step + 15, [])
+    assert scheduler.phase != "warmup"
+    scheduler.restart(200)
+    assert scheduler.last_step == 0 and scheduler.phase == "warmup" and scheduler.tests == []
+    assert (scheduler.rewinder is None) == (preset == "paper")
+    assert run(scheduler, 0, 200, []) == expected
+    assert scheduler.switch_step == fresh.switch_step and scheduler.peak_lr == fresh.peak_lr
+    assert counter.steps == reference.switch_step + 15 + 200
+    with pytest.raises(ValueError, match="total_steps"):
+        scheduler.restart(0)
