@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
 REWIND_FILE = "autowu_rewind_rank{rank}.pt"
 """Each process's rewind state in a checkpoint folder (snapshots only where that process holds them)."""
+SAVED_AT_KEY = "trainer_scheduler_step"
+"""In the AutoWU state of a Trainer checkpoint: the `last_epoch` of the Trainer scheduler state it was written into.
+A checkpoint whose scheduler state has moved on from it was written by a run without AutoWU that had resumed an
+AutoWU checkpoint (a `LambdaLR` keeps and re-saves the AutoWU state it loaded): that state is stale."""
 SAVE_FIGURE = True
 """Whether the main process writes `autowu.png` (needs matplotlib) to the output folder at the switch and at the end
 of training; set `hf_autowu.trainer.SAVE_FIGURE = False` to skip it (drawing takes about a second)."""
@@ -78,7 +82,7 @@ class _TrainerAutoWU(AutoWU):
     def __init__(self, optimizer: torch.optim.Optimizer, *args: Any, step_loss: _StepLoss, **kwargs: Any):
         self._step_loss = step_loss
         self._update_noted = False
-        self._warm_up_again = False
+        self._warm_up_again: str | None = None  # why, after loading a checkpoint that AutoWU must warm up again on
         super().__init__(optimizer, *args, **kwargs)
 
     def step(self, loss: torch.Tensor | float | None = None, metric: Any = None) -> None:
@@ -95,7 +99,7 @@ class _TrainerAutoWU(AutoWU):
             "lr_lambdas": [None] * len(self.optimizer.param_groups),
             "last_epoch": self.last_step,
             "_step_count": self.last_step + 1,
-            TRAINER_STATE_KEY: super().state_dict(),
+            TRAINER_STATE_KEY: {**super().state_dict(), SAVED_AT_KEY: self.last_step},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -104,7 +108,10 @@ class _TrainerAutoWU(AutoWU):
         known)."""
         state = autowu_state_of(state_dict)
         if isinstance(state, dict) and "config" not in state and "last_epoch" in state:
-            self._warm_up_again = True
+            self._warm_up_again = NO_STATE
+            return
+        if state is not state_dict and _is_stale(state, state_dict.get("last_epoch")):
+            self._warm_up_again = STALE_STATE
             return
         super().load_state_dict(state)
 
@@ -117,11 +124,11 @@ class _TrainerAutoWU(AutoWU):
     def warm_up_again(self, steps_done: int) -> None:
         """After a checkpoint written without AutoWU was loaded: warm up again over the budget's remaining steps, as
         `AutoWUCallback` does (nothing otherwise)."""
-        if not self._warm_up_again:
+        if self._warm_up_again is None:
             return
-        self._warm_up_again = False
         remaining = max(self.total_steps - steps_done, 1)
-        _log_warming_up_again(remaining)
+        _log_warming_up_again(self._warm_up_again, remaining)
+        self._warm_up_again = None
         self.restart(remaining)  # listeners that user callbacks attached in on_train_begin stay
 
     def complete_step(self) -> None:
@@ -300,6 +307,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         if isinstance(trainer, AutoWUTrainerMixin):
             raise ValueError(f"{type(trainer).__name__} already runs AutoWU: remove the AutoWUCallback.")
         _refuse_unsupported(trainer, self.entry_point)
+        _warn_ignored_schedule_settings(args, self.entry_point)
         trainer_scheduler = _unwrap_scheduler(trainer.lr_scheduler)
         if isinstance(trainer_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise ValueError(
@@ -313,9 +321,10 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
             )
         saved = trainer_scheduler.__dict__.pop(TRAINER_STATE_KEY, None) if state.global_step > 0 else None
         total_steps = state.max_steps
-        if state.global_step > 0 and saved is None:
+        if state.global_step > 0 and (saved is None or _is_stale(saved, trainer_scheduler.last_epoch)):
             total_steps = max(state.max_steps - state.global_step, 1)
-            _log_warming_up_again(total_steps)
+            _log_warming_up_again(NO_STATE if saved is None else STALE_STATE, total_steps)
+            saved = None
         scheduler = AutoWU(
             trainer.optimizer,
             _steps_per_epoch(train_dataloader, args),
@@ -346,7 +355,10 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     def before_save(self) -> None:
         """Average the untested losses, and put AutoWU's state where the Trainer saves its own scheduler."""
         super().before_save()
-        self._trainer_scheduler.__dict__[TRAINER_STATE_KEY] = self.scheduler.state_dict()
+        self._trainer_scheduler.__dict__[TRAINER_STATE_KEY] = {
+            **self.scheduler.state_dict(),
+            SAVED_AT_KEY: self._trainer_scheduler.last_epoch,
+        }
 
     def after_save(self, output_dir: str) -> None:
         self._trainer_scheduler.__dict__.pop(TRAINER_STATE_KEY, None)
@@ -414,6 +426,7 @@ class AutoWUTrainerMixin:
         if any(isinstance(callback, AutoWUCallback) for callback in self.callback_handler.callbacks):
             raise ValueError(f"{name} already runs AutoWU: remove the AutoWUCallback.")
         _refuse_unsupported(self, name)
+        _warn_ignored_schedule_settings(self.args, name)
         self.add_callback(self._autowu_events)
 
     def get_train_dataloader(self) -> DataLoader:
@@ -478,10 +491,34 @@ class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
     """
 
 
-def _log_warming_up_again(remaining: int) -> None:
-    logger.warning(
-        f"AutoWU: the checkpoint holds no AutoWU state; warming up again over the remaining {remaining} steps."
-    )
+NO_STATE = "the checkpoint holds no AutoWU state"
+STALE_STATE = "the checkpoint's AutoWU state is stale (a run without AutoWU went on from it)"
+
+
+def _log_warming_up_again(reason: str, remaining: int) -> None:
+    logger.warning(f"AutoWU: {reason}; warming up again over the remaining {remaining} steps.")
+
+
+def _is_stale(saved: dict[str, Any], last_epoch: Any) -> bool:
+    """Whether AutoWU's state in a checkpoint was written into a Trainer scheduler state that has moved on since
+    (`SAVED_AT_KEY`); states written before the key existed are taken as they are."""
+    written_at = saved.get(SAVED_AT_KEY)
+    return written_at is not None and last_epoch is not None and written_at != last_epoch
+
+
+def _warn_ignored_schedule_settings(args: TrainingArguments, entry_point: str) -> None:
+    """One warning (main process) naming the Trainer's schedule settings that AutoWU overrides, when any is set."""
+    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    ignored = [f"warmup_steps={args.warmup_steps!r}"] if args.warmup_steps else []
+    if scheduler_type != "linear":
+        ignored.append(f"lr_scheduler_type={scheduler_type!r}")
+    if args.lr_scheduler_kwargs:
+        ignored.append(f"lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}")
+    if ignored and args.process_index == 0:
+        logger.warning(
+            f"{entry_point} sets the LR of every step: the Trainer's {', '.join(ignored)} "
+            f"{'is' if len(ignored) == 1 else 'are'} ignored."
+        )
 
 
 def _save_figure(scheduler: AutoWU, output_dir: str) -> None:

@@ -325,3 +325,46 @@ def test_a_trainer_without_autowu_resumes_an_autowutrainer_checkpoint_on_its_own
     plain.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
     expected = [args.learning_rate * (12 - step) / 12 for step in range(5, 12)]
     assert [group_lrs[0] for group_lrs in recorder.lrs[1:]] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_a_stale_autowu_state_kept_by_a_trainer_without_autowu_warms_up_again(entry_point, tmp_path, caplog):
+    """AutoWU to step 4, a plain Trainer on from there to step 8 (its `LambdaLR` keeps the AutoWU state it loaded
+    and saves it again), then AutoWU again from step 8: that state is 4 steps old, so AutoWU warms up again over the
+    remaining 4 steps from `min_lr`, as on any checkpoint written without it, instead of going on from step 4."""
+    args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    make_trainer(entry_point, args).train()
+    args = training_args(str(tmp_path / "plain"), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    torch.manual_seed(0)
+    plain = Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data())
+    plain.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert "autowu_state" in torch.load(tmp_path / "plain" / "checkpoint-8" / "scheduler.pt", weights_only=True)
+
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path / "again"), max_steps=12, logging_steps=100)
+    trainer = make_trainer(entry_point, args, callbacks=[recorder])
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-8"))
+    assert "AutoWU state is stale" in caplog.text and "remaining 4 steps" in caplog.text
+    scheduler = scheduler_of(trainer)
+    assert scheduler.total_steps == scheduler.last_step == 4
+    assert len(recorder.lrs) == 4 and recorder.lrs[0][0] == AUTOWU_OPTIONS["min_lr"]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_the_trainers_schedule_settings_that_autowu_overrides_are_named_in_a_warning(entry_point, tmp_path, caplog):
+    """`warmup_steps`, `lr_scheduler_type` and `lr_scheduler_kwargs` do nothing under AutoWU: say so, once; the
+    defaults say nothing."""
+    for settings, expected in (
+        ({"warmup_steps": 3, "lr_scheduler_type": "cosine"}, "warmup_steps=3, lr_scheduler_type='cosine' are ignored"),
+        ({}, None),
+    ):
+        caplog.clear()
+        args = training_args(str(tmp_path), max_steps=2, logging_steps=100, **settings)
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            make_trainer(entry_point, args).train()
+        messages = [r.getMessage() for r in caplog.records if "sets the LR of every step" in r.getMessage()]
+        if expected is None:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and expected in messages[0], messages
