@@ -1,16 +1,28 @@
-"""Probe (not a method): Adam's preconditioned sharpness along AutoWU's ramp and at the switch.
+"""Probes (not methods): Adam's preconditioned sharpness along AutoWU's ramp and at the switch, or the noise-aware
+greedy LR at the switch.
 
 Runs the default AutoWU run of a hand-loop classification task (`vit_digits` or `digits_cnn`) as
 `tasks.run_classifier_loop` does, and measures, every 8 ramp steps and once at the switch (after any rewind), the
-largest eigenvalue of `D^-1/2 H D^-1/2` on 256 fixed training samples: `H` the loss Hessian, `D` Adam's bias-corrected
-`sqrt(v) + eps`. For Adam with `beta1` 0.9 a state is stable at LR `eta` while `eta * lambda < 38` (the "adaptive
-edge of stability", Cohen et al. 2022), so `38 / lambda` at the switch is a curvature-based estimate of the largest
-sustainable LR, to set beside the LR AutoWU chose and the oracle's best.
+largest eigenvalue of `D^-1/2 H D^-1/2` (Lanczos) on 256 fixed training samples: `H` the loss Hessian, `D` Adam's
+bias-corrected `sqrt(v) + eps`. For Adam with `beta1` 0.9 a state is stable at LR `eta` while `eta * lambda < 38`
+(the "adaptive edge of stability", Cohen et al. 2022), so `38 / lambda` at the switch is a curvature-based estimate
+of the largest sustainable LR, to set beside the LR AutoWU chose and the oracle's best.
 
-The measurement adds forward and backward passes in eval mode; runs are not bit for bit those of `quality.py` for
-every seed.
+With `--measure greedy`, the state at the switch is measured once (the run up to it is `quality.py`'s): along
+Adam's update direction `u = P g` (`P` Adam's `1 / (sqrt(v) + eps)`, `g` the gradient of one training batch of the
+task's size), the expected loss on the fixed samples after a step `eta * u` is, to second order,
+`L - eta E[G.u] + eta^2 / 2 E[u.H u]`, which is lowest at `eta* = E[G.u] / E[u.H u]`; the expectations are taken
+over 16 batches, so the gradient's noise at the training batch size is in `E[u.H u]`. `eta*` is the one-step
+optimal LR (known to be shorter than the best LR for a whole run, "short-horizon bias"); the question is whether it
+is short by a factor that stays the same across seeds. Beside it: `eta*` without the noise (`u = P G`) and the
+noise's share of `E[u.H u]`.
 
-Usage: `python benchmarks/sharpness_probe.py vit_digits 0,1,2,3,4` (about 1 minute per seed on 2 cores).
+Runs use one intra-op thread, as `quality.py` does by default (with more, the digits CNN's convolutions round
+differently and some seeds switch elsewhere). The sharpness measurement adds forward and backward passes in eval
+mode during the ramp.
+
+Usage: `python benchmarks/sharpness_probe.py vit_digits 0,1,2,3,4` (about 1 minute per seed on 2 cores);
+`--measure greedy` writes `results/greedy_lr_probe.json`.
 """
 
 from __future__ import annotations
@@ -19,55 +31,96 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import tasks as t
 import torch
 import torch.nn.functional as F
+from scipy.sparse.linalg import LinearOperator, eigsh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MODELS = {"vit_digits": (t.timm_vit_model, lambda: t.digits_at(16)), "digits_cnn": (t.DigitsCNN, t.digits_splits)}
 ADAM_EOS = 38.0  # 2 (1 + beta1) / (1 - beta1) at beta1 = 0.9
 
 
-def preconditioned_sharpness(model, optimizer, x, y, iters: int = 20) -> float:
-    """The largest (algebraic) eigenvalue of Adam's preconditioned Hessian at the model's current weights."""
+def adam_denominators(model, optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The model's trained parameters, and Adam's bias-corrected `sqrt(v) + eps` for each."""
     params = [p for p in model.parameters() if p.requires_grad]
     _, beta2 = optimizer.param_groups[0]["betas"]
     eps = optimizer.param_groups[0]["eps"]
-    scales = []
+    denominators = []
     for p in params:
         state = optimizer.state[p]
-        scales.append(((state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps).rsqrt())
+        denominators.append((state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps)
+    return params, denominators
+
+
+def preconditioned_sharpness(model, optimizer, x, y, tol: float = 1e-3) -> float:
+    """The largest (algebraic) eigenvalue of Adam's preconditioned Hessian at the model's current weights, by Lanczos
+    iteration on Hessian-vector products (scipy's `eigsh`; plain power iteration, which converges to the eigenvalue
+    largest in magnitude, is unreliable here, where large negative eigenvalues are common)."""
+    params, denominators = adam_denominators(model, optimizer)
+    scales = [d.rsqrt() for d in denominators]
     was_training = model.training
     model.eval()
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no double backward
         loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
+    sizes = [p.numel() for p in params]
 
-    def apply(vector, shift):
-        hv = torch.autograd.grad(
-            grads, params, grad_outputs=[s * v for s, v in zip(scales, vector, strict=True)], retain_graph=True
-        )
-        return [s * h - shift * v for s, h, v in zip(scales, hv, vector, strict=True)]
+    def apply(flat):
+        pieces = torch.from_numpy(np.asarray(flat, dtype=np.float32).reshape(-1)).split(sizes)
+        vector = [s * v.view(p.shape) for s, v, p in zip(scales, pieces, params, strict=True)]
+        hv = torch.autograd.grad(grads, params, grad_outputs=vector, retain_graph=True)
+        return torch.cat([(s * h).reshape(-1) for s, h in zip(scales, hv, strict=True)]).double().numpy()
 
-    def power(shift):
-        generator = torch.Generator().manual_seed(0)
-        vector = [torch.randn(p.shape, generator=generator) for p in params]
-        value = 0.0
-        for _ in range(iters):
-            norm = torch.sqrt(sum((v * v).sum() for v in vector))
-            vector = [v / norm for v in vector]
-            image = apply(vector, shift)
-            value = float(sum((a * b).sum() for a, b in zip(vector, image, strict=True)))
-            vector = image
-        return value
-
-    dominant = power(0.0)
-    top = dominant if dominant > 0 else power(dominant) + dominant  # most negative first: shift past it
+    n = sum(sizes)
+    start = np.random.default_rng(0).standard_normal(n)
+    top = eigsh(LinearOperator((n, n), matvec=apply, dtype=np.float64), k=1, which="LA", v0=start, tol=tol)[0][0]
     model.train(was_training)
-    return top
+    return float(top)
 
 
-def probe(task_name: str, seed: int) -> dict:
+GREEDY_GRID = [1e-5 * 2 ** (k / 2) for k in range(27)]  # 1e-5 to 8.2e-2, 2^0.5 apart
+
+
+@torch.no_grad()
+def greedy_lr(model, optimizer, x, y, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """The noise-aware one-step best LR along Adam's preconditioned direction (module docstring), and the same
+    without the gradient's noise."""
+    params, denominators = adam_denominators(model, optimizer)
+    scales = [1.0 / d for d in denominators]
+    was_training = model.training
+    model.eval()
+
+    def direction(bx, by):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(F.cross_entropy(model(bx), by), params)
+        return [s * g for s, g in zip(scales, grads, strict=True)]
+
+    def loss_after(step, lr):
+        for p, u in zip(params, step, strict=True):
+            p.sub_(lr * u)
+        loss = float(F.cross_entropy(model(x), y))
+        for p, u in zip(params, step, strict=True):
+            p.add_(lr * u)
+        return loss
+
+    start = float(F.cross_entropy(model(x), y))
+    clean = direction(x, y)
+    noisy = [direction(bx, by) for bx, by in batches]
+    clean_curve = [loss_after(clean, lr) for lr in GREEDY_GRID]
+    noisy_curve = [sum(loss_after(u, lr) for u in noisy) / len(noisy) for lr in GREEDY_GRID]
+    model.train(was_training)
+    return {
+        "start_loss": start,
+        "greedy_lr": GREEDY_GRID[min(range(len(GREEDY_GRID)), key=noisy_curve.__getitem__)],
+        "greedy_lr_noiseless": GREEDY_GRID[min(range(len(GREEDY_GRID)), key=clean_curve.__getitem__)],
+        "noisy_curve": noisy_curve,
+        "clean_curve": clean_curve,
+    }
+
+
+def probe(task_name: str, seed: int, measure: str = "sharpness") -> dict:
     task = t.TASKS[task_name]
     make_model, make_splits = MODELS[task_name]
     x_train, y_train = make_splits()["train"]
@@ -81,15 +134,23 @@ def probe(task_name: str, seed: int) -> dict:
     inner = getattr(optimizer, "optimizer", optimizer)
     record: dict = {"ramp": [], "switch": None}
 
+    draw = torch.Generator().manual_seed(7)
+    noise_batches = [
+        (x_train[i], y_train[i])
+        for i in (torch.randperm(len(x_train), generator=draw)[: task.batch_size] for _ in range(16))
+    ]
+
     def at_switch(s):
         rewound = s.rewinder.rewound_to if s.rewinder is not None else None
-        sharpness = preconditioned_sharpness(model, inner, x_fixed, y_fixed)
         record["switch"] = {
             "step": s.switch_step,
             "peak_lr": s.peak_lr,
             "rewound_lr": rewound["lr"] if rewound else None,
-            "sharpness": sharpness,
         }
+        if measure == "sharpness":
+            record["switch"]["sharpness"] = preconditioned_sharpness(model, inner, x_fixed, y_fixed)
+        else:
+            record["switch"].update(greedy_lr(model, inner, x_fixed, y_fixed, noise_batches))
 
     scheduler.add_switch_listener(at_switch)
     batches = t._endless(loader)
@@ -102,7 +163,7 @@ def probe(task_name: str, seed: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step(loss.detach())
-        if scheduler.phase == "warmup" and step % 8 == 7:
+        if measure == "sharpness" and scheduler.phase == "warmup" and step % 8 == 7:
             record["ramp"].append([step, lr, preconditioned_sharpness(model, inner, x_fixed, y_fixed)])
         if record["switch"] is not None:
             break
@@ -113,12 +174,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=sorted(MODELS))
     parser.add_argument("seeds", help="comma-separated, e.g. 0,1,2,3,4")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sharpness_probe.json"))
+    parser.add_argument("--measure", choices=("sharpness", "greedy"), default="sharpness")
+    parser.add_argument("--out", help="default: results/sharpness_probe.json or results/greedy_lr_probe.json")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as quality.py runs: the runs up to the switch are its runs
+    name = "sharpness_probe.json" if args.measure == "sharpness" else "greedy_lr_probe.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     results = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        record = results[seed] = probe(args.task, seed)
+        record = results[seed] = probe(args.task, seed, args.measure)
         switch = record["switch"]
+        if args.measure == "greedy":
+            print(
+                f"{args.task} seed {seed}: switch at step {switch['step']}, LR chosen {switch['peak_lr']:.3g} "
+                f"(rewound to {switch['rewound_lr']}), greedy LR {switch['greedy_lr']:.3g}, without noise "
+                f"{switch['greedy_lr_noiseless']:.3g}, loss at the switch {switch['start_loss']:.3f}",
+                flush=True,
+            )
+            continue
         print(
             f"{args.task} seed {seed}: switch at step {switch['step']}, LR chosen {switch['peak_lr']:.3g}, "
             f"sharpness {switch['sharpness']:.3g}, LR x sharpness {switch['peak_lr'] * switch['sharpness']:.1f}, "
@@ -126,7 +199,8 @@ def main() -> None:
             f"{max(lr * s for _, lr, s in record['ramp']):.1f}",
             flush=True,
         )
-    Path(args.out).write_text(json.dumps({args.task: results}, indent=1))
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**existing, args.task: results}, indent=1))
 
 
 if __name__ == "__main__":
