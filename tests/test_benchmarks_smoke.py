@@ -292,6 +292,41 @@ def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert "<!-- gpu_checks:begin -->" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_sharpness_probe_finds_the_top_eigenvalue_of_the_preconditioned_hessian(bench) -> None:
+    """The probe's Lanczos estimate against the dense Hessian of a tiny MLP (an indefinite Hessian: the largest
+    eigenvalue algebraically, not in magnitude), preconditioned by Adam's denominators; and its one-step line search
+    never ends above the loss it starts from."""
+    probe = bench("sharpness_probe")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    params, denominators = probe.adam_denominators(model, optimizer)
+    names = [name for name, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).double()
+
+    def loss_of(vector):
+        pieces = vector.split([p.numel() for p in params])
+        pieces = {name: v.view(p.shape) for name, v, p in zip(names, pieces, params, strict=True)}
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, pieces, (x.double(),)), y)
+
+    hessian = torch.autograd.functional.hessian(loss_of, flat)
+    scale = torch.cat([d.reshape(-1) for d in denominators]).double().rsqrt()
+    spectrum = torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])
+    assert spectrum.min() < 0 < spectrum.max()
+    sharpness = probe.preconditioned_sharpness(model, optimizer, x, y, tol=1e-8)
+    assert sharpness == pytest.approx(spectrum.max().item(), rel=1e-3)
+
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    greedy = probe.greedy_lr(model, optimizer, x, y, batches)
+    assert greedy["greedy_lr"] in probe.GREEDY_GRID and greedy["greedy_lr_noiseless"] in probe.GREEDY_GRID
+    assert min(greedy["clean_curve"]) <= greedy["start_loss"] and min(greedy["noisy_curve"]) <= greedy["start_loss"]
+
+
 def test_post_switch_backs_off_where_the_loss_rises_after_the_switch(bench) -> None:
     """The back-off rule of `post_switch.py`: a rising post-switch loss halves the LR (scored on the curve at half the
     LR), a falling one leaves it; the slope statistic's sign and scale follow a line with known noise."""
