@@ -113,8 +113,8 @@ def greedy_lr(model, optimizer, x, y, batches: list[tuple[torch.Tensor, torch.Te
     model.train(was_training)
     return {
         "start_loss": start,
-        "greedy_lr": GREEDY_GRID[min(range(len(GREEDY_GRID)), key=noisy_curve.__getitem__)],
-        "greedy_lr_noiseless": GREEDY_GRID[min(range(len(GREEDY_GRID)), key=clean_curve.__getitem__)],
+        "greedy_lr": GREEDY_GRID[int(np.argmin(noisy_curve))],
+        "greedy_lr_noiseless": GREEDY_GRID[int(np.argmin(clean_curve))],
         "noisy_curve": noisy_curve,
         "clean_curve": clean_curve,
     }
