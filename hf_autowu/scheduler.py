@@ -311,9 +311,7 @@ class AutoWU:
         Raises:
             `ValueError`: when `total_steps` is not an int >= 1.
         """
-        if total_steps is None:
-            raise ValueError("`total_steps` must be an int >= 1, got None.")
-        self.total_steps = _check_optional_positive_int("total_steps", total_steps)
+        self.total_steps = _check_positive_int("total_steps", total_steps)
         if self._own_rewinder is not None:
             self.remove_listener(self._own_rewinder)
             self._own_rewinder = None
@@ -720,7 +718,7 @@ class AutoWU:
             if not (is_number(total_epochs) and 0 < total_epochs < math.inf):
                 raise ValueError(f"`total_epochs` must be a finite number > 0, got {total_epochs!r}.")
             total_steps = math.ceil(self.steps_per_epoch * float(total_epochs))
-        return _check_optional_positive_int("total_steps", total_steps)
+        return _check_positive_int("total_steps", total_steps)
 
 
 def _make_tester(config: AutoWUConfig) -> SwitchTester:
@@ -760,12 +758,14 @@ def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in _DECIDED_BEFORE_SAVED.items() if k not in saved}, **kept}
 
 
-def _check_optional_positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
+def _check_positive_int(name: str, value: Any) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
     return int(value)
+
+
+def _check_optional_positive_int(name: str, value: Any) -> int | None:
+    return None if value is None else _check_positive_int(name, value)
 
 
 def _configured_lr(index: int, group: dict[str, Any]) -> float:

@@ -83,6 +83,7 @@ class _TrainerAutoWU(AutoWU):
         self._step_loss = step_loss
         self._update_noted = False
         self._warm_up_again: str | None = None  # why, after loading a checkpoint that AutoWU must warm up again on
+        self._steps_before = 0  # the Trainer's optimizer steps before AutoWU (re)started: its step is this + last_step
         super().__init__(optimizer, *args, **kwargs)
 
     def step(self, loss: torch.Tensor | float | None = None, metric: Any = None) -> None:
@@ -94,12 +95,14 @@ class _TrainerAutoWU(AutoWU):
     def state_dict(self) -> dict[str, Any]:
         """`AutoWU.state_dict()` under `TRAINER_STATE_KEY`, beside what the `LambdaLR` of a plain Trainer needs to
         load it (its `lr_lambdas`, and the step count): `AutoWUCallback` resumes a checkpoint written by
-        `AutoWUTrainer`, and a Trainer without AutoWU goes on from the right step of its own schedule."""
+        `AutoWUTrainer`, and a Trainer without AutoWU goes on from the right step of its own schedule (the Trainer's
+        step, which after a warm-up again is ahead of AutoWU's own)."""
+        trainer_step = self._steps_before + self.last_step
         return {
             "lr_lambdas": [None] * len(self.optimizer.param_groups),
-            "last_epoch": self.last_step,
-            "_step_count": self.last_step + 1,
-            TRAINER_STATE_KEY: {**super().state_dict(), SAVED_AT_KEY: self.last_step},
+            "last_epoch": trainer_step,
+            "_step_count": trainer_step + 1,
+            TRAINER_STATE_KEY: {**super().state_dict(), SAVED_AT_KEY: trainer_step},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -113,7 +116,10 @@ class _TrainerAutoWU(AutoWU):
         if state is not state_dict and _is_stale(state, state_dict.get("last_epoch")):
             self._warm_up_again = STALE_STATE
             return
+        steps_before = _steps_before(state)
+        self.total_steps = max(self.total_steps - steps_before, 1)  # what this run leaves the saved AutoWU run
         super().load_state_dict(state)
+        self._steps_before = steps_before
 
     def _report_other_options(self, names: list[str]) -> None:
         """Logged, not warned: the Trainer drops warnings while it loads a scheduler."""
@@ -129,6 +135,7 @@ class _TrainerAutoWU(AutoWU):
         remaining = max(self.total_steps - steps_done, 1)
         _log_warming_up_again(self._warm_up_again, remaining)
         self._warm_up_again = None
+        self._steps_before = steps_done
         self.restart(remaining)  # listeners that user callbacks attached in on_train_begin stay
 
     def complete_step(self) -> None:
@@ -325,6 +332,8 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
             total_steps = max(state.max_steps - state.global_step, 1)
             _log_warming_up_again(NO_STATE if saved is None else STALE_STATE, total_steps)
             saved = None
+        elif saved is not None:
+            total_steps = max(state.max_steps - _steps_before(saved), 1)
         scheduler = AutoWU(
             trainer.optimizer,
             _steps_per_epoch(train_dataloader, args),
@@ -506,9 +515,24 @@ def _is_stale(saved: dict[str, Any], last_epoch: Any) -> bool:
     return written_at is not None and last_epoch is not None and written_at != last_epoch
 
 
+def _steps_before(saved: Any) -> int:
+    """The Trainer's optimizer steps before the AutoWU run of a saved state began: more than 0 when it warmed up
+    again mid-run (its Trainer step when saved, `SAVED_AT_KEY`, less its own `last_step`); 0 for states written
+    before the key existed."""
+    if not isinstance(saved, dict) or saved.get(SAVED_AT_KEY) is None:
+        return 0
+    return max(int(saved[SAVED_AT_KEY]) - int(saved.get("last_step", 0)), 0)
+
+
+def _option_value(option: Any) -> str:
+    """A `TrainingArguments` choice (`lr_scheduler_type`, `optim`) as its string, whether given as the enum or as a
+    string."""
+    return str(getattr(option, "value", option))
+
+
 def _warn_ignored_schedule_settings(args: TrainingArguments, entry_point: str) -> None:
     """One warning (main process) naming the Trainer's schedule settings that AutoWU overrides, when any is set."""
-    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    scheduler_type = _option_value(args.lr_scheduler_type)
     ignored = [f"warmup_steps={args.warmup_steps!r}"] if args.warmup_steps else []
     if scheduler_type != "linear":
         ignored.append(f"lr_scheduler_type={scheduler_type!r}")
@@ -553,13 +577,13 @@ def _load_rewind_state(rewinder: WarmupRewinder, checkpoint: str | None) -> None
 def _refuse_unsupported(trainer: Trainer, entry_point: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Raise `ValueError` for the setups in which AutoWU cannot own the learning rate."""
     args = trainer.args
-    scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    scheduler_type = _option_value(args.lr_scheduler_type)
     if scheduler_type in _UNSUPPORTED_SCHEDULER_TYPES:
         raise ValueError(
             f"{entry_point} sets the LR at every step, which lr_scheduler_type={scheduler_type!r} (stepped on "
             "evaluation metrics) would fight. Leave lr_scheduler_type at its default: AutoWU replaces it."
         )
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = _option_value(args.optim)
     if "layerwise" in optim or optim in ("lomo", "adalomo"):
         raise ValueError(
             f"{entry_point} cannot drive optim={optim!r}: it updates the weights inside the backward pass, before "

@@ -216,5 +216,6 @@ def test_restart_warms_up_again_like_a_new_scheduler_and_keeps_outside_listeners
     assert run(scheduler, 0, 200, []) == expected
     assert scheduler.switch_step == fresh.switch_step and scheduler.peak_lr == fresh.peak_lr
     assert counter.steps == reference.switch_step + 15 + 200
-    with pytest.raises(ValueError, match="total_steps"):
-        scheduler.restart(0)
+    for bad in (0, None, 2.0, True):
+        with pytest.raises(ValueError, match="total_steps"):
+            scheduler.restart(bad)

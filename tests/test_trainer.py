@@ -327,6 +327,39 @@ def test_a_trainer_without_autowu_resumes_an_autowutrainer_checkpoint_on_its_own
     assert [group_lrs[0] for group_lrs in recorder.lrs[1:]] == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("writer", ENTRY_POINTS)
+def test_after_warming_up_again_checkpoints_count_the_trainers_steps(writer, tmp_path, caplog):
+    """AutoWU warms up again from a plain Trainer's step 4 and saves at step 8, four steps into its own warmup.
+    That checkpoint resumes on the Trainer's step 8 in every way: a plain Trainer goes on with its linear schedule
+    from step 8, and both entry points go on with the LRs of the run that wrote it (not stale, no new warmup)."""
+    args = training_args(str(tmp_path), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    torch.manual_seed(0)
+    Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data()).train()
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path / "again"), max_steps=12, save_strategy="steps", save_steps=4, logging_steps=100)
+    make_trainer(writer, args, callbacks=[recorder]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    written = [group_lrs[0] for group_lrs in recorder.lrs]  # steps 4 to 11
+    checkpoint = str(tmp_path / "again" / "checkpoint-8")
+
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path / "plain"), max_steps=12, logging_steps=100)
+    plain = Trainer(model=ToyRegressor(), args=args, train_dataset=regression_data(), callbacks=[recorder])
+    plain.train(resume_from_checkpoint=checkpoint)
+    expected = [args.learning_rate * (12 - step) / 12 for step in range(9, 12)]
+    assert [group_lrs[0] for group_lrs in recorder.lrs[1:]] == pytest.approx(expected, rel=1e-12)
+
+    for entry_point in ENTRY_POINTS:
+        caplog.clear()
+        recorder = StepRecorder()
+        args = training_args(str(tmp_path / entry_point), max_steps=12, logging_steps=100)
+        trainer = make_trainer(entry_point, args, callbacks=[recorder])
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        assert "warming up again" not in caplog.text and "re-planned" not in caplog.text, entry_point
+        assert [group_lrs[0] for group_lrs in recorder.lrs] == written[4:], entry_point
+        assert scheduler_of(trainer).last_step == scheduler_of(trainer).total_steps == 8, entry_point
+
+
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_a_stale_autowu_state_kept_by_a_trainer_without_autowu_warms_up_again(entry_point, tmp_path, caplog):
     """AutoWU to step 4, a plain Trainer on from there to step 8 (its `LambdaLR` keeps the AutoWU state it loaded
