@@ -11,7 +11,7 @@ import platform
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,43 @@ Produced by the scripts in this folder; each script rewrites only its own sectio
 """
 
 
-def machine_info() -> str:
-    """Describe the machine and software stack in one line."""
-    cpu = platform.processor() or platform.machine()
+UNRECORDED_CPU = "AMD EPYC"
+"""The CPU of every run recorded before runs named theirs (up to 2026-11-29): every report of that time names it."""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (recorded with every benchmark run: on another CPU, float rounding differs from the first
+    steps on, so a run is only repeatable bit for bit on the CPU it ran on)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpus_line(runs: Iterable[tuple[str | None, str]]) -> str:
+    """One line: which CPU the recorded runs ran on, given as (CPU, kind of run) pairs, with the kinds run on each (a
+    CPU of None: recorded before runs named theirs, so `UNRECORDED_CPU`)."""
+    kinds_by_cpu: dict[str, dict[str, int]] = {}
+    for cpu, kind in runs:
+        counts = kinds_by_cpu.setdefault(cpu or UNRECORDED_CPU, {})
+        counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{cpu}: {sum(n.values())} runs ({', '.join(sorted(n))})" for cpu, n in kinds_by_cpu.items()]
+    line = "Runs by CPU: " + "; ".join(parts) + "."
+    if len(parts) > 1:
+        line += (
+            " Float rounding differs between CPUs from the first steps on, so the same run repeated on another CPU "
+            "does not come out bit for bit the same."
+        )
+    return line
+
+
+def machine_info() -> str:
+    """Describe the machine and software stack in one line."""
     import transformers
 
     return (
-        f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), transformers {transformers.__version__}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )

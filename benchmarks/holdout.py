@@ -35,7 +35,7 @@ import holdout_tasks  # noqa: E402
 import methods as m  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import locked_json, resolve_output_paths, update_section  # noqa: E402
+from common import cpu_name, cpus_line, locked_json, resolve_output_paths, update_section  # noqa: E402
 from holdout_tasks import TASKS, HoldoutTask  # noqa: E402
 from report import regret  # noqa: E402
 from runner import decision_fingerprint  # noqa: E402
@@ -79,7 +79,7 @@ def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **optio
     model.eval()
     with torch.no_grad():
         val, test = task.score(model)
-    result: dict[str, Any] = {"val": val, "test": test, "lr": peak_lr}
+    result: dict[str, Any] = {"val": val, "test": test, "lr": peak_lr, "machine": cpu_name()}
     if peak_lr is None:
         rewinder = scheduler.rewinder
         result |= {
@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     task_lines: list[str] = []
+    cpus: list[tuple[str | None, str]] = []  # (CPU, kind) of every run the report uses
     summary: dict[str, tuple[str, dict[str, tuple[float, int]]]] = {}
     for name in names:
         task = TASKS[name]
@@ -357,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             {label: setting_outcome(task, autowu[label], oracle) for label in (default_label, "paper preset")},
         )
         task_lines += task_report(name, task, grid_runs, autowu)
+        cpus += [(r.get("machine"), "oracle") for runs in grid_runs.values() for r in runs]
+        cpus += [(r.get("machine"), "ramp") for r in ramps]
+        cpus += [(r.get("machine"), "AutoWU") for runs in autowu.values() for r in runs]
         print(f"{name}: done")
     if args.replay is None:
-        lines += ["Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary), *task_lines]
+        lines += [cpus_line(cpus), "", "Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary)]
+        lines += task_lines
         update_section(args.results_md, "holdout", "\n".join(lines))
         print(f"wrote the holdout section of {args.results_md}")
     return 0

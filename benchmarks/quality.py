@@ -43,7 +43,7 @@ def write_report(results_path: Path, md_path: Path, tasks: list[str]) -> None:
         return
     summary, stale = summarize(runs)
     plot(summary, results_path.parent, tasks)
-    update_section(md_path, "quality", report(summary, stale, commands))
+    update_section(md_path, "quality", report(summary, stale, commands, runs))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

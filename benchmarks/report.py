@@ -12,7 +12,7 @@ from typing import Any
 
 import methods as m
 import numpy as np
-from common import machine_info
+from common import cpus_line, machine_info
 from runner import decision_fingerprint, library_revision, score
 from tasks import TASKS
 
@@ -246,8 +246,13 @@ def mean_regret(per_task: dict[str, tuple[float, float]]) -> tuple[float, float]
     )
 
 
-def report(summary: dict[str, dict[str, dict[str, Any]]], stale: list[dict[str, Any]], commands: list[str]) -> str:
-    """The Markdown section of `quality.py`."""
+def report(
+    summary: dict[str, dict[str, dict[str, Any]]],
+    stale: list[dict[str, Any]],
+    commands: list[str],
+    runs: list[dict[str, Any]] = (),
+) -> str:
+    """The Markdown section of `quality.py` (`runs`: every recorded run, for the CPUs they ran on)."""
     lines = [
         "## Quality per compute (`benchmarks/quality.py`)",
         "",
@@ -258,6 +263,7 @@ def report(summary: dict[str, dict[str, dict[str, Any]]], stale: list[dict[str, 
         f"Machine: {machine_info()}. Wall times depend on what else ran on the machine; they are only roughly "
         "comparable.",
         "",
+        *([cpus_line((run.get("machine"), run["method"]) for run in runs), ""] if runs else []),
         f"AutoWU rows: decision code {decision_fingerprint()} (`runner.decision_fingerprint`), at revision "
         f"{library_revision()} of this report; rows recorded with other decision code are refused.",
         "",

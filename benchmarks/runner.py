@@ -19,7 +19,7 @@ from typing import Any
 
 import methods as m
 import numpy as np
-from common import command_line, locked_json
+from common import command_line, cpu_name, locked_json
 from tasks import TASKS, TaskSpec, smoke_task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -225,6 +225,7 @@ def execute(args: argparse.Namespace, results_path: Path) -> None:
                 "wall_s": round(wall, 2),
                 "revision": library_revision(),
                 "decision_fingerprint": decision_fingerprint(),
+                "machine": cpu_name(),
                 "finished": time.time(),
                 **result.__dict__,
             }

@@ -48,6 +48,19 @@ def test_quality_smoke(bench, tmp_path: Path) -> None:
             assert run["info"]["switch_step"] is not None
     assert "<!-- quality:begin -->" in (tmp_path / "RESULTS.md").read_text()
     assert {"digits_cnn.png", "timm_digits.png", "gpt2_stdlib.png"} <= {p.name for p in tmp_path.glob("*.png")}
+    cpu = bench("common").cpu_name()
+    assert cpu and {run["machine"] for run in runs.values()} == {cpu}
+    assert f"Runs by CPU: {cpu}: {len(runs)} runs (" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_cpus_line_names_each_cpu_and_the_one_before_runs_named_theirs(bench) -> None:
+    """Runs recorded without a CPU ran on `UNRECORDED_CPU`; more than one CPU gets the caveat on bit-for-bit runs."""
+    common = bench("common")
+    one = common.cpus_line([("Intel Xeon", "autowu"), ("Intel Xeon", "oracle"), ("Intel Xeon", "autowu")])
+    assert one == "Runs by CPU: Intel Xeon: 3 runs (autowu, oracle)."
+    mixed = common.cpus_line([("Intel Xeon", "autowu"), (None, "oracle"), (None, "oracle")])
+    assert mixed.startswith(f"Runs by CPU: Intel Xeon: 1 runs (autowu); {common.UNRECORDED_CPU}: 2 runs (oracle). ")
+    assert "not come out bit for bit the same" in mixed
 
 
 def test_quality_ablation_options_reach_autowu_and_are_recorded(bench, tmp_path: Path) -> None:
@@ -178,6 +191,7 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert holdout.main(["--smoke", "--fractions", "0.1", "--out-dir", str(tmp_path)]) == 0
     section = (tmp_path / "RESULTS.md").read_text()
     assert "<!-- holdout:begin -->" in section
+    assert f"Runs by CPU: {bench('common').cpu_name()}: " in section and "(AutoWU, oracle, ramp)" in section
     assert "| defaults (slowed_fraction 0.3) |" in section and "| slowed_fraction 0.1 |" in section
     assert "| always restore (rewind_min_shift 0) |" in section
     assert "| never restore (rewind_min_shift 1e9) |" in section
