@@ -22,7 +22,11 @@ import numpy as np
 from common import command_line, cpu_name, locked_json
 from tasks import TASKS, TaskSpec, smoke_task
 
-REPO = Path(__file__).resolve().parent.parent
+import hf_autowu
+
+REPO = Path(hf_autowu.__file__).resolve().parent.parent
+"""The checkout whose `hf_autowu` the runs import (where pip's editable install points; not always the one these
+scripts are in, e.g. in a second worktree): the fingerprint and revision recorded with each run are of that code."""
 NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_entries.py", "reference.py")
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 

@@ -424,7 +424,10 @@ def test_decision_fingerprint_ignores_prose_and_sees_code(
     current; changing a constant or a string the code compares with does not."""
     import shutil
 
+    import hf_autowu
+
     runner = bench("runner")
+    assert runner.REPO / "hf_autowu" == Path(hf_autowu.__file__).resolve().parent  # the code the runs import
     shutil.copytree(BENCH_DIR.parent / "hf_autowu", tmp_path / "hf_autowu")
     monkeypatch.setattr(runner, "REPO", tmp_path)
 
