@@ -250,7 +250,7 @@ def report(
     summary: dict[str, dict[str, dict[str, Any]]],
     stale: list[dict[str, Any]],
     commands: list[str],
-    runs: list[dict[str, Any]] = (),
+    runs: list[dict[str, Any]],
 ) -> str:
     """The Markdown section of `quality.py` (`runs`: every recorded run, for the CPUs they ran on)."""
     lines = [
@@ -263,7 +263,8 @@ def report(
         f"Machine: {machine_info()}. Wall times depend on what else ran on the machine; they are only roughly "
         "comparable.",
         "",
-        *([cpus_line((run.get("machine"), run["method"]) for run in runs), ""] if runs else []),
+        cpus_line((run.get("machine"), run["method"]) for run in runs),
+        "",
         f"AutoWU rows: decision code {decision_fingerprint()} (`runner.decision_fingerprint`), at revision "
         f"{library_revision()} of this report; rows recorded with other decision code are refused.",
         "",
