@@ -10,11 +10,16 @@ Three layouts:
   master partitions, not the model's weights: after they are restored, the layout's `refresh_model` copies them
   into the weights the model computes with, as DeepSpeed's own step does.
 - `UNSUPPORTED`: state that lives where a copy of `param_groups` and `state` cannot reach (DeepSpeed with NVMe
-  offload, or an optimizer that is not DeepSpeed's while DeepSpeed runs the model); `reason` says which.
+  offload, or an optimizer that DeepSpeed neither wraps nor steps while it runs the model); `reason` says which.
+
+An optimizer built before `deepspeed.initialize` (or `accelerator.prepare` with DeepSpeed) is the one DeepSpeed's
+wrapper steps, with its parameters replaced by DeepSpeed's master partitions; its layout is that wrapper's, found
+among the objects that refer to the optimizer.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +65,24 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
     while getattr(chain[-1], "optimizer", None) is not None and len(chain) < 8:
         chain.append(chain[-1].optimizer)
     return chain
+
+
+def _deepspeed_holders(optimizer: Any) -> list[Any]:
+    """DeepSpeed's objects whose `optimizer` is `optimizer`: the wrapper that steps it (ZeRO, or the `FP16_Optimizer`
+    wrappers of stage 0), or the engine that steps it itself (stage 0 in fp32). There is no link from an optimizer
+    to what wraps it, so they are found among its referrers (the object itself, or its `__dict__`); read once per
+    run, when the first snapshot is due."""
+    holders: dict[int, Any] = {}
+    for ref in gc.get_referrers(optimizer):
+        owners = [ref]
+        if isinstance(ref, dict):
+            if ref.get("optimizer") is not optimizer:
+                continue
+            owners = [obj for obj in gc.get_referrers(ref) if getattr(obj, "__dict__", None) is ref]
+        for obj in owners:
+            if _from_deepspeed(obj) and getattr(obj, "optimizer", None) is optimizer:
+                holders[id(obj)] = obj
+    return list(holders.values())
 
 
 def _deepspeed_running() -> bool:
@@ -186,6 +209,13 @@ def layout_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = 
     """
     chain = _optimizer_chain(optimizer)
     zero = next((obj for obj in chain[:-1] if _from_deepspeed(obj)), None)  # a DeepSpeed wrapper of an optimizer
+    if zero is None and (_deepspeed_running() or (model is not None and _from_deepspeed(model))):
+        # built before `deepspeed.initialize`: DeepSpeed's wrapper (or, without one, its engine) steps it
+        for holder in _deepspeed_holders(chain[-1]):
+            if isinstance(holder, torch.nn.Module):
+                model = holder
+            else:
+                zero = holder
     if zero is not None:
         return _deepspeed_layout(zero)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -205,15 +235,15 @@ def layout_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = 
     if model is not None and any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
         return StateLayout(SHARDED)
     if _deepspeed_running() or (model is not None and _from_deepspeed(model)):
-        # DeepSpeed replaces the parameters an optimizer built before `deepspeed.initialize` steps with its fp32
-        # partitions: only the model (or its engine) can tell that they are still its own weights (no ZeRO, fp32)
+        # an optimizer that no DeepSpeed wrapper steps: only the model (or the engine that steps the optimizer) can
+        # tell that its parameters are the model's own weights (no ZeRO, fp32) and not master partitions
         owned = model is not None and {id(p) for p in params} <= {id(p) for p in model.parameters()}
         if not owned:
             return StateLayout(
                 UNSUPPORTED,
-                "DeepSpeed is running and the optimizer is not DeepSpeed's, so its parameters may be DeepSpeed's "
-                "master partitions; build AutoWU with DeepSpeed's optimizer (`engine.optimizer`, or the one "
-                "`accelerator.prepare` returns), or pass `model`",
+                "DeepSpeed is running and neither wraps nor steps this optimizer, so its parameters may be "
+                "DeepSpeed's master partitions; build AutoWU with DeepSpeed's optimizer (`engine.optimizer`, or the "
+                "one `accelerator.prepare` returns), or pass `model`",
             )
     return StateLayout(REPLICATED)
 

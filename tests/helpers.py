@@ -70,14 +70,16 @@ def same_tensors(a, b) -> bool:
     )
 
 
-def torchrun(script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2) -> None:
-    """Run `script OUT_DIR` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
+def torchrun(
+    script: str, out_dir: str, cwd: str, timeout: int = 600, processes: int = 2, args: tuple[str, ...] = ()
+) -> None:
+    """Run `script OUT_DIR *args` in `processes` CPU processes with torchrun (gloo); fail the test with its stderr on
     error. The scripts end with `process_exit.leave()`, which skips the interpreter finalization in which gloo's
     threads can abort a process that did its work (pytorch/pytorch#190489), so every failure is a real one.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    command += [script, str(out_dir)]
+    command += [script, str(out_dir), *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 

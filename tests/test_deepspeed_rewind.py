@@ -78,15 +78,31 @@ def test_resume_from_deepspeed_checkpoint_and_scheduler_state_is_exact(load, sta
         assert same_tensors(resumed["weights"][TOTAL], full["weights"][TOTAL])
 
 
-def test_autowu_built_before_deepspeed_initialize_turns_rewind_off_with_one_warning(load):
-    """AdamW's parameters become DeepSpeed's master partitions, which differ between processes: treating them as
-    replicas would broadcast one process's partition over the others'. Rewind is off, said once, and the run goes
-    on with the same LRs on both processes."""
-    first, second = load("zero2-before-initialize")
-    assert first["lrs"] == second["lrs"] and first["switch_step"] == second["switch_step"] is not None
+@pytest.mark.parametrize(("stage", "built_after"), [(2, "zero2"), (3, "zero3"), (0, "zero0")])
+def test_autowu_built_before_deepspeed_initialize_rewinds_as_on_deepspeeds_optimizer(load, stage, built_after):
+    """AutoWU built on AdamW before `deepspeed.initialize` (as before `accelerator.prepare`), without `model`:
+    DeepSpeed replaces AdamW's parameters with its master partitions and wraps AdamW (stage 0 in fp32: its engine
+    steps AdamW). Rewind finds the wrapper or the engine and runs as with AutoWU on `engine.optimizer`: no warning,
+    and the same LRs, switch, restored snapshot and final state, bit for bit, as the run built after."""
+    early, after = load(f"zero{stage}-before-initialize"), load(built_after)
+    for record, reference in zip(early, after, strict=True):
+        assert record["warnings"] == [] and record["enabled"] and record["disabled_reason"] is None
+        assert record["mode"] == reference["mode"] == ("replicated" if stage == 0 else "sharded")
+        assert record["lrs"] == reference["lrs"] and record["switch_step"] == reference["switch_step"] is not None
+        assert record["rewound_to"] == reference["rewound_to"] is not None
+        switch, target = record["switch_step"], record["rewound_to"]["step"]
+        assert same_tensors(record["states"][switch], record["states"][target])
+        assert same_tensors(record["states"][TOTAL], reference["states"][TOTAL])
+        assert same_tensors(record["weights"][TOTAL], reference["weights"][TOTAL])
+
+
+def test_an_optimizer_that_deepspeed_neither_wraps_nor_steps_turns_rewind_off_with_one_warning(load):
+    """While DeepSpeed runs, AutoWU on an AdamW outside it (no `model`): its parameters could be master partitions
+    that differ between processes, and treating them as replicas would broadcast one process's over the others'.
+    Rewind is off on both processes, said once, on the main process."""
+    first, second = load("unrelated")
     for record in (first, second):
-        assert not record["enabled"] and record["rewound_to"] is None
-        assert "not DeepSpeed's" in record["disabled_reason"]
+        assert not record["enabled"] and "neither wraps nor steps" in record["disabled_reason"]
     assert len(first["warnings"]) == 1 and "rewind is off" in first["warnings"][0] and second["warnings"] == []
 
 

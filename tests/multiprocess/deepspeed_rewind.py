@@ -9,12 +9,14 @@ master partitions with their AdamW state (what DeepSpeed's optimizer steps) and 
 (ZeRO 1 and 2: every parameter in full; ZeRO 3: this process's partition of each, and the full tensor of the
 persistent ones), plus the rewind bookkeeping. The uninterrupted run saves after `RESUME_AT` steps (late warmup)
 with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the resumed run starts from another
-initialisation, loads both and continues to the end. A last ZeRO-2 run builds AutoWU on AdamW before
-`deepspeed.initialize` (whose parameters DeepSpeed then replaces with its master partitions): rewind must turn
-itself off, with one warning, and the run go on. A ZeRO-2 run in bf16 checks the refresh of bf16 weights from the
-fp32 masters. Stage 0 (no ZeRO, replicas) runs in fp32, with the engine as `model`, and in bf16, where DeepSpeed's
-`FP16_UnfusedOptimizer` keeps fp32 master weights (once with a NaN loss), and with DeepSpeed's FusedAdam, where
-`FP16_Optimizer` keeps one flat fp32 master per group. Last, ZeRO-2 and ZeRO-3 runs with the
+initialisation, loads both and continues to the end. Runs of ZeRO 2, ZeRO 3 and stage 0 (fp32) build AutoWU on
+AdamW before `deepspeed.initialize`, as a scheduler built before `accelerator.prepare` is, without `model`:
+DeepSpeed replaces AdamW's parameters with its master partitions and wraps AdamW (or, in stage 0, steps it itself),
+and rewind must find that wrapper or engine and run as with DeepSpeed's optimizer. One more AutoWU, on an AdamW
+that DeepSpeed neither wraps nor steps, must turn rewind off. A ZeRO-2 run in bf16 checks the refresh of bf16
+weights from the fp32 masters. Stage 0 (no ZeRO, replicas) runs in fp32, with the engine as `model`, and in bf16,
+where DeepSpeed's `FP16_UnfusedOptimizer` keeps fp32 master weights (once with a NaN loss), and with DeepSpeed's
+FusedAdam, where `FP16_Optimizer` keeps one flat fp32 master per group. Last, ZeRO-2 and ZeRO-3 runs with the
 optimizer offloaded to the host (ZeRO-Offload), and runs in which process 1's loss is NaN once, at step
 `NAN_LOSS_AT`.
 
@@ -160,6 +162,27 @@ class Run:
         return self.record
 
 
+def unrelated_optimizer_record() -> dict[str, Any]:
+    """While DeepSpeed runs, AutoWU with its defaults on an AdamW that DeepSpeed neither wraps nor steps, over a
+    model that is not an engine's, a few steps until its first snapshot is due: the rewinder's bookkeeping and its
+    warnings."""
+    model = make_model(HIDDEN, seed=7)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=TOTAL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x, y = batch(step)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step(loss.detach())
+    record = switch_record(scheduler)
+    record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir", type=Path)
@@ -196,13 +219,15 @@ def main() -> None:
         resumed.load(folder)
         resumed.train(RESUME_AT, TOTAL)
         torch.save(resumed.finish(), out / f"zero{stage}-resumed_rank{rank}.pt")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        early = Run(2, before_initialize=True)
-        early.train(0, TOTAL)
-    record = early.finish()
-    record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
-    torch.save(record, out / f"zero2-before-initialize_rank{rank}.pt")
+    for stage in (2, 3, 0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            early = Run(stage, before_initialize=True)
+            early.train(0, TOTAL)
+        record = early.finish()
+        record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
+        torch.save(record, out / f"zero{stage}-before-initialize_rank{rank}.pt")
+    torch.save(unrelated_optimizer_record(), out / f"unrelated_rank{rank}.pt")
     bf16 = Run(2, bf16=True)
     bf16.train(0, TOTAL)
     torch.save(bf16.finish(), out / f"zero2-bf16_rank{rank}.pt")
