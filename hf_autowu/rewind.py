@@ -17,8 +17,13 @@ Where the snapshots live, so that the default fits every engine:
   stages 1 to 3): every process keeps a snapshot of its own shards and restores them itself. DeepSpeed's optimizer
   steps fp32 master partitions: those and their optimizer state are what is snapshotted, and after a restore the
   model's weights are refreshed from them the way DeepSpeed's step does it (`state_layout`);
-- state out of reach (DeepSpeed with NVMe offload, or an optimizer that is not DeepSpeed's while DeepSpeed runs the
-  model): rewind turns itself off with one warning that says why.
+- state out of reach (DeepSpeed with NVMe offload, or an optimizer that DeepSpeed neither wraps nor steps while it
+  runs the model): rewind turns itself off with one warning that says why.
+
+With sharded state each process's `state_dict()` holds its own shards' snapshots, so each process must save its
+own. A snapshot loaded from another process's state (`accelerator.register_for_checkpointing` saves the main
+process's state and loads it on every process) or from another number of processes is never restored: when the
+switch would restore one, no process restores, with one warning.
 
 The layout is read when the first snapshot is due (after `accelerator.prepare` or `deepspeed.initialize` has
 wrapped the optimizer), not when the rewinder is built.
@@ -50,6 +55,7 @@ from .distributed import (
     min_over_processes,
     min_over_processes_each,
     process_rank,
+    world_size,
 )
 from .state_layout import REPLICATED, SHARDED, UNSUPPORTED, layout_of, sharding_of
 
@@ -301,13 +307,23 @@ class WarmupRewinder:
         if not self.snapshots or scheduler.switch_reason == "no_warmup" or not self.enabled:
             return
         finite = [s["finite"] for s in self.snapshots]
-        if self.mode == SHARDED:
-            finite = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite])]
+        own = [not s.get("foreign", False) for s in self.snapshots]
+        if self.mode == SHARDED:  # both agreements in one collective
+            flags = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite + own])]
+            finite, own = flags[: len(finite)], flags[len(finite) :]
         index = _choose(self.snapshots, finite, scheduler.peak_lr, scheduler.damaged_from)
         if self.mode == REPLICATED:
             index = broadcast_object(index)
         if index is None:
             warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
+        elif not own[index]:
+            if process_rank() == 0:
+                warnings.warn(
+                    "AutoWU rewind: the snapshot to restore came from another process's state (each process holds "
+                    "its own shards: save every process's `scheduler.state_dict()`, not only the main process's) or "
+                    "from another number of processes; nothing is restored, and the run goes on from where it is.",
+                    stacklevel=2,
+                )
         else:
             chosen = self.snapshots[index]
             data = None
@@ -490,9 +506,11 @@ class WarmupRewinder:
             data = s["data"]
             if data is None and s.get("file") is not None:
                 data = torch.load(s["file"], weights_only=True, mmap=True)
-            snapshots.append({"step": s["step"], "lr": s["lr"], "finite": s["finite"], "data": data})
+            entry = {"step": s["step"], "lr": s["lr"], "finite": s["finite"], "data": data}
+            snapshots.append({**entry, "foreign": True} if s.get("foreign") else entry)
         return {
             "snapshots": snapshots,
+            "process": [process_rank(), world_size()],  # whose shards the snapshots hold, with sharded state
             "rewound_to": self.rewound_to,
             "kept": self.kept,
             "next_lr": self._next_lr,
@@ -517,6 +535,10 @@ class WarmupRewinder:
         elif self.mode == UNSUPPORTED:
             self._disable(self.disabled_reason)
         self.snapshots = []
+        saved_by = state.get("process")  # absent in states saved before it was recorded
+        another_process = (
+            self.mode == SHARDED and saved_by is not None and list(saved_by) != [process_rank(), world_size()]
+        )
         for saved in state["snapshots"]:
             entry = {
                 "step": int(saved["step"]),
@@ -525,6 +547,10 @@ class WarmupRewinder:
                 "bytes": 0,
                 "finite": bool(saved.get("finite", True)),
             }
+            if another_process or saved.get("foreign"):  # never restored (`on_switch`); the bookkeeping stays
+                entry["foreign"] = True
+                self.snapshots.append(entry)
+                continue
             data = saved.get("data") if self.holds_snapshots else None
             if data is not None and self.offload_dir is not None:
                 entry["file"] = str(self._offload_path(entry["step"]))

@@ -81,6 +81,32 @@ def test_resume_from_saved_per_process_state_is_exact(load, layout):
 
 
 @pytest.mark.parametrize("layout", SHARDED)
+def test_another_processs_snapshots_are_never_restored(load, layout):
+    """Every process loads the main process's scheduler state (as `accelerator.register_for_checkpointing` does):
+    process 1's copy holds process 0's shards. No process restores (restoring on one only would mix steps), the main
+    process says so once, and the run goes on as one whose switch restores nothing: the LRs and the final shards
+    are those of the uninterrupted `rewind_min_shift=1e9` run, bit for bit."""
+    for rank, (full, kept, resumed) in enumerate(
+        zip(load(layout), load(f"{layout}-kept"), load(f"{layout}-resumed-main"), strict=True)
+    ):
+        assert full["rewound_to"]["step"] < RESUME_AT < full["switch_step"] and kept["rewound_to"] is None
+        assert resumed["switch_step"] == full["switch_step"] and resumed["rewound_to"] is None
+        assert resumed["lrs"] == {step: lr for step, lr in kept["lrs"].items() if step >= RESUME_AT}
+        assert same_tensors(resumed["states"][TOTAL], kept["states"][TOTAL])
+        expected = ["another process's state"] if rank == 0 else []
+        assert [w for w in expected if any(w in message for message in resumed["warnings"])] == expected
+        assert len(resumed["warnings"]) == len(expected)
+
+
+def test_with_replicated_state_the_main_processs_scheduler_state_resumes_every_process_exactly(load):
+    """DDP: only the main process holds snapshots, so its state, loaded on every process, resumes exactly."""
+    for full, resumed in zip(load("ddp"), load("ddp-resumed-main"), strict=True):
+        assert resumed["warnings"] == [] and resumed["rewound_to"] == full["rewound_to"] is not None
+        assert resumed["lrs"] == {step: lr for step, lr in full["lrs"].items() if step >= RESUME_AT}
+        assert same_tensors(resumed["states"][TOTAL], full["states"][TOTAL])
+
+
+@pytest.mark.parametrize("layout", SHARDED)
 def test_each_process_holds_snapshots_of_its_own_shard(load, layout):
     full_bytes, tensors = full_state_bytes()
     records = load(layout)

@@ -9,6 +9,8 @@ data, and each process writes `OUT_DIR/{run}_rank{rank}.pt`: the LR of every ste
   the switch restores): model and optimizer with `torch.distributed.checkpoint` (FSDP2) or each process's local
   tensors (FSDP1, DDP), and each process's `scheduler.state_dict()`, which holds its own rewind snapshots;
 - `{layout}-resumed`: rebuilt from another initialisation, loaded from that checkpoint, continued to the end;
+- `{layout}-resumed-main`: the same, but every process loads the main process's `scheduler.state_dict()`, as
+  `accelerator.register_for_checkpointing(scheduler)` does (with AutoWU's warnings);
 - `{layout}-kept`: `rewind_min_shift=1e9`, so the switch keeps the state it reached (and records the shift);
 - `{layout}-poisoned` (sharded layouts): a NaN sits in process 1's local shard only while the snapshot the
   uninterrupted run restored is taken, so only process 1's copy of it is non-finite;
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +196,9 @@ class Run:
             torch.save({"params": params, "optimizer": self.optimizer.state_dict()}, folder / f"local_rank{rank}.pt")
         torch.save(self.scheduler.state_dict(), folder / f"scheduler_rank{rank}.pt")
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, scheduler_of: int | None = None) -> None:
+        """Model and optimizer as `save` wrote them, and the scheduler state of process `scheduler_of` (by default
+        this process's own)."""
         rank = dist.get_rank()
         if self.layout == "fsdp2":
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -208,7 +213,8 @@ class Run:
                 for p, value in zip(self.model.parameters(), saved["params"], strict=True):
                     p.copy_(value)
             self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{rank}.pt", weights_only=True))
+        scheduler_of = rank if scheduler_of is None else scheduler_of
+        self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{scheduler_of}.pt", weights_only=True))
 
 
 def main() -> None:
@@ -245,6 +251,14 @@ def main() -> None:
         kept = Run(layout, args.hidden, rewind_min_shift=1e9)  # a threshold no run reaches: nothing is restored
         kept.train(0, TOTAL)
         torch.save(kept.finish(), args.out_dir / f"{layout}-kept_rank{rank}.pt")
+        main_state = Run(layout, args.hidden, seed=123)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main_state.load(folder, scheduler_of=0)
+            main_state.train(RESUME_AT, TOTAL)
+        main_record = main_state.finish()
+        main_record["warnings"] = [str(w.message) for w in caught if "AutoWU rewind" in str(w.message)]
+        torch.save(main_record, args.out_dir / f"{layout}-resumed-main_rank{rank}.pt")
         if layout == "ddp":
             continue
         poisoned = Run(layout, args.hidden)
