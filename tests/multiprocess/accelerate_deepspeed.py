@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -97,6 +96,9 @@ def run(before: bool, folder: Path, resume: bool = False) -> dict[str, Any]:
 
 
 def main() -> None:
+    # here, not at import: the tests import this module's constants, and the variable makes every Accelerator
+    # in a process use DeepSpeed
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     out, stage = Path(sys.argv[1]), int(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1}
