@@ -33,13 +33,21 @@ UNRECORDED_CPU = "AMD EPYC"
 
 
 def cpu_name() -> str:
-    """The CPU's model name (recorded with every benchmark run: on another CPU, float rounding differs from the first
-    steps on, so a run is only repeatable bit for bit on the CPU it ran on)."""
+    """The CPU's model name, with its family and model numbers where the name alone does not tell two generations
+    apart (a virtual machine's "AMD EPYC"). Recorded with every benchmark run: on another CPU, float rounding differs
+    from the first steps on, so a run is only repeatable bit for bit on the CPU it ran on. Runs recorded before the
+    numbers were added name the model alone."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cpus_line(runs: Iterable[tuple[str | None, str]]) -> str:

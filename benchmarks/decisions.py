@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section  # noqa: E402
 from methods import ramp_steps  # noqa: E402
 from report import regret  # noqa: E402
-from runner import decision_fingerprint, recorded_runs  # noqa: E402
+from runner import decision_code_line, has_current_decisions, recorded_runs  # noqa: E402
 from tasks import TASKS, TaskSpec, smoke_task  # noqa: E402
 
 from hf_autowu import AutoWU, AutoWUConfig  # noqa: E402
@@ -90,11 +90,10 @@ def quality_curves(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """Mean validation and test metric of ``method`` (``oracle`` or ``autowu_at``) per grid LR, over the LRs run
     for every seed (``autowu_at``: with the current decision code only), or None."""
-    fingerprint = decision_fingerprint()
     by_lr: dict[float, list[dict]] = {}
     for run in runs:
         if run["task"] == task and run["method"] == method:
-            if method == "autowu_at" and run.get("decision_fingerprint") != fingerprint:
+            if method == "autowu_at" and not has_current_decisions(run):
                 continue
             by_lr.setdefault(run["grid_lr"], []).append(run)
     if not by_lr:
@@ -283,7 +282,7 @@ def report(results: list[dict[str, Any]]) -> str:
         "and optimizers, in plain loops), pooled: a setting is picked on all of them, so none is held out from that "
         "choice except in the leave-one-task-out tables.",
         "",
-        f"Decision code {decision_fingerprint()}.",
+        f"Decision code {decision_code_line()}.",
         "",
     ]
     for result in results:

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from common import cpu_name, cpus_line, locked_json, resolve_output_paths, update_section  # noqa: E402
 from holdout_tasks import TASKS, HoldoutTask  # noqa: E402
 from report import regret  # noqa: E402
-from runner import decision_fingerprint  # noqa: E402
+from runner import decision_code_line, decision_fingerprint, has_current_decisions  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
@@ -133,7 +133,7 @@ def recorded_run(
     key = run_key(name, setting, seed, steps)
     with locked_json(path, {"runs": {}}) as data:
         found = data["runs"].get(key)
-    current = found is not None and found.get("decision_fingerprint", decision_fingerprint()) == decision_fingerprint()
+    current = found is not None and ("decision_fingerprint" not in found or has_current_decisions(found))
     if current and not redo:
         return found
     result = run(task, steps, seed, lr, **options)
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "or 1% of the oracle's loss, as in `quality.py`. The oracle is `quality.py`'s (5% warmup + cosine, best grid "
         "point on validation). Rewind: the shift `||now - snapshot|| / ||snapshot||` where the run kept its steps "
         "(below `rewind_min_shift`); the two rewind rows force each outcome, so they show what the gate's choice "
-        f"was worth. AutoWU rows at decision code {decision_fingerprint()}.",
+        f"was worth. AutoWU rows at decision code {decision_code_line()}.",
         "",
     ]
     task_lines: list[str] = []

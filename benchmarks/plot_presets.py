@@ -17,7 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from runner import decision_fingerprint  # noqa: E402
+from runner import has_current_decisions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
 STYLES = {"autowu": ("robust (default)", "tab:blue"), "autowu_paper": ('preset="paper"', "tab:red")}
@@ -35,10 +35,7 @@ def main() -> None:
     runs = [
         r
         for r in recorded
-        if r["method"] in STYLES
-        and r["seed"] == args.seed
-        and r["task"] in tasks
-        and r.get("decision_fingerprint") == decision_fingerprint()
+        if r["method"] in STYLES and r["seed"] == args.seed and r["task"] in tasks and has_current_decisions(r)
     ]
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.5 * len(tasks), 6), sharex="col", squeeze=False)
     for col, task in enumerate(tasks):

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from common import RESULTS_DIR, RESULTS_MD, update_section  # noqa: E402
 from decisions import best_metric, proxy, quality_curves  # noqa: E402
 from report import regret  # noqa: E402
-from runner import decision_fingerprint, recorded_runs  # noqa: E402
+from runner import decision_code_line, has_current_decisions, recorded_runs  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 WINDOWS = (10, 20, 40)
@@ -75,8 +75,7 @@ def grid_index(grid: np.ndarray, lr: float) -> int:
 def task_case(runs: list[dict], task: str) -> dict | None:
     """Per task: the grid (log2 LRs), per (seed, grid index) the post-switch loss and switch step of the
     ``autowu_at`` run, the default's chosen LRs by seed, the scoring curves and the oracle's best per split."""
-    fingerprint = decision_fingerprint()
-    current = [r for r in runs if r["task"] == task and r.get("decision_fingerprint") == fingerprint]
+    current = [r for r in runs if r["task"] == task and has_current_decisions(r)]
     at = [r for r in current if r["method"] == "autowu_at"]
     default = [r for r in current if r["method"] == "autowu"]
     scoring, oracle = quality_curves(runs, task, "autowu_at"), quality_curves(runs, task)
@@ -198,7 +197,7 @@ def report(cases: dict[str, dict]) -> str:
         "is replayed against the `autowu_at` run of its seed (seeds 3, 4: those of 0, 1) at the nearest grid point, "
         "and scored with the `autowu_at` curve of metric against peak LR, as `decisions.py` scores; optimistic for "
         f"the rule (the `W` steps spent again are not counted). Regret in tolerance units. Decision code "
-        f"{decision_fingerprint()}.",
+        f"{decision_code_line()}.",
         "",
         "| rule | mean regret, val | mean regret, test | runs backed off | " + " | ".join(tasks) + " |",
         "| --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |",

@@ -1,7 +1,8 @@
 """The quality report: one table per task, where AutoWU stands against each method, and the plots.
 
-AutoWU rows recorded with other decision code than the current one (see `runner.decision_fingerprint`) are
-refused: they are listed as stale instead of being reported.
+AutoWU rows recorded with other decision code than the current one (see `runner.decision_fingerprint`, and
+`runner.SAME_DECISIONS_AS` for older code shown to decide the same) are refused: they are listed as stale instead of
+being reported.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import methods as m
 import numpy as np
 from common import cpus_line, machine_info
-from runner import decision_fingerprint, library_revision, score
+from runner import decision_code_line, has_current_decisions, library_revision, score
 from tasks import TASKS
 
 ACCURACY_TOLERANCE_PP = 0.5
@@ -26,8 +27,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str,
     Returns:
         The summary, and the AutoWU runs refused as stale (recorded with other decision code).
     """
-    current = decision_fingerprint()
-    stale = [r for r in runs if r["method"] in m.AUTOWU_METHODS and r.get("decision_fingerprint") != current]
+    stale = [r for r in runs if r["method"] in m.AUTOWU_METHODS and not has_current_decisions(r)]
     runs = [r for r in runs if r not in stale and r["method"] in m.METHODS]
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for task in [t for t in TASKS if any(r["task"] == t for r in runs)]:
@@ -265,7 +265,7 @@ def report(
         "",
         cpus_line((run.get("machine"), run["method"]) for run in runs),
         "",
-        f"AutoWU rows: decision code {decision_fingerprint()} (`runner.decision_fingerprint`), at revision "
+        f"AutoWU rows (`runner.decision_fingerprint`): decision code {decision_code_line()}, at revision "
         f"{library_revision()} of this report; rows recorded with other decision code are refused.",
         "",
         "Metric: test accuracy (%) or test loss (nats per byte, masked bytes for the masked LM); mean ± std over "

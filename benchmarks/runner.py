@@ -30,6 +30,19 @@ scripts are in, e.g. in a second worktree): the fingerprint and revision recorde
 NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_entries.py", "reference.py")
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
+SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "b7ff47120d34": {
+        "cea953cbc060": "5354275 and 10a3d70 changed rewind under DeepSpeed and with another process's snapshots "
+        "only; 218 rows (the suite's 90 default and paper-preset rows, 48 `autowu_at` rows of two tasks, 80 AutoWU "
+        "rows of four held-out tasks) run under both on one AMD EPYC (family 23, model 49): the same bit for bit",
+    },
+}
+"""Per decision fingerprint, older fingerprints whose recorded AutoWU rows still stand for it, each with the check
+that showed it: a change to a fingerprinted module that cannot alter what a benchmark run does (DeepSpeed's or
+several processes' paths) leaves the rows as they are, and re-running them on another CPU would move them as a
+new seed does (float rounding) instead of testing the change. An entry is added only after the same rows were
+run under both codes on one CPU and came out bit for bit the same; RESULTS.md's closing note says which."""
+
 EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
 
 
@@ -105,6 +118,27 @@ def decision_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def accepted_fingerprints() -> frozenset[str]:
+    """The decision fingerprints whose AutoWU rows stand for the code as it is now: its own, and those
+    `SAME_DECISIONS_AS` names for it."""
+    current = decision_fingerprint()
+    return frozenset({current, *SAME_DECISIONS_AS.get(current, {})})
+
+
+def has_current_decisions(run: dict[str, Any]) -> bool:
+    """Whether a recorded AutoWU run stands for today's decision code (see `accepted_fingerprints`)."""
+    return run.get("decision_fingerprint") in accepted_fingerprints()
+
+
+def decision_code_line() -> str:
+    """The decision code a report speaks for (its fingerprint), and the older fingerprints whose rows it accepts,
+    for the report's header."""
+    older = sorted(accepted_fingerprints() - {decision_fingerprint()})
+    if not older:
+        return decision_fingerprint()
+    return f"{decision_fingerprint()} (rows recorded at {', '.join(older)} stand for it: `runner.SAME_DECISIONS_AS`)"
+
+
 def _alive(pid: int) -> bool:
     """Whether a process with this id exists."""
     try:
@@ -129,7 +163,7 @@ def _is_current(run: dict[str, Any], args: argparse.Namespace) -> bool:
     if task is None or run["steps"] != m.run_steps(run["method"], task):
         return False
     if run["method"] in m.AUTOWU_METHODS:
-        return run.get("decision_fingerprint") == decision_fingerprint()
+        return has_current_decisions(run)
     return True
 
 

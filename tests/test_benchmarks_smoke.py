@@ -63,6 +63,42 @@ def test_cpus_line_names_each_cpu_and_the_one_before_runs_named_theirs(bench) ->
     assert "not come out bit for bit the same" in mixed
 
 
+def test_rows_of_older_code_stand_only_where_listed_as_deciding_the_same(
+    bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An AutoWU row recorded at an older fingerprint is refused as stale, unless `SAME_DECISIONS_AS` names that
+    fingerprint for today's code; the listing never reaches a third fingerprint, nor another code's."""
+    runner, report = bench("runner"), bench("report")
+    current = runner.decision_fingerprint()
+
+    def row(method: str, fingerprint: str | None, seed: int) -> dict:
+        return {
+            "task": "digits_cnn",
+            "method": method,
+            "seed": seed,
+            "metric": "accuracy",
+            "val": 0.9,
+            "test": 0.9,
+            "compute": 10,
+            "wall_s": 1.0,
+            "grid_lr": 1e-3,
+            "info": {"peak_lr": 1e-3},
+            "decision_fingerprint": fingerprint,
+        }
+
+    runs = [row("oracle", None, 0), row("autowu", "0ld0ld0ld0ld", 0), row("autowu", "0ther0ther00", 1)]
+    monkeypatch.setattr(runner, "SAME_DECISIONS_AS", {})
+    summary, stale = report.summarize(runs)
+    assert [r["seed"] for r in stale] == [0, 1] and "autowu" not in summary["digits_cnn"]
+    assert runner.decision_code_line() == current
+    monkeypatch.setattr(runner, "SAME_DECISIONS_AS", {current: {"0ld0ld0ld0ld": "re-run on one CPU: same"}})
+    summary, stale = report.summarize(runs)
+    assert [r["seed"] for r in stale] == [1] and [r["seed"] for r in summary["digits_cnn"]["autowu"]["runs"]] == [0]
+    assert runner.decision_code_line().startswith(f"{current} (rows recorded at 0ld0ld0ld0ld stand for it")
+    monkeypatch.setattr(runner, "SAME_DECISIONS_AS", {"n0tcurrent00": {"0ld0ld0ld0ld": "another code's"}})
+    assert [r["seed"] for r in report.summarize(runs)[1]] == [0, 1]
+
+
 def test_quality_ablation_options_reach_autowu_and_are_recorded(bench, tmp_path: Path) -> None:
     quality = bench("quality")
     with pytest.raises(SystemExit):  # ablation rows never go to the committed results
