@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
 from .config import AutoWUConfig, is_number, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, world_size
 from .ramp import cooldown_factor, warmup_lr
@@ -128,6 +129,7 @@ class AutoWU:
         self._listeners: list[Any] = []
         self._model = model
         self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
+        self._accelerate_steps = AccelerateSteps(optimizer)
         self._start()
 
     def _start(self) -> None:
@@ -152,6 +154,7 @@ class AutoWU:
         self.last_outcome: SwitchTestOutcome | None = None
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
+        self._micro_batch_losses: list[torch.Tensor | float] = []  # of the update under way, under `accumulate`
         self._passes: list[bool] = []
         self._checked = 0  # losses before this index have been through the spike check
         self._spike_at: int | None = None
@@ -203,12 +206,34 @@ class AutoWU:
                 warmup, and every step with `decay_phase_stat="loss"`; may be `None` otherwise.
             metric: Only for timm's training loop, which calls `lr_scheduler.step(epoch, metric)` at the end of
                 each epoch: such a call does nothing (AutoWU steps in `step_update`, once per optimizer step).
+
+        In a loop that Accelerate runs, a call is a step only after a real update, as for the schedulers
+        `accelerator.prepare` wraps: inside `accelerator.accumulate(model)` the loss of a micro-batch whose
+        gradients are only accumulated joins the update's loss (their mean), and an update that fp16 overflow
+        skipped is not a step (`accelerate_steps`).
         """
         if metric is not None:
             return
-        recording = self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss")
-        if recording:
-            self._pending.append(_detach_loss(loss))
+        kind = self._accelerate_steps.classify()
+        if kind == UPDATE:
+            self._step_after_update(loss)
+        elif kind == MICRO_BATCH and self._recording():
+            self._micro_batch_losses.append(_detach_loss(loss))
+        else:  # an update that fp16 overflow skipped: not a step
+            self._micro_batch_losses.clear()
+
+    def _recording(self) -> bool:
+        """Whether this step's loss is kept: during warmup, and in decay with `decay_phase_stat="loss"`."""
+        return self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss")
+
+    def _step_after_update(self, loss: torch.Tensor | float | None) -> None:
+        """`step(loss)` for a call known to follow an optimizer update (the Trainer integration calls it directly)."""
+        if self._recording():
+            loss = _detach_loss(loss)
+            if self._micro_batch_losses:
+                loss = _mean_loss([*self._micro_batch_losses, loss])
+            self._pending.append(loss)
+        self._micro_batch_losses.clear()
         self.last_step += 1
         t = self.last_step
         if self.phase == "warmup":
@@ -431,6 +456,7 @@ class AutoWU:
         self.last_outcome = SwitchTestOutcome(**outcome) if outcome is not None else None
         self._history = state_dict["history"].to(torch.float64).clone()
         self._pending = [float(v) for v in state_dict["pending"].tolist()]
+        self._micro_batch_losses = []
         self._passes = [bool(v) for v in state_dict["passes"]]
         self._next_test = int(state_dict["next_test"])
         self._plateau_best = float(state_dict["plateau_best"])
@@ -810,6 +836,12 @@ def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
     if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):
         return float(loss)  # a numpy array holding one number
     raise ValueError(f"`loss` must be a tensor or a float, got {type(loss).__name__}.")
+
+
+def _mean_loss(losses: list[torch.Tensor | float]) -> torch.Tensor | float:
+    """The mean of an update's micro-batch losses (as `_detach_loss` gives them), on their device: no sync."""
+    values = [v.float() if isinstance(v, torch.Tensor) else v for v in losses]
+    return sum(values[1:], values[0]) / len(values)
 
 
 def _pending_to_tensor(pending: list[torch.Tensor | float]) -> torch.Tensor:

@@ -19,13 +19,14 @@ among the objects that refer to the optimizer.
 
 from __future__ import annotations
 
-import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .optimizer_wrappers import holders_of
 
 REPLICATED, SHARDED, UNSUPPORTED = "replicated", "sharded", "unsupported"
 
@@ -69,20 +70,9 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
 
 def _deepspeed_holders(optimizer: Any) -> list[Any]:
     """DeepSpeed's objects whose `optimizer` is `optimizer`: the wrapper that steps it (ZeRO, or the `FP16_Optimizer`
-    wrappers of stage 0), or the engine that steps it itself (stage 0 in fp32). There is no link from an optimizer
-    to what wraps it, so they are found among its referrers (the object itself, or its `__dict__`); read once per
-    run, when the first snapshot is due."""
-    holders: dict[int, Any] = {}
-    for ref in gc.get_referrers(optimizer):
-        owners = [ref]
-        if isinstance(ref, dict):
-            if ref.get("optimizer") is not optimizer:
-                continue
-            owners = [obj for obj in gc.get_referrers(ref) if getattr(obj, "__dict__", None) is ref]
-        for obj in owners:
-            if _from_deepspeed(obj) and getattr(obj, "optimizer", None) is optimizer:
-                holders[id(obj)] = obj
-    return list(holders.values())
+    wrappers of stage 0), or the engine that steps it itself (stage 0 in fp32); read once per run, when the first
+    snapshot is due."""
+    return [obj for obj in holders_of(optimizer) if _from_deepspeed(obj)]
 
 
 def _deepspeed_running() -> bool:

@@ -142,7 +142,7 @@ class _TrainerAutoWU(AutoWU):
         """Step AutoWU with the step's loss, if an update was noted since the last call."""
         if self._update_noted:
             self._update_noted = False
-            super().step(self._step_loss.take("AutoWUTrainer"))
+            self._step_after_update(self._step_loss.take("AutoWUTrainer"))
 
 
 def _unwrap_scheduler(scheduler: Any) -> Any:
@@ -355,7 +355,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         self._trainer_scheduler._last_lr = list(self.scheduler.get_last_lr())
         if self._trainer.accelerator.optimizer_step_was_skipped:
             return  # an fp16 overflow skipped the update: not a step, as for the Trainer's own schedulers
-        self.scheduler.step(self.step_loss.take(self.entry_point))
+        self.scheduler._step_after_update(self.step_loss.take(self.entry_point))  # the Trainer knows its updates
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._set_trainer_lr()
