@@ -307,7 +307,8 @@ def pretrained_gpt2() -> nn.Module:
     with open(path.with_suffix(".lock"), "w") as lock:  # one process trains it, the others wait and load it
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            torch.save(_pretrain_gpt2(), path)
+            with torch.random.fork_rng():  # it seeds itself: the caller's next draws are as with the file cached
+                torch.save(_pretrain_gpt2(), path)
         fcntl.flock(lock, fcntl.LOCK_UN)
     model = gpt2_model()
     model.load_state_dict(torch.load(path, weights_only=True))

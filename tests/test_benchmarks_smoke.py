@@ -495,3 +495,20 @@ def test_decision_fingerprint_ignores_prose_and_sees_code(
     for edit in code:
         assert fingerprint_after(*edit) != current, edit
     runner.decision_fingerprint.cache_clear()
+
+
+def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone(
+    bench, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first run that needs the fine-tuning tasks' base model pretrains it (it seeds itself); the run's own
+    draws after it are those of a run that found it cached."""
+    tasks = bench("tasks")
+    monkeypatch.setattr(tasks, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tasks, "PRETRAIN_RECIPE", {**tasks.PRETRAIN_RECIPE, "steps": 2, "warmup": 1})
+    draws = []
+    for _ in range(2):  # pretrained and cached, then loaded
+        torch.manual_seed(0)
+        tasks.pretrained_gpt2()
+        draws.append(torch.rand(4))
+    assert len(list(tmp_path.glob("gpt2_stdlib_pretrained_*.pt"))) == 1
+    assert torch.equal(draws[0], draws[1])
