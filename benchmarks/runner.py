@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "034ac6663276": {
+        "b7ff47120d34": "e487c74 made a `step(loss)` call that follows no update under Accelerate (a micro-batch "
+        "inside `accelerator.accumulate`, an fp16-skipped update) no step, which no benchmark loop makes; the same "
+        "218 rows run under both on one AMD EPYC (family 23, model 49): the same bit for bit",
+        "cea953cbc060": "through b7ff47120d34 (both entries' 218 rows on the same CPU)",
+    },
     "b7ff47120d34": {
         "cea953cbc060": "5354275 and 10a3d70 changed rewind under DeepSpeed and with another process's snapshots "
         "only; 218 rows (the suite's 90 default and paper-preset rows, 48 `autowu_at` rows of two tasks, 80 AutoWU "

@@ -219,7 +219,7 @@ class AutoWU:
             self._step_after_update(loss)
         elif kind == MICRO_BATCH and self._recording():
             self._micro_batch_losses.append(_detach_loss(loss))
-        else:  # an update that fp16 overflow skipped: not a step
+        else:  # an update that fp16 overflow skipped (not a step), or a micro-batch whose loss is not kept
             self._micro_batch_losses.clear()
 
     def _recording(self) -> bool:
