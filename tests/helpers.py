@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -82,6 +84,12 @@ def torchrun(
     command += [script, str(out_dir), *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def torchrun_ranks(script: str, out_dir: Path, cwd: Path, timeout: int = 600) -> list[dict]:
+    """`torchrun` `script` on two processes and read what each wrote to `out_dir/rank{rank}.json`."""
+    torchrun(script, str(out_dir), cwd=str(cwd), timeout=timeout)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def knee_loss(lr: float, knee_lr: float, generator: torch.Generator, noise: float = 0.02) -> float:

@@ -2,13 +2,12 @@
 micro-batch inside `accelerator.accumulate(model)` is one AutoWU step per update, with the update's mean loss, and an
 update that fp16 overflow skipped is no step, as for the schedulers `accelerator.prepare` wraps."""
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import torchrun
+from helpers import torchrun_ranks
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -17,9 +16,9 @@ from accelerate_accumulation import SKIPPED_UPDATE, UPDATES  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("accelerate_accumulation")
-    torchrun("accelerate_accumulation.py", out, cwd=SCRIPTS, timeout=300)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torchrun_ranks(
+        "accelerate_accumulation.py", tmp_path_factory.mktemp("accelerate_accumulation"), SCRIPTS, timeout=300
+    )
 
 
 @pytest.mark.multiprocess

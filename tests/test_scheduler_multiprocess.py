@@ -1,14 +1,13 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
 process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both."""
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import torchrun
+from helpers import torchrun_ranks
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -19,9 +18,9 @@ from hf_autowu import AutoWU  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scheduler_two_processes")
-    torchrun("scheduler_two_processes.py", out, cwd=SCRIPTS, timeout=300)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return torchrun_ranks(
+        "scheduler_two_processes.py", tmp_path_factory.mktemp("scheduler_two_processes"), SCRIPTS, timeout=300
+    )
 
 
 @pytest.mark.multiprocess

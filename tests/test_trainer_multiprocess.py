@@ -3,14 +3,13 @@ step, AutoWU sees the cross-process mean loss, and collectives happen only at sw
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_state_equal, torchrun
+from helpers import assert_state_equal, torchrun, torchrun_ranks
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
@@ -19,9 +18,7 @@ from trainer_two_processes import NAN_STEP, TEST_INTERVAL  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("two_processes")
-    torchrun("trainer_two_processes.py", str(out), cwd=str(SCRIPTS))
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return torchrun_ranks("trainer_two_processes.py", tmp_path_factory.mktemp("two_processes"), SCRIPTS)
 
 
 RUNS = ("callback-clean", "callback-nan", "trainer-clean", "trainer-nan")
