@@ -821,7 +821,11 @@ def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
     """The step's loss, as it is now: a float, or for a tensor off the CPU a detached copy (a device-side copy, no
     sync). A copy, because a caller may reuse the tensor and change it in place before it is read."""
     if loss is None:
-        raise ValueError("`AutoWU.step(loss)` needs the step's loss during warmup (a tensor or a float).")
+        raise ValueError(
+            "`AutoWU.step(loss)` needs the step's loss during warmup (a tensor or a float). With the Hugging Face "
+            "`Trainer`, do not pass AutoWU in `optimizers=`: use `callbacks=[AutoWUCallback()]` or `AutoWUTrainer`, "
+            "which hand it each step's loss."
+        )
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")

@@ -10,7 +10,7 @@ import schedulefree
 import torch
 from transformers import Trainer, TrainerControl, TrainerState
 
-from hf_autowu import AutoWUCallback, AutoWUTrainer
+from hf_autowu import AutoWU, AutoWUCallback, AutoWUTrainer
 
 sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
 from trainer_toy import ToyRegressor, regression_data, training_args  # noqa: E402
@@ -86,6 +86,20 @@ def test_trainer_refuses_a_given_scheduler_and_a_second_autowu(tmp_path):
         AutoWUTrainer(model=model, args=args, train_dataset=regression_data(), optimizers=(optimizer, scheduler))
     with pytest.raises(ValueError, match="remove the AutoWUCallback"):
         AutoWUTrainer(model=model, args=args, train_dataset=regression_data(), callbacks=[AutoWUCallback()])
+
+
+def test_autowu_given_to_a_plain_trainer_as_its_scheduler_points_to_the_entry_points(tmp_path):
+    """A plain `Trainer` steps its scheduler without a loss: the first step says how AutoWU gets one."""
+    model = ToyRegressor()
+    optimizer = torch.optim.AdamW(model.parameters())
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path), max_steps=2),
+        train_dataset=regression_data(),
+        optimizers=(optimizer, AutoWU(optimizer, total_steps=2)),
+    )
+    with pytest.raises(ValueError, match=r"callbacks=\[AutoWUCallback\(\)\]"):
+        trainer.train()
 
 
 def test_callback_outside_a_trainer_points_to_autowu_trainer(tmp_path):
