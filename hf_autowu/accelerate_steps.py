@@ -65,11 +65,10 @@ def _accelerated_optimizer(optimizer: Any) -> Any | None:
         return None
     try:
         from accelerate.optimizer import AcceleratedOptimizer
-        from accelerate.state import GradientState
+        from accelerate.state import is_initialized
     except ImportError:  # an accelerate too broken to import: no loop of its own runs
         return None
-    shared = getattr(GradientState, "_shared_state", None)
-    if shared is not None and len(shared) == 0:
+    if not is_initialized():
         return None  # no `Accelerator` was made in this process: nothing to look for
 
     def is_wrapper(obj: Any) -> bool:

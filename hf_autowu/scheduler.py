@@ -217,9 +217,10 @@ class AutoWU:
         kind = self._accelerate_steps.classify()
         if kind == UPDATE:
             self._step_after_update(loss)
-        elif kind == MICRO_BATCH and self._recording():
-            self._micro_batch_losses.append(_detach_loss(loss))
-        else:  # an update that fp16 overflow skipped (not a step), or a micro-batch whose loss is not kept
+        elif kind == MICRO_BATCH:
+            if self._recording():
+                self._micro_batch_losses.append(_detach_loss(loss))
+        else:  # an update that fp16 overflow skipped: not a step, and its losses are dropped
             self._micro_batch_losses.clear()
 
     def _recording(self) -> bool:
