@@ -35,7 +35,6 @@ SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
         "b7ff47120d34": "e487c74 made a `step(loss)` call that follows no update under Accelerate (a micro-batch "
         "inside `accelerator.accumulate`, an fp16-skipped update) no step, which no benchmark loop makes; the same "
         "218 rows run under both on one AMD EPYC (family 23, model 49): the same bit for bit",
-        "cea953cbc060": "through b7ff47120d34 (both entries' 218 rows on the same CPU)",
     },
     "b7ff47120d34": {
         "cea953cbc060": "5354275 and 10a3d70 changed rewind under DeepSpeed and with another process's snapshots "
@@ -47,7 +46,8 @@ SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
 that showed it: a change to a fingerprinted module that cannot alter what a benchmark run does (DeepSpeed's or
 several processes' paths) leaves the rows as they are, and re-running them on another CPU would move them as a
 new seed does (float rounding) instead of testing the change. An entry is added only after the same rows were
-run under both codes on one CPU and came out bit for bit the same; RESULTS.md's closing note says which."""
+run under both codes on one CPU and came out bit for bit the same; RESULTS.md's closing note says which. Entries
+chain: the same rows bit for bit under A and B, and under B and C, are the same under A and C."""
 
 EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
 
@@ -125,10 +125,15 @@ def decision_fingerprint() -> str:
 
 
 def accepted_fingerprints() -> frozenset[str]:
-    """The decision fingerprints whose AutoWU rows stand for the code as it is now: its own, and those
-    `SAME_DECISIONS_AS` names for it."""
-    current = decision_fingerprint()
-    return frozenset({current, *SAME_DECISIONS_AS.get(current, {})})
+    """The decision fingerprints whose AutoWU rows stand for the code as it is now: its own, those
+    `SAME_DECISIONS_AS` names for it, those it names for them, and so on."""
+    accepted, frontier = {decision_fingerprint()}, [decision_fingerprint()]
+    while frontier:
+        for older in SAME_DECISIONS_AS.get(frontier.pop(), {}):
+            if older not in accepted:
+                accepted.add(older)
+                frontier.append(older)
+    return frozenset(accepted)
 
 
 def has_current_decisions(run: dict[str, Any]) -> bool:

@@ -67,7 +67,7 @@ def test_rows_of_older_code_stand_only_where_listed_as_deciding_the_same(
     bench, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An AutoWU row recorded at an older fingerprint is refused as stale, unless `SAME_DECISIONS_AS` names that
-    fingerprint for today's code; the listing never reaches a third fingerprint, nor another code's."""
+    fingerprint for today's code (or for one it names, and so on); another code's listing does not count."""
     runner, report = bench("runner"), bench("report")
     current = runner.decision_fingerprint()
 
