@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "55fe3620b1a3": {
+        "034ac6663276": "e244764 reads whether an Accelerator exists from accelerate's public `is_initialized` and "
+        "untangles a branch of `AutoWU.step`; the same 218 rows run under both on one AMD EPYC (family 23, model "
+        "49): the same bit for bit",
+    },
     "034ac6663276": {
         "b7ff47120d34": "e487c74 made a `step(loss)` call that follows no update under Accelerate (a micro-batch "
         "inside `accelerator.accumulate`, an fp16-skipped update) no step, which no benchmark loop makes; the same "
