@@ -16,7 +16,8 @@ Settings replayed, in three families (see `AutoWUConfig`), every other option at
 ``confidence`` x ``patience`` (how sure each test must be, and how many in a row).
 
 The tasks: the suite's, and those of ``holdout.py`` (other model families and optimizers, in plain loops), whose
-ramps it records the same way; their LRs are scored with their oracle's curve. Leave-one-task-out, per family: for
+ramps it records the same way; their LRs are scored with their oracle's curve. The held-out tasks of role ``unseen``
+are left out, so that they stay tasks no setting was picked on. Leave-one-task-out, per family: for
 each task, the setting with the lowest mean regret on all the other tasks (validation metric) is picked, and its
 regret on the left-out task (test metric) is reported; the setting picked on all tasks should be the default, and is
 flagged when it is not.
@@ -158,16 +159,19 @@ def suite_cases(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cases
 
 
-def held_out_cases(path: Path) -> list[dict[str, Any]]:
-    """The tasks of ``holdout.py`` whose ramps and oracle grid are recorded in `path` (at the task's budget when
-    recorded there, else at the `--smoke` one), as `suite_cases` describes them (group ``held out``); a replayed LR
-    is scored with the oracle's curves."""
+def held_out_cases(path: Path, roles: tuple[str, ...] = ("chosen-on", "fresh")) -> list[dict[str, Any]]:
+    """The tasks of ``holdout.py`` of one of `roles` whose ramps and oracle grid are recorded in `path` (at the task's
+    budget when recorded there, else at the `--smoke` one), as `suite_cases` describes them (group ``held out``, or
+    ``unseen`` for that role); a replayed LR is scored with the oracle's curves. By default the tasks of role
+    ``unseen`` are left out, so that no setting is picked on them."""
     if not path.exists():
         return []
     with locked_json(path, {"runs": {}}) as data:
         recorded = dict(data["runs"])
     cases = []
     for name, task in holdout.TASKS.items():
+        if task.role not in roles:
+            continue
         by_budget = holdout.recorded_by_budget(recorded, name)
         budgets = [s for s, (grid, ramps) in by_budget.items() if grid and ramps]
         if not budgets:
@@ -183,7 +187,7 @@ def held_out_cases(path: Path) -> list[dict[str, Any]]:
         cases.append(
             {
                 "task": name,
-                "group": "held out",
+                "group": "unseen" if task.role == "unseen" else "held out",
                 "ramps": ramps,
                 "replay": partial(holdout.replay, steps=steps),
                 "steps": steps,

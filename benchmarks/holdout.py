@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Held-out checks of AutoWU's decisions: model families and optimizers outside the benchmark suite.
 
-The tasks are in ``holdout_tasks.py``: six whose ramps helped choose the rules of 19c648e (role ``chosen-on``) and
-three added after those rules were fixed (role ``fresh``), every one in a plain hand-written loop with
-``AutoWU(optimizer, total_steps=..., model=model)``.
+The tasks are in ``holdout_tasks.py``: six whose ramps helped choose the rules of 19c648e (role ``chosen-on``),
+three added after those rules were fixed (role ``fresh``) and two added after every setting was fixed (role
+``unseen``), every one in a plain hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``.
 
 The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.grid_lr`), 5% linear warmup + cosine,
 the best point chosen on the validation split and reported on test (the grid grows while its best point is at an
@@ -168,12 +168,13 @@ def oracle_test(task: HoldoutTask, grid_runs: dict[float, list]) -> float:
 
 
 def at_chance(task: HoldoutTask, value: float) -> bool:
-    """Whether a run's test metric says it learned nothing: a non-finite value, a loss of 0.95 ln 256 or more, or an
-    accuracy of at most 20% (as `quality.py` counts) or within 0.5 pp of always answering the most common class."""
+    """Whether a run's test metric says it learned nothing: a non-finite value, a loss of 0.95 times the task's
+    chance level or more (ln 256 for the byte-level models, as `quality.py` counts), or an accuracy of at most 20% (as
+    `quality.py` counts) or within 0.5 pp of always answering the most common class."""
     if not np.isfinite(value):
         return True
     if task.metric == "loss":
-        return value >= 0.95 * np.log(256)
+        return value >= 0.95 * (task.chance() if task.chance is not None else np.log(256))
     return value <= max(0.2, (task.chance() if task.chance is not None else 0.0) + 0.005)
 
 
@@ -322,11 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "loop with `AutoWU(optimizer, total_steps=..., model=model)`. Role `chosen-on`: no setting was chosen on "
         "these up to 64f9e55, but their ramps helped choose the two rules of 19c648e; role `fresh`: added after "
         "those rules were fixed, never used to choose anything until `max_descent_left` 0.06, which `decisions.py` "
-        "picked on the ramps of the suite and of every task here (its leave-one-task-out table is the held-out "
-        "check). Test metric, mean ± std over "
+        "picked on the ramps of the suite and of the nine tasks then here (its leave-one-task-out table is the "
+        "held-out check); role `unseen`: added at decision code 55fe3620b1a3, after every setting was fixed, and "
+        "run once. Test metric, mean ± std over "
         f"{base_seeds} seeds"
         + ("" if args.default_seeds == base_seeds else f" ({args.default_seeds} for the defaults)")
-        + " (accuracy in %, loss in nats per byte); regret in units of 0.5 pp "
+        + " (accuracy in %, loss in nats per byte or, for the regression, squared error); regret in units of 0.5 pp "
         "or 1% of the oracle's loss, as in `quality.py`. The oracle is `quality.py`'s (5% warmup + cosine, best grid "
         "point on validation). Rewind: the shift `||now - snapshot|| / ||snapshot||` where the run kept its steps "
         "(below `rewind_min_shift`); the two rewind rows force each outcome, so they show what the gate's choice "

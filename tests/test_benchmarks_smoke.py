@@ -201,10 +201,11 @@ def test_band_is_the_oracles_spread_not_the_methods(bench) -> None:
 
 def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp; the
-    held-out tasks' ramps join the suite's in every table."""
+    held-out tasks' ramps join the suite's in every table, except those of role "unseen"."""
     quality, holdout, decisions = bench("quality"), bench("holdout"), bench("decisions")
     quality.main(["--smoke", "--tasks", "digits_cnn", "--methods", "ramp,oracle", "--out-dir", str(tmp_path)])
-    assert holdout.main(["--smoke", "--tasks", "mlp_sgd", "--out-dir", str(tmp_path)]) == 0
+    # the regression is an "unseen" task: recorded, but kept out of the replays that choose settings
+    assert holdout.main(["--smoke", "--tasks", "mlp_sgd,friedman_mlp_adamw", "--out-dir", str(tmp_path)]) == 0
     runs = list(json.loads((tmp_path / "quality.json").read_text())["runs"].values())
     ramps = [r for r in runs if r["method"] == "ramp"]
     spec = decisions.recorded_spec("digits_cnn", ramps)
@@ -220,6 +221,7 @@ def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     section = (tmp_path / "D.md").read_text()
     assert "| digits_cnn | oracle |" in section and "| mlp_sgd (held out) | oracle |" in section
     assert "| mlp_sgd (held out) | " in section.split("### Switch confidence")[1]  # its leave-one-out row
+    assert "friedman" not in section
 
 
 def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -235,6 +237,7 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     roles = [task.role for task in holdout.TASKS.values()]
     assert f"| mean of {roles.count('fresh')} | fresh |" in section
     assert f"| mean of {roles.count('chosen-on')} | chosen-on |" in section
+    assert f"| mean of {roles.count('unseen')} | unseen |" in section
     # every run is recorded, so a second invocation trains nothing and writes the same section
     recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
     assert len(recorded) == len(holdout.TASKS) * (2 + 5 + 1)  # 2 grid points; defaults, 2 rewind, 0.1, paper; ramp
@@ -259,6 +262,21 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         f"switch {default['switch_step']} ({default['switch_reason']}) at LR {default['lr']:.3g}"
         in capsys.readouterr().out
     )
+
+
+def test_holdout_chance_level_of_the_regression_is_predicting_the_mean(bench) -> None:
+    """A loss task with its own chance level (the regression's squared error) counts a run at chance against it, not
+    against ln 256; the byte-level models keep ln 256."""
+    holdout = bench("holdout")
+    regression, language_model = holdout.TASKS["friedman_mlp_adamw"], holdout.TASKS["gru_adafactor"]
+    splits = holdout.holdout_tasks.friedman_splits()
+    y_test, train_mean = splits["test"][1], splits["train"][1].mean()
+    chance = float(((y_test - train_mean) ** 2).mean())
+    assert 15.0 < chance < 40.0  # the targets' variance (Friedman #1: about 24) plus the offset of the train mean
+    assert regression.chance() == pytest.approx(chance)
+    assert holdout.at_chance(regression, 0.96 * chance) and not holdout.at_chance(regression, 0.9 * chance)
+    assert not holdout.at_chance(regression, 6.0)  # above 0.95 ln 256: the byte-level rule would count it
+    assert holdout.at_chance(language_model, 5.3) and not holdout.at_chance(language_model, 5.0)
 
 
 def test_holdout_refuses_fewer_default_seeds_than_seeds(bench, tmp_path: Path, capsys) -> None:
@@ -512,3 +530,28 @@ def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone
         draws.append(torch.rand(4))
     assert len(list(tmp_path.glob("gpt2_stdlib_pretrained_*.pt"))) == 1
     assert torch.equal(draws[0], draws[1])
+
+
+def test_loss_scale_probe_feeds_logs_and_picks_by_leaving_one_task_out(bench) -> None:
+    """The probe feeds the log of each loss (NaN where there is none), and its leave-one-task-out pick on each fold is
+    the scale with the lower mean validation regret on the other tasks, never using the unseen ones."""
+    probe = bench("loss_scale_probe")
+    assert probe.fed([math.e, None, 1.0], "log")[0] == pytest.approx(1.0)
+    assert math.isnan(probe.fed([math.e, None, 1.0], "log")[1]) and probe.fed([2.0], "loss") == [2.0]
+
+    def row(group: str, loss: float, log: float) -> dict:
+        return {
+            "group": group,
+            "loss": {"val": loss, "test": loss, "lrs": [1e-3]},
+            "log": {"val": log, "test": log, "lrs": [2e-3]},
+        }
+
+    # the log scale wins on "a" only; the unseen task would tip every fold to it if it counted
+    rows = {"a": row("suite", 5.0, 1.0), "b": row("suite", 1.0, 2.0), "c": row("held out", 1.0, 2.0)}
+    rows["u"] = row("unseen", 100.0, 0.0)
+    lines = probe.table(rows)
+    # folds: a left out -> b, c prefer loss (test 5.0); b out -> a, c: loss 3.0 vs log 1.5 -> log (test 2.0);
+    # c out -> a, b: log (test 2.0); mean 3.0, against 7/3 with the loss's scale held fixed
+    assert "- leaving one of 3 tasks out: picks log, loss; mean test regret on the left-out tasks 3.00" in lines[-1]
+    assert "(the loss's own scale held fixed: 2.33)" in lines[-1]
+    assert "- unseen (1 tasks): mean test regret 100.00 on the loss, 0.00 on its log" in lines
