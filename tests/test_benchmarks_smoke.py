@@ -532,12 +532,21 @@ def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone
     assert torch.equal(draws[0], draws[1])
 
 
-def test_loss_scale_probe_feeds_logs_and_picks_by_leaving_one_task_out(bench) -> None:
-    """The probe feeds the log of each loss (NaN where there is none), and its leave-one-task-out pick on each fold is
-    the scale with the lower mean validation regret on the other tasks, never using the unseen ones."""
-    probe = bench("loss_scale_probe")
+def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(bench) -> None:
+    """The probe feeds the log of each loss (NaN where there is none), caps the LR after a blow-up only inside its
+    context, and its leave-one-task-out pick on each fold is the variant with the lower mean validation regret on the
+    other tasks, never using the unseen ones."""
+    probe = bench("rule_probes")
     assert probe.fed([math.e, None, 1.0], "log")[0] == pytest.approx(1.0)
     assert math.isnan(probe.fed([math.e, None, 1.0], "log")[1]) and probe.fed([2.0], "loss") == [2.0]
+
+    original = probe.AutoWU._lr_after_blow_up
+    scheduler = probe.AutoWU(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=100)
+    uncapped = scheduler._lr_after_blow_up(5e-5)  # before any test: the estimate is the ramp's start, 1e-5
+    assert uncapped == pytest.approx(1e-5)
+    with probe.blow_up_cap("cap 10"):
+        assert scheduler._lr_after_blow_up(5e-5) == pytest.approx(5e-6)  # a tenth of the LR that blew up
+    assert probe.AutoWU._lr_after_blow_up is original and scheduler._lr_after_blow_up(5e-5) == uncapped
 
     def row(group: str, loss: float, log: float) -> dict:
         return {
@@ -551,7 +560,7 @@ def test_loss_scale_probe_feeds_logs_and_picks_by_leaving_one_task_out(bench) ->
     rows["u"] = row("unseen", 100.0, 0.0)
     lines = probe.table(rows)
     # folds: a left out -> b, c prefer loss (test 5.0); b out -> a, c: loss 3.0 vs log 1.5 -> log (test 2.0);
-    # c out -> a, b: log (test 2.0); mean 3.0, against 7/3 with the loss's scale held fixed
+    # c out -> a, b: log (test 2.0); mean 3.0, against 7/3 with the defaults held fixed
     assert "- leaving one of 3 tasks out: picks log, loss; mean test regret on the left-out tasks 3.00" in lines[-1]
-    assert "(the loss's own scale held fixed: 2.33)" in lines[-1]
-    assert "- unseen (1 tasks): mean test regret 100.00 on the loss, 0.00 on its log" in lines
+    assert "(the defaults held fixed: 2.33)" in lines[-1]
+    assert "- unseen (1 tasks), mean test regret: loss 100.00, log 0.00" in lines

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Probes (not methods): LR rules replayed on every recorded ramp, the unseen tasks included, and scored.
+
+Each variant changes one thing about how AutoWU reads the warmup, and every recorded ramp (the suite's, the held-out
+tasks' and the unseen ones') is replayed through the real `hf_autowu.AutoWU` under it, as `decisions.py` replays its
+settings (rewind off, the defaults otherwise):
+
+- ``loss``: the defaults, fed each loss;
+- ``log``: fed the natural logarithm of each loss (what a user gets with `scheduler.step(loss.log())`). A loss that
+  falls by decades (a regression's squared error on unscaled targets: `holdout_tasks.friedman_mlp_adamw`) puts
+  almost all of its descent in its first drop, so on the loss's own scale a later, slower fall that still halves it
+  looks flat; on a log scale every halving weighs the same;
+- ``cap K``: after a blow-up (the spike watch, a non-finite loss, a rise above the start), decay from at most
+  `1/K` of the LR that blew up, the LR range test's margin, instead of the GP's estimate capped at that LR (a
+  patch of `AutoWU._lr_after_blow_up`, undone after the replay).
+
+The chosen LRs are scored as `decisions.py` scores them (the suite's with AutoWU's own schedule at each grid peak,
+`autowu_at`; the held-out tasks' with their oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
+and leaving one task out picks the variant with the lowest mean validation regret on the other tasks. The held-out
+tasks of role ``unseen`` are scored but take no part in that choice.
+
+Usage: `python benchmarks/rule_probes.py` (about two minutes; needs the `ramp` and `oracle` runs of `quality.py` and
+`holdout.py`); prints a Markdown table and writes `results/rule_probes.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import decisions as d
+import numpy as np
+import torch
+from common import RESULTS_DIR
+from report import regret
+from runner import recorded_runs
+
+from hf_autowu import AutoWU
+
+DEFAULT = "loss"
+VARIANTS = (DEFAULT, "log", "cap 2", "cap 3", "cap 5", "cap 10")
+
+
+def fed(losses: list[float | None], variant: str) -> list[float]:
+    """The ramp's losses as AutoWU is fed them under `variant` (NaN for a missing loss, as `decisions.replay` reads
+    it; the log of a loss that is not positive is NaN too)."""
+    values = [math.nan if x is None else float(x) for x in losses]
+    if variant == "log":
+        return [math.log(x) if x > 0 else math.nan for x in values]
+    return values
+
+
+@contextlib.contextmanager
+def blow_up_cap(variant: str) -> Iterator[None]:
+    """Under ``cap K``, `AutoWU._lr_after_blow_up` returns at most `ceiling / K`; restored on exit."""
+    if not variant.startswith("cap "):
+        yield
+        return
+    divisor, original = float(variant.split()[1]), AutoWU._lr_after_blow_up
+
+    def capped(self: AutoWU, ceiling: float) -> float:
+        return min(original(self, ceiling), ceiling / divisor)
+
+    AutoWU._lr_after_blow_up = capped
+    try:
+        yield
+    finally:
+        AutoWU._lr_after_blow_up = original
+
+
+def probe_case(case: dict[str, Any], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
+    """Per variant: the LR chosen on each seed's ramp, why it switched, and the mean validation and test regret."""
+    best = d.best_metric(case["curves"], case["metric"])
+    row: dict[str, Any] = {"group": case["group"]}
+    for variant in variants:
+        with blow_up_cap(variant):
+            switched = [case["replay"](fed(losses, variant)) for losses in case["ramps"]]
+        lrs = [s.peak_lr for s in switched]
+        row[variant] = {
+            split: float(
+                np.mean([regret(d.proxy(case["scoring"][split], lr), best[split], case["metric"]) for lr in lrs])
+            )
+            for split in ("val", "test")
+        } | {"lrs": lrs, "reasons": [s.switch_reason for s in switched]}
+    return row
+
+
+def table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Per task the test regret of each variant and the LRs of the default and the log; the means per group; the
+    leave-one-task-out result over the tasks that are not unseen."""
+    variants = [key for key in next(iter(rows.values())) if key != "group"]
+    lines = [
+        "| task | group | " + " | ".join(variants) + " | LRs, loss | LRs, log |",
+        "| --- | --- | " + " | ".join("---" for _ in variants) + " | --- | --- |",
+    ]
+    for task, row in rows.items():
+        lrs = [" ".join(f"{lr:.2g}" for lr in row[v]["lrs"]) if v in row else "" for v in (DEFAULT, "log")]
+        cells = " | ".join(f"{row[v]['test']:+.2f}" for v in variants)
+        lines.append(f"| {task} | {row['group']} | {cells} | {lrs[0]} | {lrs[1]} |")
+    lines.append("")
+    for group in dict.fromkeys(row["group"] for row in rows.values()):
+        members = [row for row in rows.values() if row["group"] == group]
+        means = ", ".join(f"{v} {np.mean([row[v]['test'] for row in members]):.2f}" for v in variants)
+        lines.append(f"- {group} ({len(members)} tasks), mean test regret: {means}")
+    choosing = [task for task, row in rows.items() if row["group"] != "unseen"]
+    folds = []
+    for left_out in choosing:
+        others = [t for t in choosing if t != left_out]
+        pick = min(variants, key=lambda v: np.mean([rows[t][v]["val"] for t in others]))
+        folds.append((pick, rows[left_out][pick]["test"]))
+    if folds:
+        picks = sorted({pick for pick, _ in folds})
+        lines.append(
+            f"- leaving one of {len(choosing)} tasks out: picks {', '.join(picks)}; mean test regret on the left-out "
+            f"tasks {np.mean([value for _, value in folds]):.2f} (the defaults held fixed: "
+            f"{np.mean([rows[t][DEFAULT]['test'] for t in choosing]):.2f})"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
+    parser.add_argument("--holdout", type=Path, default=RESULTS_DIR / "holdout.json", help="holdout.py's results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "rule_probes.json", help="where to write")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", module="hf_autowu")
+    held_out = d.held_out_cases(args.holdout, roles=("chosen-on", "fresh", "unseen"))
+    cases = d.suite_cases(recorded_runs(args.results)) + held_out
+    if not cases:
+        print("no task has both ramp and oracle runs yet", file=sys.stderr)
+        return 2
+    rows = {case["task"]: probe_case(case) for case in cases}
+    print("\n".join(table(rows)))
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
