@@ -15,6 +15,7 @@ the script resumes.
 
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
+    python benchmarks/holdout.py --at friedman_mlp_adamw  # also AutoWU's schedule at each grid peak there
     python benchmarks/holdout.py --replay '{"rise_margin": 3}'  # the recorded ramps under other options (stdout)
 """
 
@@ -52,12 +53,18 @@ the real scheduler under any options, as `decisions.py` does with `quality.py`'s
 REWIND_SETTINGS = {"always restore (rewind_min_shift 0)": 0.0, "never restore (rewind_min_shift 1e9)": 1e9}
 
 
-def run(task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, **options: float) -> dict[str, Any]:
-    """Train once: AutoWU (with `options`) when `peak_lr` is None, else the oracle's schedule to `peak_lr`.
+def run(
+    task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, forced_peak: float | None = None, **options: float
+) -> dict[str, Any]:
+    """Train once: AutoWU (with `options`) when `peak_lr` is None, else the oracle's schedule to `peak_lr`. With
+    `forced_peak`, AutoWU decays from that LR at its switch instead of the LR it chose (`quality.py`'s ``autowu_at``).
 
     Returns:
         The validation and test metric, the peak LR, and for AutoWU the switch and what rewind did there.
     """
+    if forced_peak is not None:
+        with m.forced_peak_lr(forced_peak):
+            return run(task, steps, seed, peak_lr, **options)
     torch.manual_seed(seed)
     model, optimizer = task.build(peak_lr or 1.0)
     if peak_lr is None:
@@ -126,17 +133,19 @@ def recorded_run(
     setting: str,
     seed: int,
     lr: float | None = None,
+    forced_peak: float | None = None,
     **options: float,
 ) -> dict[str, Any]:
-    """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`): the run
-    recorded in `path` (an AutoWU run only if recorded with today's decision code), else a new one, recorded."""
+    """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`, decaying
+    from `forced_peak` when given): the run recorded in `path` (an AutoWU run only if recorded with today's decision
+    code), else a new one, recorded."""
     key = run_key(name, setting, seed, steps)
     with locked_json(path, {"runs": {}}) as data:
         found = data["runs"].get(key)
     current = found is not None and ("decision_fingerprint" not in found or has_current_decisions(found))
     if current and not redo:
         return found
-    result = run(task, steps, seed, lr, **options)
+    result = run(task, steps, seed, lr, forced_peak, **options)
     with locked_json(path, {"runs": {}}) as data:
         data["runs"][key] = result
     return result
@@ -207,17 +216,30 @@ def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) 
     return lines + [""]
 
 
-def task_report(name: str, task: HoldoutTask, grid_runs: dict[float, list], autowu: dict[str, list]) -> list[str]:
-    """One task's table: the grid, then each AutoWU setting's metric, regret, LRs and rewind outcome."""
-    best = best_point(task, grid_runs)
+def grid_line(task: HoldoutTask, grid_runs: dict[float, list]) -> str:
+    """Mean test metric at each grid LR, and the point best on validation."""
+    best, at_best = best_point(task, grid_runs), fmt(oracle_test(task, grid_runs), task.metric)
+    return (
+        " · ".join(f"{lr:.3g}: {fmt(np.mean([r['test'] for r in v]), task.metric)}" for lr, v in grid_runs.items())
+        + f" (best on validation: {best:.3g}, {at_best})."
+    )
+
+
+def task_report(
+    name: str,
+    task: HoldoutTask,
+    grid_runs: dict[float, list],
+    autowu: dict[str, list],
+    peaks: dict[float, list] | None = None,
+) -> list[str]:
+    """One task's table: the grid (and AutoWU's schedule at each grid peak, `peaks`, when run), then each AutoWU
+    setting's metric, regret, LRs and rewind outcome."""
     oracle = oracle_test(task, grid_runs)
-    lines = [
-        f"### {name}: {task.description}",
-        "",
-        "Grid (test): "
-        + " · ".join(f"{lr:.3g}: {fmt(np.mean([r['test'] for r in v]), task.metric)}" for lr, v in grid_runs.items())
-        + f" (best on validation: {best:.3g}, {fmt(oracle, task.metric)}).",
-        "",
+    lines = [f"### {name}: {task.description}", "", "Grid (test): " + grid_line(task, grid_runs), ""]
+    if peaks:
+        forced = "AutoWU's schedule with its peak forced to each grid LR (`--at`; test): "
+        lines += [forced + grid_line(task, peaks), ""]
+    lines += [
         "| AutoWU | test | regret | at chance | peak LR per seed | switch (step, reason) | "
         "rewind: shift at the switch, outcome |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -286,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fractions", default="", help="comma-separated slowed_fraction values to run besides the default"
     )
+    parser.add_argument(
+        "--at",
+        default="",
+        help="comma-separated tasks on which AutoWU's schedule also runs with its peak forced to each grid LR "
+        "(quality.py's autowu_at), to tell a miss of the LR choice from one of the schedule",
+    )
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if recorded")
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
@@ -307,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [t for t in args.tasks.split(",") if t]
     if unknown := sorted(set(names) - set(TASKS)):
         parser.error(f"unknown --tasks {unknown}; choose from {list(TASKS)}")
+    at_tasks = {t for t in args.at.split(",") if t}
+    if stray := sorted(at_tasks - set(names)):
+        parser.error(f"--at {stray} must be among --tasks {names}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module="hf_autowu")
     results = args.out_dir / "holdout.json"
@@ -347,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             grid_runs[edge] = [one(f"oracle {edge:g}", s, edge) for s in range(seeds)]
             grid_runs = dict(sorted(grid_runs.items()))
         ramps = [one(RAMP, s, **RAMP_OPTIONS) for s in range(seeds)]
+        peaks = (
+            {lr: [one(f"autowu_at {lr:g}", s, forced_peak=lr) for s in range(seeds)] for lr in grid_runs}
+            if name in at_tasks
+            else None
+        )
         if args.replay is not None:
             print(replay_report(name, task, steps, ramps, grid_runs, json.loads(args.replay)))
             continue
@@ -359,10 +395,10 @@ def main(argv: list[str] | None = None) -> int:
             task.role,
             {label: setting_outcome(task, autowu[label], oracle) for label in (default_label, "paper preset")},
         )
-        task_lines += task_report(name, task, grid_runs, autowu)
+        task_lines += task_report(name, task, grid_runs, autowu, peaks)
         cpus += [(r.get("machine"), "oracle") for runs in grid_runs.values() for r in runs]
         cpus += [(r.get("machine"), "ramp") for r in ramps]
-        cpus += [(r.get("machine"), "AutoWU") for runs in autowu.values() for r in runs]
+        cpus += [(r.get("machine"), "AutoWU") for runs in [*autowu.values(), *(peaks or {}).values()] for r in runs]
         print(f"{name}: done")
     if args.replay is None:
         lines += [cpus_line(cpus), "", "Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary)]

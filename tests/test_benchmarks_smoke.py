@@ -564,3 +564,22 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
     assert "- leaving one of 3 tasks out: picks log, loss; mean test regret on the left-out tasks 3.00" in lines[-1]
     assert "(the defaults held fixed: 2.33)" in lines[-1]
     assert "- unseen (1 tasks), mean test regret: loss 100.00, log 0.00" in lines
+
+
+def test_holdout_at_forces_the_peak_after_autowus_own_switch(bench, tmp_path: Path, capsys) -> None:
+    """`--at`: AutoWU runs at each grid LR as its peak; the runs switch where the default run of the same seed does
+    (the peak only changes what follows the switch), decay from the forced LR, and the task's section lists them."""
+    holdout = bench("holdout")
+    assert holdout.main(["--smoke", "--tasks", "mlp_sgd", "--at", "mlp_sgd", "--out-dir", str(tmp_path)]) == 0
+    recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
+    default = recorded["mlp_sgd|defaults (slowed_fraction 0.3)|0|30"]
+    forced = {key: run for key, run in recorded.items() if key.startswith("mlp_sgd|autowu_at ")}
+    grid = sorted(float(key.split("|")[1].split()[1]) for key in recorded if key.startswith("mlp_sgd|oracle "))
+    assert sorted(run["lr"] for run in forced.values()) == pytest.approx(grid) and default["lr"] not in grid
+    assert all(run["switch_step"] == default["switch_step"] for run in forced.values())
+    assert all(run["switch_reason"] == default["switch_reason"] for run in forced.values())
+    section = (tmp_path / "RESULTS.md").read_text()
+    assert "AutoWU's schedule with its peak forced to each grid LR (`--at`; test): " in section
+    with pytest.raises(SystemExit):
+        holdout.main(["--smoke", "--tasks", "mlp_sgd", "--at", "gru_adamw", "--out-dir", str(tmp_path)])
+    assert "--at ['gru_adamw'] must be among --tasks ['mlp_sgd']" in capsys.readouterr().err
