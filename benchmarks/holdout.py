@@ -2,7 +2,7 @@
 """Held-out checks of AutoWU's decisions: model families and optimizers outside the benchmark suite.
 
 The tasks are in ``holdout_tasks.py``: six whose ramps helped choose the rules of 19c648e (role ``chosen-on``),
-three added after those rules were fixed (role ``fresh``) and two added after every setting was fixed (role
+three added after those rules were fixed (role ``fresh``) and four added after every setting was fixed (role
 ``unseen``), every one in a plain hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``.
 
 The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.grid_lr`), 5% linear warmup + cosine,

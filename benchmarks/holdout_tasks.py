@@ -391,16 +391,27 @@ def squared_error(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.mse_loss(model(batch[0]), batch[1])
 
 
-def mean_squared_error(model: nn.Module) -> tuple[float, float]:
-    """The model's validation and test mean squared error on `friedman_splits`."""
-    data = friedman_splits()
-    return tuple(squared_error(model, data[name]).item() for name in ("val", "test"))
+def squared_errors(splits: Callable[[], dict[str, Batch]]) -> Callable[[nn.Module], tuple[float, float]]:
+    """A scorer: the model's validation and test mean squared error on the (features, targets) splits `splits()`
+    returns."""
+
+    def score(model: nn.Module) -> tuple[float, float]:
+        data = splits()
+        return tuple(squared_error(model, data[name]).item() for name in ("val", "test"))
+
+    return score
 
 
-def friedman_chance() -> float:
-    """The test squared error of predicting the training targets' mean: a model that learned nothing scores this."""
-    data = friedman_splits()
-    return (data["test"][1] - data["train"][1].mean()).square().mean().item()
+def mean_prediction_error(splits: Callable[[], dict[str, Batch]]) -> Callable[[], float]:
+    """The test squared error of always predicting the training targets' mean, on the splits `splits()` returns: a
+    model that learned nothing scores this much."""
+
+    @cache
+    def error() -> float:
+        data = splits()
+        return (data["test"][1] - data["train"][1].mean()).square().mean().item()
+
+    return error
 
 
 @cache
@@ -410,17 +421,6 @@ def friedman_standardized() -> dict[str, Batch]:
     data = friedman_splits()
     mean, std = data["train"][1].mean(), data["train"][1].std()
     return {name: (x, (y - mean) / std) for name, (x, y) in data.items()}
-
-
-def standardized_squared_error(model: nn.Module) -> tuple[float, float]:
-    """The model's validation and test mean squared error on `friedman_standardized`."""
-    data = friedman_standardized()
-    return tuple(squared_error(model, data[name]).item() for name in ("val", "test"))
-
-
-def standardized_chance() -> float:
-    """The test squared error of predicting 0, the standardized training targets' mean."""
-    return friedman_standardized()["test"][1].square().mean().item()
 
 
 def bn_cnn_lion(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -563,8 +563,8 @@ TASKS: dict[str, HoldoutTask] = {
         friedman_mlp_adamw,
         lambda seed: shuffled(*friedman_splits()["train"], 64, seed),
         squared_error,
-        mean_squared_error,
-        chance=friedman_chance,
+        squared_errors(friedman_splits),
+        chance=mean_prediction_error(friedman_splits),
         role="unseen",
     ),
     "convnext_lamb": HoldoutTask(
@@ -587,8 +587,8 @@ TASKS: dict[str, HoldoutTask] = {
         friedman_mlp_adamw,
         lambda seed: shuffled(*friedman_standardized()["train"], 64, seed),
         squared_error,
-        standardized_squared_error,
-        chance=standardized_chance,
+        squared_errors(friedman_standardized),
+        chance=mean_prediction_error(friedman_standardized),
         role="unseen",
     ),
     "bn_cnn_lion": HoldoutTask(

@@ -110,16 +110,12 @@ def table(rows: dict[str, dict[str, Any]]) -> list[str]:
         means = ", ".join(f"{v} {np.mean([row[v]['test'] for row in members]):.2f}" for v in variants)
         lines.append(f"- {group} ({len(members)} tasks), mean test regret: {means}")
     choosing = [task for task, row in rows.items() if row["group"] != "unseen"]
-    folds = []
-    for left_out in choosing:
-        others = [t for t in choosing if t != left_out]
-        pick = min(variants, key=lambda v: np.mean([rows[t][v]["val"] for t in others]))
-        folds.append((pick, rows[left_out][pick]["test"]))
+    folds = d.leave_one_out({"settings": variants, "table": {task: rows[task] for task in choosing}})
     if folds:
-        picks = sorted({pick for pick, _ in folds})
+        picks = sorted({pick for _, pick, _, _ in folds})
         lines.append(
             f"- leaving one of {len(choosing)} tasks out: picks {', '.join(picks)}; mean test regret on the left-out "
-            f"tasks {np.mean([value for _, value in folds]):.2f} (the defaults held fixed: "
+            f"tasks {np.mean([value for _, _, value, _ in folds]):.2f} (the defaults held fixed: "
             f"{np.mean([rows[t][DEFAULT]['test'] for t in choosing]):.2f})"
         )
     return lines
