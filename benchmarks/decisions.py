@@ -16,11 +16,11 @@ Settings replayed, in three families (see `AutoWUConfig`), every other option at
 ``confidence`` x ``patience`` (how sure each test must be, and how many in a row).
 
 The tasks: the suite's, and those of ``holdout.py`` (other model families and optimizers, in plain loops), whose
-ramps it records the same way; their LRs are scored with their oracle's curve. The held-out tasks of role ``unseen``
-are left out, so that they stay tasks no setting was picked on. Leave-one-task-out, per family: for
-each task, the setting with the lowest mean regret on all the other tasks (validation metric) is picked, and its
-regret on the left-out task (test metric) is reported; the setting picked on all tasks should be the default, and is
-flagged when it is not.
+ramps and ``autowu_at`` runs (``holdout.py --at``) it records the same way. The held-out tasks of role ``unseen``
+are left out, so that they stay tasks no setting was picked on. Leave-one-task-out, per family: for each task, the
+setting with the lowest mean regret on all the other tasks (validation metric) is picked, and its regret on the
+left-out task (test metric) is reported; the setting picked on all tasks should be the default, and is flagged when
+it is not.
 
     python benchmarks/decisions.py                 # writes the `decisions` section of RESULTS.md
 """
@@ -162,7 +162,8 @@ def suite_cases(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def held_out_cases(path: Path, roles: tuple[str, ...] = ("chosen-on", "fresh")) -> list[dict[str, Any]]:
     """The tasks of ``holdout.py`` of one of `roles` whose ramps and oracle grid are recorded in `path` (at the task's
     budget when recorded there, else at the `--smoke` one), as `suite_cases` describes them (group ``held out``, or
-    ``unseen`` for that role); a replayed LR is scored with the oracle's curves. By default the tasks of role
+    ``unseen`` for that role); a replayed LR is scored with the curves of `scoring_curves` (the task's ``autowu_at``
+    runs, ``holdout.py --at``, where they cover its grid). By default the tasks of role
     ``unseen`` are left out, so that no setting is picked on them."""
     if not path.exists():
         return []
@@ -184,6 +185,7 @@ def held_out_cases(path: Path, roles: tuple[str, ...] = ("chosen-on", "fresh")) 
             split: (np.log2(lrs), np.array([np.mean([r[split] for r in grid[lr]]) for lr in lrs]))
             for split in ("val", "test")
         }
+        scoring, source = scoring_curves(forced_peak_runs(recorded, name, steps), name, curves)
         cases.append(
             {
                 "task": name,
@@ -193,11 +195,22 @@ def held_out_cases(path: Path, roles: tuple[str, ...] = ("chosen-on", "fresh")) 
                 "steps": steps,
                 "metric": task.metric,
                 "curves": curves,
-                "scoring": curves,
-                "source": "oracle",
+                "scoring": scoring,
+                "source": source,
             }
         )
     return cases
+
+
+def forced_peak_runs(recorded: dict[str, dict], name: str, steps: int) -> list[dict[str, Any]]:
+    """Task `name`'s ``autowu_at`` runs at a budget of `steps` among `recorded` (``holdout.json``'s runs), in the
+    form of ``quality.json``'s runs that `quality_curves` reads."""
+    runs = []
+    for key, run in recorded.items():
+        task_name, setting, _, budget = key.split("|")
+        if task_name == name and int(budget) == steps and setting.startswith("autowu_at "):
+            runs.append(run | {"task": name, "method": "autowu_at", "grid_lr": float(setting.split()[1])})
+    return runs
 
 
 def evaluate(cases: list[dict[str, Any]], family: str = "switch test and LR rule") -> dict[str, Any]:

@@ -16,6 +16,7 @@ the script resumes.
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
     python benchmarks/holdout.py --at friedman_mlp_adamw  # also AutoWU's schedule at each grid peak there
+    python benchmarks/holdout.py --default-seeds 5 --fractions 0.1 --at all  # the section as RESULTS.md has it
     python benchmarks/holdout.py --replay '{"rise_margin": 3}'  # the recorded ramps under other options (stdout)
 """
 
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "--at",
         default="",
         help="comma-separated tasks on which AutoWU's schedule also runs with its peak forced to each grid LR "
-        "(quality.py's autowu_at), to tell a miss of the LR choice from one of the schedule",
+        "(quality.py's autowu_at), to tell a miss of the LR choice from one of the schedule ('all': every task of "
+        "--tasks); decisions.py scores a task's replayed LRs with these runs",
     )
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if recorded")
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [t for t in args.tasks.split(",") if t]
     if unknown := sorted(set(names) - set(TASKS)):
         parser.error(f"unknown --tasks {unknown}; choose from {list(TASKS)}")
-    at_tasks = {t for t in args.at.split(",") if t}
+    at_tasks = set(names) if args.at == "all" else {t for t in args.at.split(",") if t}
     if stray := sorted(at_tasks - set(names)):
         parser.error(f"--at {stray} must be among --tasks {names}")
     torch.set_num_threads(1)

@@ -12,14 +12,20 @@ settings (rewind off, the defaults otherwise):
   looks flat; on a log scale every halving weighs the same;
 - ``cap K``: after a blow-up (the spike watch, a non-finite loss, a rise above the start), decay from at most
   `1/K` of the LR that blew up, the LR range test's margin, instead of the GP's estimate capped at that LR (a
-  patch of `AutoWU._lr_after_blow_up`, undone after the replay).
+  patch of `AutoWU._lr_after_blow_up`, undone after the replay);
+- ``descended``: a passed test counts toward the switch only when the smoothed loss has really fallen (its minimum
+  three noise standard deviations below its start, `SwitchTestOutcome.descended`, which the blow-up rule already
+  reads): on a flat, noisy curve (a fine-tune whose loss barely moves) the minimum is noise, so the ramp goes on
+  until the loss falls, blows up or the ramp ends (a patch of `SwitchTester.run`, undone after the replay);
+- ``x K``: the defaults' LR times `K`, a uniform bias (0.5, 0.7, 1.4, 2): whether the rule's choices sit on the
+  right side of the best peak on average, or only stray from it between seeds.
 
-The chosen LRs are scored as `decisions.py` scores them (the suite's with AutoWU's own schedule at each grid peak,
-`autowu_at`; the held-out tasks' with their oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
+The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
+where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
 and leaving one task out picks the variant with the lowest mean validation regret on the other tasks. The held-out
 tasks of role ``unseen`` are scored but take no part in that choice.
 
-Usage: `python benchmarks/rule_probes.py` (about two minutes; needs the `ramp` and `oracle` runs of `quality.py` and
+Usage: `python benchmarks/rule_probes.py` (about four minutes; needs the `ramp` and `oracle` runs of `quality.py` and
 `holdout.py`); prints a Markdown table and writes `results/rule_probes.json`.
 """
 
@@ -43,9 +49,10 @@ from report import regret
 from runner import recorded_runs
 
 from hf_autowu import AutoWU
+from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
 
 DEFAULT = "loss"
-VARIANTS = (DEFAULT, "log", "cap 2", "cap 3", "cap 5", "cap 10")
+VARIANTS = (DEFAULT, "log", "cap 2", "cap 3", "cap 5", "cap 10", "descended", "x 0.5", "x 0.7", "x 1.4", "x 2")
 
 
 def fed(losses: list[float | None], variant: str) -> list[float]:
@@ -55,6 +62,40 @@ def fed(losses: list[float | None], variant: str) -> list[float]:
     if variant == "log":
         return [math.log(x) if x > 0 else math.nan for x in values]
     return values
+
+
+def scale(variant: str) -> float:
+    """The factor an ``x K`` variant multiplies the chosen LR by (1 for the others)."""
+    return float(variant.split()[1]) if variant.startswith("x ") else 1.0
+
+
+@contextlib.contextmanager
+def patched(variant: str) -> Iterator[None]:
+    """The patch `variant` needs (`blow_up_cap`, `descent_required`), if any, for the time of the context."""
+    with blow_up_cap(variant), descent_required(variant):
+        yield
+
+
+@contextlib.contextmanager
+def descent_required(variant: str) -> Iterator[None]:
+    """Under ``descended``, a test counts toward the switch only when `SwitchTestOutcome.descended` (its outcome is
+    `resolved` only then); restored on exit."""
+    if variant != "descended":
+        yield
+        return
+    original = SwitchTester.run
+
+    def run(self: SwitchTester, *args: Any, **kwargs: Any) -> SwitchTestOutcome | None:
+        outcome = original(self, *args, **kwargs)
+        if outcome is not None:
+            outcome.resolved = outcome.resolved and outcome.descended
+        return outcome
+
+    SwitchTester.run = run
+    try:
+        yield
+    finally:
+        SwitchTester.run = original
 
 
 @contextlib.contextmanager
@@ -80,9 +121,9 @@ def probe_case(case: dict[str, Any], variants: tuple[str, ...] = VARIANTS) -> di
     best = d.best_metric(case["curves"], case["metric"])
     row: dict[str, Any] = {"group": case["group"]}
     for variant in variants:
-        with blow_up_cap(variant):
+        with patched(variant):
             switched = [case["replay"](fed(losses, variant)) for losses in case["ramps"]]
-        lrs = [s.peak_lr for s in switched]
+        lrs = [s.peak_lr * scale(variant) for s in switched]
         row[variant] = {
             split: float(
                 np.mean([regret(d.proxy(case["scoring"][split], lr), best[split], case["metric"]) for lr in lrs])

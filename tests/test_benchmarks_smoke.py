@@ -201,7 +201,8 @@ def test_band_is_the_oracles_spread_not_the_methods(bench) -> None:
 
 def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     """`--smoke` ramps are replayed with the smoke task's budget, so the replayed switch lies within the ramp; the
-    held-out tasks' ramps join the suite's in every table, except those of role "unseen"."""
+    held-out tasks' ramps join the suite's in every table, except those of role "unseen", and their LRs are scored
+    with their `autowu_at` runs once `holdout.py --at` has recorded them."""
     quality, holdout, decisions = bench("quality"), bench("holdout"), bench("decisions")
     quality.main(["--smoke", "--tasks", "digits_cnn", "--methods", "ramp,oracle", "--out-dir", str(tmp_path)])
     # the regression is an "unseen" task: recorded, but kept out of the replays that choose settings
@@ -222,6 +223,16 @@ def test_decisions_replays_smoke_data(bench, tmp_path: Path) -> None:
     assert "| digits_cnn | oracle |" in section and "| mlp_sgd (held out) | oracle |" in section
     assert "| mlp_sgd (held out) | " in section.split("### Switch confidence")[1]  # its leave-one-out row
     assert "friedman" not in section
+    # with `--at`, AutoWU's own schedule at each grid LR scores the held-out task's replayed LRs, as the suite's
+    assert holdout.main(["--smoke", "--tasks", "mlp_sgd", "--at", "mlp_sgd", "--out-dir", str(tmp_path)]) == 0
+    (held_out,) = decisions.held_out_cases(tmp_path / "holdout.json")
+    assert held_out["source"] == "autowu_at"
+    recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
+    forced = {lr: recorded[f"mlp_sgd|autowu_at {lr:g}|0|30"]["test"] for lr in holdout.TASKS["mlp_sgd"].grid[3:5]}
+    assert held_out["scoring"]["test"][1].tolist() == pytest.approx([forced[lr] for lr in sorted(forced)])
+    assert held_out["curves"]["test"][1].tolist() != held_out["scoring"]["test"][1].tolist()  # the oracle's stay
+    assert decisions.main([*paths, "--results-md", str(tmp_path / "D.md")]) == 0
+    assert "| mlp_sgd (held out) | autowu_at |" in (tmp_path / "D.md").read_text()
 
 
 def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -533,10 +544,12 @@ def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone
 
 
 def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(bench) -> None:
-    """The probe feeds the log of each loss (NaN where there is none), caps the LR after a blow-up only inside its
-    context, and its leave-one-task-out pick on each fold is the variant with the lower mean validation regret on the
-    other tasks, never using the unseen ones."""
+    """The probe feeds the log of each loss (NaN where there is none), scales the LR chosen, caps the LR after a
+    blow-up and counts only tests that saw a real descent, each only inside its context, and its leave-one-task-out
+    pick on each fold is the variant with the lower mean validation regret on the other tasks, never using the
+    unseen ones."""
     probe = bench("rule_probes")
+    assert probe.scale("x 1.4") == 1.4 and probe.scale("cap 10") == 1.0 and probe.fed([2.0], "x 2") == [2.0]
     assert probe.fed([math.e, None, 1.0], "log")[0] == pytest.approx(1.0)
     assert math.isnan(probe.fed([math.e, None, 1.0], "log")[1]) and probe.fed([2.0], "loss") == [2.0]
 
@@ -547,6 +560,20 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
     with probe.blow_up_cap("cap 10"):
         assert scheduler._lr_after_blow_up(5e-5) == pytest.approx(5e-6)  # a tenth of the LR that blew up
     assert probe.AutoWU._lr_after_blow_up is original and scheduler._lr_after_blow_up(5e-5) == uncapped
+
+    # a flat, noisy curve with a dip in it: its minimum is noise, so under "descended" no test counts
+    generator = torch.Generator().manual_seed(0)
+    flat = (2.0 + 0.1 * torch.randn(60, generator=generator, dtype=torch.float64)).index_put_(
+        (torch.arange(14, 18),), torch.tensor(1.85, dtype=torch.float64)
+    )
+    tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
+    plain = tester.run(flat, current_lr=1e-3, min_lr=1e-7, warmup_type="exp")
+    assert not plain.descended and plain.resolved
+    with probe.patched("descended"):
+        tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
+        assert not tester.run(flat, current_lr=1e-3, min_lr=1e-7, warmup_type="exp").resolved
+    tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
+    assert tester.run(flat, current_lr=1e-3, min_lr=1e-7, warmup_type="exp").resolved  # the patch is undone
 
     def row(group: str, loss: float, log: float) -> dict:
         return {
