@@ -9,14 +9,16 @@ The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.gr
 the best point chosen on the validation split and reported on test (the grid grows while its best point is at an
 end). AutoWU runs with its defaults; to check the rewind gate, with ``rewind_min_shift`` 0 (always restore at the
 switch) and 1e9 (never restore unless a blow-up forces it); with ``preset="paper"`` for reference; and with the
-``slowed_fraction`` values of ``--fractions``. Runs are recorded in ``results/holdout.json`` (AutoWU's with the
+``slowed_fraction`` values of ``--fractions``. With ``--range-tests``, the baseline HF users reach for: the LR range
+test (torch-lr-finder, as ``quality.py`` runs it, but with the task's own optimizer) with both rules, then the oracle's
+schedule to the LR suggested. Runs are recorded in ``results/holdout.json`` (AutoWU's with the
 decision fingerprint, so a change to the decision code re-runs them), with each task's ramp for ``--replay``, so
 the script resumes.
 
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
     python benchmarks/holdout.py --at friedman_mlp_adamw  # also AutoWU's schedule at each grid peak there
-    python benchmarks/holdout.py --default-seeds 5 --fractions 0.1 --at all  # the section as RESULTS.md has it
+    python benchmarks/holdout.py --default-seeds 5 --fractions 0.1 --at all --range-tests  # the section in RESULTS.md
     python benchmarks/holdout.py --replay '{"rise_margin": 3}'  # the recorded ramps under other options (stdout)
 """
 
@@ -27,8 +29,10 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,13 +56,24 @@ RAMP_OPTIONS = {"patience": 10**6, "divergence_guard": False, "spike_watch": Fal
 default's switch the ramp trains exactly as the default run does (same seed, same LRs), so `--replay` can feed it to
 the real scheduler under any options, as `decisions.py` does with `quality.py`'s ramps."""
 REWIND_SETTINGS = {"always restore (rewind_min_shift 0)": 0.0, "never restore (rewind_min_shift 1e9)": 1e9}
+RANGE_TESTS = {"range test (steepest)": "lr_finder", "range test (min/10)": "lr_finder_min10"}
+"""`--range-tests`: the LR range test with each rule (`methods.FINDER_METHODS`), by label."""
+FINDER_ITERS, FINDER_SKIP = 100, (10, 5)
+"""The range test's steps and the steps its suggestion skips at each end, as for `quality.py`'s tasks."""
 
 
 def run(
-    task: HoldoutTask, steps: int, seed: int, peak_lr: float | None, forced_peak: float | None = None, **options: float
+    task: HoldoutTask,
+    steps: int,
+    seed: int,
+    peak_lr: float | None,
+    forced_peak: float | None = None,
+    finder: str | None = None,
+    **options: float,
 ) -> dict[str, Any]:
     """Train once: AutoWU (with `options`) when `peak_lr` is None, else the oracle's schedule to `peak_lr`. With
     `forced_peak`, AutoWU decays from that LR at its switch instead of the LR it chose (`quality.py`'s ``autowu_at``).
+    With `finder` (a value of `RANGE_TESTS`), the oracle's schedule to the LR range test's suggestion.
 
     Returns:
         The validation and test metric, the peak LR, and for AutoWU the switch and what rewind did there.
@@ -66,6 +81,9 @@ def run(
     if forced_peak is not None:
         with m.forced_peak_lr(forced_peak):
             return run(task, steps, seed, peak_lr, **options)
+    if finder is not None:
+        suggestion, sweep_steps = range_test_peak(task, seed, finder)
+        return run(task, steps, seed, suggestion) | {"sweep_steps": sweep_steps}
     torch.manual_seed(seed)
     model, optimizer = task.build(peak_lr or 1.0)
     if peak_lr is None:
@@ -103,6 +121,44 @@ def run(
     return result
 
 
+def range_test_peak(task: HoldoutTask, seed: int, finder: str) -> tuple[float, int]:
+    """The LR range test as `quality.py` runs it (torch-lr-finder, 1e-7 to 10 in 100 steps, rule `finder`), with
+    the task's own optimizer and loss (no gradient clipping: torch-lr-finder has none), from the model the training
+    run of `seed` starts from, on batches of another seed.
+
+    Returns:
+        The suggested peak LR and the steps the test took.
+    """
+    from torch_lr_finder import TrainDataLoaderIter
+
+    class Stream(TrainDataLoaderIter):
+        """The task's endless batches, each as (batch, no labels)."""
+
+        def __init__(self, batches: Iterator[Any]) -> None:
+            self.batches, self.auto_reset = batches, True
+
+        def __next__(self) -> tuple[Any, None]:
+            return next(self.batches), None
+
+    class LossOf(nn.Module):
+        """The task's loss as the module the range test calls."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch: Any) -> torch.Tensor:
+            return task.loss(self.model, batch)
+
+    torch.manual_seed(seed)
+    model, optimizer = task.build(m.FINDER_START_LR)
+    settings = SimpleNamespace(finder_iters=FINDER_ITERS, finder_skip=FINDER_SKIP)
+    suggestion, sweep_steps, _ = m.lr_range_test(
+        finder, LossOf(model), lambda loss, _labels: loss, Stream(task.batches(seed + 10_000)), settings, optimizer
+    )
+    return suggestion, sweep_steps
+
+
 def run_key(name: str, setting: str, seed: int, steps: int) -> str:
     """Where `holdout.json` records the run of task `name` under `setting` (``RAMP``, ``oracle <lr>`` or an AutoWU
     setting's label) for `seed` and a budget of `steps`."""
@@ -135,18 +191,19 @@ def recorded_run(
     seed: int,
     lr: float | None = None,
     forced_peak: float | None = None,
+    finder: str | None = None,
     **options: float,
 ) -> dict[str, Any]:
-    """`run` for task `name` under `setting` (a grid point when `lr` is given, else AutoWU with `options`, decaying
-    from `forced_peak` when given): the run recorded in `path` (an AutoWU run only if recorded with today's decision
-    code), else a new one, recorded."""
+    """`run` for task `name` under `setting` (a grid point when `lr` is given, the range test `finder` when given,
+    else AutoWU with `options`, decaying from `forced_peak` when given): the run recorded in `path` (an AutoWU run only
+    if recorded with today's decision code), else a new one, recorded."""
     key = run_key(name, setting, seed, steps)
     with locked_json(path, {"runs": {}}) as data:
         found = data["runs"].get(key)
     current = found is not None and ("decision_fingerprint" not in found or has_current_decisions(found))
     if current and not redo:
         return found
-    result = run(task, steps, seed, lr, forced_peak, **options)
+    result = run(task, steps, seed, lr, forced_peak, finder, **options)
     with locked_json(path, {"runs": {}}) as data:
         data["runs"][key] = result
     return result
@@ -196,25 +253,41 @@ def setting_outcome(task: HoldoutTask, runs: list[dict[str, Any]], oracle: float
 
 
 def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:
-    """Per task (name -> role, {setting: (regret, runs at chance)} for the default and the paper preset), then the
-    mean regret over each role's tasks and how many of their runs learned nothing."""
+    """Per task (name -> role, {setting: (regret, runs at chance)} for the default, the paper preset and the range
+    tests where recorded), then the mean regret over each role's tasks and how many of their runs learned nothing (a
+    setting recorded on only some of them: over those, and says how many)."""
 
     def cell(regret_value: float, failed: int) -> str:
         return f"{regret_value:+.2f}" + (f" ({failed} at chance)" if failed else "")
 
-    lines = ["| task | role | default | paper preset |", "| --- | --- | --- | --- |"]
+    settings = list(dict.fromkeys(setting for _, cells in summary.values() for setting in cells))
+    headers = ["default", "paper preset", *settings[2:]]
+    rule = " | ".join("---" for _ in headers)
+    lines = ["| task | role | " + " | ".join(headers) + " |", f"| --- | --- | {rule} |"]
     lines += [
-        f"| {name} | {role} | " + " | ".join(cell(*v) for v in cells.values()) + " |"
+        f"| {name} | {role} | " + " | ".join(cell(*cells[s]) if s in cells else "-" for s in settings) + " |"
         for name, (role, cells) in summary.items()
     ]
     for role in sorted({role for role, _ in summary.values()}):
         rows = [cells for r, cells in summary.values() if r == role]
-        means = [
-            cell(float(np.mean([row[setting][0] for row in rows])), sum(row[setting][1] for row in rows))
-            for setting in rows[0]
-        ]
+        means = []
+        for setting in settings:
+            have = [row[setting] for row in rows if setting in row]
+            mean = cell(float(np.mean([v[0] for v in have])), sum(v[1] for v in have)) if have else "-"
+            means.append(mean + (f" ({len(have)} tasks)" if have and len(have) < len(rows) else ""))
         lines.append(f"| mean of {len(rows)} | {role} | " + " | ".join(means) + " |")
     return lines + [""]
+
+
+def recorded_settings(
+    path: Path, name: str, labels: list[str], seeds: int, steps: int
+) -> dict[str, list[dict[str, Any]]]:
+    """The runs of task `name` under each of `labels` recorded in `path` for all `seeds` seeds (none of its own
+    decision code, so always current), by label; a label with a seed missing is left out."""
+    with locked_json(path, {"runs": {}}) as data:
+        recorded = dict(data["runs"])
+    found = {label: [recorded.get(run_key(name, label, s, steps)) for s in range(seeds)] for label in labels}
+    return {label: runs for label, runs in found.items() if all(r is not None for r in runs)}
 
 
 def grid_line(task: HoldoutTask, grid_runs: dict[float, list]) -> str:
@@ -232,9 +305,10 @@ def task_report(
     grid_runs: dict[float, list],
     autowu: dict[str, list],
     peaks: dict[float, list] | None = None,
+    baselines: dict[str, list] | None = None,
 ) -> list[str]:
     """One task's table: the grid (and AutoWU's schedule at each grid peak, `peaks`, when run), then each AutoWU
-    setting's metric, regret, LRs and rewind outcome."""
+    setting's metric, regret, LRs and rewind outcome; then each range test's (`baselines`, when recorded)."""
     oracle = oracle_test(task, grid_runs)
     lines = [f"### {name}: {task.description}", "", "Grid (test): " + grid_line(task, grid_runs), ""]
     if peaks:
@@ -264,7 +338,16 @@ def task_report(
             + ", ".join(f"{r['switch_step']} {r['switch_reason']}" for r in runs)
             + f" | {outcome} |"
         )
-    return lines + [""]
+    lines.append("")
+    for label, runs in (baselines or {}).items():
+        values = [r["test"] for r in runs]
+        setting_regret, failed = setting_outcome(task, runs, oracle)
+        lines.append(
+            f"- LR {label}, with the task's optimizer, then the oracle's schedule to the LR suggested: "
+            f"{fmt(np.mean(values), task.metric)}, regret {setting_regret:+.2f}, {failed}/{len(values)} at chance, "
+            "LRs " + ", ".join(f"{r['lr']:.3g}" for r in runs) + "."
+        )
+    return lines + ([""] if baselines else [])
 
 
 def replay(losses: list[float], steps: int, **options: Any) -> AutoWU:
@@ -316,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         "(quality.py's autowu_at), to tell a miss of the LR choice from one of the schedule ('all': every task of "
         "--tasks); decisions.py scores a task's replayed LRs with these runs",
     )
+    parser.add_argument(
+        "--range-tests",
+        action="store_true",
+        help="also run the LR range test with both rules (torch-lr-finder with the task's optimizer, then the "
+        "oracle's schedule at the suggestion), --seeds seeds; the report shows them wherever they are recorded",
+    )
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if recorded")
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
@@ -365,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         "or 1% of the oracle's loss, as in `quality.py`. The oracle is `quality.py`'s (5% warmup + cosine, best grid "
         "point on validation). Rewind: the shift `||now - snapshot|| / ||snapshot||` where the run kept its steps "
         "(below `rewind_min_shift`); the two rewind rows force each outcome, so they show what the gate's choice "
-        f"was worth. AutoWU rows at decision code {decision_code_line()}.",
+        "was worth. The LR range test, where recorded (`--range-tests`): torch-lr-finder's sweep from 1e-7 to 10 in "
+        "100 steps with the task's own optimizer (no clipping), the steepest-slope or the minimum/10 rule, then the "
+        "oracle's schedule to the LR suggested, as `quality.py`'s range tests but not its AdamW. "
+        f"AutoWU rows at decision code {decision_code_line()}.",
         "",
     ]
     task_lines: list[str] = []
@@ -392,15 +484,25 @@ def main(argv: list[str] | None = None) -> int:
             label: [one(label, s, **options) for s in range(args.default_seeds if label == default_label else seeds)]
             for label, options in settings.items()
         }
+        if args.range_tests:
+            baselines = {label: [one(label, s, finder=f) for s in range(seeds)] for label, f in RANGE_TESTS.items()}
+        else:
+            baselines = recorded_settings(results, name, list(RANGE_TESTS), seeds, steps)
         oracle = oracle_test(task, grid_runs)
         summary[name] = (
             task.role,
-            {label: setting_outcome(task, autowu[label], oracle) for label in (default_label, "paper preset")},
+            {
+                label: setting_outcome(task, runs, oracle)
+                for label, runs in (
+                    {label: autowu[label] for label in (default_label, "paper preset")} | baselines
+                ).items()
+            },
         )
-        task_lines += task_report(name, task, grid_runs, autowu, peaks)
+        task_lines += task_report(name, task, grid_runs, autowu, peaks, baselines)
         cpus += [(r.get("machine"), "oracle") for runs in grid_runs.values() for r in runs]
         cpus += [(r.get("machine"), "ramp") for r in ramps]
         cpus += [(r.get("machine"), "AutoWU") for runs in [*autowu.values(), *(peaks or {}).values()] for r in runs]
+        cpus += [(r.get("machine"), "range test") for runs in baselines.values() for r in runs]
         print(f"{name}: done")
     if args.replay is None:
         lines += [cpus_line(cpus), "", "Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary)]

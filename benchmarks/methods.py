@@ -158,7 +158,12 @@ def ramp_steps(total_steps: int) -> int:
 
 
 def lr_range_test(
-    method: str, model: nn.Module, criterion: Any, batches: Any, task: Any
+    method: str,
+    model: nn.Module,
+    criterion: Any,
+    batches: Any,
+    task: Any,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[float, int, dict[str, Any]]:
     """Run torch-lr-finder's exponential range test, then restore the model to its initial weights.
 
@@ -167,14 +172,16 @@ def lr_range_test(
         model: module called as ``model(inputs)``.
         criterion: ``criterion(outputs, labels)`` -> scalar loss.
         batches: a DataLoader or a ``TrainDataLoaderIter``.
-        task: gives the number of steps and the skips for the suggestion.
+        task: gives the number of steps and the skips for the suggestion (``finder_iters``, ``finder_skip``).
+        optimizer: the optimizer to sweep with (its state is restored too); the suite's AdamW when None.
 
     Returns:
         (suggested LR, steps taken (the test may stop early on divergence), info with the sweep and both rules).
     """
     from torch_lr_finder import LRFinder
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=FINDER_START_LR, **ADAMW)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=FINDER_START_LR, **ADAMW)
     finder = LRFinder(model, optimizer, criterion)
     with contextlib.redirect_stdout(io.StringIO()):
         finder.range_test(batches, start_lr=FINDER_START_LR, end_lr=FINDER_END_LR, num_iter=task.finder_iters)

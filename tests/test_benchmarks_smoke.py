@@ -593,6 +593,33 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
     assert "- unseen (1 tasks), mean test regret: loss 100.00, log 0.00" in lines
 
 
+def test_holdout_range_tests_train_the_oracles_schedule_at_their_suggestion(bench, tmp_path: Path) -> None:
+    """`--range-tests`: each rule's row is the oracle's schedule trained from the same start to the LR its sweep (the
+    task's optimizer) suggested, the same run as a grid point at that LR; the summary gets a column per rule."""
+    holdout = bench("holdout")
+    args = ["--smoke", "--tasks", "mlp_sgd", "--out-dir", str(tmp_path), "--results-md", str(tmp_path / "R.md")]
+    assert holdout.main([*args, "--range-tests"]) == 0
+    recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
+    task, lrs = holdout.TASKS["mlp_sgd"], {}
+    for label, finder in holdout.RANGE_TESTS.items():
+        row = recorded[f"mlp_sgd|{label}|0|30"]
+        suggestion, sweep_steps = holdout.range_test_peak(task, 0, finder)
+        assert row["lr"] == suggestion and row["sweep_steps"] == sweep_steps <= holdout.FINDER_ITERS
+        assert 1e-7 < suggestion < 10.0
+        again = holdout.run(task, 30, 0, suggestion)
+        assert (again["val"], again["test"]) == (row["val"], row["test"])
+        lrs[finder] = suggestion
+    assert lrs["lr_finder"] != lrs["lr_finder_min10"]
+    section = (tmp_path / "R.md").read_text()
+    assert "| task | role | default | paper preset | range test (steepest) | range test (min/10) |" in section
+    assert "- LR range test (min/10), with the task's optimizer" in section
+    # without the flag the recorded rows are reported, none is run again
+    before = (tmp_path / "holdout.json").read_text()
+    assert holdout.main(args) == 0
+    assert "| range test (steepest) |" in (tmp_path / "R.md").read_text()
+    assert (tmp_path / "holdout.json").read_text() == before
+
+
 def test_holdout_at_forces_the_peak_after_autowus_own_switch(bench, tmp_path: Path, capsys) -> None:
     """`--at`: AutoWU runs at each grid LR as its peak; the runs switch where the default run of the same seed does
     (the peak only changes what follows the switch), decay from the forced LR, and the task's section lists them."""
