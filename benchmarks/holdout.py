@@ -9,16 +9,17 @@ The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.gr
 the best point chosen on the validation split and reported on test (the grid grows while its best point is at an
 end). AutoWU runs with its defaults; to check the rewind gate, with ``rewind_min_shift`` 0 (always restore at the
 switch) and 1e9 (never restore unless a blow-up forces it); with ``preset="paper"`` for reference; and with the
-``slowed_fraction`` values of ``--fractions``. With ``--range-tests``, the baseline HF users reach for: the LR range
-test (torch-lr-finder, as ``quality.py`` runs it, but with the task's own optimizer) with both rules, then the oracle's
-schedule to the LR suggested. Runs are recorded in ``results/holdout.json`` (AutoWU's with the
+``slowed_fraction`` values of ``--fractions``. With ``--baselines``, the two baselines HF users reach for: the LR
+range test (torch-lr-finder, as ``quality.py`` runs it, but with the task's own optimizer) with both rules, then the
+oracle's schedule to the LR suggested; and Schedule-Free AdamW at its package defaults in place of the task's
+optimizer, as ``quality.py`` runs it. Runs are recorded in ``results/holdout.json`` (AutoWU's with the
 decision fingerprint, so a change to the decision code re-runs them), with each task's ramp for ``--replay``, so
 the script resumes.
 
     python benchmarks/holdout.py                      # writes the `holdout` section of RESULTS.md
     python benchmarks/holdout.py --fractions 0.1,0.3  # also AutoWU with these slowed_fraction values
     python benchmarks/holdout.py --at friedman_mlp_adamw  # also AutoWU's schedule at each grid peak there
-    python benchmarks/holdout.py --default-seeds 5 --fractions 0.1 --at all --range-tests  # the section in RESULTS.md
+    python benchmarks/holdout.py --default-seeds 5 --fractions 0.1 --at all --baselines  # the section in RESULTS.md
     python benchmarks/holdout.py --replay '{"rise_margin": 3}'  # the recorded ramps under other options (stdout)
 """
 
@@ -56,8 +57,16 @@ RAMP_OPTIONS = {"patience": 10**6, "divergence_guard": False, "spike_watch": Fal
 default's switch the ramp trains exactly as the default run does (same seed, same LRs), so `--replay` can feed it to
 the real scheduler under any options, as `decisions.py` does with `quality.py`'s ramps."""
 REWIND_SETTINGS = {"always restore (rewind_min_shift 0)": 0.0, "never restore (rewind_min_shift 1e9)": 1e9}
-RANGE_TESTS = {"range test (steepest)": "lr_finder", "range test (min/10)": "lr_finder_min10"}
-"""`--range-tests`: the LR range test with each rule (`methods.FINDER_METHODS`), by label."""
+BASELINES = {
+    "range test (steepest)": "lr_finder",
+    "range test (min/10)": "lr_finder_min10",
+    "Schedule-Free AdamW": "schedulefree",
+}
+"""`--baselines`: the LR range test with each rule (`methods.FINDER_METHODS`) and Schedule-Free AdamW, as methods of
+`methods.py`, by label."""
+BN_RECALIBRATION_BATCHES = 50
+"""Training batches run forward under Schedule-Free's eval weights, so that BatchNorm's statistics are theirs (the
+schedulefree package's recommendation for BatchNorm models)."""
 FINDER_ITERS, FINDER_SKIP = 100, (10, 5)
 """The range test's steps and the steps its suggestion skips at each end, as for `quality.py`'s tasks."""
 
@@ -68,12 +77,13 @@ def run(
     seed: int,
     peak_lr: float | None,
     forced_peak: float | None = None,
-    finder: str | None = None,
+    baseline: str | None = None,
     **options: float,
 ) -> dict[str, Any]:
     """Train once: AutoWU (with `options`) when `peak_lr` is None, else the oracle's schedule to `peak_lr`. With
     `forced_peak`, AutoWU decays from that LR at its switch instead of the LR it chose (`quality.py`'s ``autowu_at``).
-    With `finder` (a value of `RANGE_TESTS`), the oracle's schedule to the LR range test's suggestion.
+    With `baseline` (a value of `BASELINES`): a range test's, the oracle's schedule to the LR the test suggests;
+    ``"schedulefree"``, Schedule-Free AdamW at its package defaults and warmup in place of the task's optimizer.
 
     Returns:
         The validation and test metric, the peak LR, and for AutoWU the switch and what rewind did there.
@@ -81,17 +91,22 @@ def run(
     if forced_peak is not None:
         with m.forced_peak_lr(forced_peak):
             return run(task, steps, seed, peak_lr, **options)
-    if finder is not None:
-        suggestion, sweep_steps = range_test_peak(task, seed, finder)
+    if baseline in m.FINDER_METHODS:
+        suggestion, sweep_steps = range_test_peak(task, seed, baseline)
         return run(task, steps, seed, suggestion) | {"sweep_steps": sweep_steps}
+    method = baseline or ("autowu" if peak_lr is None else "oracle")
     torch.manual_seed(seed)
     model, optimizer = task.build(peak_lr or 1.0)
-    if peak_lr is None:
+    if method == "schedulefree":
+        optimizer, scheduler = m.loop_optimizer(method, model, SimpleNamespace(steps=steps), None)
+        peak_lr = m.SCHEDULEFREE_LR
+    elif method == "autowu":
         scheduler = AutoWU(optimizer, total_steps=steps, model=model, **options)
     else:
         scheduler = get_cosine_schedule_with_warmup(optimizer, m.warmup_steps(steps), steps)
     stream = task.batches(seed)
     model.train()
+    m.set_optimizer_mode(optimizer, train=True)
     losses = []
     for _ in range(steps):
         loss = task.loss(model, next(stream))
@@ -101,12 +116,15 @@ def run(
         if task.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), task.max_grad_norm)
         optimizer.step()
-        m.step_scheduler("autowu" if peak_lr is None else "oracle", scheduler, loss)
+        m.step_scheduler(method, scheduler, loss)
+    m.set_optimizer_mode(optimizer, train=False)
+    if method == "schedulefree":
+        recalibrate_batchnorm(model, task, stream)
     model.eval()
     with torch.no_grad():
         val, test = task.score(model)
     result: dict[str, Any] = {"val": val, "test": test, "lr": peak_lr, "machine": cpu_name()}
-    if peak_lr is None:
+    if method == "autowu":
         rewinder = scheduler.rewinder
         result |= {
             "lr": scheduler.peak_lr,
@@ -119,6 +137,21 @@ def run(
             "losses": torch.stack(losses).tolist(),
         }
     return result
+
+
+def recalibrate_batchnorm(
+    model: nn.Module, task: HoldoutTask, stream: Iterator[Any], batches: int = BN_RECALIBRATION_BATCHES
+) -> None:
+    """Recompute the running statistics of `model`'s normalization layers (BatchNorm and any layer that tracks them)
+    under the weights it now has, with `batches` forward passes in training mode on the next batches of `stream`;
+    nothing when it has none. Schedule-Free evaluates other weights than it trains, so the statistics gathered in
+    training do not fit them."""
+    if not any(getattr(module, "running_mean", None) is not None for module in model.modules()):
+        return
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            task.loss(model, next(stream))
 
 
 def range_test_peak(task: HoldoutTask, seed: int, finder: str) -> tuple[float, int]:
@@ -191,10 +224,10 @@ def recorded_run(
     seed: int,
     lr: float | None = None,
     forced_peak: float | None = None,
-    finder: str | None = None,
+    baseline: str | None = None,
     **options: float,
 ) -> dict[str, Any]:
-    """`run` for task `name` under `setting` (a grid point when `lr` is given, the range test `finder` when given,
+    """`run` for task `name` under `setting` (a grid point when `lr` is given, the method `baseline` when given,
     else AutoWU with `options`, decaying from `forced_peak` when given): the run recorded in `path` (an AutoWU run only
     if recorded with today's decision code), else a new one, recorded."""
     key = run_key(name, setting, seed, steps)
@@ -203,7 +236,7 @@ def recorded_run(
     current = found is not None and ("decision_fingerprint" not in found or has_current_decisions(found))
     if current and not redo:
         return found
-    result = run(task, steps, seed, lr, forced_peak, finder, **options)
+    result = run(task, steps, seed, lr, forced_peak, baseline, **options)
     with locked_json(path, {"runs": {}}) as data:
         data["runs"][key] = result
     return result
@@ -308,7 +341,7 @@ def task_report(
     baselines: dict[str, list] | None = None,
 ) -> list[str]:
     """One task's table: the grid (and AutoWU's schedule at each grid peak, `peaks`, when run), then each AutoWU
-    setting's metric, regret, LRs and rewind outcome; then each range test's (`baselines`, when recorded)."""
+    setting's metric, regret, LRs and rewind outcome; then each baseline's (`baselines`, when recorded)."""
     oracle = oracle_test(task, grid_runs)
     lines = [f"### {name}: {task.description}", "", "Grid (test): " + grid_line(task, grid_runs), ""]
     if peaks:
@@ -342,11 +375,14 @@ def task_report(
     for label, runs in (baselines or {}).items():
         values = [r["test"] for r in runs]
         setting_regret, failed = setting_outcome(task, runs, oracle)
-        lines.append(
-            f"- LR {label}, with the task's optimizer, then the oracle's schedule to the LR suggested: "
-            f"{fmt(np.mean(values), task.metric)}, regret {setting_regret:+.2f}, {failed}/{len(values)} at chance, "
-            "LRs " + ", ".join(f"{r['lr']:.3g}" for r in runs) + "."
-        )
+        outcome = f"{fmt(np.mean(values), task.metric)}, regret {setting_regret:+.2f}, {failed}/{len(values)}"
+        outcome += " at chance"
+        if BASELINES[label] in m.FINDER_METHODS:
+            what = f"LR {label}, with the task's optimizer, then the oracle's schedule to the LR suggested"
+            outcome += ", LRs " + ", ".join(f"{r['lr']:.3g}" for r in runs)
+        else:
+            what = f"{label} at its package defaults (LR {m.SCHEDULEFREE_LR:g}, 5% warmup), not the task's optimizer"
+        lines.append(f"- {what}: {outcome}.")
     return lines + ([""] if baselines else [])
 
 
@@ -400,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tasks); decisions.py scores a task's replayed LRs with these runs",
     )
     parser.add_argument(
-        "--range-tests",
+        "--baselines",
         action="store_true",
         help="also run the LR range test with both rules (torch-lr-finder with the task's optimizer, then the "
-        "oracle's schedule at the suggestion), --seeds seeds; the report shows them wherever they are recorded",
+        "oracle's schedule at the suggestion) and Schedule-Free AdamW at its package defaults, --seeds seeds; the "
+        "report shows them wherever they are recorded",
     )
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if recorded")
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
@@ -454,9 +491,13 @@ def main(argv: list[str] | None = None) -> int:
         "or 1% of the oracle's loss, as in `quality.py`. The oracle is `quality.py`'s (5% warmup + cosine, best grid "
         "point on validation). Rewind: the shift `||now - snapshot|| / ||snapshot||` where the run kept its steps "
         "(below `rewind_min_shift`); the two rewind rows force each outcome, so they show what the gate's choice "
-        "was worth. The LR range test, where recorded (`--range-tests`): torch-lr-finder's sweep from 1e-7 to 10 in "
-        "100 steps with the task's own optimizer (no clipping), the steepest-slope or the minimum/10 rule, then the "
-        "oracle's schedule to the LR suggested, as `quality.py`'s range tests but not its AdamW. "
+        "was worth. Baselines, where recorded (`--baselines`): the LR range test, torch-lr-finder's sweep from 1e-7 "
+        "to 10 in 100 steps with the task's own optimizer (no clipping), the steepest-slope or the minimum/10 rule, "
+        "then the oracle's schedule to the LR suggested, as `quality.py`'s range tests but not its AdamW; "
+        "Schedule-Free AdamW at its package defaults (LR 2.5e-3, no weight decay) with 5% warmup in place of the "
+        "task's optimizer, as in `quality.py`, the task's clipping kept, scored with its eval weights and, in "
+        f"models with BatchNorm, their own statistics ({BN_RECALIBRATION_BATCHES} training batches forward, as "
+        "the schedulefree package recommends). "
         f"AutoWU rows at decision code {decision_code_line()}.",
         "",
     ]
@@ -484,10 +525,10 @@ def main(argv: list[str] | None = None) -> int:
             label: [one(label, s, **options) for s in range(args.default_seeds if label == default_label else seeds)]
             for label, options in settings.items()
         }
-        if args.range_tests:
-            baselines = {label: [one(label, s, finder=f) for s in range(seeds)] for label, f in RANGE_TESTS.items()}
+        if args.baselines:
+            baselines = {label: [one(label, s, baseline=b) for s in range(seeds)] for label, b in BASELINES.items()}
         else:
-            baselines = recorded_settings(results, name, list(RANGE_TESTS), seeds, steps)
+            baselines = recorded_settings(results, name, list(BASELINES), seeds, steps)
         oracle = oracle_test(task, grid_runs)
         summary[name] = (
             task.role,
@@ -502,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         cpus += [(r.get("machine"), "oracle") for runs in grid_runs.values() for r in runs]
         cpus += [(r.get("machine"), "ramp") for r in ramps]
         cpus += [(r.get("machine"), "AutoWU") for runs in [*autowu.values(), *(peaks or {}).values()] for r in runs]
-        cpus += [(r.get("machine"), "range test") for runs in baselines.values() for r in runs]
+        cpus += [
+            (r.get("machine"), "range test" if BASELINES[label] in m.FINDER_METHODS else label)
+            for label, runs in baselines.items()
+            for r in runs
+        ]
         print(f"{name}: done")
     if args.replay is None:
         lines += [cpus_line(cpus), "", "Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary)]

@@ -593,15 +593,20 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
     assert "- unseen (1 tasks), mean test regret: loss 100.00, log 0.00" in lines
 
 
-def test_holdout_range_tests_train_the_oracles_schedule_at_their_suggestion(bench, tmp_path: Path) -> None:
-    """`--range-tests`: each rule's row is the oracle's schedule trained from the same start to the LR its sweep (the
-    task's optimizer) suggested, the same run as a grid point at that LR; the summary gets a column per rule."""
-    holdout = bench("holdout")
+def test_holdout_baselines_are_the_range_tests_and_schedule_free_as_users_run_them(bench, tmp_path: Path) -> None:
+    """`--baselines`: each range-test rule's row is the oracle's schedule trained from the same start to the LR its
+    sweep (the task's optimizer) suggested, the same run as a grid point at that LR; Schedule-Free's row is the task's
+    model trained by Schedule-Free AdamW at its package defaults and scored with its eval weights, as a plain loop
+    written here gets it; the summary gets a column per baseline."""
+    holdout, methods = bench("holdout"), bench("methods")
+    from schedulefree import AdamWScheduleFree
+
     args = ["--smoke", "--tasks", "mlp_sgd", "--out-dir", str(tmp_path), "--results-md", str(tmp_path / "R.md")]
-    assert holdout.main([*args, "--range-tests"]) == 0
+    assert holdout.main([*args, "--baselines"]) == 0
     recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
     task, lrs = holdout.TASKS["mlp_sgd"], {}
-    for label, finder in holdout.RANGE_TESTS.items():
+    for label in ("range test (steepest)", "range test (min/10)"):
+        finder = holdout.BASELINES[label]
         row = recorded[f"mlp_sgd|{label}|0|30"]
         suggestion, sweep_steps = holdout.range_test_peak(task, 0, finder)
         assert row["lr"] == suggestion and row["sweep_steps"] == sweep_steps <= holdout.FINDER_ITERS
@@ -610,14 +615,56 @@ def test_holdout_range_tests_train_the_oracles_schedule_at_their_suggestion(benc
         assert (again["val"], again["test"]) == (row["val"], row["test"])
         lrs[finder] = suggestion
     assert lrs["lr_finder"] != lrs["lr_finder_min10"]
+
+    torch.manual_seed(0)
+    model, _ = task.build(1.0)
+    optimizer = AdamWScheduleFree(model.parameters(), lr=2.5e-3, warmup_steps=methods.warmup_steps(30))
+    stream = task.batches(0)
+    model.train()
+    optimizer.train()
+    for _ in range(30):
+        loss = task.loss(model, next(stream))
+        optimizer.zero_grad()
+        loss.backward()
+        assert task.max_grad_norm is None  # the task does not clip
+        optimizer.step()
+    optimizer.eval()
+    model.eval()
+    with torch.no_grad():
+        val, test = task.score(model)
+    row = recorded["mlp_sgd|Schedule-Free AdamW|0|30"]
+    assert (row["val"], row["test"], row["lr"]) == (val, test, 2.5e-3)
+
     section = (tmp_path / "R.md").read_text()
-    assert "| task | role | default | paper preset | range test (steepest) | range test (min/10) |" in section
+    assert "| default | paper preset | range test (steepest) | range test (min/10) | Schedule-Free AdamW |" in section
     assert "- LR range test (min/10), with the task's optimizer" in section
+    assert "- Schedule-Free AdamW at its package defaults (LR 0.0025, 5% warmup), not the task's optimizer" in section
     # without the flag the recorded rows are reported, none is run again
     before = (tmp_path / "holdout.json").read_text()
     assert holdout.main(args) == 0
-    assert "| range test (steepest) |" in (tmp_path / "R.md").read_text()
+    assert "| range test (steepest) | range test (min/10) | Schedule-Free AdamW |" in (tmp_path / "R.md").read_text()
     assert (tmp_path / "holdout.json").read_text() == before
+
+
+def test_holdout_recalibrates_batchnorm_under_schedule_frees_eval_weights(bench) -> None:
+    """Before Schedule-Free's eval weights are scored, a BatchNorm model's running statistics are recomputed with
+    them (forward passes only: the weights stay as they are); a model without BatchNorm is left alone."""
+    holdout = bench("holdout")
+    task = holdout.TASKS["bn_cnn_nesterov"]
+    torch.manual_seed(0)
+    model, _ = task.build(0.1)
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and all(float(bn.running_mean.abs().max()) == 0.0 for bn in norms)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    holdout.recalibrate_batchnorm(model, task, task.batches(0), batches=7)
+    assert all(int(bn.num_batches_tracked) == 7 and float(bn.running_mean.abs().max()) > 0.0 for bn in norms)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+    plain = holdout.TASKS["mlp_sgd"]
+    mlp, _ = plain.build(0.1)
+    stream, fresh = plain.batches(0), plain.batches(0)
+    holdout.recalibrate_batchnorm(mlp, plain, stream)
+    assert all(torch.equal(a, b) for a, b in zip(next(stream), next(fresh), strict=True))
 
 
 def test_holdout_at_forces_the_peak_after_autowus_own_switch(bench, tmp_path: Path, capsys) -> None:
