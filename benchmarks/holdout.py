@@ -309,6 +309,37 @@ def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) 
             mean = cell(float(np.mean([v[0] for v in have])), sum(v[1] for v in have)) if have else "-"
             means.append(mean + (f" ({len(have)} tasks)" if have and len(have) < len(rows) else ""))
         lines.append(f"| mean of {len(rows)} | {role} | " + " | ".join(means) + " |")
+    return lines + ["", *all_task_comparison(summary, settings)]
+
+
+def all_task_comparison(
+    summary: dict[str, tuple[str, dict[str, tuple[float, int]]]], settings: list[str]
+) -> list[str]:
+    """Over every task of `summary`, each setting's mean and median regret, then the default minus each other setting,
+    task by task on the tasks both have: the mean of the differences, its standard error over those tasks, and on how
+    many the default is ahead and behind."""
+    regrets = {s: {name: cells[s][0] for name, (_, cells) in summary.items() if s in cells} for s in settings}
+    lines = [f"Over all {len(summary)} tasks, mean regret (median):", ""]
+    lines += [
+        f"- {s}: {np.mean(list(v.values())):+.2f} ({np.median(list(v.values())):+.2f})"
+        + (f" ({len(v)} tasks)" if len(v) < len(summary) else "")
+        for s, v in regrets.items()
+    ]
+    lines += [
+        "",
+        "The default minus each, task by task (mean of the differences ± its standard error over tasks):",
+        "",
+    ]
+    default = regrets[settings[0]]
+    for s in settings[1:]:
+        differences = np.array([default[name] - value for name, value in regrets[s].items() if name in default])
+        if len(differences) < 2:
+            continue
+        error = differences.std(ddof=1) / np.sqrt(len(differences))
+        lines.append(
+            f"- default minus {s}: {differences.mean():+.2f} ± {error:.2f} ({len(differences)} tasks: ahead on "
+            f"{int((differences < 0).sum())}, behind on {int((differences > 0).sum())})"
+        )
     return lines + [""]
 
 

@@ -646,6 +646,22 @@ def test_holdout_baselines_are_the_range_tests_and_schedule_free_as_users_run_th
     assert (tmp_path / "holdout.json").read_text() == before
 
 
+def test_holdout_compares_the_default_with_each_setting_task_by_task(bench) -> None:
+    """The held-out summary's all-task lines: mean and median regret per setting (over the tasks that have it), and
+    the default minus each other setting on the tasks both have, with the standard error of those differences."""
+    holdout = bench("holdout")
+    summary = {
+        "a": ("fresh", {"default": (1.0, 0), "x": (3.0, 0)}),
+        "b": ("unseen", {"default": (5.0, 0), "x": (2.0, 1)}),
+        "c": ("fresh", {"default": (0.0, 0)}),
+    }
+    lines = holdout.all_task_comparison(summary, ["default", "x"])
+    assert "- default: +2.00 (+1.00)" in lines
+    assert "- x: +2.50 (+2.50) (2 tasks)" in lines
+    # differences -2 and +3: mean 0.5, sample std sqrt(12.5), standard error sqrt(12.5 / 2) = 2.5
+    assert "- default minus x: +0.50 ± 2.50 (2 tasks: ahead on 1, behind on 1)" in lines
+
+
 def test_holdout_recalibrates_batchnorm_under_schedule_frees_eval_weights(bench) -> None:
     """Before Schedule-Free's eval weights are scored, a BatchNorm model's running statistics are recomputed with
     them (forward passes only: the weights stay as they are); a model without BatchNorm is left alone."""
