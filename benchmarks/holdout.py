@@ -286,9 +286,9 @@ def setting_outcome(task: HoldoutTask, runs: list[dict[str, Any]], oracle: float
 
 
 def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:
-    """Per task (name -> role, {setting: (regret, runs at chance)} for the default, the paper preset and the range
-    tests where recorded), then the mean regret over each role's tasks and how many of their runs learned nothing (a
-    setting recorded on only some of them: over those, and says how many)."""
+    """Per task (name -> role, {setting: (regret, runs at chance)} for the default, the paper preset and the
+    baselines where recorded), then the mean regret over each role's tasks and how many of their runs learned nothing
+    (a setting recorded on only some of them: over those, and says how many), then `all_task_comparison`."""
 
     def cell(regret_value: float, failed: int) -> str:
         return f"{regret_value:+.2f}" + (f" ({failed} at chance)" if failed else "")
