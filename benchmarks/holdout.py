@@ -46,6 +46,7 @@ from common import cpu_name, cpus_line, locked_json, resolve_output_paths, updat
 from holdout_tasks import TASKS, HoldoutTask  # noqa: E402
 from report import regret  # noqa: E402
 from runner import decision_code_line, decision_fingerprint, has_current_decisions  # noqa: E402
+from tasks import TaskSpec  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
@@ -67,8 +68,8 @@ BASELINES = {
 BN_RECALIBRATION_BATCHES = 50
 """Training batches run forward under Schedule-Free's eval weights, so that BatchNorm's statistics are theirs (the
 schedulefree package's recommendation for BatchNorm models)."""
-FINDER_ITERS, FINDER_SKIP = 100, (10, 5)
-"""The range test's steps and the steps its suggestion skips at each end, as for `quality.py`'s tasks."""
+FINDER_ITERS, FINDER_SKIP = TaskSpec.finder_iters, TaskSpec.finder_skip
+"""The range test's steps and the steps its suggestion skips at each end: those of `quality.py`'s tasks."""
 
 
 def run(
@@ -406,8 +407,8 @@ def task_report(
     for label, runs in (baselines or {}).items():
         values = [r["test"] for r in runs]
         setting_regret, failed = setting_outcome(task, runs, oracle)
-        outcome = f"{fmt(np.mean(values), task.metric)}, regret {setting_regret:+.2f}, {failed}/{len(values)}"
-        outcome += " at chance"
+        mean = fmt(np.mean(values), task.metric)
+        outcome = f"{mean}, regret {setting_regret:+.2f}, {failed}/{len(values)} at chance"
         if BASELINES[label] in m.FINDER_METHODS:
             what = f"LR {label}, with the task's optimizer, then the oracle's schedule to the LR suggested"
             outcome += ", LRs " + ", ".join(f"{r['lr']:.3g}" for r in runs)
@@ -561,15 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             baselines = recorded_settings(results, name, list(BASELINES), seeds, steps)
         oracle = oracle_test(task, grid_runs)
-        summary[name] = (
-            task.role,
-            {
-                label: setting_outcome(task, runs, oracle)
-                for label, runs in (
-                    {label: autowu[label] for label in (default_label, "paper preset")} | baselines
-                ).items()
-            },
-        )
+        compared = {label: autowu[label] for label in (default_label, "paper preset")} | baselines
+        summary[name] = (task.role, {label: setting_outcome(task, runs, oracle) for label, runs in compared.items()})
         task_lines += task_report(name, task, grid_runs, autowu, peaks, baselines)
         cpus += [(r.get("machine"), "oracle") for runs in grid_runs.values() for r in runs]
         cpus += [(r.get("machine"), "ramp") for r in ramps]
