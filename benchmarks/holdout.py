@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import cpu_name, cpus_line, locked_json, resolve_output_paths, update_section  # noqa: E402
 from holdout_tasks import TASKS, HoldoutTask  # noqa: E402
-from report import regret  # noqa: E402
+from report import failed, regret, regret_with_error, summarize  # noqa: E402
 from runner import decision_code_line, decision_fingerprint, has_current_decisions  # noqa: E402
 from tasks import TaskSpec  # noqa: E402
 from torch import nn  # noqa: E402
@@ -294,7 +294,7 @@ def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) 
     def cell(regret_value: float, failed: int) -> str:
         return f"{regret_value:+.2f}" + (f" ({failed} at chance)" if failed else "")
 
-    settings = list(dict.fromkeys(setting for _, cells in summary.values() for setting in cells))
+    settings = setting_labels(summary)
     headers = ["default", "paper preset", *settings[2:]]
     rule = " | ".join("---" for _ in headers)
     lines = ["| task | role | " + " | ".join(headers) + " |", f"| --- | --- | {rule} |"]
@@ -311,6 +311,48 @@ def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) 
             means.append(mean + (f" ({len(have)} tasks)" if have and len(have) < len(rows) else ""))
         lines.append(f"| mean of {len(rows)} | {role} | " + " | ".join(means) + " |")
     return lines + ["", *all_task_comparison(summary, settings)]
+
+
+def setting_labels(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:
+    """The settings of `summary`'s rows in order of first appearance (the default first)."""
+    return list(dict.fromkeys(setting for _, cells in summary.values() for setting in cells))
+
+
+def suite_outcomes(path: Path, default_label: str) -> dict[str, tuple[str, dict[str, tuple[float, int]]]]:
+    """The benchmark suite's tasks as rows of this report's summary (role `suite`): from `quality.py`'s runs in `path`
+    (AutoWU rows of other decision code refused, as its report refuses them), each method that has a label here (the
+    default, the paper preset, the baselines) with its regret against the suite's oracle, as `quality.py` reports it,
+    and its runs at chance. Empty when `path` does not exist.
+
+    Args:
+        path: `quality.py`'s results file.
+        default_label: the label of the default setting in this report.
+
+    Returns:
+        Task -> ("suite", {label: (regret, runs at chance)}), for the tasks with both the oracle and the default.
+    """
+    if not path.exists():
+        return {}
+    with locked_json(path, {"runs": {}}) as data:
+        runs = list(data["runs"].values())
+    labels = {"autowu": default_label, "autowu_paper": "paper preset"}
+    labels |= {method: label for label, method in BASELINES.items()}
+    outcomes = {}
+    for name, methods in summarize(runs)[0].items():
+        if "oracle" in methods and "autowu" in methods:
+            oracle = methods["oracle"]["test"]
+            outcomes[name] = (
+                "suite",
+                {
+                    labels[method]: (
+                        regret_with_error(row["test"], oracle, row["metric"])[0],
+                        sum(failed(r) for r in row["runs"]),
+                    )
+                    for method, row in methods.items()
+                    if method in labels
+                },
+            )
+    return outcomes
 
 
 def all_task_comparison(
@@ -576,6 +618,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: done")
     if args.replay is None:
         lines += [cpus_line(cpus), "", "Regret per task (role: see `holdout_tasks.py`):", "", *summary_table(summary)]
+        if not args.smoke and (suite := suite_outcomes(args.out_dir / "quality.json", default_label)):
+            lines += [
+                f"The benchmark suite's {len(suite)} tasks and these together (the suite's rows from `quality.py`: "
+                "its default, paper preset and baselines, each against its own oracle, as in its section):",
+                "",
+                *all_task_comparison(suite | summary, setting_labels(summary)),
+            ]
         lines += task_lines
         update_section(args.results_md, "holdout", "\n".join(lines))
         print(f"wrote the holdout section of {args.results_md}")

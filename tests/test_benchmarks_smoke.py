@@ -662,6 +662,53 @@ def test_holdout_compares_the_default_with_each_setting_task_by_task(bench) -> N
     assert "- default minus x: +0.50 ± 2.50 (2 tasks: ahead on 1, behind on 1)" in lines
 
 
+def test_holdout_pools_the_suites_rows_with_their_regret_against_the_suites_oracle(bench, tmp_path: Path) -> None:
+    """The suite's tasks join the held-out summary (role `suite`) under this report's labels, each method's regret
+    against the suite's oracle (its best grid LR on validation) and its runs at chance; stale AutoWU rows are refused;
+    no results file, no rows."""
+    holdout, runner = bench("holdout"), bench("runner")
+
+    def row(method: str, seed: int, test: float, val: float = 0.5, lr: float | None = None, fp=None) -> dict:
+        return {
+            "task": "digits_cnn",
+            "method": method,
+            "seed": seed,
+            "metric": "accuracy",
+            "val": val,
+            "test": test,
+            "compute": 10,
+            "wall_s": 1.0,
+            "grid_lr": lr,
+            "info": {},
+            "decision_fingerprint": fp,
+        }
+
+    current = runner.decision_fingerprint()
+    runs = [
+        row("oracle", 0, 0.90, val=0.9, lr=1e-3),  # the best point on validation: its test, 90%, is the oracle's
+        row("oracle", 0, 0.99, val=0.1, lr=1e-2),
+        row("autowu", 0, 0.88, fp=current),
+        row("autowu", 1, 0.86, fp=current),  # mean 87%: 3 pp behind, 6 tolerances of 0.5 pp
+        row("autowu", 2, 0.10, fp="0ld0ld0ld0ld"),  # other decision code: refused
+        row("schedulefree", 0, 0.91),  # 1 pp ahead: -2
+        row("lr_finder", 0, 0.10),  # at chance: 80 pp behind, 160
+        row("prodigy", 0, 0.5),  # no label in the held-out report: left out
+    ]
+    (tmp_path / "quality.json").write_text(json.dumps({"runs": {str(i): r for i, r in enumerate(runs)}}))
+    rows = holdout.suite_outcomes(tmp_path / "quality.json", "default")
+    assert rows == {
+        "digits_cnn": (
+            "suite",
+            {
+                "default": (pytest.approx(6.0), 0),
+                "Schedule-Free AdamW": (pytest.approx(-2.0), 0),
+                "range test (steepest)": (pytest.approx(160.0), 1),
+            },
+        )
+    }
+    assert holdout.suite_outcomes(tmp_path / "missing.json", "default") == {}
+
+
 def test_holdout_recalibrates_batchnorm_under_schedule_frees_eval_weights(bench) -> None:
     """Before Schedule-Free's eval weights are scored, a BatchNorm model's running statistics are recomputed with
     them (forward passes only: the weights stay as they are); a model without BatchNorm is left alone."""
