@@ -11,6 +11,7 @@ dropped.
 
 from __future__ import annotations
 
+import enum
 import sys
 import warnings
 from typing import Any
@@ -18,7 +19,15 @@ from typing import Any
 from .optimizer_wrappers import outer_wrapper
 
 UPDATE, MICRO_BATCH, SKIPPED = "update", "micro_batch", "skipped"
-_UNRESOLVED = object()
+
+
+class _Sentinel(enum.Enum):
+    """An enum member, not a bare `object()`: it stays itself through `copy.deepcopy` and pickling of a scheduler."""
+
+    UNRESOLVED = "unresolved"
+
+
+_UNRESOLVED = _Sentinel.UNRESOLVED
 
 
 class AccelerateSteps:

@@ -303,8 +303,8 @@ class AutoWUConfig:
         for name in ("standardize_losses", "divergence_guard", "spike_watch", "estimate_at_cap", "rewind"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"`seed` must be an int in [-2**63, 2**64) (a torch generator seed), got {self.seed!r}.")
         if self.device is not None:
             warnings.warn(
                 "AutoWUConfig: `device` is deprecated and ignored (the closed-form GP always runs on the CPU); "

@@ -79,6 +79,30 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return _local(tensor).detach().to("cpu", copy=True)
 
 
+def _host_value(value: Any) -> Any:
+    """A snapshot of an optimizer state value: host copies of the tensors in it, also inside lists, tuples and dicts
+    (LBFGS keeps its history in lists of tensors and changes them in place), anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return _host_copy(value)
+    if isinstance(value, dict):
+        return {k: _host_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_value(v) for v in value)
+    return value
+
+
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A restored optimizer state value that is not a tensor itself: its tensors copied to `device`, also inside
+    lists, tuples and dicts (fresh copies, so that the snapshot is never changed by training on)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _on_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_device(v, device) for v in value)
+    return value
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     local = _local(tensor)
     return local.numel() * local.element_size()
@@ -240,8 +264,17 @@ class WarmupRewinder:
     def _snapshot_bytes(self) -> int:
         total = sum(_nbytes(b) for b in self._buffers())
         for p, state in self._state_tensors():
-            total += _nbytes(p) + sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+            total += _nbytes(p) + sum(_nbytes(v) for v in _tensors_in(state))
         return total
+
+    def _shapes(self) -> list[list[list[int]]]:
+        """The shapes of this process's stepped tensors and of the model's buffers: a snapshot is restored only into
+        a training state of the same shapes (not after `optimizer.add_param_group`, or a buffer registered again
+        with another shape)."""
+        return [
+            [list(_local(p).shape) for p in self._stepped_params()],
+            [list(_local(b).shape) for b in self._buffers()],
+        ]
 
     # ------------------------------------------------------------------ listener hooks
 
@@ -255,14 +288,18 @@ class WarmupRewinder:
         if not self._budget_checked and not self._check_budget():
             return
         self._next_lr = max(used, scheduler.config.min_lr) * self.lr_factor
-        entry: dict[str, Any] = {"step": scheduler.last_step, "lr": used, "data": None, "bytes": 0, "finite": True}
+        entry: dict[str, Any] = {
+            "step": scheduler.last_step,
+            "lr": used,
+            "data": None,
+            "bytes": 0,
+            "finite": True,
+            "shapes": self._shapes(),
+        }
         if self.holds_snapshots:
             data = {
                 "params": [_host_copy(p) for p, _ in self._state_tensors()],
-                "state": [
-                    {k: _host_copy(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-                    for _, state in self._state_tensors()
-                ],
+                "state": [{k: _host_value(v) for k, v in state.items()} for _, state in self._state_tensors()],
                 "buffers": [_host_copy(b) for b in self._buffers()],
             }
             self._clear_padding(data["params"], data["state"])
@@ -308,14 +345,24 @@ class WarmupRewinder:
             return
         finite = [s["finite"] for s in self.snapshots]
         own = [not s.get("foreign", False) for s in self.snapshots]
-        if self.mode == SHARDED:  # both agreements in one collective
-            flags = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite + own])]
-            finite, own = flags[: len(finite)], flags[len(finite) :]
+        shapes = self._shapes()  # snapshots of states saved before shapes were recorded are taken to fit
+        fits = [s.get("shapes") in (None, shapes) for s in self.snapshots]
+        n = len(finite)
+        if self.mode == SHARDED:  # the three agreements in one collective
+            flags = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite + own + fits])]
+            finite, own, fits = flags[:n], flags[n : 2 * n], flags[2 * n :]
         index = _choose(self.snapshots, finite, scheduler.peak_lr, scheduler.damaged_from)
         if self.mode == REPLICATED:
-            index = broadcast_object(index)
+            index, fits = broadcast_object((index, fits))
         if index is None:
             warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
+        elif not fits[index]:
+            warnings.warn(
+                "AutoWU rewind: the parameters or buffers have changed shape since the snapshot to restore was taken "
+                "(a parameter group added to the optimizer, a buffer registered again); nothing is restored, and "
+                "the run goes on from where it is.",
+                stacklevel=2,
+            )
         elif not own[index]:
             if process_rank() == 0:
                 warnings.warn(
@@ -404,7 +451,7 @@ class WarmupRewinder:
                     del state[key]
                 for key, shape, dtype, value in layout[i]:
                     if shape is None:
-                        state[key] = value
+                        state[key] = _on_device(value, _local(p).device)
                         continue
                     current = state.get(key)
                     if not isinstance(current, torch.Tensor) or tuple(_local(current).shape) != shape:
@@ -506,7 +553,7 @@ class WarmupRewinder:
             data = s["data"]
             if data is None and s.get("file") is not None:
                 data = torch.load(s["file"], weights_only=True, mmap=True)
-            entry = {"step": s["step"], "lr": s["lr"], "finite": s["finite"], "data": data}
+            entry = {"step": s["step"], "lr": s["lr"], "finite": s["finite"], "shapes": s.get("shapes"), "data": data}
             snapshots.append({**entry, "foreign": True} if s.get("foreign") else entry)
         return {
             "snapshots": snapshots,
@@ -546,6 +593,7 @@ class WarmupRewinder:
                 "data": None,
                 "bytes": 0,
                 "finite": bool(saved.get("finite", True)),
+                "shapes": saved.get("shapes"),
             }
             if another_process or saved.get("foreign"):  # never restored (`on_switch`); the bookkeeping stays
                 entry["foreign"] = True

@@ -14,7 +14,7 @@ import torch
 
 from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
 from .config import AutoWUConfig, is_number, resolve_config
-from .distributed import broadcast_floats, mean_over_processes, world_size
+from .distributed import broadcast_floats, mean_over_processes, process_rank, world_size
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder
 from .switch_test import SwitchTester, SwitchTestOutcome
@@ -112,6 +112,12 @@ class AutoWU:
         **options: Any,
     ):
         config = resolve_config(config, options, "config")
+        if not hasattr(optimizer, "param_groups"):
+            raise ValueError(
+                f"`optimizer` must be a torch optimizer (with `param_groups`), got {type(optimizer).__name__}."
+            )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ValueError(f"`model` must be a `torch.nn.Module` or None, got {type(model).__name__}.")
         self.config = config
         self.optimizer = optimizer
         self.steps_per_epoch = _check_optional_positive_int("steps_per_epoch", steps_per_epoch)
@@ -123,8 +129,8 @@ class AutoWU:
                 raise ValueError("`decay_phase_stat`/`decay_phase_factor` act per epoch and need `steps_per_epoch`.")
 
         configured = [_configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
-        top = max(configured)
-        self.group_ratios = [lr / top if top > 0 else 1.0 for lr in configured]
+        self._top_configured_lr = max(configured)
+        self.group_ratios = [self._ratio_of(lr) for lr in configured]
 
         self._listeners: list[Any] = []
         self._model = model
@@ -284,7 +290,7 @@ class AutoWU:
 
     def get_last_lr(self) -> list[float]:
         """The LR of every parameter group for the next optimizer step."""
-        return [self._lr * ratio for ratio in self.group_ratios]
+        return [self._lr * ratio for ratio in self._current_group_ratios()]
 
     def lr_at(self, step: int) -> float:
         """The LR (of the largest group) that the schedule gives optimizer step `step`, as known now.
@@ -388,12 +394,24 @@ class AutoWU:
         self._flush_pending()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe)."""
+        """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe).
+
+        With several processes, call `sync_pending_losses()` on every process first (the Trainer's entry points do):
+        the losses since the last switch test are held per process until then, and a state saved from one process
+        would resume with that process's losses instead of their mean (a warning says so).
+        """
+        if self._pending and world_size() > 1 and process_rank() == 0:
+            warnings.warn(
+                f"AutoWU.state_dict: {len(self._pending)} losses of this process are not yet averaged over the "
+                "processes; call `scheduler.sync_pending_losses()` on every process before saving, or a resume from "
+                "this state uses this process's losses instead of their mean and differs from an uninterrupted run.",
+                stacklevel=2,
+            )
         return {
             "config": self.config.to_dict(),
             "total_steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch,
-            "group_ratios": list(self.group_ratios),
+            "group_ratios": list(self._current_group_ratios()),
             "last_step": self.last_step,
             "phase": self.phase,
             "switch_step": self.switch_step,
@@ -434,6 +452,7 @@ class AutoWU:
                 "AutoWU.load_state_dict: this is not an AutoWU state (no `config` or `history`); was the checkpoint "
                 "written with another scheduler?"
             )
+        ratios = self._loaded_group_ratios(state_dict["group_ratios"])  # raises before anything is changed
         budget = self.total_steps
         saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
         changed = saved_config.differing_options(self.config)
@@ -444,7 +463,7 @@ class AutoWU:
         self.steps_per_epoch = state_dict["steps_per_epoch"]
         self.warmup_steps = self.config.warmup_length(self.total_steps)
         self.cooldown_start = self.config.cooldown_start(self.total_steps)
-        self.group_ratios = [float(r) for r in state_dict["group_ratios"]]
+        self.group_ratios = ratios
         self.last_step = int(state_dict["last_step"])
         self.phase = state_dict["phase"]
         self.switch_step = state_dict["switch_step"]
@@ -482,6 +501,42 @@ class AutoWU:
         if budget != self.total_steps:
             self._replan_budget(budget)
         self._apply_lr()
+
+    def _loaded_group_ratios(self, saved: list[float]) -> list[float]:
+        """The saved LR ratios of the parameter groups, checked against this optimizer's groups: more saved than there
+        are groups is another optimizer's state (a `ValueError`, as torch's optimizers raise); fewer, and the groups
+        after them keep the ratio of their configured LR that this scheduler read from them (with a warning)."""
+        ratios = [float(r) for r in saved]
+        groups = len(self.optimizer.param_groups)
+        if len(ratios) > groups:
+            raise ValueError(
+                f"AutoWU.load_state_dict: the state holds the LR ratios of {len(ratios)} parameter groups, but the "
+                f"optimizer has {groups}: it was saved with another optimizer."
+            )
+        if len(ratios) < groups:
+            warnings.warn(
+                f"AutoWU: the state holds the LR ratios of {len(ratios)} parameter groups and the optimizer has "
+                f"{groups}; the groups after the first {len(ratios)} follow the ratio of their configured LR to the "
+                "largest one configured when AutoWU was built, as groups added with `add_param_group` do.",
+                stacklevel=3,
+            )
+            ratios += self._current_group_ratios()[len(ratios) :]  # this optimizer's own, as built or added
+        return ratios
+
+    def _ratio_of(self, lr: float) -> float:
+        """A parameter group's LR ratio: its configured LR over the largest one configured when AutoWU was built."""
+        top = self._top_configured_lr
+        return lr / top if top > 0 else 1.0
+
+    def _current_group_ratios(self) -> list[float]:
+        """`group_ratios`, extended to groups added to the optimizer since (`optimizer.add_param_group`, as in
+        gradual unfreezing): each gets the ratio of its configured LR (the optimizer's default LR when it set none)."""
+        groups = self.optimizer.param_groups
+        if len(groups) > len(self.group_ratios):
+            self.group_ratios += [
+                self._ratio_of(_configured_lr(i, groups[i])) for i in range(len(self.group_ratios), len(groups))
+            ]
+        return self.group_ratios
 
     def _report_other_options(self, names: list[str]) -> None:
         """Say that the state being loaded was saved with other options (`names`), and that the saved ones are used:
@@ -729,7 +784,7 @@ class AutoWU:
         """Set the LR of the next step (`self.last_step`) in every parameter group."""
         if self.phase != "decay":
             self._lr = self.lr_at(self.last_step)
-        for group, ratio in zip(self.optimizer.param_groups, self.group_ratios, strict=False):
+        for group, ratio in zip(self.optimizer.param_groups, self._current_group_ratios(), strict=False):
             set_group_lr(group, self._lr * ratio)
 
     def _flush_pending(self) -> None:
@@ -839,7 +894,7 @@ def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
         return float(loss)
     kind = getattr(getattr(loss, "dtype", None), "kind", "")
     if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):
-        return float(loss)  # a numpy array holding one number
+        return float(loss.item())  # a numpy array holding one number, of any shape
     raise ValueError(f"`loss` must be a tensor or a float, got {type(loss).__name__}.")
 
 

@@ -117,8 +117,13 @@ class _TrainerAutoWU(AutoWU):
             self._warm_up_again = STALE_STATE
             return
         steps_before = _steps_before(state)
-        self.total_steps = max(self.total_steps - steps_before, 1)  # what this run leaves the saved AutoWU run
-        super().load_state_dict(state)
+        budget = self.total_steps
+        self.total_steps = max(budget - steps_before, 1)  # what this run leaves the saved AutoWU run
+        try:
+            super().load_state_dict(state)
+        except Exception:
+            self.total_steps = budget  # a state that cannot be loaded leaves the scheduler as it was
+            raise
         self._steps_before = steps_before
 
     def _report_other_options(self, names: list[str]) -> None:
@@ -180,7 +185,15 @@ class _AutoWUEvents(TrainerCallback):
             if rewinder is None or rewinder.enabled:
                 rewinder = WarmupRewinder(trainer.model, trainer.optimizer, scheduler)
             rewinder.state_key = None
-            _load_rewind_state(rewinder, resume_from_checkpoint)
+            found = _load_rewind_state(rewinder, resume_from_checkpoint)
+            resumed_in_warmup = scheduler.phase == "warmup" and scheduler.last_step > 0
+            if not found and resume_from_checkpoint is not None and resumed_in_warmup:
+                logger.warning(
+                    f"AutoWU: the checkpoint {resume_from_checkpoint} holds no rewind state "
+                    f"({REWIND_FILE.format(rank=process_rank())}); the run goes on without the snapshots taken before "
+                    "it, so the switch can only restore snapshots taken from now on and the run will differ from an "
+                    "uninterrupted one."
+                )
         scheduler.add_switch_listener(self._on_switch)
 
     def _on_switch(self, scheduler: AutoWU) -> None:
@@ -561,17 +574,18 @@ def _steps_per_epoch(dataloader: DataLoader | None, args: TrainingArguments) -> 
     return max(math.ceil(len(dataloader) / args.gradient_accumulation_steps), 1)
 
 
-def _load_rewind_state(rewinder: WarmupRewinder, checkpoint: str | None) -> None:
+def _load_rewind_state(rewinder: WarmupRewinder, checkpoint: str | None) -> bool:
     """Load this process's rewind state from a checkpoint folder (the main process's when this process has none
     there, e.g. after a change of world size), memory-mapped, so that a process that holds no snapshots never reads
-    them."""
+    them. Returns whether a rewind state was found."""
     if checkpoint is None:
-        return
+        return False
     for rank in dict.fromkeys((process_rank(), 0)):
         path = os.path.join(checkpoint, REWIND_FILE.format(rank=rank))
         if os.path.exists(path):
             rewinder.load_state_dict(torch.load(path, weights_only=True, mmap=True))
-            return
+            return True
+    return False
 
 
 def _refuse_unsupported(trainer: Trainer, entry_point: str, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -1,5 +1,6 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
-process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both."""
+process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both; a state saved
+from the main process between two tests resumes exactly once the losses are synced, and says so when they are not."""
 
 import math
 import sys
@@ -51,3 +52,14 @@ def test_a_blow_up_between_tests_is_caught_by_both_at_the_next_test(ranks):
     next_test = (SPIKE_STEP // SPIKE_INTERVAL + 1) * SPIKE_INTERVAL
     assert first["switch_reason"] == "spike" and first["switch_step"] == next_test
     assert first["peak_lr"] <= first["lrs"][SPIKE_STEP - 1]
+
+
+@pytest.mark.multiprocess
+def test_a_state_saved_between_tests_from_the_main_process_resumes_exactly_after_a_sync(ranks):
+    """As `accelerator.register_for_checkpointing` saves it: the main process's state, loaded on every process. Each
+    process's losses since the last test are its own until `sync_pending_losses()` averages them; `state_dict()` warns
+    (on the main process) when they are not, and after the sync the resumed run is the uninterrupted one."""
+    for rank, result in enumerate(ranks):
+        assert result["resumed"]["lrs"] == result["nan"]["lrs"], rank
+        assert result["resumed"]["warnings_unsynced"] == (1 if rank == 0 else 0), rank
+        assert result["resumed"]["warnings_synced"] == 0, rank

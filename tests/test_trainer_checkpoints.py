@@ -181,3 +181,23 @@ def test_autowutrainer_logs_options_that_differ_from_the_checkpoints(tmp_path, c
         resumed.lr_scheduler.load_state_dict(state)
     assert not any("other options" in record.getMessage() for record in caplog.records)
     assert AutoWU.from_state_dict(state).last_step == kept.steps[0]  # scheduler.pt read back as the README shows
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_a_warmup_checkpoint_without_its_rewind_file_is_resumed_with_a_log_line(entry_point, tmp_path, caplog):
+    """A checkpoint copied or pruned without `autowu_rewind_rank0.pt` cannot resume bit for bit: the log says so (a
+    resume with the file says nothing of it)."""
+    kept = KeepCheckpoints(tmp_path / "kept")
+    full = make_trainer(entry_point, tmp_path / "full", "steps", [kept])
+    full.train()
+    start = next(step for step in kept.steps if 0 < step < scheduler_of(full).switch_step)
+    checkpoint = tmp_path / "kept" / f"checkpoint-{start}"
+    for present in (True, False):
+        if not present:
+            (checkpoint / hf_autowu.trainer.REWIND_FILE.format(rank=0)).unlink()
+        caplog.clear()
+        resumed = make_trainer(entry_point, tmp_path / f"resumed_{present}", "steps", [], save=False)
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            resumed.train(resume_from_checkpoint=str(checkpoint))
+        said = any("holds no rewind state" in record.getMessage() for record in caplog.records)
+        assert said is not present, present

@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
-watch off), or both blowing up between two switch tests (spike watch on).
+watch off), or both blowing up between two switch tests (spike watch on); and the first run saved between two tests
+from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both.
 
 Run with `torchrun --standalone --nproc_per_node 2 scheduler_two_processes.py OUT_DIR`; writes the LR of every
 step and the decisions to `OUT_DIR/rank{rank}.json` for `tests/test_scheduler_multiprocess.py`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from hf_autowu import AutoWU
 TOTAL = 240
 NAN_STEP = 37
 SPIKE_STEP, SPIKE_INTERVAL = 61, 20  # between the switch tests at steps 60 and 80
+SAVE_STEP = 15  # before the first switch test (step 20): each process holds 15 losses of its own, not averaged
+NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -55,11 +59,40 @@ def run(rank: int, losses, **options) -> dict:
     }
 
 
+def saved_and_resumed(rank: int, losses) -> dict:
+    """`run` under `NAN_OPTIONS`, saved at `SAVE_STEP` from the main process's `state_dict()` (after
+    `sync_pending_losses()` on every process) and loaded into a new scheduler on both; with how many warnings
+    `state_dict()` gave before and after the sync."""
+
+    def build():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **NAN_OPTIONS)
+
+    optimizer, scheduler = build()
+    lrs = []
+    for step in range(TOTAL):
+        if step == SAVE_STEP:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scheduler.state_dict()
+                unsynced = len(caught)
+                scheduler.sync_pending_losses()
+                state = [scheduler.state_dict()]
+                synced = len(caught) - unsynced
+            dist.broadcast_object_list(state, src=0)
+            optimizer, scheduler = build()
+            scheduler.load_state_dict(state[0])
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    return {"lrs": lrs, "warnings_unsynced": unsynced, "warnings_synced": synced}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result = {
-        "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), divergence_guard=False, spike_watch=False),
+        "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), **NAN_OPTIONS),
+        "resumed": saved_and_resumed(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
