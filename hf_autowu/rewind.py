@@ -356,19 +356,20 @@ class WarmupRewinder:
             index, fits = broadcast_object((index, fits))
         if index is None:
             warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
-        elif not fits[index]:
-            warnings.warn(
-                "AutoWU rewind: the parameters or buffers have changed shape since the snapshot to restore was taken "
-                "(a parameter group added to the optimizer, a buffer registered again); nothing is restored, and "
-                "the run goes on from where it is.",
-                stacklevel=2,
-            )
         elif not own[index]:
             if process_rank() == 0:
                 warnings.warn(
                     "AutoWU rewind: the snapshot to restore came from another process's state (each process holds "
                     "its own shards: save every process's `scheduler.state_dict()`, not only the main process's) or "
                     "from another number of processes; nothing is restored, and the run goes on from where it is.",
+                    stacklevel=2,
+                )
+        elif not fits[index]:
+            if process_rank() == 0:
+                warnings.warn(
+                    "AutoWU rewind: the parameters or buffers have changed shape since the snapshot to restore was "
+                    "taken (a parameter group added to the optimizer, a buffer registered again); nothing is "
+                    "restored, and the run goes on from where it is.",
                     stacklevel=2,
                 )
         else:
