@@ -22,19 +22,33 @@ def batch(step):
     return x, x.sum(dim=1, keepdim=True)
 
 
-def unfreezing_run(add_at, **options):
-    """A head trained alone (AdamW, lr 1e-3) whose body joins at step `add_at` as a group at a tenth of that LR."""
+def unfreezing_setup(add=False, **options):
+    """A head trained alone (AdamW, lr 1e-3), its body joining as a group at a tenth of that LR when `add`; AutoWU."""
     torch.manual_seed(0)
     body, head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.nn.Linear(16, 1)
     model = torch.nn.Sequential(body, head)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    scheduler = AutoWU(optimizer, total_steps=STEPS, model=model, **options)
+    if add:
+        optimizer.add_param_group({"params": body.parameters(), "lr": 1e-4})
+    return model, optimizer, AutoWU(optimizer, total_steps=STEPS, model=model, **options)
+
+
+def unfreezing_run(add_at, resume_at=None, **options):
+    """`unfreezing_setup`'s head whose body joins at step `add_at`; resumed at `resume_at` by a new process's code:
+    the model, the optimizer (its groups as at that step) and AutoWU built anew, each loading its saved state."""
+    model, optimizer, scheduler = unfreezing_setup(**options)
     lrs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(STEPS):
             if step == add_at:
-                optimizer.add_param_group({"params": body.parameters(), "lr": 1e-4})
+                optimizer.add_param_group({"params": model[0].parameters(), "lr": 1e-4})
+            if step == resume_at:
+                saved = copy.deepcopy([model.state_dict(), optimizer.state_dict(), scheduler.state_dict()])
+                model, optimizer, scheduler = unfreezing_setup(add=step > add_at, **options)
+                model.load_state_dict(saved[0])
+                optimizer.load_state_dict(saved[1])
+                scheduler.load_state_dict(saved[2])
             x, y = batch(step)
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
@@ -64,30 +78,12 @@ def test_a_group_added_during_warmup_follows_the_schedule_at_its_configured_rati
         assert sum(SHAPE_WARNING in m for m in messages) == 1
 
 
-def test_a_state_with_an_added_group_resumes_bit_exactly():
-    _, lrs, _ = unfreezing_run(10)
-    torch.manual_seed(0)
-    body, head = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.nn.Linear(16, 1)
-    model = torch.nn.Sequential(body, head)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    scheduler = AutoWU(optimizer, total_steps=STEPS, model=model)
-    resumed = []
-    for step in range(STEPS):
-        if step == 10:
-            optimizer.add_param_group({"params": body.parameters(), "lr": 1e-4})
-        if step == 60:  # save, then load into a fresh scheduler built on the head's group alone, as at the start
-            state = copy.deepcopy(scheduler.state_dict())
-            assert len(state["group_ratios"]) == 2
-            scheduler = AutoWU(optimizer, total_steps=STEPS, model=model)
-            scheduler.load_state_dict(state)
-        x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        resumed.append([group["lr"] for group in optimizer.param_groups])
-        scheduler.step(loss)
-    assert resumed == lrs
+@pytest.mark.parametrize("resume_at", [60, 110])
+def test_a_run_with_an_added_group_resumes_bit_exactly(resume_at):
+    full, lrs, _ = unfreezing_run(10)
+    resumed, resumed_lrs, messages = unfreezing_run(10, resume_at=resume_at)
+    assert resumed_lrs == lrs and resumed.rewinder.rewound_to == full.rewinder.rewound_to is not None
+    assert not any("parameter groups" in m for m in messages), "the state holds a ratio for the added group"
 
 
 def test_a_state_of_an_optimizer_with_more_groups_is_refused_and_changes_nothing():
