@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "6b21989a4941": {
+        "55fe3620b1a3": "68c2ab7 and 48b52dd changed what happens when a loop changes the training state (a parameter "
+        "group added, a buffer's shape, lists of tensors in the optimizer state, a state of other groups) and "
+        "several processes' checkpoints, which no benchmark loop does; the same 218 rows run under both on one Intel "
+        "Xeon (family 6, model 167): the same bit for bit",
+    },
     "55fe3620b1a3": {
         "034ac6663276": "e244764 reads whether an Accelerator exists from accelerate's public `is_initialized` and "
         "untangles a branch of `AutoWU.step`; the same 218 rows run under both on one AMD EPYC (family 23, model "
