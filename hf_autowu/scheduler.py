@@ -445,14 +445,35 @@ class AutoWU:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a `state_dict()` (or a Trainer checkpoint's scheduler state that holds one); the optimizer's LRs
-        are set to the restored schedule."""
+        are set to the restored schedule.
+
+        Raises:
+            `ValueError`: for a state that is not AutoWU's, is another optimizer's (more parameter groups) or cannot be
+                loaded (a key missing, a value of the wrong kind); the scheduler is then left as it was (a rewinder
+                whose own part of the state fails to load excepted).
+        """
         state_dict = autowu_state_of(state_dict)
         if not isinstance(state_dict, dict) or "config" not in state_dict or "history" not in state_dict:
             raise ValueError(
                 "AutoWU.load_state_dict: this is not an AutoWU state (no `config` or `history`); was the checkpoint "
                 "written with another scheduler?"
             )
-        ratios = self._loaded_group_ratios(state_dict["group_ratios"])  # raises before anything is changed
+        before = dict(self.__dict__)
+        try:
+            self._load(state_dict)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            self.__dict__.clear()
+            self.__dict__.update(before)  # a state that cannot be loaded changes nothing
+            if isinstance(error, ValueError):
+                raise
+            raise ValueError(
+                f"AutoWU.load_state_dict: this state cannot be loaded ({type(error).__name__}: {error}); nothing was "
+                "changed. Was it written by another version or edited?"
+            ) from error
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        """`load_state_dict`'s work, on a state known to be AutoWU's."""
+        ratios = self._loaded_group_ratios(state_dict["group_ratios"])
         budget = self.total_steps
         saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
         changed = saved_config.differing_options(self.config)

@@ -221,3 +221,31 @@ def test_bad_construction_arguments_name_the_argument(kwargs, message):
     arguments = {"optimizer": optimizer, "total_steps": 10} | kwargs
     with pytest.raises(ValueError, match=message):
         AutoWU(arguments.pop("optimizer"), **arguments)
+
+
+@pytest.mark.parametrize("damage", ["record of a test", "missing key", "wrong kind"])
+def test_a_state_that_cannot_be_loaded_raises_and_changes_nothing(damage):
+    def scheduler_after(steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = AutoWU(optimizer, total_steps=120, rewind=False)
+        for step in range(steps):
+            scheduler.step(3.0 / (step + 1) + 0.02 * (step % 5))
+        return scheduler
+
+    saved = scheduler_after(70).state_dict()
+    if damage == "record of a test":
+        saved["tests"][-1] = {"bogus": 1}  # read after most of the state has been assigned
+    elif damage == "missing key":
+        del saved["next_test"]
+    else:
+        saved["cooldown_from"] = 5
+    scheduler, twin = scheduler_after(30), scheduler_after(30)
+    with pytest.raises(ValueError, match="this state cannot be loaded"):
+        scheduler.load_state_dict(saved)
+    # the scheduler goes on exactly as its untouched twin
+    for step in range(30, 120):
+        assert scheduler.get_last_lr() == twin.get_last_lr(), step
+        scheduler.step(1.0 / (step + 1))
+        twin.step(1.0 / (step + 1))
+    assert scheduler.switch_step == twin.switch_step is not None
+    assert torch.equal(scheduler.state_dict()["history"], twin.state_dict()["history"])
