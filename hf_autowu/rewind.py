@@ -41,7 +41,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,27 +79,15 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     return _local(tensor).detach().to("cpu", copy=True)
 
 
-def _host_value(value: Any) -> Any:
-    """A snapshot of an optimizer state value: host copies of the tensors in it, also inside lists, tuples and dicts
-    (LBFGS keeps its history in lists of tensors and changes them in place), anything else as it is."""
+def _map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `function` applied to every tensor in it, also inside lists, tuples and dicts (LBFGS keeps its
+    history in lists of tensors and changes them in place); anything else as it is."""
     if isinstance(value, torch.Tensor):
-        return _host_copy(value)
+        return function(value)
     if isinstance(value, dict):
-        return {k: _host_value(v) for k, v in value.items()}
+        return {k: _map_tensors(v, function) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_host_value(v) for v in value)
-    return value
-
-
-def _on_device(value: Any, device: torch.device) -> Any:
-    """A restored optimizer state value that is not a tensor itself: its tensors copied to `device`, also inside
-    lists, tuples and dicts (fresh copies, so that the snapshot is never changed by training on)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, copy=True)
-    if isinstance(value, dict):
-        return {k: _on_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_device(v, device) for v in value)
+        return type(value)(_map_tensors(v, function) for v in value)
     return value
 
 
@@ -299,7 +287,9 @@ class WarmupRewinder:
         if self.holds_snapshots:
             data = {
                 "params": [_host_copy(p) for p, _ in self._state_tensors()],
-                "state": [{k: _host_value(v) for k, v in state.items()} for _, state in self._state_tensors()],
+                "state": [
+                    {k: _map_tensors(v, _host_copy) for k, v in state.items()} for _, state in self._state_tensors()
+                ],
                 "buffers": [_host_copy(b) for b in self._buffers()],
             }
             self._clear_padding(data["params"], data["state"])
@@ -452,7 +442,8 @@ class WarmupRewinder:
                     del state[key]
                 for key, shape, dtype, value in layout[i]:
                     if shape is None:
-                        state[key] = _on_device(value, _local(p).device)
+                        device = _local(p).device  # fresh copies: training on never changes the snapshot
+                        state[key] = _map_tensors(value, lambda t, device=device: t.to(device, copy=True))
                         continue
                     current = state.get(key)
                     if not isinstance(current, torch.Tensor) or tuple(_local(current).shape) != shape:

@@ -116,14 +116,14 @@ class _TrainerAutoWU(AutoWU):
         if state is not state_dict and _is_stale(state, state_dict.get("last_epoch")):
             self._warm_up_again = STALE_STATE
             return
-        steps_before = _steps_before(state)
-        budget = self.total_steps
-        self.total_steps = max(budget - steps_before, 1)  # what this run leaves the saved AutoWU run
-        try:
-            super().load_state_dict(state)
-        except Exception:
-            self.total_steps = budget  # a state that cannot be loaded leaves the scheduler as it was
-            raise
+        super().load_state_dict(state)
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        """`AutoWU._load` for what this run leaves the saved AutoWU run: the budget less the steps trained before it
+        (inside `load_state_dict`'s all or nothing)."""
+        steps_before = _steps_before(state_dict)
+        self.total_steps = max(self.total_steps - steps_before, 1)
+        super()._load(state_dict)
         self._steps_before = steps_before
 
     def _report_other_options(self, names: list[str]) -> None:
