@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "415c0e35e63a": {
+        "1d0f42c45732": "9dbf2bd merged rewind's two tensor-mapping helpers into one and moved the Trainer's budget "
+        "lowering into `AutoWU._load`; the same 218 rows run under both on one Intel Xeon (family 6, model 167): the "
+        "same bit for bit",
+    },
     "1d0f42c45732": {
         "6b21989a4941": "15cebc4 made `AutoWU.load_state_dict` all or nothing, which no benchmark run calls; the same "
         "218 rows run under both on one Intel Xeon (family 6, model 167): the same bit for bit",
