@@ -59,6 +59,13 @@ def switch_message(scheduler: AutoWU) -> str:
     )
     if blew_up_without_descent(scheduler):
         message += " The loss had not really fallen before it blew up: the peak is a decade below the blow-up's LR."
+    retried = scheduler.retried
+    if retried is not None:
+        restored = retried["restored_step"]
+        message += (
+            f" Warmup had gone on after a non-finite loss at step {retried['loss_index']} (LR {retried['lr']:.4g})"
+            + (f", from the state of step {restored}." if restored is not None else ".")
+        )
     rewinder = scheduler.rewinder
     if rewinder is not None and rewinder.rewound_to is not None:
         message += (

@@ -333,40 +333,10 @@ class WarmupRewinder:
         snapshots are finite everywhere (one collective each, at the switch only)."""
         if not self.snapshots or scheduler.switch_reason == "no_warmup" or not self.enabled:
             return
-        finite = [s["finite"] for s in self.snapshots]
-        own = [not s.get("foreign", False) for s in self.snapshots]
-        shapes = self._shapes()  # snapshots of states saved before shapes were recorded are taken to fit
-        fits = [s.get("shapes") in (None, shapes) for s in self.snapshots]
-        n = len(finite)
-        if self.mode == SHARDED:  # the three agreements in one collective
-            flags = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite + own + fits])]
-            finite, own, fits = flags[:n], flags[n : 2 * n], flags[2 * n :]
-        index = _choose(self.snapshots, finite, scheduler.peak_lr, scheduler.damaged_from)
-        if self.mode == REPLICATED:
-            index, fits = broadcast_object((index, fits))
-        if index is None:
-            warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=2)
-        elif not own[index]:
-            if process_rank() == 0:
-                warnings.warn(
-                    "AutoWU rewind: the snapshot to restore came from another process's state (each process holds "
-                    "its own shards: save every process's `scheduler.state_dict()`, not only the main process's) or "
-                    "from another number of processes; nothing is restored, and the run goes on from where it is.",
-                    stacklevel=2,
-                )
-        elif not fits[index]:
-            if process_rank() == 0:
-                warnings.warn(
-                    "AutoWU rewind: the parameters or buffers have changed shape since the snapshot to restore was "
-                    "taken (a parameter group added to the optimizer, a buffer registered again); nothing is "
-                    "restored, and the run goes on from where it is.",
-                    stacklevel=2,
-                )
-        else:
+        index = self._agreed_choice(scheduler.peak_lr, scheduler.damaged_from)
+        if index is not None:
             chosen = self.snapshots[index]
-            data = None
-            if self.holds_snapshots:
-                data = chosen["data"] if chosen["data"] is not None else torch.load(chosen["file"], weights_only=True)
+            data = self._snapshot_data(chosen)
             shift = self._shift_since(data) if self.min_shift > 0.0 and scheduler.damaged_from is None else math.inf
             if shift < self.min_shift:
                 self.kept = {"step": chosen["step"], "lr": chosen["lr"], "shift": shift}
@@ -382,6 +352,78 @@ class WarmupRewinder:
         for snapshot in self.snapshots:
             self._drop(snapshot)
         self.snapshots = []
+
+    def restore_before(self, scheduler: AutoWU, damaged_from: int) -> dict[str, float] | None:
+        """Warmup goes on after a non-finite loss (`AutoWU.retried`): restore the latest finite snapshot taken before
+        step `damaged_from` (the state that loss was computed on), keep it and the older ones, and drop the later
+        ones, which belong to the abandoned steps. The next snapshot comes when the ramp's LR has grown by `lr_factor`
+        from where it is now. Every process restores the same one (see `on_switch`).
+
+        Args:
+            scheduler (`AutoWU`): The scheduler this rewinder listens to.
+            damaged_from (`int`): Index of the non-finite loss.
+
+        Returns:
+            `dict` or `None`: the restored snapshot's `step` and `lr`, or None when nothing was restored (no finite
+            snapshot before the loss, rewind off, or a snapshot that does not fit: the run goes on from where it is).
+        """
+        if not self.snapshots or not self.enabled:
+            return None
+        index = self._agreed_choice(math.inf, damaged_from)
+        if index is None:
+            return None
+        chosen = self.snapshots[index]
+        self._restore(self._snapshot_data(chosen))
+        for snapshot in self.snapshots[index + 1 :]:
+            self._drop(snapshot)
+        self.snapshots = self.snapshots[: index + 1]
+        used = scheduler.lr_at(scheduler.last_step - 1) if scheduler.last_step > 0 else 0.0
+        self._next_lr = max(used, scheduler.config.min_lr) * self.lr_factor
+        return {"step": chosen["step"], "lr": chosen["lr"]}
+
+    def _agreed_choice(self, lr: float, damaged_from: int | None) -> int | None:
+        """The index of the snapshot every process restores (`_choose` with `lr` and `damaged_from`), or None, with a
+        warning, when there is none: no finite snapshot, or the one chosen holds another process's state or does not
+        fit today's shapes. With sharded state the processes agree on which snapshots are finite, their own and
+        fitting everywhere (one collective); with replicated state the main process's choice is broadcast."""
+        finite = [s["finite"] for s in self.snapshots]
+        own = [not s.get("foreign", False) for s in self.snapshots]
+        shapes = self._shapes()  # snapshots of states saved before shapes were recorded are taken to fit
+        fits = [s.get("shapes") in (None, shapes) for s in self.snapshots]
+        n = len(finite)
+        if self.mode == SHARDED:  # the three agreements in one collective
+            flags = [flag > 0.0 for flag in min_over_processes_each([float(f) for f in finite + own + fits])]
+            finite, own, fits = flags[:n], flags[n : 2 * n], flags[2 * n :]
+        index = _choose(self.snapshots, finite, lr, damaged_from)
+        if self.mode == REPLICATED:
+            index, fits = broadcast_object((index, fits))
+        if index is None:
+            warnings.warn("AutoWU rewind: no finite snapshot is left; the run goes on from where it is.", stacklevel=3)
+        elif not own[index]:
+            if process_rank() == 0:
+                warnings.warn(
+                    "AutoWU rewind: the snapshot to restore came from another process's state (each process holds "
+                    "its own shards: save every process's `scheduler.state_dict()`, not only the main process's) or "
+                    "from another number of processes; nothing is restored, and the run goes on from where it is.",
+                    stacklevel=3,
+                )
+        elif not fits[index]:
+            if process_rank() == 0:
+                warnings.warn(
+                    "AutoWU rewind: the parameters or buffers have changed shape since the snapshot to restore was "
+                    "taken (a parameter group added to the optimizer, a buffer registered again); nothing is "
+                    "restored, and the run goes on from where it is.",
+                    stacklevel=3,
+                )
+        else:
+            return index
+        return None
+
+    def _snapshot_data(self, snapshot: dict[str, Any]) -> dict[str, Any] | None:
+        """A snapshot's tensors (read from its file when offloaded), or None on a process that holds none."""
+        if not self.holds_snapshots:
+            return None
+        return snapshot["data"] if snapshot["data"] is not None else torch.load(snapshot["file"], weights_only=True)
 
     def _clear_padding(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         """Zero, in host copies, the padding elements DeepSpeed leaves uninitialised (ZeRO 3), in each stepped tensor

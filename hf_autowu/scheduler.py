@@ -156,6 +156,8 @@ class AutoWU:
         # after a blow-up: the step count of the first damaged state (its loss is the first bad one); rewind restores
         # only snapshots taken before it
         self.damaged_from: int | None = None
+        # the first non-finite loss of warmup, after which warmup went on (`_retry_after_non_finite`)
+        self.retried: dict[str, Any] | None = None
         self.tests: list[SwitchTestRecord] = []
         self.last_outcome: SwitchTestOutcome | None = None
         self._history = torch.empty(0, dtype=torch.float64)
@@ -418,6 +420,7 @@ class AutoWU:
             "switch_reason": self.switch_reason,
             "peak_lr": self.peak_lr,
             "damaged_from": self.damaged_from,
+            "retried": self.retried,
             "lr": self._lr,
             "tests": [asdict(record) for record in self.tests],
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
@@ -491,6 +494,7 @@ class AutoWU:
         self.switch_reason = state_dict["switch_reason"]
         self.peak_lr = state_dict["peak_lr"]
         self.damaged_from = state_dict.get("damaged_from")
+        self.retried = state_dict.get("retried")
         self._lr = float(state_dict["lr"])
         self.tests = [SwitchTestRecord(**record) for record in state_dict["tests"]]
         outcome = state_dict["last_outcome"]
@@ -694,8 +698,44 @@ class AutoWU:
 
     def _switch_after_blow_up(self, t: int, first_bad: int, reason: str) -> None:
         """The loss blew up at step index `first_bad`: decay from the LR `_lr_after_blow_up` chooses below the LR
-        of the update that produced that loss; rewind only to states from before it."""
+        of the update that produced that loss; rewind only to states from before it. The first non-finite loss of
+        a warmup with steps left is retried instead (`_retry_after_non_finite`)."""
+        if reason == "divergence" and self.retried is None and t < min(self.warmup_steps, self.cooldown_start):
+            self._retry_after_non_finite(t, first_bad)
+            return
         self._switch(t, self._lr_after_blow_up(self._ceiling_before(first_bad)), reason=reason, damaged_from=first_bad)
+
+    def _retry_after_non_finite(self, t: int, first_bad: int) -> None:
+        """Go on with warmup after its first non-finite loss (index `first_bad`), once: one bad batch (every label of
+        a batch masked, an overflow) produces one as surely as an LR too large does, and ending warmup on it would
+        fix the whole run at an LR chosen from a curve barely begun (the floor `min_lr` before any test). The
+        rewinder restores its latest finite snapshot from before that loss (the NaN's update has reached the
+        weights); the losses since that snapshot leave the history (NaN: the GP and the watch skip them), and the
+        ramp goes on from its current LR. Without a snapshot to restore (rewind off, or none before the loss) the run
+        goes on from its current state, as it should when the bad update was skipped (fp16 loss scaling). A second
+        non-finite loss ends warmup as any blow-up does, so an LR that really diverges costs a few steps more. The
+        same on every process: the history is the processes' mean."""
+        rewinder = self.rewinder
+        restored = rewinder.restore_before(self, first_bad) if rewinder is not None else None
+        if restored is not None:
+            self._history[restored["step"] :] = math.nan  # the steps rewound: another trajectory's losses
+        self._checked = len(self._history)  # the losses up to now are settled; the watch's held one among them
+        self._spike_at = None
+        if self._watch is not None:
+            self._watch.forget_held()
+            self._watch.set_reference(self._history)
+        self.retried = {
+            "step": t,
+            "loss_index": first_bad,
+            "lr": self._ceiling_before(first_bad),
+            "restored_step": None if restored is None else restored["step"],
+        }
+        if process_rank() == 0:
+            where = "restored the state of step {}".format(restored["step"]) if restored else "nothing restored"
+            logger.warning(
+                f"AutoWU: the loss of step {first_bad} was not finite (LR {self.retried['lr']:.4g}); warmup goes on "
+                f"({where}), and a second non-finite loss ends it."
+            )
 
     def _lr_after_blow_up(self, ceiling: float) -> float:
         """The LR to decay from when the loss blew up (or rose back above its start) at LR `ceiling`: the latest
@@ -712,8 +752,8 @@ class AutoWU:
         return self._ramp(index - 1) if index > 0 else self.config.min_lr
 
     def _first_non_finite_since_last_test(self, t: int) -> int | None:
-        """Step index of the first non-finite loss since the previous test, if any."""
-        since = self.tests[-1].step if self.tests else 0
+        """Step index of the first non-finite loss since the previous test (or the retry after one), if any."""
+        since = max(self.tests[-1].step if self.tests else 0, self.retried["step"] if self.retried else 0)
         bad = (~torch.isfinite(self._history[since:t])).nonzero()
         return since + int(bad[0]) if bad.numel() else None
 

@@ -141,6 +141,13 @@ class LossSpikeWatch:
             event.synchronize()  # the previous step's copy: normally finished already
         return float(value)
 
+    def forget_held(self) -> None:
+        """Drop the loss held for the next step, and any run of high losses: the state they came from is gone
+        (warmup went on from a restored snapshot)."""
+        self._previous = None
+        self._run_start, self._run_length = None, 0
+        self.non_finite = False
+
     def state_dict(self) -> dict[str, Any]:
         """Reference, run of high losses, and the loss not read yet (read now: a checkpoint is a sync point)."""
         previous = None if self._previous is None else [self._previous[0], self._read(self._previous)]

@@ -100,8 +100,12 @@ def test_a_flat_curve_that_blows_up_decays_from_a_decade_below_the_blow_up(blow_
     assert scheduler.last_outcome is not None and not scheduler.last_outcome.descended
     assert "had not really fallen before it blew up" in switch_message(scheduler)
     first_bad = next(i for i in range(1, total) if ramp[i - 1] > blow_up_lr)
-    if blow_up == "nan":
-        assert scheduler.peak_lr == pytest.approx(ramp[first_bad - 1] / 10, rel=1e-9)
+    if blow_up == "nan":  # the first NaN is retried (nothing to restore here); the next one ends warmup
+        retried = scheduler.retried
+        assert retried is not None and retried["loss_index"] == first_bad and retried["restored_step"] is None
+        assert retried["step"] - first_bad <= 2  # found within two steps
+        assert scheduler.damaged_from == retried["step"]  # the first loss after the retry
+        assert scheduler.peak_lr == pytest.approx(ramp[retried["step"] - 1] / 10, rel=1e-9)
     else:  # switched at a test a few steps into the rise, from a tenth of the LR there
         assert scheduler.peak_lr == pytest.approx(ramp[scheduler.switch_step - 1] / 10, rel=1e-9)
         assert blow_up_lr / 10 < scheduler.peak_lr < 2 * blow_up_lr / 10

@@ -27,10 +27,13 @@ def data(step):
     return x, x.sum(dim=1, keepdim=True)
 
 
-def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=None):
-    """The README's loop: `scheduler.step(loss)` after every optimizer step."""
+def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=None, nan_at=()):
+    """The README's loop: `scheduler.step(loss)` after every optimizer step; the steps `nan_at` get NaN targets (a
+    NaN loss and NaN gradients, as a batch with every label masked gives)."""
     for step in range(start, stop):
         x, y = data(step)
+        if step in nan_at:
+            y = y * math.nan
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
@@ -288,8 +291,9 @@ def test_rewind_restores_only_when_the_parameters_moved_enough(min_shift):
 
 
 def test_rewind_always_restores_after_a_blow_up():
-    """A non-finite loss marks the states from its step on as damaged: the snapshot before it is restored even
-    when the parameters barely moved (a threshold no run reaches)."""
+    """Non-finite losses from step 70 on: the first is retried (warmup goes on from a snapshot before it), the next
+    ends warmup and marks the states from its step on as damaged: the snapshot before it is restored even when the
+    parameters barely moved (a threshold no run reaches)."""
     model, optimizer, scheduler = build(rewind_min_shift=1e9)
     for step in range(400):
         x, y = data(step)
@@ -297,10 +301,70 @@ def test_rewind_always_restores_after_a_blow_up():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        scheduler.step(torch.tensor(math.nan) if step == 70 else loss)
-    rewinder = scheduler.rewinder
-    assert scheduler.switch_reason == "divergence" and scheduler.damaged_from == 70
-    assert rewinder.kept is None and rewinder.rewound_to is not None and rewinder.rewound_to["step"] < 70
+        scheduler.step(torch.tensor(math.nan) if step >= 70 and scheduler.phase == "warmup" else loss)
+    rewinder, retried = scheduler.rewinder, scheduler.retried
+    assert retried["loss_index"] == 70 and retried["restored_step"] < 70
+    assert scheduler.switch_reason == "divergence" and scheduler.damaged_from == retried["step"]
+    assert rewinder.kept is None and rewinder.rewound_to is not None
+    assert rewinder.rewound_to["step"] < scheduler.damaged_from
+
+
+def test_one_non_finite_loss_in_warmup_is_retried_from_the_snapshot_before_it():
+    """One batch with a NaN loss and NaN gradients early in warmup (they reach the weights and BatchNorm's statistics
+    the next step): warmup goes on from the latest snapshot before it, state for state the uninterrupted run's at that
+    step, along the same closed-form ramp, and ends on its own. Before, it ended at that NaN and the run decayed from
+    `min_lr` (1e-5 here), never training."""
+    model, optimizer, scheduler = build(with_model=True)
+    lrs, at_retry = [], None
+    for step in range(400):
+        train(model, optimizer, scheduler, step, step + 1, lrs=lrs, nan_at=(10,))
+        if scheduler.retried is not None and at_retry is None:
+            at_retry = copy.deepcopy((model.state_dict(), optimizer.state_dict()["state"]))
+    retried = scheduler.retried
+    assert retried["loss_index"] == 10 and retried["step"] <= 12 and retried["restored_step"] < 10
+    expected_model, expected_optimizer = state_after(retried["restored_step"])
+    assert_state_equal(at_retry[0], expected_model)
+    assert_state_equal(at_retry[1], expected_optimizer)
+    warmup = scheduler.warmup_steps
+    for step in range(scheduler.switch_step):  # lrs[step] is the LR of optimizer step `step`
+        assert lrs[step] == pytest.approx(1e-5 * 1e5 ** (step / warmup), rel=1e-9)
+    assert scheduler.switch_reason in ("test", "spike") and scheduler.switch_step > 50
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
+    clean_model, clean_optimizer, clean = build(with_model=True)
+    train(clean_model, clean_optimizer, clean, 0, 400)
+    assert clean.peak_lr / 2 <= scheduler.peak_lr <= 2 * clean.peak_lr
+    assert "non-finite loss at step 10" in switch_message(scheduler)
+
+
+def test_a_second_non_finite_loss_ends_warmup():
+    """The retry is once per run: a second NaN, well after the first, ends warmup as a blow-up, rewound to a state
+    from before it."""
+    model, optimizer, scheduler = build(with_model=True)
+    train(model, optimizer, scheduler, 0, 400, nan_at=(10, 40))
+    assert scheduler.retried["loss_index"] == 10
+    assert scheduler.switch_reason == "divergence" and 40 <= scheduler.damaged_from <= 41
+    assert scheduler.rewinder.rewound_to["step"] < scheduler.damaged_from
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
+
+
+def test_resume_after_a_retry_is_bit_exact():
+    """Saved a few steps after the retry: the resumed run does not read the NaN again (it would end warmup) and ends
+    with the uninterrupted run's LRs and weights."""
+    model, optimizer, scheduler = build(with_model=True)
+    expected = []
+    train(model, optimizer, scheduler, 0, 400, lrs=expected, nan_at=(10,))
+    stop = scheduler.retried["step"] + 3
+    model1, optimizer1, scheduler1 = build(with_model=True)
+    lrs = []
+    train(model1, optimizer1, scheduler1, 0, stop, lrs=lrs, nan_at=(10,))
+    saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    model2, optimizer2, scheduler2 = build(seed=123, with_model=True)
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    train(model2, optimizer2, scheduler2, stop, 400, lrs=lrs)
+    assert lrs == expected and scheduler2.switch_reason == scheduler.switch_reason != "divergence"
+    assert_state_equal(model2.state_dict(), model.state_dict())
 
 
 def test_resume_before_a_switch_that_keeps_its_steps_is_bit_exact():

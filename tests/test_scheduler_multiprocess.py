@@ -1,6 +1,7 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
 process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both; a state saved
-from the main process between two tests resumes exactly once the losses are synced, and says so when they are not."""
+from the main process between two tests resumes exactly once the losses are synced, and says so when they are not; a
+NaN on one process is retried by both."""
 
 import math
 import sys
@@ -12,7 +13,7 @@ from helpers import torchrun_ranks
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
-from scheduler_two_processes import NAN_STEP, SPIKE_INTERVAL, SPIKE_STEP, TOTAL, local_loss  # noqa: E402
+from scheduler_two_processes import NAN_STEP, RETRY_STEP, SPIKE_INTERVAL, SPIKE_STEP, TOTAL, local_loss  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
 
@@ -63,3 +64,15 @@ def test_a_state_saved_between_tests_from_the_main_process_resumes_exactly_after
         assert result["resumed"]["lrs"] == result["nan"]["lrs"], rank
         assert result["resumed"]["warnings_unsynced"] == (1 if rank == 0 else 0), rank
         assert result["resumed"]["warnings_synced"] == 0, rank
+
+
+@pytest.mark.multiprocess
+def test_a_non_finite_loss_on_one_process_is_retried_by_both(ranks):
+    """Rank 1's loss and gradients turn NaN once (its weights with them): the mean loss is NaN on both, both go on
+    with warmup from the main process's snapshot (broadcast), and they end with the same LRs and the same finite
+    weights, warmup not ended by that NaN."""
+    first, second = ranks[0]["retried"], ranks[1]["retried"]
+    assert first == second, "the processes disagree"
+    assert first["retried"]["loss_index"] == RETRY_STEP and first["retried"]["restored_step"] < RETRY_STEP
+    assert first["switch_reason"] != "divergence"
+    assert all(math.isfinite(w) for weights in first["weights"] for w in weights)

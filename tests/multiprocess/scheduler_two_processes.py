@@ -1,6 +1,8 @@
 """Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
 watch off), or both blowing up between two switch tests (spike watch on); and the first run saved between two tests
-from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both.
+from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both. And a
+small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one process
+only: warmup goes on from the main process's snapshot, on both.
 
 Run with `torchrun --standalone --nproc_per_node 2 scheduler_two_processes.py OUT_DIR`; writes the LR of every
 step and the decisions to `OUT_DIR/rank{rank}.json` for `tests/test_scheduler_multiprocess.py`.
@@ -25,6 +27,7 @@ NAN_STEP = 37
 SPIKE_STEP, SPIKE_INTERVAL = 61, 20  # between the switch tests at steps 60 and 80
 SAVE_STEP = 15  # before the first switch test (step 20): each process holds 15 losses of its own, not averaged
 NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
+RETRY_STEP = 10  # the model's loss and gradients are NaN at this step on rank 1 only
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -87,6 +90,33 @@ def saved_and_resumed(rank: int, losses) -> dict:
     return {"lrs": lrs, "warnings_unsynced": unsynced, "warnings_synced": synced}
 
 
+def retried_run(rank: int) -> dict:
+    """A linear model trained with AdamW and AutoWU's defaults (rewind included), the same data on both processes;
+    rank 1's loss and gradients are NaN at `RETRY_STEP` (its weights turn NaN). What each process ends with."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=TOTAL, model=model)
+    lrs = []
+    for step in range(TOTAL):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(32, 8, generator=g)
+        loss = torch.nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+        if rank == 1 and step == RETRY_STEP:
+            loss = loss * math.nan
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(loss.detach())
+    return {
+        "lrs": lrs,
+        "retried": scheduler.retried,
+        "switch_reason": scheduler.switch_reason,
+        "weights": [p.detach().flatten().tolist() for p in model.parameters()],
+    }
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -94,6 +124,7 @@ def main() -> None:
         "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), **NAN_OPTIONS),
         "resumed": saved_and_resumed(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
+        "retried": retried_run(rank),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     leave()  # the last statement: skips finalization, see process_exit.leave
