@@ -401,3 +401,52 @@ def test_the_trainers_schedule_settings_that_autowu_overrides_are_named_in_a_war
             assert messages == []
         else:
             assert len(messages) == 1 and expected in messages[0], messages
+
+
+class _MaskedBatchStream(torch.utils.data.IterableDataset):
+    """Windows of `lm_toy.TEXT` in a fixed order, four per step; the labels of step `masked_step`'s four all -100
+    (as a batch of prompts whose completions were all truncated away): its loss is 0/0, NaN."""
+
+    def __init__(self, masked_step: int | None):
+        self.masked_step = masked_step
+
+    def __iter__(self):
+        from lm_toy import TEXT
+
+        for i in range(10_000):
+            start = (7 * i) % len(TEXT)
+            ids = torch.tensor([TEXT[(start + k) % len(TEXT)] for k in range(16)])
+            masked = self.masked_step is not None and i // 4 == self.masked_step
+            yield {"input_ids": ids, "labels": torch.full_like(ids, -100) if masked else ids.clone()}
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_one_batch_with_every_label_masked_does_not_end_warmup(entry_point, tmp_path):
+    """A tiny Llama with AutoWU's defaults; step 8's batch has every label masked, so its loss is NaN. Warmup goes on
+    from the snapshot before it and chooses an LR within 2x of the run without that batch; before, it ended there
+    and the run trained at `min_lr` (1e-5)."""
+    from lm_toy import tiny_llama
+
+    peaks = {}
+    for masked_step in (None, 8):
+        args = training_args(
+            str(tmp_path / str(masked_step)),
+            max_steps=120,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            logging_steps=1000,
+        )
+        model, dataset = tiny_llama(), _MaskedBatchStream(masked_step)
+        if entry_point == "callback":
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[AutoWUCallback()])
+        else:
+            trainer = AutoWUTrainer(model=model, args=args, train_dataset=dataset)
+        trainer.train()
+        scheduler = scheduler_of(trainer)
+        peaks[masked_step] = scheduler.peak_lr
+        assert scheduler.switch_reason != "divergence"
+        if masked_step is not None:
+            assert scheduler.retried["loss_index"] == masked_step
+            assert scheduler.retried["restored_step"] < masked_step
+        assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    assert peaks[None] / 2 <= peaks[8] <= 2 * peaks[None]
