@@ -236,7 +236,8 @@ def test_cli_replay_prints_the_switch_and_writes_the_figure(recorded_run, tmp_pa
 
 
 def test_cli_replay_says_when_a_flat_curve_blew_up(tmp_path, capsys):
-    """A loss that only wanders in its noise until it turns NaN above 1e-2: the replay switches a decade below."""
+    """A loss that only wanders in its noise until it turns NaN above 1e-2: the replay retries the first NaN and
+    switches at the next, a decade below the LR that produced it."""
     generator = torch.Generator().manual_seed(0)
     total = 400
     lrs = [1e-5 * 1e5 ** (step / (total // 2)) for step in range(total // 2)]  # the default ramp of a 400-step budget
@@ -253,8 +254,11 @@ def test_cli_replay_says_when_a_flat_curve_blew_up(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0
     first_nan = next(step for step in range(1, len(lrs)) if lrs[step - 1] > 1e-2)
-    assert "(the loss diverged; it had not really fallen before, so a decade below the LR that blew up)" in out
-    assert f"peak LR {lrs[first_nan - 1] / 10:.6g}" in out
+    assert (
+        "(the loss diverged; it had not really fallen before, so a decade below the LR that blew up; warmup had gone "
+        f"on after the non-finite loss of step {first_nan + 1})" in out
+    )
+    assert f"peak LR {lrs[first_nan] / 10:.6g}" in out  # the next loss, the first after the retry, is NaN too
 
 
 def test_cli_replay_of_coarse_logging_says_it_is_approximate(recorded_run, tmp_path, capsys):

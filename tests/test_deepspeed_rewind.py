@@ -108,16 +108,18 @@ def test_an_optimizer_that_deepspeed_neither_wraps_nor_steps_turns_rewind_off_wi
 
 @pytest.mark.parametrize("stage", (2, 3))
 def test_a_nan_loss_on_one_process_is_rewound_and_the_run_ends_finite(load, stage):
-    """Process 1's loss is NaN once: both processes switch at the same step, restore the same snapshot from before
-    it bit for bit, and every LR and every state from then to the end is finite."""
+    """Process 1's loss is NaN once: both processes retry at the same step (warmup goes on), restoring the same
+    snapshot from before it bit for bit; they switch at the same step, and every LR and every state from the retry
+    to the end is finite."""
     first, second = load(f"zero{stage}-nan")
     assert first["lrs"] == second["lrs"] and all(math.isfinite(lr) and lr >= 0.0 for lr in first["lrs"].values())
+    assert first["retried"] == second["retried"] is not None
     assert first["switch_step"] == second["switch_step"] and first["rewound_to"] == second["rewound_to"] is not None
     for record in (first, second):
-        switch, target = record["switch_step"], record["rewound_to"]["step"]
-        assert target <= NAN_LOSS_AT < switch
-        assert same_tensors(record["states"][switch], record["states"][target])
-        after = [t for step in range(switch, TOTAL + 1) for row in record["states"][step] for t in row]
+        retry, target = record["retried"]["step"], record["retried"]["restored_step"]
+        assert record["retried"]["loss_index"] == NAN_LOSS_AT and target < NAN_LOSS_AT < retry
+        assert same_tensors(record["states"][retry], record["states"][target])
+        after = [t for step in range(retry, TOTAL + 1) for row in record["states"][step] for t in row]
         assert all(bool(torch.isfinite(t).all()) for t in after)
         assert all(bool(torch.isfinite(w).all()) for w in record["weights"][TOTAL])
 
@@ -128,8 +130,8 @@ def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights
     engine); in bf16 DeepSpeed's `FP16_UnfusedOptimizer` steps fp32 master weights and copies them into the bf16
     model (with DeepSpeed's FusedAdam, `FP16_Optimizer`: one flat fp32 master per group). Only the main process
     keeps snapshots; at the switch both processes hold the snapshot's masters, AdamW state and weights bit for bit,
-    and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips: the switch comes at the next
-    step and restores a snapshot from before it)."""
+    and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips: warmup goes on from a snapshot
+    from before it, restored alike on both, at the next step)."""
     records = load(run)
     wrapper = "FP16_Optimizer" if run.endswith("fused") else "FP16_UnfusedOptimizer" if "bf16" in run else "AdamW"
     assert [r["optimizer"] for r in records] == [wrapper] * 2
@@ -142,7 +144,12 @@ def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights
     switch, target = first["switch_step"], first["rewound_to"]
     assert second["switch_step"] == switch and second["rewound_to"] == target is not None
     if run.endswith("nan"):
-        assert target["step"] <= NAN_LOSS_AT < switch == NAN_LOSS_AT + 1
+        retried = first["retried"]
+        assert retried == second["retried"] and retried["step"] == NAN_LOSS_AT + 1
+        assert retried["loss_index"] == NAN_LOSS_AT and retried["restored_step"] < NAN_LOSS_AT
+        for record in records:
+            assert same_tensors(record["states"][retried["step"]], record["states"][retried["restored_step"]])
+            assert same_tensors(record["weights"][retried["step"]], record["weights"][retried["restored_step"]])
     dtype = torch.bfloat16 if "bf16" in run else torch.float32
     for record in records:
         assert all(weight.dtype == dtype for weight in record["weights"][switch])

@@ -150,14 +150,19 @@ def test_a_snapshot_non_finite_on_one_process_is_skipped_by_all(load, layout):
 
 @pytest.mark.parametrize("layout", SHARDED)
 def test_nan_loss_on_one_process(load, layout):
-    """Process 1's loss is NaN once, and the NaN reaches every shard through the gradients. Both switch at the same
-    step (divergence) and restore the same snapshot, taken before the NaN, and go on finite."""
+    """Process 1's loss is NaN once, and the NaN reaches every shard through the gradients. Both retry at the same
+    step (warmup goes on): each restores its shards of the same snapshot, taken before the NaN, bit for bit; they
+    switch at the same step and go on finite."""
     first, second = load(f"{layout}-nan")
-    assert first["switch_reason"] == second["switch_reason"] == "divergence"
-    assert first["rewound_to"]["step"] <= NAN_LOSS_AT < first["switch_step"]
+    assert first["retried"] == second["retried"] is not None
+    assert first["switch_step"] == second["switch_step"] and first["switch_reason"] == second["switch_reason"]
+    retried = first["retried"]
+    assert retried["loss_index"] == NAN_LOSS_AT and retried["restored_step"] < NAN_LOSS_AT < retried["step"]
+    assert first["switch_step"] > retried["step"]
     for record in (first, second):
         last = max(record["states"])
         assert math.isfinite(record["lrs"][last - 1])
+        assert same_tensors(record["states"][retried["step"]], record["states"][retried["restored_step"]])
         assert same_tensors(record["states"][record["switch_step"]], record["states"][record["rewound_to"]["step"]])
         assert all(bool(torch.isfinite(t).all()) for row in record["states"][last] for t in row)
 

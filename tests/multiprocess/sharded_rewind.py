@@ -101,6 +101,7 @@ def switch_record(scheduler: AutoWU) -> dict[str, Any]:
         "switch_step": scheduler.switch_step,
         "switch_reason": scheduler.switch_reason,
         "peak_lr": scheduler.peak_lr,
+        "retried": scheduler.retried,
         "rewound_to": rewinder.rewound_to,
         "kept": rewinder.kept,
         "enabled": rewinder.enabled,
