@@ -747,3 +747,16 @@ def test_holdout_at_forces_the_peak_after_autowus_own_switch(bench, tmp_path: Pa
     with pytest.raises(SystemExit):
         holdout.main(["--smoke", "--tasks", "mlp_sgd", "--at", "gru_adamw", "--out-dir", str(tmp_path)])
     assert "--at ['gru_adamw'] must be among --tasks ['mlp_sgd']" in capsys.readouterr().err
+
+
+def test_bad_batch_smoke(bench, tmp_path: Path) -> None:
+    """The short digits task with step 5's labels all masked: the run retries that NaN and ends far above chance
+    (before the retry it decayed from `min_lr`: about 20%); the section has its row."""
+    bad_batch = bench("bad_batch")
+    bad_batch.main(["--smoke", "--out-dir", str(tmp_path), "--label", "now"])
+    runs = json.loads((tmp_path / "bad_batch.json").read_text())["runs"]
+    masked = runs["now|digits_cnn_short|5|0"]
+    assert masked["retried"]["loss_index"] == 5 and masked["switch_reason"] != "divergence"
+    assert masked["test"] > 0.9
+    section = (tmp_path / "RESULTS.md").read_text().split("<!-- bad-batch:begin -->")[1]
+    assert "| digits_cnn_short | 5 | " in section and "| digits_cnn_short | 40 |" not in section
