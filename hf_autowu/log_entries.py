@@ -63,8 +63,8 @@ def switch_message(scheduler: AutoWU) -> str:
     if retried is not None:
         restored = retried["restored_step"]
         message += (
-            f" Warmup had gone on after a non-finite loss at step {retried['loss_index']} (LR {retried['lr']:.4g})"
-            + (f", from the state of step {restored}." if restored is not None else ".")
+            f" Warmup had gone on after the non-finite loss of step {retried['loss_index'] + 1} (LR "
+            f"{retried['lr']:.4g})" + (f", from the state after step {restored}." if restored is not None else ".")
         )
     rewinder = scheduler.rewinder
     if rewinder is not None and rewinder.rewound_to is not None:

@@ -733,8 +733,8 @@ class AutoWU:
         if process_rank() == 0:
             where = "restored the state of step {}".format(restored["step"]) if restored else "nothing restored"
             logger.warning(
-                f"AutoWU: the loss of step {first_bad} was not finite (LR {self.retried['lr']:.4g}); warmup goes on "
-                f"({where}), and a second non-finite loss ends it."
+                f"AutoWU: the loss of step {first_bad + 1} was not finite (LR {self.retried['lr']:.4g}); warmup goes "
+                f"on ({where}), and a second non-finite loss ends it."
             )
 
     def _lr_after_blow_up(self, ceiling: float) -> float:

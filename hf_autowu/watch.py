@@ -142,8 +142,8 @@ class LossSpikeWatch:
         return float(value)
 
     def forget_held(self) -> None:
-        """Drop the loss held for the next step, and any run of high losses: the state they came from is gone
-        (warmup went on from a restored snapshot)."""
+        """Drop the loss held for the next step, and any run of high losses: a retry after a non-finite loss has
+        settled every loss so far (`AutoWU._retry_after_non_finite`)."""
         self._previous = None
         self._run_start, self._run_length = None, 0
         self.non_finite = False

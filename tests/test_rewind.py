@@ -333,7 +333,7 @@ def test_one_non_finite_loss_in_warmup_is_retried_from_the_snapshot_before_it():
     clean_model, clean_optimizer, clean = build(with_model=True)
     train(clean_model, clean_optimizer, clean, 0, 400)
     assert clean.peak_lr / 2 <= scheduler.peak_lr <= 2 * clean.peak_lr
-    assert "non-finite loss at step 10" in switch_message(scheduler)
+    assert "non-finite loss of step 11" in switch_message(scheduler)  # loss index 10: the 11th step's
 
 
 def test_a_second_non_finite_loss_ends_warmup():
