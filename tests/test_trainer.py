@@ -450,3 +450,53 @@ def test_one_batch_with_every_label_masked_does_not_end_warmup(entry_point, tmp_
             assert scheduler.retried["restored_step"] < masked_step
         assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
     assert peaks[None] / 2 <= peaks[8] <= 2 * peaks[None]
+
+
+class _LRRecorder(TrainerCallback):
+    """The LR of every optimizer step, read just before the step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_resume_after_a_retried_nan_is_bit_exact(entry_point, tmp_path):
+    """The masked batch at step 8 is retried (warmup goes on); a checkpoint at step 15, after the retry, resumes
+    with the uninterrupted run's LRs, decisions and final weights (the resumed run does not read that NaN again)."""
+    from lm_toy import tiny_llama
+
+    def train(folder: str, resume: str | None = None) -> tuple[Trainer, _LRRecorder]:
+        recorder = _LRRecorder()
+        args = training_args(
+            folder,
+            max_steps=40,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            logging_steps=1000,
+            save_strategy="steps",
+            save_steps=15,
+        )
+        model, dataset = tiny_llama(seed=1 if resume else 0), _MaskedBatchStream(8)  # resumed: all from the checkpoint
+        if entry_point == "callback":
+            trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder, AutoWUCallback()])
+        else:
+            trainer = AutoWUTrainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, recorder
+
+    full, full_lrs = train(str(tmp_path / "full"))
+    reference = scheduler_of(full)
+    assert reference.retried["loss_index"] == 8 and reference.retried["step"] < 15
+    resumed, resumed_lrs = train(str(tmp_path / "resumed"), resume=str(tmp_path / "full" / "checkpoint-15"))
+    scheduler = scheduler_of(resumed)
+    assert resumed_lrs.lrs == full_lrs.lrs[15:]
+    assert scheduler.retried == reference.retried and scheduler.switch_step == reference.switch_step
+    assert scheduler.switch_reason == reference.switch_reason != "divergence"
+    # NaN where the retry left the history: equal as NaN
+    torch.testing.assert_close(scheduler.losses, reference.losses, rtol=0, atol=0, equal_nan=True)
+    reference_weights = full.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, reference_weights[name]), name
