@@ -364,10 +364,12 @@ class WarmupRewinder:
             damaged_from (`int`): Index of the non-finite loss.
 
         Returns:
-            `dict` or `None`: the restored snapshot's `step` and `lr`, or None when nothing was restored (no finite
-            snapshot before the loss, rewind off, or a snapshot that does not fit: the run goes on from where it is).
+            `dict` or `None`: the restored snapshot's `step` and `lr`, or None when nothing was restored: the training
+            state is finite on every process (the bad update never reached it: all-masked labels give zero
+            gradients, fp16 loss scaling skips the update), or there is no finite snapshot before the loss, rewind
+            is off, or the snapshot does not fit; the run goes on from where it is.
         """
-        if not self.snapshots or not self.enabled:
+        if not self.snapshots or not self.enabled or self._state_is_finite():
             return None
         index = self._agreed_choice(math.inf, damaged_from)
         if index is None:
@@ -380,6 +382,25 @@ class WarmupRewinder:
         used = scheduler.lr_at(scheduler.last_step - 1) if scheduler.last_step > 0 else 0.0
         self._next_lr = max(used, scheduler.config.min_lr) * self.lr_factor
         return {"step": chosen["step"], "lr": chosen["lr"]}
+
+    def _state_is_finite(self) -> bool:
+        """Whether the stepped tensors, their optimizer state and the model's buffers hold no NaN or inf on any
+        process (DeepSpeed's uninitialised padding left out). One pass over them and one collective: after a
+        non-finite loss only."""
+        finite = True
+        with torch.no_grad():
+            masks = self._padding_masks or []
+            for i, (p, state) in enumerate(self._state_tensors()):
+                mask = masks[i] if i < len(masks) else None
+                for tensor in [_local(p), *(_local(t) for t in _tensors_in(state))]:
+                    if not tensor.is_floating_point():
+                        continue
+                    ok = torch.isfinite(tensor)
+                    if mask is not None and ok.shape == mask.shape:
+                        ok = ok | ~mask.to(ok.device)
+                    finite = finite and bool(ok.all())
+            finite = finite and all(bool(torch.isfinite(b).all()) for b in self._buffers() if b.is_floating_point())
+        return min_over_processes_each([float(finite)])[0] > 0.0
 
     def _agreed_choice(self, lr: float, damaged_from: int | None) -> int | None:
         """The index of the snapshot every process restores (`_choose` with `lr` and `damaged_from`), or None, with a

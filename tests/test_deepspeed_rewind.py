@@ -130,8 +130,8 @@ def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights
     engine); in bf16 DeepSpeed's `FP16_UnfusedOptimizer` steps fp32 master weights and copies them into the bf16
     model (with DeepSpeed's FusedAdam, `FP16_Optimizer`: one flat fp32 master per group). Only the main process
     keeps snapshots; at the switch both processes hold the snapshot's masters, AdamW state and weights bit for bit,
-    and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips: warmup goes on from a snapshot
-    from before it, restored alike on both, at the next step)."""
+    and the same ones (with a NaN loss on process 1 too, whose step DeepSpeed skips: warmup goes on from where it
+    is, nothing restored, on both)."""
     records = load(run)
     wrapper = "FP16_Optimizer" if run.endswith("fused") else "FP16_UnfusedOptimizer" if "bf16" in run else "AdamW"
     assert [r["optimizer"] for r in records] == [wrapper] * 2
@@ -143,13 +143,12 @@ def test_without_zero_the_replicas_rewind_from_the_main_process_and_bf16_weights
     assert first["lrs"] == second["lrs"] and all(math.isfinite(lr) and lr >= 0.0 for lr in first["lrs"].values())
     switch, target = first["switch_step"], first["rewound_to"]
     assert second["switch_step"] == switch and second["rewound_to"] == target is not None
-    if run.endswith("nan"):
+    if run.endswith("nan"):  # DeepSpeed skipped the NaN's update: the state stayed finite, nothing to restore
         retried = first["retried"]
         assert retried == second["retried"] and retried["step"] == NAN_LOSS_AT + 1
-        assert retried["loss_index"] == NAN_LOSS_AT and retried["restored_step"] < NAN_LOSS_AT
+        assert retried["loss_index"] == NAN_LOSS_AT and retried["restored_step"] is None
         for record in records:
-            assert same_tensors(record["states"][retried["step"]], record["states"][retried["restored_step"]])
-            assert same_tensors(record["weights"][retried["step"]], record["weights"][retried["restored_step"]])
+            assert same_tensors(record["states"][NAN_LOSS_AT + 1], record["states"][NAN_LOSS_AT])
     dtype = torch.bfloat16 if "bf16" in run else torch.float32
     for record in records:
         assert all(weight.dtype == dtype for weight in record["weights"][switch])

@@ -27,14 +27,18 @@ def data(step):
     return x, x.sum(dim=1, keepdim=True)
 
 
-def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=None, nan_at=()):
+def train(model, optimizer, scheduler, start, stop, snapshots_seen=None, lrs=None, nan_at=(), masked_at=()):
     """The README's loop: `scheduler.step(loss)` after every optimizer step; the steps `nan_at` get NaN targets (a
-    NaN loss and NaN gradients, as a batch with every label masked gives)."""
+    NaN loss and NaN gradients, which reach the weights), the steps `masked_at` a loss over no label (every target
+    `ignore_index`: a NaN loss, zero gradients)."""
     for step in range(start, stop):
         x, y = data(step)
         if step in nan_at:
             y = y * math.nan
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step in masked_at:
+            loss = torch.nn.functional.cross_entropy(model(x).expand(-1, 2), torch.full((len(x),), -100))
+        else:
+            loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -291,22 +295,25 @@ def test_rewind_restores_only_when_the_parameters_moved_enough(min_shift):
 
 
 def test_rewind_always_restores_after_a_blow_up():
-    """Non-finite losses from step 70 on: the first is retried (warmup goes on from a snapshot before it), the next
-    ends warmup and marks the states from its step on as damaged: the snapshot before it is restored even when the
-    parameters barely moved (a threshold no run reaches)."""
-    model, optimizer, scheduler = build(rewind_min_shift=1e9)
+    """NaN losses and gradients from step 70 on, while warmup lasts: the first is retried (warmup goes on from a
+    snapshot before it), the next ends warmup and marks the states from its step on as damaged: the snapshot before
+    it is restored even when the parameters barely moved (a threshold no run reaches)."""
+    model, optimizer, scheduler = build(with_model=True, rewind_min_shift=1e9)  # BatchNorm's statistics too
     for step in range(400):
         x, y = data(step)
+        if step >= 70 and scheduler.phase == "warmup":
+            y = y * math.nan
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        scheduler.step(torch.tensor(math.nan) if step >= 70 and scheduler.phase == "warmup" else loss)
+        scheduler.step(loss)
     rewinder, retried = scheduler.rewinder, scheduler.retried
     assert retried["loss_index"] == 70 and retried["restored_step"] < 70
     assert scheduler.switch_reason == "divergence" and scheduler.damaged_from == retried["step"]
     assert rewinder.kept is None and rewinder.rewound_to is not None
     assert rewinder.rewound_to["step"] < scheduler.damaged_from
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
 
 
 def test_one_non_finite_loss_in_warmup_is_retried_from_the_snapshot_before_it():
@@ -334,6 +341,19 @@ def test_one_non_finite_loss_in_warmup_is_retried_from_the_snapshot_before_it():
     train(clean_model, clean_optimizer, clean, 0, 400)
     assert clean.peak_lr / 2 <= scheduler.peak_lr <= 2 * clean.peak_lr
     assert "non-finite loss of step 11" in switch_message(scheduler)  # loss index 10: the 11th step's
+
+
+def test_a_nan_loss_that_left_the_state_finite_is_retried_without_a_restore():
+    """A loss over no label (NaN, zero gradients: the update cannot have damaged the state): warmup goes on from where
+    it is, nothing restored, no loss dropped but the NaN; the run ends as one with that step's update wasted."""
+    model, optimizer, scheduler = build(with_model=True)
+    train(model, optimizer, scheduler, 0, 400, masked_at=(10,))
+    retried = scheduler.retried
+    assert retried["loss_index"] == 10 and retried["restored_step"] is None
+    finite = torch.isfinite(scheduler.losses)
+    assert not finite[10] and bool(finite[: scheduler.switch_step].sum() == scheduler.switch_step - 1)
+    assert scheduler.switch_reason in ("test", "spike") and scheduler.switch_step > 50
+    assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
 
 
 def test_a_second_non_finite_loss_ends_warmup():
