@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One bad batch in warmup: the digits CNN tasks of ``quality.py`` in the README's hand-written loop, with every label
 of one step's batch masked (``ignore_index``, as a batch of prompts whose completions were all truncated away), so
-that step's loss is 0/0, NaN, and its NaN gradients reach the weights.
+that step's loss is 0/0, NaN (its gradients are zero: the weights stay finite, only AutoWU reads the NaN).
 
     python benchmarks/bad_batch.py                 # this checkout's AutoWU
     python benchmarks/bad_batch.py --label 04b9aae  # rows of another revision, run with its hf_autowu importable
@@ -77,7 +77,7 @@ def report(runs: dict[str, dict], tasks: tuple[str, ...] = TASK_NAMES, seeds: tu
         first_run[row["label"]] = min(first_run.get(row["label"], row["order"]), row["order"])
     labels = sorted(first_run, key=first_run.get)  # in the order they were first recorded
     lines = [
-        "One step's batch with every label masked (its loss 0/0, NaN; NaN gradients reach the weights) in the "
+        "One step's batch with every label masked (its loss 0/0, NaN; its gradients zero) in the "
         "README's hand-written loop, AutoWU's defaults, seeds " + ", ".join(map(str, seeds)) + ". Per cell: test "
         "accuracy by seed; how warmup ended (switch step and reason); peak LR, median over seeds.",
         "",

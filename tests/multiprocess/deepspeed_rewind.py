@@ -134,7 +134,7 @@ class Run:
 
     def train(self, start: int, stop: int, save_to: Path | None = None, nan_loss_at: int | None = None) -> None:
         """Steps `start` to `stop - 1`; `nan_loss_at`: process 1's loss of that step (0-based) is NaN, and through
-        the gradients' reduction the NaN reaches every process's partitions."""
+        the gradients' reduction every process's gradients (DeepSpeed's overflow check then skips the update)."""
         for step in range(start, stop):
             x, y = batch(step)
             loss = nn.functional.mse_loss(self.engine(x.to(self.dtype)).float(), y)
