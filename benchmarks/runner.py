@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "872fc700b323": {
+        "682ce4758d33": "995a70b restores a snapshot at the first-NaN retry only when the training state is no longer "
+        "finite; no benchmark run has a non-finite loss, and the same 218 rows run under both on one Intel Xeon "
+        "(family 6, model 167): the same bit for bit",
+    },
     "682ce4758d33": {
         "415c0e35e63a": "8cab63c retries the first non-finite loss of warmup (restore the snapshot before it, go on) "
         "instead of ending warmup on it; no benchmark run has a non-finite loss, and the same 218 rows run under both "
