@@ -708,11 +708,12 @@ class AutoWU:
     def _retry_after_non_finite(self, t: int, first_bad: int) -> None:
         """Go on with warmup after its first non-finite loss (index `first_bad`), once: one bad batch (every label of
         a batch masked, an overflow) produces one as surely as an LR too large does, and ending warmup on it would
-        fix the whole run at an LR chosen from a curve barely begun (the floor `min_lr` before any test). The
-        rewinder restores its latest finite snapshot from before that loss (the NaN's update has reached the
-        weights); the losses since that snapshot leave the history (NaN: the GP and the watch skip them), and the
-        ramp goes on from its current LR. Without a snapshot to restore (rewind off, or none before the loss) the run
-        goes on from its current state, as it should when the bad update was skipped (fp16 loss scaling). A second
+        fix the whole run at an LR chosen from a curve barely begun (the floor `min_lr` before any test). When the
+        training state is no longer finite (the NaN's update reached the weights), the rewinder restores its latest
+        finite snapshot from before that loss (`WarmupRewinder.restore_before`) and the losses since that snapshot
+        leave the history (NaN: the GP and the watch skip them); the ramp goes on from its current LR. A state still
+        finite (zero gradients of an all-masked batch, an update loss scaling skipped) goes on as it is, as does one
+        with nothing to restore (rewind off, no snapshot before the loss). A second
         non-finite loss ends warmup as any blow-up does, so an LR that really diverges costs a few steps more. The
         same on every process: the history is the processes' mean."""
         rewinder = self.rewinder
