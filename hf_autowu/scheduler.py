@@ -30,7 +30,8 @@ PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
 _PLATEAU_THRESHOLD = 1e-4
 BLOW_UP_BACKOFF = 10.0
-"""After a blow-up on a warmup curve with no real descent, decay from the blow-up's LR divided by this."""
+"""After a blow-up on a warmup curve with no real descent, decay from the blow-up's LR divided by this; also the
+divisor of the LR range test's rule at a cap the GP gives no estimate for (`AutoWU._lr_without_estimate`)."""
 
 
 class _SwitchCallback:
@@ -765,7 +766,8 @@ class AutoWU:
         return self.config.min_lr
 
     def _end_warmup_at_cap(self, t: int) -> None:
-        """Warmup ran out of steps without a switch."""
+        """Warmup ran out of steps without a switch: decay from the GP's estimate (robust preset), from the LR range
+        test's rule when the GP gives none (`_lr_without_estimate`), or from the LR reached (the paper)."""
         lr = self._ramp(t - 1)
         if self.config.effective_estimate_at_cap:
             self._flush_pending()
@@ -779,7 +781,32 @@ class AutoWU:
             if math.isfinite(estimate):
                 lr = estimate
                 self.last_outcome = outcome
+            else:
+                lr = self._lr_without_estimate(t)
         self._switch(t, lr, reason="cap")
+
+    def _lr_without_estimate(self, t: int) -> float:
+        """The LR to decay from at a cap the GP gives no estimate for: a budget too short for the `min_losses`
+        losses a switch test needs (under twice that many steps with `max_warmup_fraction` 0.5), or a GP that
+        failed. The ramp so far was a fast LR range test (five decades in fewer steps than a test needs), so its
+        rule: the LR of the update that produced the lowest finite loss, divided by `BLOW_UP_BACKOFF`, and never
+        below the ramp's first LR, `min_lr` (which is also the answer when no loss is finite). The LR reached
+        instead, the paper's choice, lies near `max_lr` on such a ramp and wrecks the run. The same on every
+        process: the history holds the processes' mean losses."""
+        finite = torch.isfinite(self._history)
+        lr = self.config.min_lr
+        if bool(finite.any()):
+            lowest = int(torch.where(finite, self._history, math.inf).argmin())
+            lr = max(self._ceiling_before(lowest) / BLOW_UP_BACKOFF, lr)
+        if process_rank() == 0:
+            logger.warning(
+                f"AutoWU: warmup reached its cap after {t} steps, with no estimate from the GP "
+                f"({int(finite.sum())} finite losses; a switch test needs {self._tester.min_losses}): decaying from "
+                f"{lr:.4g}, a tenth of the LR at the lowest loss (the LR range test's rule). A warmup of at least "
+                f"{self._tester.min_losses} steps (`max_warmup_fraction` times the budget) lets AutoWU choose from "
+                "its test."
+            )
+        return lr
 
     def _switch(self, t: int, lr: float, reason: str, damaged_from: int | None = None) -> None:
         """Leave warmup after `t` steps, decaying from `lr`; `damaged_from`: after a blow-up, the index of its first

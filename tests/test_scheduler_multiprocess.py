@@ -1,7 +1,7 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
 process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both; a state saved
 from the main process between two tests resumes exactly once the losses are synced, and says so when they are not; a
-NaN on one process is retried by both."""
+NaN on one process is retried by both; a budget too short for a switch test decays alike on both."""
 
 import math
 import sys
@@ -13,7 +13,15 @@ from helpers import torchrun_ranks
 
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
-from scheduler_two_processes import NAN_STEP, RETRY_STEP, SPIKE_INTERVAL, SPIKE_STEP, TOTAL, local_loss  # noqa: E402
+from scheduler_two_processes import (  # noqa: E402
+    NAN_STEP,
+    RETRY_STEP,
+    SHORT_TOTAL,
+    SPIKE_INTERVAL,
+    SPIKE_STEP,
+    TOTAL,
+    local_loss,
+)
 
 from hf_autowu import AutoWU  # noqa: E402
 
@@ -76,3 +84,23 @@ def test_a_non_finite_loss_on_one_process_is_retried_by_both(ranks):
     assert first["retried"]["loss_index"] == RETRY_STEP and first["retried"]["restored_step"] < RETRY_STEP
     assert first["switch_reason"] != "divergence"
     assert all(math.isfinite(w) for weights in first["weights"] for w in weights)
+
+
+@pytest.mark.multiprocess
+def test_a_budget_too_short_for_a_test_decays_alike_on_both(ranks):
+    """30 steps, each process with its own losses: the cap comes before any switch test, and both decay from the
+    range test's rule applied to the processes' mean losses, as one process fed that mean does."""
+    first, second = ranks[0]["short"], ranks[1]["short"]
+    assert first == second, "the processes disagree"
+    assert first["switch_reason"] == "cap" and first["tests"] == []
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    single = AutoWU(optimizer, total_steps=SHORT_TOTAL, immediate_cooldown=True, rewind=False)
+    lrs = []
+    for step in range(SHORT_TOTAL):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        single.step((local_loss(0, step, lrs[-1]) + local_loss(1, step, lrs[-1])) / 2)
+    assert lrs == first["lrs"]
+    # each process alone would choose from its own noise: the mean's lowest loss is what both used
+    warmup = SHORT_TOTAL // 2
+    lowest = min(range(warmup), key=lambda i: first["losses"][i])
+    assert first["peak_lr"] == pytest.approx(max((first["lrs"][lowest - 1] if lowest else 1e-5) / 10, 1e-5), rel=1e-12)

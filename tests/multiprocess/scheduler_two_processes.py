@@ -1,6 +1,7 @@
 """Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
 watch off), or both blowing up between two switch tests (spike watch on); and the first run saved between two tests
-from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both. And a
+from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both; and a
+30-step budget, too short for a switch test. And a
 small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one process
 only: warmup goes on from the main process's snapshot, on both.
 
@@ -28,6 +29,7 @@ SPIKE_STEP, SPIKE_INTERVAL = 61, 20  # between the switch tests at steps 60 and 
 SAVE_STEP = 15  # before the first switch test (step 20): each process holds 15 losses of its own, not averaged
 NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
 RETRY_STEP = 10  # the model's loss and gradients are NaN at this step on rank 1 only
+SHORT_TOTAL = 30  # warmup capped at 15 steps, before any switch test: the LR comes from the range test's rule
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -45,11 +47,11 @@ def blown_up_loss(rank: int, step: int) -> float:
     return base * (30.0 + 10 * rank if step >= SPIKE_STEP else 1.0)
 
 
-def run(rank: int, losses, **options) -> dict:
+def run(rank: int, losses, total: int = TOTAL, **options) -> dict:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **options)
+    scheduler = AutoWU(optimizer, total_steps=total, immediate_cooldown=True, rewind=False, **options)
     lrs = []
-    for step in range(TOTAL):
+    for step in range(total):
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step(torch.tensor(losses(step, lrs[-1])))
     return {
@@ -125,6 +127,7 @@ def main() -> None:
         "resumed": saved_and_resumed(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
         "retried": retried_run(rank),
+        "short": run(rank, lambda step, lr: local_loss(rank, step, lr), total=SHORT_TOTAL),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     leave()  # the last statement: skips finalization, see process_exit.leave
