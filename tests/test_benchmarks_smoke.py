@@ -760,3 +760,15 @@ def test_bad_batch_smoke(bench, tmp_path: Path) -> None:
     assert masked["test"] > 0.9
     section = (tmp_path / "RESULTS.md").read_text().split("<!-- bad-batch:begin -->")[1]
     assert "| digits_cnn_short | 5 | " in section and "| digits_cnn_short | 40 |" not in section
+
+
+def test_short_budget_smoke(bench, tmp_path: Path) -> None:
+    """The short digits task cut to 30 steps: the ramp's cap comes before any switch test, and the run decays from a
+    tenth of the LR at the lowest warmup loss instead of holding the LR reached (0.46, which left it at chance)."""
+    short_budget = bench("short_budget")
+    short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--label", "now"])
+    row = json.loads((tmp_path / "short_budget.json").read_text())["runs"]["now|digits_cnn_short|0"]
+    assert row["switch_step"] == 15 and row["switch_reason"] == "cap"
+    assert row["peak_lr"] < 0.05 and row["test"] > 0.5
+    section = (tmp_path / "RESULTS.md").read_text().split("<!-- short-budget:begin -->")[1]
+    assert "| digits_cnn_short | " in section and "| timm_digits |" not in section
