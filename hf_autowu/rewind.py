@@ -385,9 +385,14 @@ class WarmupRewinder:
 
     def _state_is_finite(self) -> bool:
         """Whether the stepped tensors, their optimizer state and the model's buffers hold no NaN or inf on any
-        process (DeepSpeed's uninitialised padding left out). One pass over them and one collective: after a
-        non-finite loss only."""
-        finite = True
+        process (DeepSpeed's uninitialised padding left out). One pass over them, one host read per device they
+        live on, and one collective: after a non-finite loss only."""
+        flags: dict[torch.device, torch.Tensor] = {}  # per device, whether all its tensors so far are finite
+
+        def check(ok: torch.Tensor) -> None:
+            flag = ok.all()
+            flags[flag.device] = flag if flag.device not in flags else flags[flag.device] & flag
+
         with torch.no_grad():
             masks = self._padding_masks or []
             for i, (p, state) in enumerate(self._state_tensors()):
@@ -398,8 +403,11 @@ class WarmupRewinder:
                     ok = torch.isfinite(tensor)
                     if mask is not None and ok.shape == mask.shape:
                         ok = ok | ~mask.to(ok.device)
-                    finite = finite and bool(ok.all())
-            finite = finite and all(bool(torch.isfinite(b).all()) for b in self._buffers() if b.is_floating_point())
+                    check(ok)
+            for buffer in self._buffers():
+                if buffer.is_floating_point():
+                    check(torch.isfinite(buffer))
+        finite = all(bool(flag) for flag in flags.values())
         return min_over_processes_each([float(finite)])[0] > 0.0
 
     def _agreed_choice(self, lr: float, damaged_from: int | None) -> int | None:

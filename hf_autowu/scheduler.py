@@ -177,7 +177,7 @@ class AutoWU:
         if config.effective_rewind and self.warmup_steps > 0:
             self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self)
         if self.warmup_steps <= 0:
-            self._enter_decay(step=0, lr=config.max_lr, reason="no_warmup")
+            self._enter_decay(step=0, lr=self._lr_without_warmup(), reason="no_warmup")
         self._apply_lr()
 
     @classmethod
@@ -784,6 +784,15 @@ class AutoWU:
             else:
                 lr = self._lr_without_estimate(t)
         self._switch(t, lr, reason="cap")
+
+    def _lr_without_warmup(self) -> float:
+        """The LR of a run with no warmup step: `max_lr` when the options ask for none (`max_warmup_fraction=0`) or
+        for the paper's behaviour; a robust run whose budget is too short for one (a single step: `max_steps=1`,
+        as in a pipeline's smoke run) reaches its cap at once with no loss read, so it decays from `min_lr` (what
+        `_lr_without_estimate` gives with no loss), as the two- and three-step budgets do."""
+        if self.config.max_warmup_fraction > 0 and self.config.effective_estimate_at_cap:
+            return self.config.min_lr
+        return self.config.max_lr
 
     def _lr_without_estimate(self, t: int) -> float:
         """The LR to decay from at a cap the GP gives no estimate for: a budget too short for the `min_losses`

@@ -102,6 +102,21 @@ def test_a_gp_that_fails_at_the_cap_falls_back_to_the_range_test_rule(monkeypatc
     assert scheduler.peak_lr == pytest.approx(range_test_lr(losses, warmup), rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("options", "lr"),
+    [({}, MIN_LR), ({"preset": "paper"}, MAX_LR), ({"max_warmup_fraction": 0.0}, MAX_LR)],
+)
+def test_a_one_step_budget_trains_at_min_lr_unless_no_warmup_was_asked_for(options, lr):
+    """`max_steps=1` (a pipeline's smoke run) leaves no warmup step: the robust preset runs it at `min_lr`, as it
+    does two- and three-step budgets, instead of at `max_lr` (1.0, which moves every AdamW weight by about 1); the
+    paper's preset, and options that ask for no warmup, keep `max_lr`."""
+    optimizer = make_optimizer()
+    scheduler = AutoWU(optimizer, total_steps=1, **options)
+    assert scheduler.switch_reason == "no_warmup" and optimizer.param_groups[0]["lr"] == lr
+    scheduler.step(1.0)
+    assert scheduler.last_step == 1 and scheduler.phase == "cooldown"
+
+
 def test_nothing_finite_at_the_cap_decays_from_min_lr():
     scheduler = AutoWU(make_optimizer(), total_steps=20, spike_watch=False, divergence_guard=False)
     for _ in range(20):
