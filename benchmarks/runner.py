@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "007a27d060a3": {
+        "addbb0a7f9eb": "d211872 runs a one-step budget at `min_lr` instead of `max_lr` and reads the retry's "
+        "finiteness flags once per device; every benchmark budget is 100 steps or more and no recorded run has a "
+        "non-finite loss, and the same 218 rows run under both on one Intel Xeon (family 6, model 167): the same bit "
+        "for bit",
+    },
     "addbb0a7f9eb": {
         "872fc700b323": "1f16cda decays from the LR range test's rule at a warmup cap the GP gives no estimate for "
         "(fewer than 20 losses: budgets under 40 steps; or a GP failure) instead of from the LR reached; every "

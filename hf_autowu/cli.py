@@ -36,7 +36,7 @@ _REASONS = {
     "divergence": "the loss diverged",
     "spike": "the loss jumped far above its smoothed curve",
     "cap": "warmup reached its maximum length",
-    "no_warmup": "the options leave no warmup",
+    "no_warmup": "the options or the budget (one step) leave no warmup",
 }
 
 REPLAY_HELP = f"""\
