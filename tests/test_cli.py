@@ -261,6 +261,20 @@ def test_cli_replay_says_when_a_flat_curve_blew_up(tmp_path, capsys):
     assert f"peak LR {lrs[first_nan] / 10:.6g}" in out  # the next loss, the first after the retry, is NaN too
 
 
+def test_cli_replay_of_a_budget_too_short_for_a_test_says_how_the_lr_was_chosen(tmp_path, capsys):
+    """A 30-step run's 15 ramp losses: no switch test can run before the cap, and the replay says the peak is a
+    tenth of the LR at the lowest loss (loss `i` comes from the update at the ramp's LR `i - 1`)."""
+    total, warmup = 30, 15
+    lrs = [1e-5 * 1e5 ** (step / warmup) for step in range(warmup)]
+    losses = [2.3 - 0.1 * step if step < 10 else 1.3 + 0.5 * (step - 10) for step in range(warmup)]  # lowest: 10
+    rows = [(step + 1, loss, lr, 0) for step, (loss, lr) in enumerate(zip(losses, lrs, strict=True))]
+    status = main(["replay", str(write_csv(tmp_path / "run.csv", rows)), "--total-steps", str(total)])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "too soon for a switch test, so a tenth of the LR at the lowest loss" in out
+    assert f"peak LR {lrs[9] / 10:.6g}" in out
+
+
 def test_cli_replay_of_coarse_logging_says_it_is_approximate(recorded_run, tmp_path, capsys):
     scheduler, rows = recorded_run
     state = write_trainer_state(tmp_path / "trainer_state.json", rows, logging_steps=5)

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 import hf_autowu.gp
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUTrainer
+from hf_autowu.log_entries import switch_message
 
 sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
 from trainer_toy import training_args  # noqa: E402
@@ -71,6 +72,7 @@ def test_a_budget_too_short_for_a_test_decays_from_a_tenth_of_the_lowest_losss_l
     assert scheduler.peak_lr < ramp_lr(warmup - 1, warmup) / 9, "not the LR reached"
     assert lrs[warmup] == pytest.approx(expected, rel=1e-12)
     assert "the LR range test's rule" in caplog.text
+    assert "a tenth of the LR at the lowest warmup loss" in switch_message(scheduler)
 
 
 def test_the_paper_preset_still_decays_from_the_lr_reached():
