@@ -631,38 +631,51 @@ class WarmupRewinder:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned (on a process that holds no snapshots, only the bookkeeping)."""
+        """Restore what `state_dict` returned (on a process that holds no snapshots, only the bookkeeping). The state
+        is read in full before anything changes: one that cannot be read (a key missing, a value of the wrong kind)
+        raises and leaves this rewinder, its snapshots and their files as they were."""
+        rewound_to, kept = state["rewound_to"], state.get("kept")
+        next_lr = float(state["next_lr"])
+        budget_checked = bool(state.get("budget_checked", True))
+        planned_bytes = state.get("planned_bytes")
+        enabled, disabled_reason = bool(state.get("enabled", True)), state.get("disabled_reason")
+        saved_by = state.get("process")  # absent in states saved before it was recorded
+        entries = [
+            (
+                {
+                    "step": int(saved["step"]),
+                    "lr": float(saved["lr"]),
+                    "data": None,
+                    "bytes": 0,
+                    "finite": bool(saved.get("finite", True)),
+                    "shapes": saved.get("shapes"),
+                },
+                bool(saved.get("foreign")),
+                saved.get("data"),
+            )
+            for saved in state["snapshots"]
+        ]
         for snapshot in self.snapshots:
             self._drop(snapshot)
         self._read_layout()
-        self.rewound_to = state["rewound_to"]
-        self.kept = state.get("kept")
-        self._next_lr = float(state["next_lr"])
-        self._budget_checked = bool(state.get("budget_checked", True))
-        self.planned_bytes = state.get("planned_bytes")
-        if not state.get("enabled", True):
-            self.enabled, self.disabled_reason = False, state.get("disabled_reason")
+        self.rewound_to, self.kept = rewound_to, kept
+        self._next_lr = next_lr
+        self._budget_checked = budget_checked
+        self.planned_bytes = planned_bytes
+        if not enabled:
+            self.enabled, self.disabled_reason = False, disabled_reason
         elif self.mode == UNSUPPORTED:
             self._disable(self.disabled_reason)
-        self.snapshots = []
-        saved_by = state.get("process")  # absent in states saved before it was recorded
         another_process = (
             self.mode == SHARDED and saved_by is not None and list(saved_by) != [process_rank(), world_size()]
         )
-        for saved in state["snapshots"]:
-            entry = {
-                "step": int(saved["step"]),
-                "lr": float(saved["lr"]),
-                "data": None,
-                "bytes": 0,
-                "finite": bool(saved.get("finite", True)),
-                "shapes": saved.get("shapes"),
-            }
-            if another_process or saved.get("foreign"):  # never restored (`on_switch`); the bookkeeping stays
+        self.snapshots = []
+        for entry, foreign, data in entries:
+            if another_process or foreign:  # never restored (`on_switch`); the bookkeeping stays
                 entry["foreign"] = True
                 self.snapshots.append(entry)
                 continue
-            data = saved.get("data") if self.holds_snapshots else None
+            data = data if self.holds_snapshots else None
             if data is not None and self.offload_dir is not None:
                 entry["file"] = str(self._offload_path(entry["step"]))
                 torch.save(data, entry["file"])

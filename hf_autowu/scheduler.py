@@ -453,8 +453,8 @@ class AutoWU:
 
         Raises:
             `ValueError`: for a state that is not AutoWU's, is another optimizer's (more parameter groups) or cannot be
-                loaded (a key missing, a value of the wrong kind); the scheduler is then left as it was (a rewinder
-                whose own part of the state fails to load excepted).
+                loaded (a key missing, a value of the wrong kind); the scheduler and its rewinder are then left as
+                they were.
         """
         state_dict = autowu_state_of(state_dict)
         if not isinstance(state_dict, dict) or "config" not in state_dict or "history" not in state_dict:

@@ -469,3 +469,30 @@ def test_before_any_switch_test_the_newest_snapshots_are_kept():
     target = scheduler.rewinder.rewound_to
     assert target is not None
     assert scheduler.peak_lr / scheduler.config.rewind_lr_factor < target["lr"] <= scheduler.peak_lr
+
+
+@pytest.mark.parametrize("damage", ["snapshot without its step", "bookkeeping of the wrong kind"])
+def test_a_rewinder_state_that_cannot_be_loaded_changes_nothing(damage, tmp_path):
+    """A saved state whose rewinder part is damaged: `load_state_dict` raises, and the scheduler and its rewinder
+    (snapshots offloaded to disk, so that a half-done load would also have deleted their files) go on exactly as an
+    untouched twin: the same switch, the same snapshot restored, the same final weights."""
+    source = build(rewind_offload_dir=str(tmp_path / "source"))
+    train(*source, 0, 60)
+    saved = copy.deepcopy(source[2].state_dict())
+    if damage == "snapshot without its step":
+        del saved["listeners"]["rewind"]["snapshots"][-1]["step"]
+    else:
+        saved["listeners"]["rewind"]["next_lr"] = "twice the last"
+    run, twin = build(rewind_offload_dir=str(tmp_path / "run")), build(rewind_offload_dir=str(tmp_path / "twin"))
+    train(*run, 0, 30)
+    train(*twin, 0, 30)
+    held = sorted(p.name for p in (tmp_path / "run").glob("*.pt"))
+    assert held and run[2].rewinder.snapshots
+    with pytest.raises(ValueError):
+        run[2].load_state_dict(saved)
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == held
+    train(*run, 30, 400)
+    train(*twin, 30, 400)
+    assert run[2].switch_step == twin[2].switch_step is not None
+    assert run[2].rewinder.rewound_to == twin[2].rewinder.rewound_to is not None
+    assert_state_equal(run[0].state_dict(), twin[0].state_dict())
