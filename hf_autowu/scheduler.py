@@ -809,11 +809,11 @@ class AutoWU:
             lr = max(self._ceiling_before(lowest) / BLOW_UP_BACKOFF, lr)
         if process_rank() == 0:
             logger.warning(
-                f"AutoWU: warmup reached its cap after {t} steps, with no estimate from the GP "
-                f"({int(finite.sum())} finite losses; a switch test needs {self._tester.min_losses}): decaying from "
-                f"{lr:.4g}, a tenth of the LR at the lowest loss (the LR range test's rule). A warmup of at least "
-                f"{self._tester.min_losses} steps (`max_warmup_fraction` times the budget) lets AutoWU choose from "
-                "its test."
+                f"AutoWU: warmup reached its cap after {t} steps with no estimate from the GP "
+                f"({int(finite.sum())} finite losses; a switch test needs {self._tester.min_losses} and a GP that "
+                f"does not fail): decaying from {lr:.4g}, a tenth of the LR at the lowest loss (the LR range test's "
+                f"rule). Too short a budget? A warmup of at least {self._tester.min_losses} steps "
+                "(`max_warmup_fraction` times the budget) lets AutoWU choose from its test."
             )
         return lr
 
