@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "84bfca3a86db": {
+        "007a27d060a3": "a4bf86a makes `WarmupRewinder.load_state_dict` read the whole state before changing "
+        "anything; no benchmark run loads a state, and the same 218 rows run under both on one Intel Xeon (family 6, "
+        "model 167): the same bit for bit",
+    },
     "007a27d060a3": {
         "addbb0a7f9eb": "d211872 runs a one-step budget at `min_lr` instead of `max_lr` and reads the retry's "
         "finiteness flags once per device; every benchmark budget is 100 steps or more and no recorded run has a "
