@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AutoWUConfig
-from .log_entries import blew_up_without_descent, capped_before_any_test
+from .log_entries import blew_up_without_descent, capped_without_estimate
 from .replay import (
     LOSS_TAGS,
     LR_TAGS,
@@ -198,7 +198,7 @@ def _switch_sentence(scheduler: AutoWU, past: bool = False) -> str:
         reason = f"{scheduler.config.patience} {reason}"
     if blew_up_without_descent(scheduler):
         reason += "; it had not really fallen before, so a decade below the LR that blew up"
-    if capped_before_any_test(scheduler):
+    if capped_without_estimate(scheduler):
         reason += "; too soon for a switch test, so a tenth of the LR at the lowest loss"
     if scheduler.retried is not None:
         reason += f"; warmup had gone on after the non-finite loss of step {scheduler.retried['loss_index'] + 1}"

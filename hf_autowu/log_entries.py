@@ -51,10 +51,15 @@ def blew_up_without_descent(scheduler: AutoWU) -> bool:
     return scheduler.switch_reason in ("divergence", "spike") and outcome is not None and not outcome.descended
 
 
-def capped_before_any_test(scheduler: AutoWU) -> bool:
-    """Whether the robust preset's warmup reached its cap before any switch test could run (a budget too short for
-    one), so the peak LR is the LR range test's rule, a tenth of the LR at the lowest loss, not the GP's estimate."""
-    return scheduler.switch_reason == "cap" and not scheduler.tests and scheduler.config.effective_estimate_at_cap
+def capped_without_estimate(scheduler: AutoWU) -> bool:
+    """Whether the robust preset's warmup reached its cap with no GP estimate ever made (too few losses: a budget
+    too short for a switch test), so the peak LR is the LR range test's rule, a tenth of the LR at the lowest loss.
+    A cap with enough losses has its estimate (`last_outcome`) even when no test ran before it."""
+    return (
+        scheduler.switch_reason == "cap"
+        and scheduler.last_outcome is None
+        and scheduler.config.effective_estimate_at_cap
+    )
 
 
 def switch_message(scheduler: AutoWU) -> str:
@@ -65,7 +70,7 @@ def switch_message(scheduler: AutoWU) -> str:
     )
     if blew_up_without_descent(scheduler):
         message += " The loss had not really fallen before it blew up: the peak is a decade below the blow-up's LR."
-    if capped_before_any_test(scheduler):
+    if capped_without_estimate(scheduler):
         message += " No switch test could run first: the peak is a tenth of the LR at the lowest warmup loss."
     retried = scheduler.retried
     if retried is not None:

@@ -75,6 +75,22 @@ def test_a_budget_too_short_for_a_test_decays_from_a_tenth_of_the_lowest_losss_l
     assert "a tenth of the LR at the lowest warmup loss" in switch_message(scheduler)
 
 
+def test_a_40_step_budget_decays_from_the_gps_estimate_and_says_nothing_of_the_range_test(caplog):
+    """At 40 steps the cap comes with the 20 losses a test needs, before any test ran: the GP's estimate is used,
+    and neither the warning nor the switch line speaks of the range test's rule."""
+    scheduler = AutoWU(make_optimizer(), total_steps=40)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.scheduler"):
+        while scheduler.phase == "warmup":
+            losses.append(blow_up_curve(scheduler.get_last_lr()[0], generator))
+            scheduler.step(losses[-1])
+    assert scheduler.tests == [] and scheduler.switch_reason == "cap" and scheduler.last_outcome is not None
+    assert scheduler.peak_lr == pytest.approx(scheduler.last_outcome.lr_estimate, rel=1e-12)
+    assert "range test" not in caplog.text
+    assert "lowest warmup loss" not in switch_message(scheduler)
+
+
 def test_the_paper_preset_still_decays_from_the_lr_reached():
     """The published algorithm is unchanged: at its cap (a loss still falling) it decays from the LR reached
     (`preset="paper"`)."""
