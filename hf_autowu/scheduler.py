@@ -74,7 +74,9 @@ class AutoWU:
     by the end of the step budget. Call `step(loss)` once after every optimizer step.
 
     Parameter groups keep their relative learning rates: the computed LR applies to the group(s) with the
-    largest LR configured in the optimizer, and every other group is scaled by its configured ratio to it.
+    largest LR configured in the optimizer, and every other group is scaled by its configured ratio to it. A group's
+    `lr_scale` (timm's layer-wise LR decay, `timm.optim.create_optimizer_v2(..., layer_decay=0.75)`) multiplies its
+    ratio, as timm's own schedulers apply it.
 
     Args:
         optimizer (`torch.optim.Optimizer`): The optimizer whose LRs are set.
@@ -131,7 +133,7 @@ class AutoWU:
 
         configured = [_configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
         self._top_configured_lr = max(configured)
-        self.group_ratios = [self._ratio_of(lr) for lr in configured]
+        self.group_ratios = [self._ratio_of(i, group) for i, group in enumerate(optimizer.param_groups)]
 
         self._listeners: list[Any] = []
         self._model = model
@@ -549,19 +551,19 @@ class AutoWU:
             ratios += self._current_group_ratios()[len(ratios) :]  # this optimizer's own, as built or added
         return ratios
 
-    def _ratio_of(self, lr: float) -> float:
-        """A parameter group's LR ratio: its configured LR over the largest one configured when AutoWU was built."""
+    def _ratio_of(self, index: int, group: dict[str, Any]) -> float:
+        """Parameter group `index`'s LR ratio: its configured LR over the largest one configured when AutoWU was built,
+        times its `lr_scale` (timm's layer-wise LR decay) when it has one."""
         top = self._top_configured_lr
-        return lr / top if top > 0 else 1.0
+        ratio = _configured_lr(index, group) / top if top > 0 else 1.0
+        return ratio * _lr_scale(index, group)
 
     def _current_group_ratios(self) -> list[float]:
         """`group_ratios`, extended to groups added to the optimizer since (`optimizer.add_param_group`, as in
         gradual unfreezing): each gets the ratio of its configured LR (the optimizer's default LR when it set none)."""
         groups = self.optimizer.param_groups
         if len(groups) > len(self.group_ratios):
-            self.group_ratios += [
-                self._ratio_of(_configured_lr(i, groups[i])) for i in range(len(self.group_ratios), len(groups))
-            ]
+            self.group_ratios += [self._ratio_of(i, groups[i]) for i in range(len(self.group_ratios), len(groups))]
         return self.group_ratios
 
     def _report_other_options(self, names: list[str]) -> None:
@@ -959,6 +961,21 @@ def _configured_lr(index: int, group: dict[str, Any]) -> float:
             "lr >= 0 (for transformers' Adafactor: `lr=1e-3, relative_step=False, scale_parameter=False`)."
         )
     return float(lr)
+
+
+def _lr_scale(index: int, group: dict[str, Any]) -> float:
+    """A parameter group's `lr_scale` (1 without one): timm's layer-wise LR decay puts it there for the scheduler
+    to apply (`timm.optim.create_optimizer_v2(..., layer_decay=...)` gives every group the same `lr`), and timm's
+    schedulers set `lr = value * lr_scale`."""
+    scale = group.get("lr_scale", 1.0)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    if not (is_number(scale) and 0 <= scale < math.inf):
+        raise ValueError(
+            f"Parameter group {index} has lr_scale={scale!r}: AutoWU multiplies the group's LR by it, as timm's "
+            "schedulers do, so it must be a finite number >= 0."
+        )
+    return float(scale)
 
 
 def set_group_lr(group: dict[str, Any], lr: float) -> None:

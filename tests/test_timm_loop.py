@@ -2,6 +2,7 @@
 metric=loss)` after every update and `lr_scheduler.step(epoch + 1, eval_metric)` at the end of every epoch."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hf_autowu import AutoWU
 
 timm = pytest.importorskip("timm")
 timm_optim = pytest.importorskip("timm.optim")
+timm_scheduler = pytest.importorskip("timm.scheduler")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 BATCH = 32
@@ -103,3 +105,62 @@ def test_timm_step_update_refuses_a_skipped_update():
     with pytest.raises(ValueError, match="`num_updates`"):
         lr_scheduler.step_update(num_updates=3, metric=2.0)
     assert lr_scheduler.last_step == 1 and len(lr_scheduler.state_dict()["pending"]) == 1
+
+
+def test_layer_wise_lr_decay_scales_every_group_as_timms_own_schedulers_do():
+    """timm's layer-wise LR decay gives every group the same `lr` and an `lr_scale` that only timm's schedulers
+    apply: AutoWU in their place must apply it too, through warmup, the switch and the decay, in a real run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        batches, _ = digits_batches()
+        model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+        optimizer = timm_optim.create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.75)
+        scales = [group["lr_scale"] for group in optimizer.param_groups]
+        assert len(set(scales)) > 2 and max(scales) == 1.0  # the head at the full LR, earlier layers below
+        lr_scheduler = AutoWU(optimizer, TRAIN_BATCHES, EPOCHS)
+        # timm's own scheduler, on a twin optimizer with the same groups, turns one value into the groups' LRs
+        twin = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 1.0, "lr_scale": s} for s in scales])
+        reference = timm_scheduler.StepLRScheduler(twin, decay_t=10**9)
+        warmup = lr_scheduler.warmup_steps
+        for t in range(TRAIN_BATCHES * EPOCHS):
+            applied = [group["lr"] for group in optimizer.param_groups]
+            value = applied[scales.index(1.0)]
+            if lr_scheduler.phase == "warmup":  # the closed-form ramp, 1e-5 to 1 over the warmup cap
+                assert value == pytest.approx(1e-5 * (1 / 1e-5) ** (t / warmup), rel=1e-9)
+            reference.update_groups(value)
+            assert applied == pytest.approx([group["lr"] for group in twin.param_groups], rel=1e-12)
+            images, labels = batches[t % TRAIN_BATCHES]
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            lr_scheduler.step(loss)
+        assert lr_scheduler.switch_step is not None  # warmup ended inside the run: both phases were compared
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scale", [math.nan, -0.5, math.inf, "0.5"])
+def test_an_lr_scale_autowu_cannot_apply_is_refused(scale):
+    optimizer = torch.optim.SGD(
+        [{"params": [torch.zeros(1)], "lr": 1.0}, {"params": [torch.zeros(1)], "lr": 1.0, "lr_scale": scale}]
+    )
+    with pytest.raises(ValueError, match="group 1 has lr_scale"):
+        AutoWU(optimizer, total_steps=100)
+    scheduler = AutoWU(make_optimizer(), total_steps=100)  # a group added later is checked when it is first set
+    scheduler.optimizer.add_param_group({"params": [torch.zeros(1)], "lr": 1.0, "lr_scale": scale})
+    with pytest.raises(ValueError, match="group 1 has lr_scale"):
+        scheduler.step(1.0)
+
+
+def test_a_group_added_with_an_lr_scale_follows_it():
+    scheduler = AutoWU(make_optimizer((0.5,)), total_steps=100)
+    scheduler.step(1.0)
+    scheduler.optimizer.add_param_group({"params": [torch.zeros(1)], "lr": 0.5, "lr_scale": 0.25})
+    for t in range(1, 100):
+        scheduler.step(1.0 / t)
+        lrs = [group["lr"] for group in scheduler.optimizer.param_groups]
+        assert lrs[1] == pytest.approx(0.25 * lrs[0], rel=1e-12)
