@@ -112,8 +112,8 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     """Train and evaluate one model with AutoWU.
 
     Args:
-        config (`dict`): Hyperparameters: model, image_size, batch_size, epochs, opt, weight_decay, label_smoothing,
-            seed.
+        config (`dict`): Hyperparameters: model, image_size, batch_size, epochs, opt, weight_decay, layer_decay,
+            label_smoothing, seed.
         autowu_config (`AutoWUConfig`): AutoWU's options.
         args (`argparse.Namespace`): Data, precision, checkpointing and logging options.
 
@@ -162,7 +162,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     else:
         train_split = with_image_transform(data.train, train_transform, data.image_column, data.label_column)
         train_loader = DataLoader(train_split, shuffle=True, drop_last=True, **loader_kwargs)
-    optimizer = create_optimizer(model, config["opt"], config["weight_decay"])
+    optimizer = create_optimizer(model, config["opt"], config["weight_decay"], config.get("layer_decay"))
     if args.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -330,6 +330,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[HfArgumentParser, AutoWUA
     recipe.add_argument("--epochs", type=int, help=f"the step budget in epochs (default {PAPER_DEFAULTS['epochs']})")
     recipe.add_argument("--opt", choices=sorted(OPTIMIZER_KWARGS), default="adamp", help="timm optimizer")
     recipe.add_argument("--weight-decay", type=float, default=0.1, help="weight decay")
+    recipe.add_argument(
+        "--layer-decay", type=float, help="layer-wise LR decay in (0, 1], timm's (AutoWU applies it; default: none)"
+    )
     recipe.add_argument("--label-smoothing", type=float, help="default 0.1 for EfficientNets, else 0")
     recipe.add_argument(
         "--sync-bn",
@@ -376,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         "epochs": args.epochs or defaults["epochs"],
         "opt": args.opt,
         "weight_decay": args.weight_decay,
+        "layer_decay": args.layer_decay,
         "label_smoothing": recipe_label_smoothing(model) if args.label_smoothing is None else args.label_smoothing,
         "seed": args.seed,
     }

@@ -108,6 +108,7 @@ class ScriptArguments:
     )
     image_size: int | None = field(default=None, metadata={"help": "Square input size (default: the model's)."})
     opt: str = field(default="adamp", metadata={"help": "timm optimizer.", "choices": sorted(OPTIMIZER_KWARGS)})
+    layer_decay: float | None = field(default=None, metadata={"help": "timm's layer-wise LR decay, in (0, 1]."})
     sync_bn: bool | None = field(
         default=None,
         metadata={"help": "SyncBatchNorm on GPUs (default: on for EfficientNets).", "nargs": "?", "const": True},
@@ -275,7 +276,9 @@ def train(
         )
         steps_per_epoch = data.num_train_examples // global_batch
         training_args.max_steps = int(steps_per_epoch * training_args.num_train_epochs)
-    optimizer = create_optimizer(model.timm_model, script_args.opt, training_args.weight_decay)
+    optimizer = create_optimizer(
+        model.timm_model, script_args.opt, training_args.weight_decay, script_args.layer_decay
+    )
     autowu = AutoWUCallback(config=autowu_config)
     trainer = Trainer(
         model=model,

@@ -178,6 +178,31 @@ def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "script", ["accelerate", pytest.param("trainer", marks=needs_trainer_callback)], ids=["accelerate", "trainer"]
+)
+def test_layer_decay_scales_each_layer_group(script, image_folders, example_env, tmp_path):
+    """`--layer-decay`: timm's layer groups, each at AutoWU's LR times its `lr_scale` (the head at the full LR), in
+    the optimizer state the example checkpoints after the first of two epochs (6 steps each)."""
+    command = [sys.executable, str(ACCELERATE_SCRIPT if script == "accelerate" else TRAINER_SCRIPT)]
+    command += [*folder_args(image_folders), "--model", "test_resnet", "--image-size", "32", "--layer-decay", "0.5"]
+    if script == "accelerate":
+        command += ["--batch-size", str(BATCH), "--epochs", "2", "--checkpointing-steps", "6"]
+        optimizer_file = tmp_path / "checkpoints" / "step_6" / "optimizer.bin"
+    else:
+        command += ["--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "2", "--use_cpu"]
+        optimizer_file = tmp_path / "checkpoint-6" / "optimizer.pt"
+    run_example([*command, "--output-dir", str(tmp_path), "--report-to", "none"], example_env)
+    groups = torch.load(optimizer_file, weights_only=True)["param_groups"]
+    scales = sorted({group["lr_scale"] for group in groups})
+    assert scales[-1] == 1.0 and scales[0] <= 0.5**3  # one factor 0.5 per layer group below the head
+    head_lr = next(group["lr"] for group in groups if group["lr_scale"] == 1.0)
+    assert head_lr > 0
+    for group in groups:
+        assert group["lr"] == pytest.approx(head_lr * group["lr_scale"], rel=1e-12)
+
+
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_accelerate_two_processes(image_folders, example_env, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -274,10 +299,14 @@ def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str
         ([flag("train-dir"), str(empty / "nope"), flag("val-dir"), val], "is not a directory"),
         ([flag("train-dir"), str(empty), flag("val-dir"), str(empty)], "no images found"),
         ([flag("train-dir"), train, flag("val-dir"), val, "--model", "no_such_model"], "unknown timm model"),
+        (
+            [flag("train-dir"), train, flag("val-dir"), val, "--model", "test_resnet", flag("layer-decay"), "1.5"],
+            "--layer-decay must be in (0, 1]",
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
     example = import_example("train_timm_accelerate")
     resume_args = ["--model", "test_resnet", "--batch-size", str(BATCH), "--resume", "latest"]
@@ -291,7 +320,7 @@ def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, import_e
 
 
 @needs_trainer_callback
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_trainer_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
     example = import_example("train_timm_trainer")
     args, expected = bad_input_cases(image_folders, tmp_path, "underscore")[case]
@@ -343,7 +372,7 @@ def test_trainer_help_is_readable(import_example, capsys):
     example = import_example("train_timm_trainer")
     out = help_text(example, capsys)
     flat = " ".join(out.split())
-    assert len(out.splitlines()) < 250  # (all of TrainingArguments: --help_all)
+    assert len(out.splitlines()) < 260  # (all of TrainingArguments, --help_all: over 600 lines)
     assert "(default: None)" not in flat and not re.search(r"\(default[^()]*\)\.? \(default", flat)
     for ignored in ("--learning_rate", "--lr_scheduler_type", "--warmup_steps"):
         assert re.search(ignored + r"\b[^.]*? Ignored, default or not: AutoWU sets the learning rate", flat), ignored
