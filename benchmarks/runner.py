@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "e07abb401804": {
+        "84bfca3a86db": "df31d1c multiplies a parameter group's LR ratio by its `lr_scale` (timm's layer-wise LR "
+        "decay); no benchmark optimizer has one, and the same 218 rows run under both on one Intel Xeon (family 6, "
+        "model 167): the same bit for bit",
+    },
     "84bfca3a86db": {
         "007a27d060a3": "a4bf86a makes `WarmupRewinder.load_state_dict` read the whole state before changing "
         "anything; no benchmark run loads a state, and the same 218 rows run under both on one Intel Xeon (family 6, "
