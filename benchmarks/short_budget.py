@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Budgets too short for a switch test: four tasks of ``quality.py`` (hand loop, Trainer, TRL fine-tune) cut to
-30 optimizer steps, so that AutoWU's ramp (half the budget, from 1e-5 to 1 in 15 steps) reaches its cap before
-the 20 losses a switch test needs.
+"""Short budgets: four tasks of ``quality.py`` (hand loop, Trainer, TRL fine-tune) cut to 30 optimizer steps, so
+that AutoWU's ramp (half the budget, from 1e-5 to 1 in 15 steps) reaches its cap before the 20 losses a switch
+test needs; and, with ``--steps``, to other budgets (50-80 steps: the first test comes after 20 losses of a ramp
+growing 1.3-1.6x per step).
 
-    python benchmarks/short_budget.py                   # this checkout's AutoWU, and the fixed peaks
+    python benchmarks/short_budget.py                   # this checkout's AutoWU, and the fixed peaks, at 30 steps
+    python benchmarks/short_budget.py --steps 50,64,80  # the same at other budgets (a table per budget)
     python benchmarks/short_budget.py --label 36fd963   # rows of another revision, run with its hf_autowu imported
 
 Each AutoWU run records how warmup ended, the peak LR and the test metric; the reference is the oracle's recipe
 (5% warmup + cosine) at three fixed peaks around the task's oracle centre (/4, x1, x4), the best on validation.
-The report puts every label beside it (section "Budgets too short for a switch test" of ``RESULTS.md``).
+The report puts every label beside it (section "Short budgets" of ``RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def run(task_name: str, method: str, seed: int, peak_lr: float | None, steps: in
     info = result.info or {}
     return {
         "task": task_name,
+        "steps": steps,
         "metric": task.metric,
         "method": method,
         "seed": seed,
@@ -52,19 +55,56 @@ def _format(metric: str, values: list[float]) -> str:
     return " / ".join(f"{100 * v:.1f}%" if metric == "accuracy" else f"{v:.3f}" for v in values)
 
 
+def _steps(row: dict) -> int:
+    return row.get("steps", STEPS)  # rows recorded before budgets other than 30 were run have no "steps"
+
+
+def _key(row: dict, label: str) -> str:
+    """The row's key in the JSON: `label|task|seed` (AutoWU) or `fixed|task|peak|seed`, then `@steps` unless 30."""
+    head = (
+        f"{label}|{row['task']}|{row['seed']}"
+        if row["method"] == "autowu"
+        else f"fixed|{row['task']}|{row['peak_lr']:.3g}|{row['seed']}"
+    )
+    return head if row["steps"] == STEPS else f"{head}@{row['steps']}"
+
+
 def report(runs: dict[str, dict], tasks: tuple[str, ...] = TASK_NAMES, seeds: tuple[int, ...] = SEEDS) -> str:
-    """The section's text: a row per task, a column per label and one for the best fixed peak."""
+    """The section's text: a table per budget, each with a row per task, a column per label and one for the best
+    fixed peak."""
+    lines = [
+        "Each task cut to a few dozen optimizer steps, seeds " + ", ".join(map(str, seeds)) + ": AutoWU's defaults "
+        "(per cell: test metric by seed; how warmup ended; peak LR, median over seeds) and the oracle's recipe "
+        "(5% warmup + cosine) at the best on validation of three fixed peaks (the task's oracle centre /4, x1, x4). "
+        "Accuracy higher is better, loss (nats per byte) lower; chance level: 10% on the digits, 5.27 nats. At 30 "
+        "steps the ramp reaches its cap before the 20 losses a switch test needs; at 50-80 steps the first test "
+        "comes after 20 losses, when the ramp (1.3-1.6x per step) has passed the LRs these tasks train best at.",
+    ]
+    for steps in sorted({_steps(r) for r in runs.values()}):
+        lines += [
+            "",
+            f"**{steps} steps**",
+            "",
+            *_budget_table({k: r for k, r in runs.items() if _steps(r) == steps}, tasks),
+        ]
+    lines += [
+        "",
+        "Reproduce: `python benchmarks/short_budget.py` (30 steps; about 5 minutes on 2 CPU cores) and `python "
+        "benchmarks/short_budget.py --steps 50,64,80` (about 20 minutes); the rows of an older revision come from "
+        "the same script run where that revision's `hf_autowu` is the one imported, with `--label` and "
+        "`--autowu-only`.",
+    ]
+    return "\n".join(lines)
+
+
+def _budget_table(runs: dict[str, dict], tasks: tuple[str, ...]) -> list[str]:
+    """One budget's table: a row per task, a column per label and one for the best fixed peak."""
     first_run: dict[str, int] = {}
     for row in runs.values():
         if row["method"] == "autowu":
             first_run[row["label"]] = min(first_run.get(row["label"], row["order"]), row["order"])
     labels = sorted(first_run, key=first_run.get)
     lines = [
-        f"Each task cut to {STEPS} optimizer steps, seeds " + ", ".join(map(str, seeds)) + ": AutoWU's defaults "
-        "(per cell: test metric by seed; how warmup ended; peak LR, median over seeds) and the oracle's recipe "
-        "(5% warmup + cosine) at the best on validation of three fixed peaks (the task's oracle centre /4, x1, x4). "
-        "Accuracy higher is better, loss (nats per byte) lower; chance level: 10% on the digits, 5.27 nats.",
-        "",
         "| task | " + " | ".join(f"AutoWU {label}" for label in labels) + " | best fixed peak |",
         "|---|" + "---|" * (len(labels) + 1),
     ]
@@ -96,13 +136,7 @@ def report(runs: dict[str, dict], tasks: tuple[str, ...] = TASK_NAMES, seeds: tu
         else:
             cells.append("-")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Reproduce: `python benchmarks/short_budget.py` (about 5 minutes on 2 CPU cores); the rows of an older "
-        "revision come from the same script run where that revision's `hf_autowu` is the one imported, with "
-        "`--label` and `--autowu-only`.",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +146,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="only write the section from recorded rows")
     parser.add_argument("--smoke", action="store_true", help="digits_cnn_short, seed 0, AutoWU only")
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON and RESULTS.md go")
+    parser.add_argument(
+        "--steps", default=str(STEPS), help="budgets to cut the tasks to, comma-separated (default 30)"
+    )
     args = parser.parse_args(argv)
+    try:
+        budgets = [int(value) for value in args.steps.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        parser.error(f"--steps must be positive integers, comma-separated, got {args.steps!r}")
     label = args.label or library_revision()
     out = (args.out_dir or RESULTS_DIR) / "short_budget.json"
     md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
@@ -120,27 +163,27 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         with locked_json(out, {"runs": {}}) as data:
             order = max((r["order"] for r in data["runs"].values()), default=-1) + 1
-        for task in tasks:
-            plans = [("autowu", None)]
-            if not (args.autowu_only or args.smoke):
-                plans += [("oracle", TASKS[task].oracle_center * f) for f in PEAK_FACTORS]
-            for method, peak in plans:
-                for seed in seeds:
-                    row = {**run(task, method, seed, peak), "label": label, "order": order}
-                    print(
-                        f"{label} {task} {method} peak={row['peak_lr']:.3g} seed={seed}: test {row['test']:.4f} "
-                        f"({row['switch_step']} {row['switch_reason']})",
-                        flush=True,
-                    )
-                    key = f"{label}|{task}|{seed}" if method == "autowu" else f"fixed|{task}|{peak:.3g}|{seed}"
-                    with locked_json(out, {"runs": {}}) as data:
-                        data["runs"][key] = row
+        for steps in budgets:
+            for task in tasks:
+                plans = [("autowu", None)]
+                if not (args.autowu_only or args.smoke):
+                    plans += [("oracle", TASKS[task].oracle_center * f) for f in PEAK_FACTORS]
+                for method, peak in plans:
+                    for seed in seeds:
+                        row = {**run(task, method, seed, peak, steps), "label": label, "order": order}
+                        print(
+                            f"{label} {task} @{steps} {method} peak={row['peak_lr']:.3g} seed={seed}: test "
+                            f"{row['test']:.4f} ({row['switch_step']} {row['switch_reason']})",
+                            flush=True,
+                        )
+                        with locked_json(out, {"runs": {}}) as data:
+                            data["runs"][_key({**row, "peak_lr": peak}, label)] = row
     with locked_json(out, {"runs": {}}) as data:
         runs = dict(data["runs"])
     update_section(
         md,
         "short-budget",
-        "## Budgets too short for a switch test (`benchmarks/short_budget.py`)\n\n" + report(runs, tasks, seeds),
+        "## Short budgets (`benchmarks/short_budget.py`)\n\n" + report(runs, tasks, seeds),
     )
     print(f"wrote the short-budget section of {md}")
 

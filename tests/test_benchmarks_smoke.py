@@ -772,3 +772,12 @@ def test_short_budget_smoke(bench, tmp_path: Path) -> None:
     assert row["peak_lr"] < 0.05 and row["test"] > 0.5
     section = (tmp_path / "RESULTS.md").read_text().split("<!-- short-budget:begin -->")[1]
     assert "| digits_cnn_short | " in section and "| timm_digits |" not in section
+    # another budget: its own rows and its own table, the 30-step one kept
+    short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--label", "now", "--steps", "44"])
+    runs = json.loads((tmp_path / "short_budget.json").read_text())["runs"]
+    assert runs["now|digits_cnn_short|0@44"]["steps"] == 44 and "now|digits_cnn_short|0" in runs
+    assert runs["now|digits_cnn_short|0@44"]["switch_step"] >= 20  # a switch test (20 losses) came first
+    section = (tmp_path / "RESULTS.md").read_text().split("<!-- short-budget:begin -->")[1]
+    assert section.index("**30 steps**") < section.index("**44 steps**")
+    with pytest.raises(SystemExit):
+        short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "30,x"])
