@@ -90,7 +90,7 @@ def report(runs: dict[str, dict], tasks: tuple[str, ...] = TASK_NAMES, seeds: tu
     lines += [
         "",
         "Reproduce: `python benchmarks/short_budget.py` (30 steps; about 5 minutes on 2 CPU cores) and `python "
-        "benchmarks/short_budget.py --steps 50,64,80` (about 20 minutes); the rows of an older revision come from "
+        "benchmarks/short_budget.py --steps 50,64,80` (about 8 minutes); the rows of an older revision come from "
         "the same script run where that revision's `hf_autowu` is the one imported, with `--label` and "
         "`--autowu-only`.",
     ]
