@@ -57,7 +57,7 @@ from .distributed import (
     process_rank,
     world_size,
 )
-from .state_layout import REPLICATED, SHARDED, UNSUPPORTED, layout_of, sharding_of
+from .state_layout import REPLICATED, SHARDED, UNSUPPORTED, layout_of, sharding_of, state_owner
 
 __all__ = ["REPLICATED", "SHARDED", "UNSUPPORTED", "WarmupRewinder", "sharding_of"]
 
@@ -240,9 +240,14 @@ class WarmupRewinder:
             return self._layout_params()
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def _optimizer_state(self) -> dict[Any, dict[str, Any]]:
+        """The optimizer's per-parameter state, where it lives (`state_owner`: timm's `Lookahead` keeps it in the
+        optimizer it wraps)."""
+        return state_owner(self.optimizer).state
+
     def _state_tensors(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
         """The parameters, in the optimizer's order, with their optimizer state."""
-        state = self.optimizer.state
+        state = self._optimizer_state()
         for p in self._stepped_params():
             yield p, state.get(p, {})
 
@@ -500,15 +505,16 @@ class WarmupRewinder:
         if broadcast:
             layout = broadcast_object(layout)
         tensors: list[torch.Tensor] = []
+        optimizer_state = self._optimizer_state()
         with torch.no_grad():
             for i, (p, _) in enumerate(list(self._state_tensors())):
                 if data is not None:
                     _local(p).copy_(data["params"][i])
                 tensors.append(_local(p))
                 if not layout[i]:
-                    self.optimizer.state.pop(p, None)
+                    optimizer_state.pop(p, None)
                     continue
-                state = self.optimizer.state[p]
+                state = optimizer_state[p]
                 for key in [k for k in state if k not in {entry[0] for entry in layout[i]}]:
                     del state[key]
                 for key, shape, dtype, value in layout[i]:

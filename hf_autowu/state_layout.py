@@ -68,6 +68,34 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
     return chain
 
 
+def state_owner(optimizer: Any) -> Any:
+    """The optimizer whose `state` holds the per-parameter state of `optimizer`'s parameters: `optimizer` itself, or
+    the innermost optimizer it wraps with the very same parameter groups. timm's `Lookahead` keeps its base
+    optimizer's moments, and its own slow weights, in the base optimizer's `state` (`_base_optimizer`) and leaves its
+    own `state` empty; Accelerate's and DeepSpeed's wrappers share the `state` of the optimizer they wrap.
+
+    Args:
+        optimizer: The optimizer AutoWU drives, or a wrapper of it.
+
+    Returns:
+        The optimizer whose `state` to snapshot and restore.
+    """
+    current = optimizer
+    for _ in range(8):
+        inner = next(
+            (
+                getattr(current, name)
+                for name in ("optimizer", "_base_optimizer", "base_optimizer")
+                if isinstance(getattr(current, name, None), torch.optim.Optimizer)
+            ),
+            None,
+        )
+        if inner is None or inner is current or inner.param_groups is not current.param_groups:
+            break
+        current = inner
+    return current
+
+
 def _deepspeed_holders(optimizer: Any) -> list[Any]:
     """DeepSpeed's objects whose `optimizer` is `optimizer`: the wrapper that steps it (ZeRO, or the `FP16_Optimizer`
     wrappers of stage 0), or the engine that steps it itself (stage 0 in fp32); read once per run, when the first

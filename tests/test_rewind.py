@@ -496,3 +496,38 @@ def test_a_rewinder_state_that_cannot_be_loaded_changes_nothing(damage, tmp_path
     assert run[2].switch_step == twin[2].switch_step is not None
     assert run[2].rewinder.rewound_to == twin[2].rewinder.rewound_to is not None
     assert_state_equal(run[0].state_dict(), twin[0].state_dict())
+
+
+@pytest.mark.parametrize("wrapped_by_accelerate", [False, True])
+def test_rewind_restores_the_state_an_optimizer_keeps_in_the_one_it_wraps(wrapped_by_accelerate):
+    """timm's `Lookahead` keeps AdamW's moments and its own slow weights in the base optimizer's `state` and leaves
+    its own empty: right after the switch all of them, as the parameters, are those of the snapshot's step (also
+    with Accelerate's wrapper around it)."""
+    timm_optim = pytest.importorskip("timm.optim")
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    def build_lookahead(**options):
+        model = make_model()
+        optimizer = timm_optim.Lookahead(torch.optim.AdamW(model.parameters(), lr=1.0), k=3)
+        if wrapped_by_accelerate:
+            model, optimizer = accelerate.Accelerator(cpu=True).prepare(model, optimizer)
+        return model, optimizer, AutoWU(optimizer, total_steps=400, immediate_cooldown=True, **options)
+
+    try:
+        model, optimizer, scheduler = build_lookahead()
+        train(model, optimizer, scheduler, 0, 400)
+        target = scheduler.rewinder.rewound_to
+        assert scheduler.switch_step is not None and target is not None and target["step"] > 3
+        model2, optimizer2, scheduler2 = build_lookahead()
+        train(model2, optimizer2, scheduler2, 0, scheduler.switch_step)  # right after the switch's restore
+        model3, optimizer3, scheduler3 = build_lookahead(rewind=False)
+        train(model3, optimizer3, scheduler3, 0, target["step"])  # the snapshot's step, nothing rewound
+        expected = optimizer3.state_dict()["state"]
+        assert all({"exp_avg", "lookahead_slow_buff"} <= set(state) for state in expected.values())
+        for (name, param), (_, twin) in zip(model2.named_parameters(), model3.named_parameters(), strict=True):
+            assert torch.equal(param, twin), name
+        assert_state_equal(optimizer2.state_dict()["state"], expected)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
