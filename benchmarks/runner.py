@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "c727c8c944ee": {
+        "e07abb401804": "12a712c snapshots and restores the optimizer state of the innermost optimizer that shares "
+        "the parameter groups (timm's Lookahead keeps it in the one it wraps); no benchmark optimizer wraps another "
+        "that way, and the same 218 rows run under both on one Intel Xeon (family 6, model 167): the same bit for bit",
+    },
     "e07abb401804": {
         "84bfca3a86db": "df31d1c multiplies a parameter group's LR ratio by its `lr_scale` (timm's layer-wise LR "
         "decay); no benchmark optimizer has one, and the same 218 rows run under both on one Intel Xeon (family 6, "
