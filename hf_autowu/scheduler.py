@@ -560,7 +560,9 @@ class AutoWU:
 
     def _current_group_ratios(self) -> list[float]:
         """`group_ratios`, extended to groups added to the optimizer since (`optimizer.add_param_group`, as in
-        gradual unfreezing): each gets the ratio of its configured LR (the optimizer's default LR when it set none)."""
+        gradual unfreezing): each gets the ratio of its configured LR (the optimizer's default LR when it set none),
+        times its `lr_scale`. A group's `lr_scale` is read once, when its ratio is first needed (timm's schedulers read
+        it at every update)."""
         groups = self.optimizer.param_groups
         if len(groups) > len(self.group_ratios):
             self.group_ratios += [self._ratio_of(i, groups[i]) for i in range(len(self.group_ratios), len(groups))]
