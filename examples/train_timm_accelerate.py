@@ -162,7 +162,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     else:
         train_split = with_image_transform(data.train, train_transform, data.image_column, data.label_column)
         train_loader = DataLoader(train_split, shuffle=True, drop_last=True, **loader_kwargs)
-    optimizer = create_optimizer(model, config["opt"], config["weight_decay"], config.get("layer_decay"))
+    optimizer = create_optimizer(model, config["opt"], config["weight_decay"], config["layer_decay"])
     if args.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
