@@ -18,7 +18,12 @@ settings (rewind off, the defaults otherwise):
   reads): on a flat, noisy curve (a fine-tune whose loss barely moves) the minimum is noise, so the ramp goes on
   until the loss falls, blows up or the ramp ends (a patch of `SwitchTester.run`, undone after the replay);
 - ``x K``: the defaults' LR times `K`, a uniform bias (0.5, 0.7, 1.4, 2): whether the rule's choices sit on the
-  right side of the best peak on average, or only stray from it between seeds.
+  right side of the best peak on average, or only stray from it between seeds;
+- ``lag K``: the LR estimate read `K` steps earlier on the ramp (2, 4, 8): a correction for the ramp's lag, since
+  the loss at a step reflects the LRs of the steps before it (the optimizer's moments, the weights those LRs
+  moved), which on a fast ramp are several times smaller. Unlike ``x K`` its factor depends on the ramp's speed:
+  large on a short budget's fast ramp, small on a long one's (a patch of `switch_test.lr_at_fraction` inside
+  `SwitchTester.run`, undone after the replay).
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
@@ -48,11 +53,26 @@ from common import RESULTS_DIR
 from report import regret
 from runner import recorded_runs
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, switch_test
 from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
 
 DEFAULT = "loss"
-VARIANTS = (DEFAULT, "log", "cap 2", "cap 3", "cap 5", "cap 10", "descended", "x 0.5", "x 0.7", "x 1.4", "x 2")
+VARIANTS = (
+    DEFAULT,
+    "log",
+    "cap 2",
+    "cap 3",
+    "cap 5",
+    "cap 10",
+    "descended",
+    "x 0.5",
+    "x 0.7",
+    "x 1.4",
+    "x 2",
+    "lag 2",
+    "lag 4",
+    "lag 8",
+)
 
 
 def fed(losses: list[float | None], variant: str) -> list[float]:
@@ -71,9 +91,34 @@ def scale(variant: str) -> float:
 
 @contextlib.contextmanager
 def patched(variant: str) -> Iterator[None]:
-    """The patch `variant` needs (`blow_up_cap`, `descent_required`), if any, for the time of the context."""
-    with blow_up_cap(variant), descent_required(variant):
+    """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`), if any, for the time of the
+    context."""
+    with blow_up_cap(variant), descent_required(variant), lagged(variant):
         yield
+
+
+@contextlib.contextmanager
+def lagged(variant: str) -> Iterator[None]:
+    """Under ``lag K``, each test maps its chosen point on the time axis `K` steps earlier (never before the start)
+    to an LR; restored on exit."""
+    if not variant.startswith("lag "):
+        yield
+        return
+    steps, original_run, original_at = float(variant.split()[1]), SwitchTester.run, switch_test.lr_at_fraction
+
+    def run(self: SwitchTester, losses: torch.Tensor, **kwargs: Any) -> SwitchTestOutcome | None:
+        earlier = steps / losses.numel()  # the time axis runs over the losses recorded so far
+        switch_test.lr_at_fraction = lambda x, **at: original_at(max(0.0, x - earlier), **at)
+        try:
+            return original_run(self, losses, **kwargs)
+        finally:
+            switch_test.lr_at_fraction = original_at
+
+    SwitchTester.run = run
+    try:
+        yield
+    finally:
+        SwitchTester.run = original_run
 
 
 @contextlib.contextmanager

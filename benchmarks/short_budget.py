@@ -7,20 +7,25 @@ growing 1.3-1.6x per step).
     python benchmarks/short_budget.py                   # this checkout's AutoWU, and the fixed peaks, at 30 steps
     python benchmarks/short_budget.py --steps 50,64,80  # the same at other budgets (a table per budget)
     python benchmarks/short_budget.py --label 36fd963   # rows of another revision, run with its hf_autowu imported
+    python benchmarks/short_budget.py --steps 50,64,80 --probe "lag 2" --autowu-only  # under a rule probe's patch
 
 Each AutoWU run records how warmup ended, the peak LR and the test metric; the reference is the oracle's recipe
 (5% warmup + cosine) at three fixed peaks around the task's oracle centre (/4, x1, x4), the best on validation.
-The report puts every label beside it (section "Short budgets" of ``RESULTS.md``).
+The report puts every label beside it (section "Short budgets" of ``RESULTS.md``). With ``--probe``, AutoWU's runs
+are made under one of ``rule_probes.py``'s patches of the decision code (``lag K``, ``cap K``, ``descended``),
+labelled ``REVISION VARIANT``: real runs of a rule that ``rule_probes.py`` only replays.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
 from pathlib import Path
 
+import rule_probes
 from common import RESULTS_DIR, RESULTS_MD, locked_json, update_section
 from runner import library_revision
 from tasks import TASKS
@@ -29,6 +34,7 @@ TASK_NAMES = ("digits_cnn_short", "timm_digits", "gpt2_stdlib", "gpt2_finetune_d
 STEPS = 30
 SEEDS = (0, 1)
 PEAK_FACTORS = (0.25, 1.0, 4.0)
+PROBES = tuple(v for v in rule_probes.VARIANTS if v.split()[0] in ("lag", "cap", "descended"))  # patches, not feeds
 
 
 def run(task_name: str, method: str, seed: int, peak_lr: float | None, steps: int = STEPS) -> dict:
@@ -92,7 +98,7 @@ def report(runs: dict[str, dict], tasks: tuple[str, ...] = TASK_NAMES, seeds: tu
         "Reproduce: `python benchmarks/short_budget.py` (30 steps; about 5 minutes on 2 CPU cores) and `python "
         "benchmarks/short_budget.py --steps 50,64,80` (about 8 minutes); the rows of an older revision come from "
         "the same script run where that revision's `hf_autowu` is the one imported, with `--label` and "
-        "`--autowu-only`.",
+        "`--autowu-only`; a label with a rule probe's name after the revision (`lag 2`) comes from `--probe`.",
     ]
     return "\n".join(lines)
 
@@ -145,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--autowu-only", action="store_true", help="skip the fixed peaks")
     parser.add_argument("--report-only", action="store_true", help="only write the section from recorded rows")
     parser.add_argument("--smoke", action="store_true", help="digits_cnn_short, seed 0, AutoWU only")
+    parser.add_argument(
+        "--probe", default=None, help=f"run AutoWU under this rule probe's patch, one of: {', '.join(PROBES)}"
+    )
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON and RESULTS.md go")
     parser.add_argument(
         "--steps", default=str(STEPS), help="budgets to cut the tasks to, comma-separated (default 30)"
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         budgets = []
     if not budgets or min(budgets) < 1:
         parser.error(f"--steps must be positive integers, comma-separated, got {args.steps!r}")
-    label = args.label or library_revision()
+    if args.probe is not None and args.probe not in PROBES:
+        parser.error(f"--probe must be one of {', '.join(PROBES)}, got {args.probe!r}")
+    label = args.label or " ".join(filter(None, (library_revision(), args.probe)))
     out = (args.out_dir or RESULTS_DIR) / "short_budget.json"
     md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"
     tasks, seeds = (("digits_cnn_short",), (0,)) if args.smoke else (TASK_NAMES, SEEDS)
@@ -170,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                     plans += [("oracle", TASKS[task].oracle_center * f) for f in PEAK_FACTORS]
                 for method, peak in plans:
                     for seed in seeds:
-                        row = {**run(task, method, seed, peak, steps), "label": label, "order": order}
+                        probe = args.probe if method == "autowu" else None
+                        with rule_probes.patched(probe) if probe else contextlib.nullcontext():
+                            row = {**run(task, method, seed, peak, steps), "label": label, "order": order}
                         print(
                             f"{label} {task} @{steps} {method} peak={row['peak_lr']:.3g} seed={seed}: test "
                             f"{row['test']:.4f} ({row['switch_step']} {row['switch_reason']})",

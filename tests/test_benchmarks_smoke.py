@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_autowu import ramp
+
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 pytestmark = pytest.mark.slow
@@ -545,7 +547,8 @@ def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone
 
 def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(bench) -> None:
     """The probe feeds the log of each loss (NaN where there is none), scales the LR chosen, caps the LR after a
-    blow-up and counts only tests that saw a real descent, each only inside its context, and its leave-one-task-out
+    blow-up, counts only tests that saw a real descent and reads the estimate some steps earlier on the ramp, each
+    only inside its context, and its leave-one-task-out
     pick on each fold is the variant with the lower mean validation regret on the other tasks, never using the
     unseen ones."""
     probe = bench("rule_probes")
@@ -574,6 +577,22 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
         assert not tester.run(flat, current_lr=1e-3, min_lr=1e-7, warmup_type="exp").resolved
     tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
     assert tester.run(flat, current_lr=1e-3, min_lr=1e-7, warmup_type="exp").resolved  # the patch is undone
+
+    # a U-shaped curve, minimum near step 30 of 60: four steps earlier on a ramp from 1e-7 to 1e-3 is the estimate
+    # times (1e-3 / 1e-7) ** (-4 / 60), the ramp's growth over four of its steps
+    valley = torch.linspace(-1.0, 1.0, 60, dtype=torch.float64) ** 2 + 0.01 * torch.randn(
+        60, generator=generator, dtype=torch.float64
+    )
+
+    def estimate() -> float:
+        tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
+        return tester.run(valley, current_lr=1e-3, min_lr=1e-7, warmup_type="exp").lr_estimate
+
+    plain_estimate = estimate()
+    with probe.patched("lag 4"):
+        lagged_estimate = estimate()
+    assert lagged_estimate == pytest.approx(plain_estimate * 1e4 ** (-4 / 60), rel=1e-9)
+    assert estimate() == plain_estimate and probe.switch_test.lr_at_fraction is ramp.lr_at_fraction
 
     def row(group: str, loss: float, log: float) -> dict:
         return {
@@ -781,3 +800,17 @@ def test_short_budget_smoke(bench, tmp_path: Path) -> None:
     assert section.index("**30 steps**") < section.index("**44 steps**")
     with pytest.raises(SystemExit):
         short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "30,x"])
+    # under a rule probe's patch: `lag K` reads the estimate K steps of the ramp earlier, so at the same switch the
+    # peak is the plain one over the ramp's growth per step to the K-th power (lag 4: lag 2's factor squared)
+    short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "44", "--probe", "lag 2"])
+    short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--steps", "44", "--probe", "lag 4", "--label", "l4"])
+    runs = json.loads((tmp_path / "short_budget.json").read_text())["runs"]
+    plain, lag4 = runs["now|digits_cnn_short|0@44"], runs["l4|digits_cnn_short|0@44"]
+    (lag2,) = [row for key, row in runs.items() if key.endswith(" lag 2|digits_cnn_short|0@44")]
+    assert lag2["switch_step"] == lag4["switch_step"] == plain["switch_step"]
+    growth = (plain["peak_lr"] / lag2["peak_lr"]) ** 0.5
+    assert 1.3 < growth < 2.0  # the ramp at 44 steps: 1e-5 to 1 in about 22 steps
+    assert plain["peak_lr"] / lag4["peak_lr"] == pytest.approx(growth**4, rel=1e-6)
+    assert "AutoWU l4" in (tmp_path / "RESULTS.md").read_text()
+    with pytest.raises(SystemExit):
+        short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--probe", "x 2"])  # a feed, not a patch
