@@ -30,7 +30,7 @@ where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp
 and leaving one task out picks the variant with the lowest mean validation regret on the other tasks. The held-out
 tasks of role ``unseen`` are scored but take no part in that choice.
 
-Usage: `python benchmarks/rule_probes.py` (about four minutes; needs the `ramp` and `oracle` runs of `quality.py` and
+Usage: `python benchmarks/rule_probes.py` (about six minutes; needs the `ramp` and `oracle` runs of `quality.py` and
 `holdout.py`); prints a Markdown table and writes `results/rule_probes.json`.
 """
 
