@@ -23,14 +23,18 @@ settings (rewind off, the defaults otherwise):
   the loss at a step reflects the LRs of the steps before it (the optimizer's moments, the weights those LRs
   moved), which on a fast ramp are several times smaller. Unlike ``x K`` its factor depends on the ramp's speed:
   large on a short budget's fast ramp, small on a long one's (a patch of `switch_test.lr_at_fraction` inside
-  `SwitchTester.run`, undone after the replay).
+  `SwitchTester.run`, undone after the replay);
+- ``mean K``: a switch by the test decays from the geometric mean of the estimates of the last `K` tests (3, 5, 8;
+  those that did not count toward the switch included) instead of the last one's: each test's GP is fitted to
+  another subsample of a history a few steps longer, so their estimates scatter about the curve's (a patch of
+  `AutoWU._switch`, undone after the replay).
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
 and leaving one task out picks the variant with the lowest mean validation regret on the other tasks. The held-out
 tasks of role ``unseen`` are scored but take no part in that choice.
 
-Usage: `python benchmarks/rule_probes.py` (about six minutes; needs the `ramp` and `oracle` runs of `quality.py` and
+Usage: `python benchmarks/rule_probes.py` (about two minutes; needs the `ramp` and `oracle` runs of `quality.py` and
 `holdout.py`); prints a Markdown table and writes `results/rule_probes.json`.
 """
 
@@ -72,7 +76,13 @@ VARIANTS = (
     "lag 2",
     "lag 4",
     "lag 8",
+    "mean 3",
+    "mean 5",
+    "mean 8",
 )
+PATCHES = tuple(v for v in VARIANTS if v.split()[0] in ("cap", "descended", "lag", "mean"))
+"""The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
+real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
 
 
 def fed(losses: list[float | None], variant: str) -> list[float]:
@@ -91,10 +101,32 @@ def scale(variant: str) -> float:
 
 @contextlib.contextmanager
 def patched(variant: str) -> Iterator[None]:
-    """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`), if any, for the time of the
-    context."""
-    with blow_up_cap(variant), descent_required(variant), lagged(variant):
+    """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`), if any, for the time of
+    the context."""
+    with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
         yield
+
+
+@contextlib.contextmanager
+def averaged(variant: str) -> Iterator[None]:
+    """Under ``mean K``, `AutoWU._switch` with reason ``"test"`` decays from the geometric mean of the finite,
+    positive LR estimates of the last `K` tests in `AutoWU.tests`; restored on exit."""
+    if not variant.startswith("mean "):
+        yield
+        return
+    count, original = int(variant.split()[1]), AutoWU._switch
+
+    def switch(self: AutoWU, t: int, lr: float, reason: str, damaged_from: int | None = None) -> None:
+        estimates = [r.lr_estimate for r in self.tests[-count:] if math.isfinite(r.lr_estimate) and r.lr_estimate > 0]
+        if reason == "test" and estimates:
+            lr = math.exp(sum(math.log(e) for e in estimates) / len(estimates))
+        original(self, t, lr, reason, damaged_from)
+
+    AutoWU._switch = switch
+    try:
+        yield
+    finally:
+        AutoWU._switch = original
 
 
 @contextlib.contextmanager

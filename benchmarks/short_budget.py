@@ -12,7 +12,8 @@ growing 1.3-1.6x per step).
 Each AutoWU run records how warmup ended, the peak LR and the test metric; the reference is the oracle's recipe
 (5% warmup + cosine) at three fixed peaks around the task's oracle centre (/4, x1, x4), the best on validation.
 The report puts every label beside it (section "Short budgets" of ``RESULTS.md``). With ``--probe``, AutoWU's runs
-are made under one of ``rule_probes.py``'s patches of the decision code (``lag K``, ``cap K``, ``descended``),
+are made under one of ``rule_probes.py``'s patches of the decision code (``lag K``, ``cap K``, ``descended``,
+``mean K``),
 labelled ``REVISION VARIANT``: real runs of a rule that ``rule_probes.py`` only replays.
 """
 
@@ -34,7 +35,6 @@ TASK_NAMES = ("digits_cnn_short", "timm_digits", "gpt2_stdlib", "gpt2_finetune_d
 STEPS = 30
 SEEDS = (0, 1)
 PEAK_FACTORS = (0.25, 1.0, 4.0)
-PROBES = tuple(v for v in rule_probes.VARIANTS if v.split()[0] in ("lag", "cap", "descended"))  # patches, not feeds
 
 
 def run(task_name: str, method: str, seed: int, peak_lr: float | None, steps: int = STEPS) -> dict:
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true", help="only write the section from recorded rows")
     parser.add_argument("--smoke", action="store_true", help="digits_cnn_short, seed 0, AutoWU only")
     parser.add_argument(
-        "--probe", default=None, help=f"run AutoWU under this rule probe's patch, one of: {', '.join(PROBES)}"
+        "--probe",
+        default=None,
+        help=f"run AutoWU under this rule probe's patch, one of: {', '.join(rule_probes.PATCHES)}",
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="where the JSON and RESULTS.md go")
     parser.add_argument(
@@ -165,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         budgets = []
     if not budgets or min(budgets) < 1:
         parser.error(f"--steps must be positive integers, comma-separated, got {args.steps!r}")
-    if args.probe is not None and args.probe not in PROBES:
-        parser.error(f"--probe must be one of {', '.join(PROBES)}, got {args.probe!r}")
+    if args.probe is not None and args.probe not in rule_probes.PATCHES:
+        parser.error(f"--probe must be one of {', '.join(rule_probes.PATCHES)}, got {args.probe!r}")
     label = args.label or " ".join(filter(None, (library_revision(), args.probe)))
     out = (args.out_dir or RESULTS_DIR) / "short_budget.json"
     md = RESULTS_MD if args.out_dir is None else args.out_dir / "RESULTS.md"

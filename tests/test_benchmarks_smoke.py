@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hf_autowu import ramp
+from hf_autowu.scheduler import SwitchTestRecord
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -594,6 +595,20 @@ def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(ben
     assert lagged_estimate == pytest.approx(plain_estimate * 1e4 ** (-4 / 60), rel=1e-9)
     assert estimate() == plain_estimate and probe.switch_test.lr_at_fraction is ramp.lr_at_fraction
 
+    # `mean K`: a switch by the test decays from the geometric mean of the last K tests' finite estimates
+    def switched(reason: str, variant: str) -> float:
+        scheduler = probe.AutoWU(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=200)
+        estimates = (1e-3, 4e-3, 2e-3, math.nan, 8e-3)
+        scheduler.tests = [SwitchTestRecord(20 + i, 0.5, 3, True, e, 1e-2) for i, e in enumerate(estimates)]
+        with probe.patched(variant):
+            scheduler._switch(30, 8e-3, reason=reason)
+        return scheduler.peak_lr
+
+    assert switched("test", "mean 3") == pytest.approx(4e-3, rel=1e-12)  # sqrt(2e-3 * 8e-3): the NaN left out
+    assert switched("test", "mean 5") == pytest.approx((1e-3 * 4e-3 * 2e-3 * 8e-3) ** 0.25, rel=1e-12)
+    assert switched("spike", "mean 5") == switched("test", "loss") == pytest.approx(8e-3)
+    assert probe.AutoWU._switch.__qualname__ == "AutoWU._switch"  # the patch is undone
+
     def row(group: str, loss: float, log: float) -> dict:
         return {
             "group": group,
@@ -814,3 +829,26 @@ def test_short_budget_smoke(bench, tmp_path: Path) -> None:
     assert "AutoWU l4" in (tmp_path / "RESULTS.md").read_text()
     with pytest.raises(SystemExit):
         short_budget.main(["--smoke", "--out-dir", str(tmp_path), "--probe", "x 2"])  # a feed, not a patch
+
+
+def test_probe_runs_train_both_sides_and_resume(bench, tmp_path: Path, capsys) -> None:
+    """`probe_runs.py` trains the defaults and the probe on each seed, records both, skips what is recorded (the
+    second probe reuses the defaults' run), and the probe's patch reaches the real run: `lag 4` moves the LR chosen
+    by lag 2's factor squared (the ramp's growth per step to the 4th power) at the same switch."""
+    probe_runs = bench("probe_runs")
+    out = tmp_path / "probe_runs.json"
+    common = ["--tasks", "digits_cnn_short", "--seeds", "1", "--out", str(out)]
+    assert probe_runs.main(["--probe", "lag 2", *common]) == 0
+    assert probe_runs.main(["--probe", "lag 4", *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("defaults|digits_cnn_short|1:") == 1  # run once, then found recorded
+    runs = json.loads(out.read_text())["runs"]
+    plain, lag2, lag4 = (runs[f"{label}|digits_cnn_short|1"] for label in ("defaults", "lag 2", "lag 4"))
+    assert plain["switch_step"] == lag2["switch_step"] == lag4["switch_step"]
+    growth = (plain["lr"] / lag2["lr"]) ** 0.5
+    assert 1.01 < growth < 1.2  # a 240-step budget's ramp
+    assert plain["lr"] / lag4["lr"] == pytest.approx(growth**4, rel=1e-6)
+    row = [line for line in printed.splitlines() if line.startswith("| digits_cnn_short |")][-1]
+    assert row.count("|") == 8 and "| 1/1 |" in row
+    with pytest.raises(SystemExit):
+        probe_runs.main(["--probe", "x 2", *common])  # scales what AutoWU chose: not a patch to train under
