@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import decisions as d
 import numpy as np
@@ -122,11 +123,8 @@ def averaged(variant: str) -> Iterator[None]:
             lr = math.exp(sum(math.log(e) for e in estimates) / len(estimates))
         original(self, t, lr, reason, damaged_from)
 
-    AutoWU._switch = switch
-    try:
+    with mock.patch.object(AutoWU, "_switch", switch):
         yield
-    finally:
-        AutoWU._switch = original
 
 
 @contextlib.contextmanager
@@ -140,17 +138,15 @@ def lagged(variant: str) -> Iterator[None]:
 
     def run(self: SwitchTester, losses: torch.Tensor, **kwargs: Any) -> SwitchTestOutcome | None:
         earlier = steps / losses.numel()  # the time axis runs over the losses recorded so far
-        switch_test.lr_at_fraction = lambda x, **at: original_at(max(0.0, x - earlier), **at)
-        try:
-            return original_run(self, losses, **kwargs)
-        finally:
-            switch_test.lr_at_fraction = original_at
 
-    SwitchTester.run = run
-    try:
+        def lr_at(x: float, **at: Any) -> float:
+            return original_at(max(0.0, x - earlier), **at)
+
+        with mock.patch.object(switch_test, "lr_at_fraction", lr_at):
+            return original_run(self, losses, **kwargs)
+
+    with mock.patch.object(SwitchTester, "run", run):
         yield
-    finally:
-        SwitchTester.run = original_run
 
 
 @contextlib.contextmanager
@@ -168,11 +164,8 @@ def descent_required(variant: str) -> Iterator[None]:
             outcome.resolved = outcome.resolved and outcome.descended
         return outcome
 
-    SwitchTester.run = run
-    try:
+    with mock.patch.object(SwitchTester, "run", run):
         yield
-    finally:
-        SwitchTester.run = original
 
 
 @contextlib.contextmanager
@@ -186,11 +179,8 @@ def blow_up_cap(variant: str) -> Iterator[None]:
     def capped(self: AutoWU, ceiling: float) -> float:
         return min(original(self, ceiling), ceiling / divisor)
 
-    AutoWU._lr_after_blow_up = capped
-    try:
+    with mock.patch.object(AutoWU, "_lr_after_blow_up", capped):
         yield
-    finally:
-        AutoWU._lr_after_blow_up = original
 
 
 def probe_case(case: dict[str, Any], variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
