@@ -1,17 +1,21 @@
 """AutoWU with TRL's `SFTTrainer` (both entry points, with and without a PEFT LoRA adapter) on a tiny causal LM
 built from a config: the LR applied and logged is AutoWU's, AutoWU's and TRL's values share the Trainer's log
-entries at every logging step, and a resume from a late-warmup checkpoint continues the run exactly."""
+entries at every logging step, and a resume from a late-warmup checkpoint continues the run exactly. And with
+TRL's `DPOTrainer` (preference pairs, a frozen reference model): the LR applied is AutoWU's fed DPO's loss."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
@@ -38,13 +42,25 @@ def no_figure(monkeypatch):
     monkeypatch.setattr(hf_autowu.trainer, "SAVE_FIGURE", False)
 
 
-class RecordingSFTTrainer(SFTTrainer):
-    """`SFTTrainer` keeping what `training_step` returns, per optimizer step (a record independent of hf_autowu)."""
+class RecordingSteps:
+    """A trainer keeping what `training_step` returns, per optimizer step (a record independent of hf_autowu)."""
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
         self.returned.setdefault(self.state.global_step, []).append(loss.detach().clone())
         return loss
+
+
+class RecordingSFTTrainer(RecordingSteps, SFTTrainer):
+    pass
+
+
+class RecordingDPOTrainer(RecordingSteps, DPOTrainer):
+    pass
+
+
+class AutoWUDPOTrainer(AutoWUTrainerMixin, RecordingDPOTrainer):
+    pass
 
 
 class AutoWUSFTTrainer(AutoWUTrainerMixin, RecordingSFTTrainer):
@@ -106,8 +122,8 @@ def make_trainer(
     return trainer
 
 
-def scheduler_of(trainer: RecordingSFTTrainer) -> AutoWU:
-    if isinstance(trainer, AutoWUSFTTrainer):
+def scheduler_of(trainer: RecordingSteps) -> AutoWU:
+    if isinstance(trainer, AutoWUTrainerMixin):
         return trainer.lr_scheduler
     (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AutoWUCallback)]
     return callback.scheduler
@@ -169,3 +185,79 @@ def test_sft_trainer(entry_point, lora, logging_steps, tmp_path):
     final, reference = weights(resumed), weights(trainer)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[name], value) for name, value in reference.items())
+
+
+WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
+
+
+def preference_data(n: int = 64) -> tuple[Dataset, PreTrainedTokenizerFast]:
+    """`n` (prompt, chosen, rejected) rows of three words and three more (chosen: sorted; rejected: reversed), and a
+    word-level tokenizer over them built here."""
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2} | {w: i + 3 for i, w in enumerate(sorted(set(WORDS)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        words = [WORDS[i] for i in torch.randint(0, len(WORDS), (6,), generator=g).tolist()]
+        rows.append(
+            {
+                "prompt": " ".join(words[:3]),
+                "chosen": " " + " ".join(sorted(words[3:])),
+                "rejected": " " + " ".join(words[:2:-1]),
+            }
+        )
+    return Dataset.from_list(rows), wrapped
+
+
+@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
+def test_dpo_trainer(entry_point, tmp_path):
+    """DPO's loss (ln 2 at the start, then falling as the policy moves from the frozen reference) drives AutoWU: the
+    LR applied at every step is what an AutoWU fed each step's sum of `training_step` returns by hand gives, the run
+    switches and rewinds the policy inside the budget, and the log entries carry AutoWU's and DPO's values."""
+    dataset, tokenizer = preference_data()
+    args = DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    common = {
+        "model": tiny_llama(),
+        "ref_model": tiny_llama(),  # the same initial weights, built here: no hub
+        "args": args,
+        "train_dataset": dataset,
+        "processing_class": tokenizer,
+        "callbacks": [LRRecorder()],
+    }
+    config = AutoWUConfig(**OPTIONS)
+    if entry_point == "callback":
+        trainer = RecordingDPOTrainer(**common)
+        trainer.add_callback(AutoWUCallback(config))
+    else:
+        trainer = AutoWUDPOTrainer(**common, autowu_config=config)
+    trainer.returned = {}
+    reference = {name: p.detach().clone() for name, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert scheduler.switch_step is not None and scheduler.rewinder.rewound_to is not None
+    assert torch.stack(trainer.returned[0]).sum().item() == pytest.approx(math.log(2), rel=1e-3)
+    applied = [lrs[0] for lrs in recorder_of(trainer).lrs]
+    assert applied == hand_fed_lrs(trainer)
+    entries = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(entries) == STEPS
+    for entry in entries:
+        assert set(LOG_KEYS) | set(DPO_METRICS) <= set(entry), entry["step"]
+        assert entry["learning_rate"] == applied[entry["step"] - 1]
+    # the reference model is not trained, and a rewind restores only the policy
+    assert all(torch.equal(p, reference[name]) for name, p in trainer.ref_model.named_parameters())
