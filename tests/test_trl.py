@@ -112,12 +112,17 @@ def make_trainer(
         "peft_config": adapter if lora == "peft_config" else None,
         "callbacks": [LRRecorder()],
     }
+    return with_autowu(entry_point, RecordingSFTTrainer, AutoWUSFTTrainer, common)
+
+
+def with_autowu(entry_point: str, plain: type, mixed: type, kwargs: dict) -> RecordingSteps:
+    """The trainer of `entry_point`: `plain` with an `AutoWUCallback` added, or `mixed` (AutoWU's mixin first)."""
     config = AutoWUConfig(**OPTIONS)
     if entry_point == "callback":
-        trainer = RecordingSFTTrainer(**common)
+        trainer = plain(**kwargs)
         trainer.add_callback(AutoWUCallback(config))
     else:
-        trainer = AutoWUSFTTrainer(**common, autowu_config=config)
+        trainer = mixed(**kwargs, autowu_config=config)
     trainer.returned = {}
     return trainer
 
@@ -240,13 +245,7 @@ def test_dpo_trainer(entry_point, tmp_path):
         "processing_class": tokenizer,
         "callbacks": [LRRecorder()],
     }
-    config = AutoWUConfig(**OPTIONS)
-    if entry_point == "callback":
-        trainer = RecordingDPOTrainer(**common)
-        trainer.add_callback(AutoWUCallback(config))
-    else:
-        trainer = AutoWUDPOTrainer(**common, autowu_config=config)
-    trainer.returned = {}
+    trainer = with_autowu(entry_point, RecordingDPOTrainer, AutoWUDPOTrainer, common)
     reference = {name: p.detach().clone() for name, p in trainer.ref_model.named_parameters()}
     trainer.train()
     scheduler = scheduler_of(trainer)
