@@ -1,21 +1,23 @@
 """AutoWU with TRL's `SFTTrainer` (both entry points, with and without a PEFT LoRA adapter) on a tiny causal LM
 built from a config: the LR applied and logged is AutoWU's, AutoWU's and TRL's values share the Trainer's log
 entries at every logging step, and a resume from a late-warmup checkpoint continues the run exactly. And with
-TRL's `DPOTrainer` (preference pairs, a frozen reference model): the LR applied is AutoWU's fed DPO's loss."""
+TRL's `DPOTrainer` (preference pairs, a frozen reference model) and `RewardTrainer`: the LR applied is AutoWU's fed
+their loss."""
 
 from __future__ import annotations
 
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainerCallback
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
@@ -60,6 +62,14 @@ class RecordingDPOTrainer(RecordingSteps, DPOTrainer):
 
 
 class AutoWUDPOTrainer(AutoWUTrainerMixin, RecordingDPOTrainer):
+    pass
+
+
+class RecordingRewardTrainer(RecordingSteps, RewardTrainer):
+    pass
+
+
+class AutoWURewardTrainer(AutoWUTrainerMixin, RecordingRewardTrainer):
     pass
 
 
@@ -194,6 +204,7 @@ def test_sft_trainer(entry_point, lora, logging_steps, tmp_path):
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
+REWARD_METRICS = ("accuracy", "margin", "mean_reward")
 
 
 def preference_data(n: int = 64) -> tuple[Dataset, PreTrainedTokenizerFast]:
@@ -219,14 +230,10 @@ def preference_data(n: int = 64) -> tuple[Dataset, PreTrainedTokenizerFast]:
     return Dataset.from_list(rows), wrapped
 
 
-@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
-def test_dpo_trainer(entry_point, tmp_path):
-    """DPO's loss (ln 2 at the start, then falling as the policy moves from the frozen reference) drives AutoWU: the
-    LR applied at every step is what an AutoWU fed each step's sum of `training_step` returns by hand gives, the run
-    switches and rewinds the policy inside the budget, and the log entries carry AutoWU's and DPO's values."""
-    dataset, tokenizer = preference_data()
-    args = DPOConfig(
-        output_dir=str(tmp_path),
+def preference_args(config_class: type, output_dir: Path) -> Any:
+    """The DPO or reward config of these tests: 60 steps of 8 rows (two micro-batches), a log entry every step."""
+    return config_class(
+        output_dir=str(output_dir),
         max_steps=STEPS,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,
@@ -237,17 +244,12 @@ def test_dpo_trainer(entry_point, tmp_path):
         use_cpu=True,
         seed=0,
     )
-    common = {
-        "model": tiny_llama(),
-        "ref_model": tiny_llama(),  # the same initial weights, built here: no hub
-        "args": args,
-        "train_dataset": dataset,
-        "processing_class": tokenizer,
-        "callbacks": [LRRecorder()],
-    }
-    trainer = with_autowu(entry_point, RecordingDPOTrainer, AutoWUDPOTrainer, common)
-    reference = {name: p.detach().clone() for name, p in trainer.ref_model.named_parameters()}
-    trainer.train()
+
+
+def assert_autowu_drove(trainer: RecordingSteps, metrics: tuple[str, ...]) -> None:
+    """A pairwise loss starts at ln 2; the LR applied at every step is what an AutoWU fed each step's sum of
+    `training_step` returns by hand gives; the run switched and rewound; every step's log entry has AutoWU's keys,
+    the trainer's `metrics` and the LR applied."""
     scheduler = scheduler_of(trainer)
     assert scheduler.switch_step is not None and scheduler.rewinder.rewound_to is not None
     assert torch.stack(trainer.returned[0]).sum().item() == pytest.approx(math.log(2), rel=1e-3)
@@ -256,7 +258,45 @@ def test_dpo_trainer(entry_point, tmp_path):
     entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(entries) == STEPS
     for entry in entries:
-        assert set(LOG_KEYS) | set(DPO_METRICS) <= set(entry), entry["step"]
+        assert set(LOG_KEYS) | set(metrics) <= set(entry), entry["step"]
         assert entry["learning_rate"] == applied[entry["step"] - 1]
-    # the reference model is not trained, and a rewind restores only the policy
+
+
+@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
+def test_dpo_trainer(entry_point, tmp_path):
+    """DPO's loss (ln 2 at the start, then falling as the policy moves from the frozen reference) drives AutoWU
+    (`assert_autowu_drove`), and the rewind restores the policy only: the reference model is untouched."""
+    dataset, tokenizer = preference_data()
+    common = {
+        "model": tiny_llama(),
+        "ref_model": tiny_llama(),  # the same initial weights, built here: no hub
+        "args": preference_args(DPOConfig, tmp_path),
+        "train_dataset": dataset,
+        "processing_class": tokenizer,
+        "callbacks": [LRRecorder()],
+    }
+    trainer = with_autowu(entry_point, RecordingDPOTrainer, AutoWUDPOTrainer, common)
+    reference = {name: p.detach().clone() for name, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    assert_autowu_drove(trainer, DPO_METRICS)
     assert all(torch.equal(p, reference[name]) for name, p in trainer.ref_model.named_parameters())
+
+
+@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
+def test_reward_trainer(entry_point, tmp_path):
+    """A reward model (a sequence classifier with one output) trained on the same pairs by TRL's `RewardTrainer`:
+    its Bradley-Terry loss drives AutoWU as DPO's does (`assert_autowu_drove`)."""
+    dataset, tokenizer = preference_data()
+    config = tiny_llama().config  # the causal LM's shape, with one output on top
+    config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    common = {
+        "model": LlamaForSequenceClassification(config),
+        "args": preference_args(RewardConfig, tmp_path),
+        "train_dataset": dataset,
+        "processing_class": tokenizer,
+        "callbacks": [LRRecorder()],
+    }
+    trainer = with_autowu(entry_point, RecordingRewardTrainer, AutoWURewardTrainer, common)
+    trainer.train()
+    assert_autowu_drove(trainer, REWARD_METRICS)
