@@ -18,7 +18,6 @@ better).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ TASK_NAMES = (*SUITE_TASKS, *holdout.TASKS)
 
 def run(task_name: str, seed: int, probe: str | None) -> dict[str, Any]:
     """Train `task_name` once with AutoWU's defaults, under `probe`'s patch when given."""
-    with rule_probes.patched(probe) if probe else contextlib.nullcontext():
+    with rule_probes.patched(probe or rule_probes.DEFAULT):  # the defaults' variant patches nothing
         if task_name in SUITE_TASKS:
             task = SUITE_TASKS[task_name]
             result = task.runner(task, "autowu", seed, None)
@@ -106,16 +105,17 @@ def main(argv: list[str] | None = None) -> int:
             for label in (DEFAULTS, args.probe):
                 key = f"{label}|{task}|{seed}"
                 with locked_json(args.out, {"runs": {}}) as data:
-                    held = data["runs"].get(key, {})
-                    if "test" in held or ("claimed" in held and _alive(held["claimed"])):
+                    claims = data.setdefault("claims", {})  # as `runner.claim` keeps them: key -> process id
+                    if key in data["runs"] or (key in claims and _alive(claims[key])):
                         continue
-                    data["runs"][key] = {"claimed": os.getpid()}  # another process skips it while this one lives
+                    claims[key] = os.getpid()  # another process skips it while this one lives
                 row = run(task, seed, None if label == DEFAULTS else args.probe)
                 print(f"{key}: test {row['test']:.4f}, LR {row['lr']:.3g} ({row['switch_reason']})", flush=True)
                 with locked_json(args.out, {"runs": {}}) as data:
                     data["runs"][key] = row
+                    data["claims"].pop(key, None)
     with locked_json(args.out, {"runs": {}}) as data:
-        runs = {k: r for k, r in data["runs"].items() if "test" in r}
+        runs = dict(data["runs"])
     print("\n".join(table(runs, args.probe, tasks, seeds)))
     return 0
 

@@ -118,9 +118,9 @@ def averaged(variant: str) -> Iterator[None]:
     count, original = int(variant.split()[1]), AutoWU._switch
 
     def switch(self: AutoWU, t: int, lr: float, reason: str, damaged_from: int | None = None) -> None:
-        estimates = [r.lr_estimate for r in self.tests[-count:] if math.isfinite(r.lr_estimate) and r.lr_estimate > 0]
-        if reason == "test" and estimates:
-            lr = math.exp(sum(math.log(e) for e in estimates) / len(estimates))
+        if reason == "test":
+            logs = [math.log(r.lr_estimate) for r in self.tests[-count:] if 0 < r.lr_estimate < math.inf]
+            lr = math.exp(sum(logs) / len(logs)) if logs else lr
         original(self, t, lr, reason, damaged_from)
 
     with mock.patch.object(AutoWU, "_switch", switch):

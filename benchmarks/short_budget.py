@@ -13,14 +13,12 @@ Each AutoWU run records how warmup ended, the peak LR and the test metric; the r
 (5% warmup + cosine) at three fixed peaks around the task's oracle centre (/4, x1, x4), the best on validation.
 The report puts every label beside it (section "Short budgets" of ``RESULTS.md``). With ``--probe``, AutoWU's runs
 are made under one of ``rule_probes.py``'s patches of the decision code (``lag K``, ``cap K``, ``descended``,
-``mean K``),
-labelled ``REVISION VARIANT``: real runs of a rule that ``rule_probes.py`` only replays.
+``mean K``), labelled ``REVISION VARIANT``: real runs of a rule that ``rule_probes.py`` only replays.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
 import sys
@@ -183,8 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                     plans += [("oracle", TASKS[task].oracle_center * f) for f in PEAK_FACTORS]
                 for method, peak in plans:
                     for seed in seeds:
-                        probe = args.probe if method == "autowu" else None
-                        with rule_probes.patched(probe) if probe else contextlib.nullcontext():
+                        probe = args.probe if method == "autowu" and args.probe else rule_probes.DEFAULT
+                        with rule_probes.patched(probe):  # the defaults' variant patches nothing
                             row = {**run(task, method, seed, peak, steps), "label": label, "order": order}
                         print(
                             f"{label} {task} @{steps} {method} peak={row['peak_lr']:.3g} seed={seed}: test "
