@@ -299,19 +299,28 @@ PRETRAIN_RECIPE = {"steps": 1500, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "
 """How the fine-tuning task's base model is pretrained (GPT-2 above, AdamW, linear warmup + cosine, stdlib code)."""
 
 
-def pretrained_gpt2() -> nn.Module:
-    """The GPT-2 above pretrained on the stdlib's code with `PRETRAIN_RECIPE`, trained once and cached on disk."""
-    key = hashlib.sha256(json.dumps(PRETRAIN_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    path = CACHE_DIR / f"gpt2_stdlib_pretrained_{key}.pt"
+def cached_weights(name: str, recipe: dict[str, Any], train: Callable[[], dict[str, torch.Tensor]]) -> dict:
+    """The state dict `train()` returns, trained once per `recipe` and cached on disk as `name_<recipe hash>.pt`.
+
+    One process trains it while the others wait for the file and load it. `train` seeds itself; the caller's random
+    state is left as it would be with the file already cached.
+    """
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    path = CACHE_DIR / f"{name}_{key}.pt"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:  # one process trains it, the others wait and load it
+    with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            with torch.random.fork_rng():  # it seeds itself: the caller's next draws are as with the file cached
-                torch.save(_pretrain_gpt2(), path)
+            with torch.random.fork_rng():
+                torch.save(train(), path)
         fcntl.flock(lock, fcntl.LOCK_UN)
+    return torch.load(path, weights_only=True)
+
+
+def pretrained_gpt2() -> nn.Module:
+    """The GPT-2 above pretrained on the stdlib's code with `PRETRAIN_RECIPE`, trained once and cached on disk."""
     model = gpt2_model()
-    model.load_state_dict(torch.load(path, weights_only=True))
+    model.load_state_dict(cached_weights("gpt2_stdlib_pretrained", PRETRAIN_RECIPE, _pretrain_gpt2))
     return model
 
 
