@@ -546,6 +546,31 @@ def test_pretraining_the_cached_base_model_leaves_the_callers_random_draws_alone
     assert torch.equal(draws[0], draws[1])
 
 
+def test_transfer_task_fine_tunes_the_base_pretrained_on_the_other_digits_under_a_new_head(
+    bench, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`timm_transfer_adamw`: the base model sees the digits 0-4 only; the fine-tune starts from its cached weights,
+    every one but the head's, and learns the digits 5-9 relabelled 0-4."""
+    tasks, holdout_tasks = bench("tasks"), bench("holdout_tasks")
+    halves = holdout_tasks.digit_halves()
+    for split, (x, y) in holdout_tasks.digits_16px().items():
+        source, target = halves["source"][split], halves["target"][split]
+        assert torch.equal(source[0], x[y < 5]) and torch.equal(source[1], y[y < 5])
+        assert torch.equal(target[0], x[y >= 5]) and torch.equal(target[1], y[y >= 5] - 5)
+        assert set(source[1].tolist()) == set(target[1].tolist()) == set(range(5))
+    monkeypatch.setattr(tasks, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(holdout_tasks, "TRANSFER_RECIPE", {**holdout_tasks.TRANSFER_RECIPE, "steps": 3, "warmup": 1})
+    monkeypatch.setattr(holdout_tasks, "PRETRAINED", True)  # holdout.py --smoke turns it off in this process
+    model, _ = holdout_tasks.timm_transfer_adamw(1e-3)
+    (cached,) = tmp_path.glob("resnet_digits_0to4_*.pt")
+    base, state = torch.load(cached, weights_only=True), model.state_dict()
+    assert all(torch.equal(state[name], base[name]) for name in state if not name.startswith("fc."))
+    assert not torch.equal(state["fc.weight"], base["fc.weight"])  # a new head, drawn afresh
+    torch.manual_seed(holdout_tasks.TRANSFER_RECIPE["seed"])
+    initial = holdout_tasks.resnet_for_halves().state_dict()
+    assert not torch.equal(initial["conv1.0.weight"], base["conv1.0.weight"])  # the base was trained, not just drawn
+
+
 def test_rule_probes_feed_logs_cap_blow_ups_and_pick_by_leaving_one_task_out(bench) -> None:
     """The probe feeds the log of each loss (NaN where there is none), scales the LR chosen, caps the LR after a
     blow-up, counts only tests that saw a real descent and reads the estimate some steps earlier on the ramp, each
