@@ -76,6 +76,7 @@ from tasks import (  # noqa: E402
     digits_splits,
     docs_bytes,
     gpt2_model,
+    pretrain,
     pretrained_gpt2,
     stdlib_bytes,
     text_chunks,
@@ -477,20 +478,11 @@ def target_digits() -> dict[str, Batch]:
 
 
 def _pretrain_resnet() -> dict[str, torch.Tensor]:
-    from transformers import get_cosine_schedule_with_warmup
-
     recipe = TRANSFER_RECIPE
     torch.manual_seed(recipe["seed"])
     model = resnet_for_halves()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], **m.ADAMW)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe["warmup"], recipe["steps"])
     batches = shuffled(*digit_halves()["source"]["train"], recipe["batch_size"], recipe["seed"])
-    for _, batch in zip(range(recipe["steps"]), batches, strict=False):
-        classify(model, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    return model.state_dict()
+    return pretrain(model, batches, classify, recipe)
 
 
 def resnet_for_halves() -> nn.Module:

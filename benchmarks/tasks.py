@@ -19,7 +19,7 @@ import hashlib
 import json
 import sysconfig
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -324,24 +324,45 @@ def pretrained_gpt2() -> nn.Module:
     return model
 
 
-def _pretrain_gpt2() -> dict[str, torch.Tensor]:
+def pretrain(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss: Callable[[nn.Module, Any], torch.Tensor],
+    recipe: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Train a base model the way its recipe says: AdamW at ``recipe["lr"]`` with `quality.py`'s settings, linear
+    warmup over ``recipe["warmup"]`` steps and cosine decay to zero at ``recipe["steps"]``.
+
+    Args:
+        model: the freshly initialised model, trained in place.
+        batches: at least ``recipe["steps"]`` batches.
+        loss: the training loss of the model on one batch.
+        recipe: ``lr``, ``warmup`` and ``steps``.
+
+    Returns:
+        The trained model's state dict.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
-    recipe = PRETRAIN_RECIPE
-    torch.manual_seed(recipe["seed"])
-    model = gpt2_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], **m.ADAMW)
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe["warmup"], recipe["steps"])
-    windows = RandomWindows(
-        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"]
-    )
-    loader = DataLoader(windows, batch_size=recipe["batch_size"])
-    for batch in loader:
-        model(**batch).loss.backward()
+    for _, batch in zip(range(recipe["steps"]), batches, strict=False):
+        loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
     return model.state_dict()
+
+
+def _pretrain_gpt2() -> dict[str, torch.Tensor]:
+    recipe = PRETRAIN_RECIPE
+    torch.manual_seed(recipe["seed"])
+    model = gpt2_model()
+    windows = RandomWindows(
+        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"]
+    )
+    loader = DataLoader(windows, batch_size=recipe["batch_size"])
+    return pretrain(model, loader, lambda model, batch: model(**batch).loss, recipe)
 
 
 # -------------------------------------------------------------------------------- hand-written loops
