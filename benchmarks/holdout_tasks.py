@@ -39,7 +39,7 @@ leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
 (``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the last
-at c727c8c944ee:
+two at c727c8c944ee:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -54,11 +54,14 @@ at c727c8c944ee:
 - ``timm_transfer_adamw``: transfer learning on a short budget: timm's ``test_resnet`` pretrained on the digits 0-4
   at 16x16 (`TRANSFER_RECIPE`, trained once and cached), then fine-tuned under a new five-way head, every weight with
   AdamW, on the digits 5-9, batch 32, 100 steps (at 200 steps every LR from 4e-4 up reaches 99-100%).
+- ``mlp_fullbatch_adamw``: ``mlp_sgd``'s MLP with AdamW on the whole training split at every step (1078 digits):
+  full-batch training, whose loss has no sampling noise for the GP to smooth, 300 steps.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -503,6 +506,17 @@ def timm_transfer_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
 
 
+def mlp_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`mlp_sgd`'s MLP and AdamW with `quality.py`'s settings."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
+
+
+def full_batch(splits: Callable[[], dict[str, Batch]]) -> Iterator[Batch]:
+    """The whole training split of `splits()` at every step: a loss without sampling noise."""
+    return itertools.repeat(splits()["train"])
+
+
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
     """`count` points of `quality.py`'s grid from its `first`-th, a factor 2 apart."""
     return tuple(m.grid_lr(k) for k in range(first, first + count))
@@ -675,6 +689,19 @@ TASKS: dict[str, HoldoutTask] = {
         classify,
         accuracy(target_digits),
         chance=majority_share(target_digits),
+        role="unseen",
+    ),
+    "mlp_fullbatch_adamw": HoldoutTask(
+        "MLP 64-128-128-10 on the digits, full batch (all 1078 training digits at every step, no sampling noise), "
+        "AdamW, 300 steps",
+        "accuracy",
+        300,
+        grid(2),
+        mlp_adamw,
+        lambda seed: full_batch(partial(digits, True)),
+        classify,
+        accuracy(partial(digits, True)),
+        chance=majority_share(partial(digits, True)),
         role="unseen",
     ),
 }
