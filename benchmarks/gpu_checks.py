@@ -244,6 +244,13 @@ def train_once(part: str, entry_point: str, config: str, out: Path, opts: argpar
     return recorder, trainer, scheduler, rewind_warnings
 
 
+def rewind_on(result: dict[str, Any], mode: str, rewind_warnings: list[str]) -> bool:
+    """Whether rewind ran in `mode` and was never turned off. A warning that rewind is off fails the check; the
+    others do not (every snapshot kept having trained above the chosen LR, say: the oldest is restored)."""
+    turned_off = any(text.startswith("AutoWU rewind is off") for text in rewind_warnings)
+    return result["rewind_enabled"] and result["rewind_mode"] == mode and not turned_off
+
+
 def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace) -> dict[str, Any]:
     """An uninterrupted run and a run resumed from its last checkpoint before the switch; the checks' outcomes."""
     name = f"{part}-{entry_point}" + (f"-{config}" if part == "deepspeed" else "")
@@ -268,6 +275,7 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
         "rewind_enabled": bool(rewinder is not None and rewinder.enabled),
         "rewound_to": rewinder.rewound_to if rewinder is not None else None,
         "rewind_warnings": len(rewind_warnings),
+        "rewind_warning_texts": [text[:160] for text in rewind_warnings],
     }
     checks = {
         "lr_applied": len(applied) == opts.steps
@@ -286,9 +294,7 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
         checks["sharded_with_sharded_rewind"] = sharded and result["rewind_mode"] == "sharded"
     if part == "deepspeed":  # each process's own master partitions (stage 0: replicas)
         mode = "replicated" if config == "zero0_bf16" else "sharded"
-        checks["rewind_on_without_warning"] = (
-            result["rewind_enabled"] and result["rewind_mode"] == mode and not rewind_warnings
-        )
+        checks["rewind_on"] = rewind_on(result, mode, rewind_warnings)
     written = sorted(int(p.name.split("-")[1]) for p in (out / "full").glob("checkpoint-*"))
     before = [step for step in written if scheduler.switch_step is not None and step < scheduler.switch_step]
     result["resumed_from"] = before[-1] if before else None
@@ -381,6 +387,8 @@ def report(data: dict[str, Any]) -> str:
         failed = [check for check, ok in run["checks"].items() if not ok]
         if run["rewind_enabled"] or run["rewound_to"]:
             rewind = f"{run['rewind_mode']}, restored step {(run['rewound_to'] or {}).get('step')}"
+            if run["rewind_warnings"]:  # e.g. every kept snapshot trained above the chosen LR: the oldest restored
+                rewind += f" ({run['rewind_warnings']} warning)"
         else:
             rewind = f"off ({run['rewind_warnings']} warning)"
         peak = f"{run['peak_lr']:.3g}" if run["peak_lr"] is not None else "-"

@@ -369,9 +369,23 @@ def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
     runs = json.loads((tmp_path / "gpu_checks.json").read_text())["runs"]
     assert set(runs) == {"fsdp-callback", "deepspeed-trainer-optimizer"}
     assert all(run["ok"] and run["checks"]["resume_exact"] for run in runs.values())
-    assert runs["deepspeed-trainer-optimizer"]["checks"]["rewind_on_without_warning"]
+    assert runs["deepspeed-trainer-optimizer"]["checks"]["rewind_on"]
     assert all(run["checks"]["rewind_restored_bit_for_bit"] for run in runs.values())
     assert "<!-- gpu_checks:begin -->" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_gpu_checks_rewind_check_fails_only_when_rewind_was_turned_off(bench) -> None:
+    """On the H200 the DeepSpeed runs with an `optimizer` section restored the oldest snapshot with a warning (every
+    kept one had trained above the chosen LR): rewind ran, so the check passes; a warning that rewind is off, or
+    another mode, fails it."""
+    gpu_checks = bench("gpu_checks")
+    ran = {"rewind_enabled": True, "rewind_mode": "sharded"}
+    oldest = "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the oldest."
+    assert gpu_checks.rewind_on(ran, "sharded", []) and gpu_checks.rewind_on(ran, "sharded", [oldest])
+    assert not gpu_checks.rewind_on(ran, "replicated", [])
+    off = "AutoWU rewind is off: NVMe offload. Training goes on without rewind."
+    assert not gpu_checks.rewind_on({"rewind_enabled": False, "rewind_mode": "sharded"}, "sharded", [off])
+    assert not gpu_checks.rewind_on(ran, "sharded", [off])
 
 
 def test_sharpness_probe_finds_the_top_eigenvalue_of_the_preconditioned_hessian(bench) -> None:
