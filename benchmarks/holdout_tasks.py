@@ -168,9 +168,14 @@ def classify(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.cross_entropy(logits_of(model, batch[0]), batch[1])
 
 
+def digits_mlp() -> nn.Module:
+    """The MLP 64-128-128-10 of `mlp_sgd` and `mlp_fullbatch_adamw`."""
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
 def mlp_sgd(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The MLP and its SGD with momentum 0.9."""
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
 
@@ -508,7 +513,7 @@ def timm_transfer_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def mlp_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """`mlp_sgd`'s MLP and AdamW with `quality.py`'s settings."""
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
 
 

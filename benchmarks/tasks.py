@@ -299,7 +299,9 @@ PRETRAIN_RECIPE = {"steps": 1500, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "
 """How the fine-tuning task's base model is pretrained (GPT-2 above, AdamW, linear warmup + cosine, stdlib code)."""
 
 
-def cached_weights(name: str, recipe: dict[str, Any], train: Callable[[], dict[str, torch.Tensor]]) -> dict:
+def cached_weights(
+    name: str, recipe: dict[str, Any], train: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """The state dict `train()` returns, trained once per `recipe` and cached on disk as `name_<recipe hash>.pt`.
 
     One process trains it while the others wait for the file and load it. `train` seeds itself; the caller's random
