@@ -36,6 +36,7 @@ about 290 s, and over 300 s on a second machine), hence a part timeout of 600 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -320,7 +321,8 @@ def check_run(part: str, entry_point: str, config: str, opts: argparse.Namespace
 
 
 def run_part(part: str, opts: argparse.Namespace) -> int:
-    """The worker: every run of `part`, into `OUT_DIR/gpu_checks_{part}.json`."""
+    """The worker: every run of `part`, into `OUT_DIR/gpu_checks_{part}.json`, rewritten after each run so that a
+    part cut by its timeout keeps the runs it finished."""
     if opts.device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -339,11 +341,25 @@ def run_part(part: str, opts: argparse.Namespace) -> int:
         except Exception:  # a check that crashes is a failed check; the others still run
             results[name] = {"ok": False, "error": traceback.format_exc(limit=20)}
             print(f"{name}: FAILED with an exception\n{results[name]['error']}", flush=True)
-    (opts.out_dir / f"gpu_checks_{part}.json").write_text(json.dumps(results, indent=1, default=str))
+        partial = opts.out_dir / f"gpu_checks_{part}.json.partial"  # replaced whole: a kill never leaves half a file
+        partial.write_text(json.dumps(results, indent=1, default=str))
+        partial.replace(opts.out_dir / f"gpu_checks_{part}.json")
     return 0
 
 
 # ------------------------------------------------------------------------------------------ the parent
+
+
+def end_process_tree(pid: int) -> None:
+    """Kill process `pid` and every process below it. torch.distributed.run starts its workers in sessions of their
+    own, so killing the launcher or its process group leaves them running (and, with the launcher's store gone,
+    waiting forever on the pipes the caller reads)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
@@ -358,15 +374,19 @@ def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
         env["DS_ACCELERATOR"] = "cpu"
     result_file = opts.out_dir / f"gpu_checks_{part}.json"
     result_file.unlink(missing_ok=True)
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        done = subprocess.run(command, env=env, timeout=opts.part_timeout, capture_output=True, text=True)
-        log = done.stdout + done.stderr
-    except subprocess.TimeoutExpired as error:
-        log = f"timed out after {opts.part_timeout} s\n{error.stdout or ''}{error.stderr or ''}"
-    (opts.out_dir / f"gpu_checks_{part}.log").write_text(log if isinstance(log, str) else str(log))
-    if not result_file.exists():
-        return {f"{part}-worker": {"ok": False, "error": log[-3000:] if isinstance(log, str) else str(log)}}
-    return json.loads(result_file.read_text())
+        stdout, stderr = launcher.communicate(timeout=opts.part_timeout)
+        timed_out, log = False, stdout + stderr
+    except subprocess.TimeoutExpired:
+        end_process_tree(launcher.pid)
+        stdout, stderr = launcher.communicate()
+        timed_out, log = True, f"timed out after {opts.part_timeout} s\n{stdout}{stderr}"
+    (opts.out_dir / f"gpu_checks_{part}.log").write_text(log)
+    results = json.loads(result_file.read_text()) if result_file.exists() else {}
+    if timed_out or not results:  # the runs finished before a timeout are kept; the part still fails
+        results[f"{part}-worker"] = {"ok": False, "error": log[-3000:]}
+    return results
 
 
 def report(data: dict[str, Any]) -> str:

@@ -374,6 +374,26 @@ def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert "<!-- gpu_checks:begin -->" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_gpu_checks_part_past_its_timeout_fails_and_leaves_no_worker_running(bench, tmp_path: Path) -> None:
+    """A part cut by `--part-timeout` is a failed check with its log, and the worker torch.distributed.run started is
+    ended with it (it would otherwise go on training beside the next part)."""
+    import psutil
+
+    gpu_checks = bench("gpu_checks")
+    assert gpu_checks.main(["--device", "cpu", "--smoke", "--part-timeout", "6", "--out-dir", str(tmp_path)]) == 1
+    runs = json.loads((tmp_path / "gpu_checks.json").read_text())["runs"]
+    assert set(runs) == {"fsdp-worker", "deepspeed-worker"}
+    assert all(not run["ok"] and run["error"].startswith("timed out after 6 s") for run in runs.values())
+    assert (tmp_path / "gpu_checks_fsdp.log").read_text().startswith("timed out after 6 s\n")
+    assert "| fsdp-worker | **error** |" in (tmp_path / "RESULTS.md").read_text()
+    left = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] != psutil.STATUS_ZOMBIE and "--worker" in cmdline and str(tmp_path) in cmdline:
+            left.append(cmdline)
+    assert left == []
+
+
 def test_gpu_checks_rewind_check_fails_only_when_rewind_was_turned_off(bench) -> None:
     """On the H200 the DeepSpeed runs with an `optimizer` section restored the oldest snapshot with a warning (every
     kept one had trained above the chosen LR): rewind ran, so the check passes; a warning that rewind is off, or
