@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+import pytest
 import torch
 
 from hf_autowu import AutoWU
@@ -82,8 +85,19 @@ def torchrun(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command += [script, str(out_dir), *args]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
+    launcher = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts its workers in sessions of their own: killing it alone would leave them running, blocked
+        # on its store, beside the tests that come next
+        root = psutil.Process(launcher.pid)
+        for process in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        _, stderr = launcher.communicate()
+        pytest.fail(f"torchrun {script} timed out after {timeout} s:\n{stderr[-4000:]}")
+    assert launcher.returncode == 0, stderr[-4000:]
 
 
 def torchrun_ranks(script: str, out_dir: Path, cwd: Path, timeout: int = 600) -> list[dict]:
