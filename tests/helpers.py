@@ -100,6 +100,16 @@ def torchrun(
     assert launcher.returncode == 0, stderr[-4000:]
 
 
+def processes_running(*words: str) -> list[list[str]]:
+    """The command lines of the live (not zombie) processes whose arguments include every one of `words`."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["status"] != psutil.STATUS_ZOMBIE and all(word in cmdline for word in words):
+            found.append(cmdline)
+    return found
+
+
 def torchrun_ranks(script: str, out_dir: Path, cwd: Path, timeout: int = 600) -> list[dict]:
     """`torchrun` `script` on two processes and read what each wrote to `out_dir/rank{rank}.json`."""
     torchrun(script, str(out_dir), cwd=str(cwd), timeout=timeout)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import processes_running
 
 from hf_autowu import ramp
 from hf_autowu.scheduler import SwitchTestRecord
@@ -377,8 +378,6 @@ def test_gpu_checks_cpu_dry_run(bench, tmp_path: Path) -> None:
 def test_gpu_checks_part_past_its_timeout_fails_and_leaves_no_worker_running(bench, tmp_path: Path) -> None:
     """A part cut by `--part-timeout` is a failed check with its log, and the worker torch.distributed.run started is
     ended with it (it would otherwise go on training beside the next part)."""
-    import psutil
-
     gpu_checks = bench("gpu_checks")
     assert gpu_checks.main(["--device", "cpu", "--smoke", "--part-timeout", "6", "--out-dir", str(tmp_path)]) == 1
     runs = json.loads((tmp_path / "gpu_checks.json").read_text())["runs"]
@@ -386,12 +385,7 @@ def test_gpu_checks_part_past_its_timeout_fails_and_leaves_no_worker_running(ben
     assert all(not run["ok"] and run["error"].startswith("timed out after 6 s") for run in runs.values())
     assert (tmp_path / "gpu_checks_fsdp.log").read_text().startswith("timed out after 6 s\n")
     assert "| fsdp-worker | **error** |" in (tmp_path / "RESULTS.md").read_text()
-    left = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["status"] != psutil.STATUS_ZOMBIE and "--worker" in cmdline and str(tmp_path) in cmdline:
-            left.append(cmdline)
-    assert left == []
+    assert processes_running("--worker", str(tmp_path)) == []
 
 
 def test_gpu_checks_rewind_check_fails_only_when_rewind_was_turned_off(bench) -> None:

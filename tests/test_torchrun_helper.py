@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import torchrun
+from helpers import processes_running, torchrun
 
 HANGING = """
 import os, sys, time
@@ -21,9 +20,4 @@ def test_a_run_past_its_timeout_fails_the_test_and_leaves_no_worker_running(tmp_
     with pytest.raises(pytest.fail.Exception, match="timed out after 8 s"):
         torchrun("hang.py", str(tmp_path), cwd=str(tmp_path), timeout=8)
     assert sorted(p.name for p in tmp_path.glob("started*")) == ["started0", "started1"]  # the workers had started
-    left = []
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = process.info["cmdline"] or []
-        if process.info["status"] != psutil.STATUS_ZOMBIE and "hang.py" in cmdline and str(tmp_path) in cmdline:
-            left.append(cmdline)
-    assert left == []
+    assert processes_running("hang.py", str(tmp_path)) == []
