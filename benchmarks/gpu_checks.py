@@ -36,7 +36,6 @@ about 290 s, and over 300 s on a second machine), hence a part timeout of 600 s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -350,18 +349,6 @@ def run_part(part: str, opts: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ the parent
 
 
-def end_process_tree(pid: int) -> None:
-    """Kill process `pid` and every process below it. torch.distributed.run starts its workers in sessions of their
-    own, so killing the launcher or its process group leaves them running (and, with the launcher's store gone,
-    waiting forever on the pipes the caller reads)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    for process in [*root.children(recursive=True), root]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-
-
 def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
     """Run the `part` worker in its own process (torch.distributed.run, one process); its results."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
@@ -378,9 +365,9 @@ def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
     try:
         stdout, stderr = launcher.communicate(timeout=opts.part_timeout)
         timed_out, log = False, stdout + stderr
-    except subprocess.TimeoutExpired:
-        end_process_tree(launcher.pid)
-        stdout, stderr = launcher.communicate()
+    except subprocess.TimeoutExpired:  # SIGTERM: torch.distributed.run then ends its workers (SIGKILL would not)
+        launcher.terminate()
+        stdout, stderr = launcher.communicate(timeout=60)
         timed_out, log = True, f"timed out after {opts.part_timeout} s\n{stdout}{stderr}"
     (opts.out_dir / f"gpu_checks_{part}.log").write_text(log)
     results = json.loads(result_file.read_text()) if result_file.exists() else {}

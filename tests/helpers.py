@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -89,13 +88,10 @@ def torchrun(
     try:
         _, stderr = launcher.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        # torchrun starts its workers in sessions of their own: killing it alone would leave them running, blocked
-        # on its store, beside the tests that come next
-        root = psutil.Process(launcher.pid)
-        for process in [*root.children(recursive=True), root]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        _, stderr = launcher.communicate()
+        # SIGTERM, which torchrun forwards to its workers; SIGKILL (subprocess.run's timeout) ended torchrun alone and
+        # left them, in sessions of their own, blocked on its store beside the tests that come next
+        launcher.terminate()
+        _, stderr = launcher.communicate(timeout=60)
         pytest.fail(f"torchrun {script} timed out after {timeout} s:\n{stderr[-4000:]}")
     assert launcher.returncode == 0, stderr[-4000:]
 
