@@ -27,7 +27,13 @@ settings (rewind off, the defaults otherwise):
 - ``mean K``: a switch by the test decays from the geometric mean of the estimates of the last `K` tests (3, 5, 8;
   those that did not count toward the switch included) instead of the last one's: each test's GP is fitted to
   another subsample of a history a few steps longer, so their estimates scatter about the curve's (a patch of
-  `AutoWU._switch`, undone after the replay).
+  `AutoWU._switch`, undone after the replay);
+- ``agree F``: a passed test counts toward the switch only when its LR estimate lies within a factor `F` (1.5, 2,
+  3) of those of the tests before it that counted (at most `patience - 1` of them): the switch waits until
+  consecutive tests agree on the LR, not only on "the minimum is past" (a patch of `SwitchTester.run`, undone
+  after the replay);
+- ``median``: a switch by the test decays from the median of the estimates of the `patience` tests that made it
+  (all of them passed), instead of the last one's (a patch of `AutoWU._switch`, undone after the replay).
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
@@ -58,7 +64,7 @@ from common import RESULTS_DIR
 from report import regret
 from runner import recorded_runs
 
-from hf_autowu import AutoWU, switch_test
+from hf_autowu import AutoWU, AutoWUConfig, switch_test
 from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
 
 DEFAULT = "loss"
@@ -80,8 +86,12 @@ VARIANTS = (
     "mean 3",
     "mean 5",
     "mean 8",
+    "agree 1.5",
+    "agree 2",
+    "agree 3",
+    "median",
 )
-PATCHES = tuple(v for v in VARIANTS if v.split()[0] in ("cap", "descended", "lag", "mean"))
+PATCHES = tuple(v for v in VARIANTS if v.split()[0] in ("cap", "descended", "lag", "mean", "agree", "median"))
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
 
@@ -102,9 +112,53 @@ def scale(variant: str) -> float:
 
 @contextlib.contextmanager
 def patched(variant: str) -> Iterator[None]:
-    """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`), if any, for the time of
-    the context."""
+    """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`, `agreeing`,
+    `median_of_passes`), if any, for the time of the context."""
     with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
+        with agreeing(variant), median_of_passes(variant):
+            yield
+
+
+@contextlib.contextmanager
+def agreeing(variant: str) -> Iterator[None]:
+    """Under ``agree F``, a test counts toward the switch only when its LR estimate is within a factor `F` of those of
+    the counted tests just before it (a test that does not count clears them); restored on exit."""
+    if not variant.startswith("agree "):
+        yield
+        return
+    factor, original = float(variant.split()[1]), SwitchTester.run
+    earlier = AutoWUConfig().patience - 1  # the replays run with the default patience
+
+    def run(self: SwitchTester, *args: Any, **kwargs: Any) -> SwitchTestOutcome | None:
+        outcome = original(self, *args, **kwargs)
+        if outcome is None:
+            return outcome
+        before, estimate = getattr(self, "_counted_estimates", []), outcome.lr_estimate
+        agrees = all(max(estimate, e) / min(estimate, e) <= factor for e in before if 0 < e < math.inf)
+        outcome.resolved = outcome.resolved and (0 < estimate < math.inf) and agrees
+        counted = outcome.passed and outcome.resolved
+        self._counted_estimates = [*before, estimate][-earlier:] if counted else []
+        return outcome
+
+    with mock.patch.object(SwitchTester, "run", run):
+        yield
+
+
+@contextlib.contextmanager
+def median_of_passes(variant: str) -> Iterator[None]:
+    """Under ``median``, `AutoWU._switch` with reason ``"test"`` decays from the median of the LR estimates of the
+    last `patience` tests in `AutoWU.tests`; restored on exit."""
+    if variant != "median":
+        yield
+        return
+    original = AutoWU._switch
+
+    def switch(self: AutoWU, t: int, lr: float, reason: str, damaged_from: int | None = None) -> None:
+        if reason == "test":
+            lr = float(np.median([r.lr_estimate for r in self.tests[-self.config.patience :]]))
+        original(self, t, lr, reason, damaged_from)
+
+    with mock.patch.object(AutoWU, "_switch", switch):
         yield
 
 
