@@ -39,7 +39,7 @@ leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
 (``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the last
-two at c727c8c944ee:
+three at c727c8c944ee:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -56,6 +56,11 @@ two at c727c8c944ee:
   AdamW, on the digits 5-9, batch 32, 100 steps (at 200 steps every LR from 4e-4 up reaches 99-100%).
 - ``mlp_fullbatch_adamw``: ``mlp_sgd``'s MLP with AdamW on the whole training split at every step (1078 digits):
   full-batch training, whose loss has no sampling noise for the GP to smooth, 300 steps.
+- ``gpt2_wide_finetune_adamw``: ``quality.py``'s fine-tuning task on a model 4x wider: a GPT-2 of width 256 (1.7M
+  parameters) pretrained on the standard library's code (`tasks.WIDE_PRETRAIN_RECIPE`, trained once and cached),
+  every weight fine-tuned with AdamW on the documentation prose, gradients clipped at norm 1 (the Trainer's
+  default), 16 windows of 64 bytes per step, 200 steps: Adam's best LR falls as a model widens, so the ramp spends
+  fewer steps below it, and the question is whether the LR chosen follows.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import methods as m  # noqa: E402
 import torch  # noqa: E402
 from tasks import (  # noqa: E402
+    WIDE_PRETRAIN_RECIPE,
     cached_weights,
     digits_at,
     digits_splits,
@@ -511,6 +517,13 @@ def timm_transfer_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
 
 
+def gpt2_wide_finetune_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GPT-2 of width 256 pretrained on stdlib code (`WIDE_PRETRAIN_RECIPE`, cached; untrained when not
+    `PRETRAINED`) and AdamW on every weight with `quality.py`'s settings."""
+    model = pretrained_gpt2(WIDE_PRETRAIN_RECIPE) if PRETRAINED else gpt2_model(WIDE_PRETRAIN_RECIPE["width"])
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
+
+
 def mlp_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     """`mlp_sgd`'s MLP and AdamW with `quality.py`'s settings."""
     model = digits_mlp()
@@ -707,6 +720,19 @@ TASKS: dict[str, HoldoutTask] = {
         classify,
         accuracy(partial(digits, True)),
         chance=majority_share(partial(digits, True)),
+        role="unseen",
+    ),
+    "gpt2_wide_finetune_adamw": HoldoutTask(
+        "a GPT-2 of width 256 (1.7M parameters) pretrained on stdlib code (cached), fine-tuned (every weight, AdamW) "
+        "on the documentation prose, clip 1.0, 16x64 bytes, 200 steps",
+        "loss",
+        200,
+        grid(-2),
+        gpt2_wide_finetune_adamw,
+        LM_BATCHES,
+        next_byte_loss,
+        LM_SCORE,
+        max_grad_norm=1.0,
         role="unseen",
     ),
 }

@@ -21,7 +21,7 @@ import sysconfig
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -241,14 +241,14 @@ def timm_digits_model() -> nn.Module:
     return TimmWrapperForImageClassification(config)
 
 
-def gpt2_model() -> nn.Module:
-    """A 2-layer GPT-2 with a byte vocabulary, context 64, width 64, no dropout."""
+def gpt2_model(width: int = 64) -> nn.Module:
+    """A 2-layer GPT-2 with a byte vocabulary, context 64, 4 heads, no dropout, `width` wide (64 in the suite)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
         vocab_size=256,
         n_positions=64,
-        n_embd=64,
+        n_embd=width,
         n_layer=2,
         n_head=4,
         bos_token_id=0,
@@ -319,10 +319,26 @@ def cached_weights(
     return torch.load(path, weights_only=True)
 
 
-def pretrained_gpt2() -> nn.Module:
-    """The GPT-2 above pretrained on the stdlib's code with `PRETRAIN_RECIPE`, trained once and cached on disk."""
-    model = gpt2_model()
-    model.load_state_dict(cached_weights("gpt2_stdlib_pretrained", PRETRAIN_RECIPE, _pretrain_gpt2))
+WIDE_PRETRAIN_RECIPE = {
+    "width": 256,
+    "steps": 1000,
+    "batch_size": 16,
+    "seq_len": 64,
+    "lr": 1e-3,
+    "warmup": 50,
+    "seed": 1234,
+}
+"""How the held-out wide fine-tune's base model is pretrained: the GPT-2 above at width 256 (1.7M parameters), on the
+same code with the same loop, a lower LR for the wider model and fewer steps (each costs ~4x more)."""
+
+
+def pretrained_gpt2(recipe: dict[str, Any] | None = None) -> nn.Module:
+    """The GPT-2 above pretrained on the stdlib's code with `recipe` (default `PRETRAIN_RECIPE`; a recipe's
+    ``width`` sets the model's, 64 without), trained once and cached on disk."""
+    recipe = PRETRAIN_RECIPE if recipe is None else recipe
+    model = gpt2_model(recipe.get("width", 64))
+    name = f"gpt2_w{recipe['width']}_stdlib_pretrained" if "width" in recipe else "gpt2_stdlib_pretrained"
+    model.load_state_dict(cached_weights(name, recipe, partial(_pretrain_gpt2, recipe)))
     return model
 
 
@@ -356,10 +372,9 @@ def pretrain(
     return model.state_dict()
 
 
-def _pretrain_gpt2() -> dict[str, torch.Tensor]:
-    recipe = PRETRAIN_RECIPE
+def _pretrain_gpt2(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
     torch.manual_seed(recipe["seed"])
-    model = gpt2_model()
+    model = gpt2_model(recipe.get("width", 64))
     windows = RandomWindows(
         stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"]
     )
