@@ -2,7 +2,7 @@
 """Held-out checks of AutoWU's decisions: model families and optimizers outside the benchmark suite.
 
 The tasks are in ``holdout_tasks.py``: six whose ramps helped choose the rules of 19c648e (role ``chosen-on``),
-three added after those rules were fixed (role ``fresh``) and four added after every setting was fixed (role
+three added after those rules were fixed (role ``fresh``) and seven added after every setting was fixed (role
 ``unseen``), every one in a plain hand-written loop with ``AutoWU(optimizer, total_steps=..., model=model)``.
 
 The oracle is ``quality.py``'s: a grid of peak LRs a factor 2 apart (`methods.grid_lr`), 5% linear warmup + cosine,
@@ -558,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         "those rules were fixed, never used to choose anything until `max_descent_left` 0.06, which `decisions.py` "
         "picked on the ramps of the suite and of the nine tasks then here (its leave-one-task-out table is the "
         "held-out check); role `unseen`: added after every setting was fixed (four at decision code 55fe3620b1a3, "
-        "`timm_transfer_adamw` and `mlp_fullbatch_adamw` at c727c8c944ee) and run once. Test metric, mean ± std over "
+        "`timm_transfer_adamw`, `mlp_fullbatch_adamw` and `gpt2_wide_finetune_adamw` at c727c8c944ee) and run once. "
+        "Test metric, mean ± std over "
         f"{base_seeds} seeds"
         + ("" if args.default_seeds == base_seeds else f" ({args.default_seeds} for the defaults)")
         + " (accuracy in %, loss in nats per byte or, for the regression, squared error); regret in units of 0.5 pp "
