@@ -34,6 +34,9 @@ settings (rewind off, the defaults otherwise):
   after the replay);
 - ``median``: a switch by the test decays from the median of the estimates of the `patience` tests that made it
   (all of them passed), instead of the last one's (a patch of `AutoWU._switch`, undone after the replay).
+- ``early K``: ``descended`` only while the history holds fewer than `K` losses (30, 60): the first tests, whose GP
+  sees 20-30 losses and a lengthscale of 4-6 steps, can pass on the noise of a fine-tune's flat start (LoRA's seed 0
+  at step 25), while later tests decide as now (a patch of `SwitchTester.run`, undone after the replay).
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
@@ -90,8 +93,10 @@ VARIANTS = (
     "agree 2",
     "agree 3",
     "median",
+    "early 30",
+    "early 60",
 )
-PATCHES = tuple(v for v in VARIANTS if v.split()[0] in ("cap", "descended", "lag", "mean", "agree", "median"))
+PATCHES = tuple(v for v in VARIANTS if v.split()[0] in ("cap", "descended", "lag", "mean", "agree", "median", "early"))
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
 
@@ -206,15 +211,17 @@ def lagged(variant: str) -> Iterator[None]:
 @contextlib.contextmanager
 def descent_required(variant: str) -> Iterator[None]:
     """Under ``descended``, a test counts toward the switch only when `SwitchTestOutcome.descended` (its outcome is
-    `resolved` only then); restored on exit."""
-    if variant != "descended":
+    `resolved` only then); under ``early K``, so only while the history holds fewer than `K` losses; restored on
+    exit."""
+    if variant != "descended" and not variant.startswith("early "):
         yield
         return
+    below = int(variant.split()[1]) if variant.startswith("early ") else math.inf
     original = SwitchTester.run
 
-    def run(self: SwitchTester, *args: Any, **kwargs: Any) -> SwitchTestOutcome | None:
-        outcome = original(self, *args, **kwargs)
-        if outcome is not None:
+    def run(self: SwitchTester, losses: torch.Tensor, **kwargs: Any) -> SwitchTestOutcome | None:
+        outcome = original(self, losses, **kwargs)
+        if outcome is not None and losses.numel() < below:
             outcome.resolved = outcome.resolved and outcome.descended
         return outcome
 
