@@ -36,7 +36,9 @@ settings (rewind off, the defaults otherwise):
   (all of them passed), instead of the last one's (a patch of `AutoWU._switch`, undone after the replay).
 - ``early K``: ``descended`` only while the history holds fewer than `K` losses (30, 60): the first tests, whose GP
   sees 20-30 losses and a lengthscale of 4-6 steps, can pass on the noise of a fine-tune's flat start (LoRA's seed 0
-  at step 25), while later tests decide as now (a patch of `SwitchTester.run`, undone after the replay).
+  at step 25), while later tests decide as now (a patch of `SwitchTester.run`, undone after the replay). Since
+  27a4544fdf75 the defaults do this at K 30 (`descent_required_below`), so ``early 30`` replays as ``loss`` does;
+  the rows recorded before it keep their figures.
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,

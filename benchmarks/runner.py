@@ -31,6 +31,14 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "27a4544fdf75": {
+        "c727c8c944ee": "the robust preset's `descent_required_below` 30: a switch test on fewer than 30 losses "
+        "counts only after a real descent. Nothing but the switch by the test reads whether a test counted, so a "
+        "row recorded without the rule is the same bit for bit under it unless it switched by the test with the "
+        "streak begun before 30 losses; `first_tests_rows.py` finds those (26 rows, the LoRA and the wide "
+        "fine-tune's seed 0: their defaults, rewind, fraction and `--at` rows), which were removed and run again "
+        "under the rule",
+    },
     "c727c8c944ee": {
         "e07abb401804": "12a712c snapshots and restores the optimizer state of the innermost optimizer that shares "
         "the parameter groups (timm's Lookahead keeps it in the one it wraps); no benchmark optimizer wraps another "
@@ -103,8 +111,9 @@ SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
 that showed it: a change to a fingerprinted module that cannot alter what a benchmark run does (DeepSpeed's or
 several processes' paths) leaves the rows as they are, and re-running them on another CPU would move them as a
 new seed does (float rounding) instead of testing the change. An entry is added only after the same rows were
-run under both codes on one CPU and came out bit for bit the same; RESULTS.md's closing note says which. Entries
-chain: the same rows bit for bit under A and B, and under B and C, are the same under A and C."""
+run under both codes on one CPU and came out bit for bit the same, or after a change that provably leaves all but
+some rows as they are (`first_tests_rows.py`) had those rows removed and run again; RESULTS.md's closing note says
+which. Entries chain: the same rows bit for bit under A and B, and under B and C, are the same under A and C."""
 
 EMPTY_RESULTS: dict[str, Any] = {"runs": {}, "commands": [], "claims": {}}
 

@@ -31,6 +31,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "min_past_lengthscales": 1.0,
         "slowed_fraction": 0.3,
         "max_descent_left": 0.06,
+        "descent_required_below": 30,
         "cooldown_type": "linear",
         "min_losses": 20,
         "fit_lr": 0.05,
@@ -49,6 +50,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "min_past_lengthscales": 0.0,
         "slowed_fraction": 0.0,
         "max_descent_left": 1.0,
+        "descent_required_below": 0,
         "cooldown_type": "cosine",
         "min_losses": 3,
         "fit_lr": 0.01,
@@ -204,6 +206,15 @@ class AutoWUConfig:
             "0.06 for 'robust', 1 for 'paper')."
         ),
     )
+    descent_required_below: int | None = field(
+        default=None,
+        metadata=_help(
+            "A passed switch test on a history of fewer than this many losses counts toward the switch only when "
+            "the smoothed loss has really fallen (its minimum three GP noise standard deviations below its start): "
+            "on the first few dozen losses of a flat, noisy start, such as a fine-tune's, the smoothed minimum can be "
+            "noise; 0 never asks, the paper's test (default: 30 for 'robust', 0 for 'paper')."
+        ),
+    )
     estimate_at_cap: bool | None = field(
         default=None,
         metadata=_flag_help(
@@ -292,6 +303,8 @@ class AutoWUConfig:
         self._check_optional_non_negative("min_past_lengthscales")
         if self.max_descent_left is not None:
             self._check_fraction("max_descent_left")
+        if self.descent_required_below is not None:
+            self._check_int("descent_required_below", minimum=0)
         if self.slowed_fraction is not None and not (
             _is_real(self.slowed_fraction) and 0.0 <= self.slowed_fraction < 1.0
         ):

@@ -66,7 +66,8 @@ class ReferenceOutcome:
         descended (`bool`): Whether the minimum of that mean lies more than three noise standard deviations
             below its value at the start of the history.
         resolved (`bool`): Whether the chosen point (mean over the predictions) lies at least
-            `min_past_lengthscales` lengthscales before the end of the history.
+            `min_past_lengthscales` lengthscales before the end of the history and, on a history of fewer than
+            `descent_required_below` losses, whether the loss `descended`.
     """
 
     probabilities: list[float]
@@ -170,6 +171,8 @@ class ReferenceSwitchTest:
         min_past_lengthscales (`float`, *optional*, defaults to 0): A test is `resolved` when the chosen point
             (mean over the predictions) lies at least this many lengthscales before the end of the history.
         max_descent_left (`float`, *optional*, defaults to 1): The LR estimate's bound (see `chosen_point`).
+        descent_required_below (`int`, *optional*, defaults to 0): On a history of fewer than this many losses, a
+            test is `resolved` only when the smoothed loss also `descended` (0: never asked).
     """
 
     def __init__(
@@ -186,8 +189,10 @@ class ReferenceSwitchTest:
         slowed_fraction: float = 0.0,
         min_past_lengthscales: float = 0.0,
         max_descent_left: float = 1.0,
+        descent_required_below: int = 0,
     ):
         self.confidence = confidence
+        self.descent_required_below = descent_required_below
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
         self.min_past_lengthscales = min_past_lengthscales
@@ -281,6 +286,8 @@ class ReferenceSwitchTest:
         rising = bool(mean_curve[-1] > mean_curve[0] and mean_curve[-1] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
         # robust preset: has it really fallen below where it started? (after a blow-up, else its minimum is noise)
         descended = bool(mean_curve[0] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
+        # robust preset: on the first few dozen losses, a test counts only after such a descent
+        resolved = resolved and (descended or n >= self.descent_required_below)
         # 7. the new LR
         lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction, self.max_descent_left)
         return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising, descended, resolved)

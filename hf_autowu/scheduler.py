@@ -919,10 +919,11 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         min_past_lengthscales=config.preset_setting("min_past_lengthscales"),
         slowed_fraction=config.preset_setting("slowed_fraction"),
         max_descent_left=config.preset_setting("max_descent_left"),
+        descent_required_below=config.preset_setting("descent_required_below"),
     )
 
 
-_DECIDED_BEFORE_SAVED = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0}
+_DECIDED_BEFORE_SAVED = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0, "descent_required_below": 0}
 """Options added to the decision after states were saved without them, with the values that reproduce how those
 states decided: a run saved before they existed resumes as it would have gone on."""
 

@@ -44,7 +44,8 @@ class SwitchTestOutcome:
         descended (`bool`): Whether the posterior mean's minimum lies more than three noise standard deviations
             below its value at the start of the history: the loss has really fallen, so its minimum is not noise.
         resolved (`bool`): Whether the LR the test would choose lies at least `min_past_lengthscales` GP
-            lengthscales before the end of the history; a passed test counts toward the switch only then.
+            lengthscales before the end of the history and, on a history of fewer than `descent_required_below`
+            losses, whether the loss `descended`; a passed test counts toward the switch only then.
     """
 
     probabilities: list[float]
@@ -175,6 +176,10 @@ class SwitchTester:
             the losses at the corner and seems to rise after it, so a minimum at the very end seems confidently
             past.
         max_descent_left (`float`, *optional*, defaults to 1): See `slowed_descent_index` (1: no bound).
+        descent_required_below (`int`, *optional*, defaults to 0): On a history of fewer than this many losses a
+            test is `resolved` only when it also `descended` (0: never asked, the paper's test). The first tests
+            see a few dozen losses and a lengthscale of a few steps; on a flat, noisy start (a fine-tune's) the
+            smoothed minimum can be noise that a later rise seems to confirm.
     """
 
     def __init__(
@@ -191,8 +196,10 @@ class SwitchTester:
         slowed_fraction: float = 0.0,
         min_past_lengthscales: float = 0.0,
         max_descent_left: float = 1.0,
+        descent_required_below: int = 0,
     ):
         self.confidence = confidence
+        self.descent_required_below = descent_required_below
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
         self.min_past_lengthscales = min_past_lengthscales
@@ -254,6 +261,8 @@ class SwitchTester:
         ]
         lowest = avg_mean.min()
         confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
+        descended = bool(avg_mean[0] - lowest > confident_change)
+        resolved = 1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),
             votes=votes,
@@ -264,8 +273,8 @@ class SwitchTester:
             grid_std=(np.sqrt(np.maximum(variance.mean(axis=0), 0.0)) * scale).tolist(),
             n_losses=n_total,
             noise_sd=math.sqrt(self.gp.noise) * scale,
-            descended=bool(avg_mean[0] - lowest > confident_change),
-            resolved=bool(1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale),
+            descended=descended,
+            resolved=bool(resolved and (descended or n_total >= self.descent_required_below)),
         )
 
     def _predict(

@@ -24,6 +24,7 @@ SETTINGS = (
     "slowed_fraction",
     "min_past_lengthscales",
     "max_descent_left",
+    "descent_required_below",
 )
 MIN_LR = 1e-5
 
@@ -118,6 +119,22 @@ def test_fast_path_matches_reference_exactly_without_subsampling(preset, kind, l
         float(slow.likelihood.noise_covar.raw_noise.detach()),
     ]
     assert fast.gp.raw == pytest.approx(ref_raw, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "seed"), [(25, 9), (28, 1)])
+def test_the_first_tests_need_a_descent_in_both(n, seed):
+    """Noise alone, a history shorter than the robust preset's `descent_required_below`: both implementations pass
+    the test and find no descent; with the rule (the preset's) neither counts it, without it both do."""
+    losses = history("noisy_flat", n, seed=seed)
+    for required, counts in ((PRESET_SETTINGS["robust"]["descent_required_below"], False), (0, True)):
+        mine = fast_tester("robust", seed=0, descent_required_below=required).run(
+            losses, current_lr=1e-4, min_lr=MIN_LR, warmup_type="exp"
+        )
+        ref = reference_tester("robust", seed=0, descent_required_below=required)(losses, 1e-4, MIN_LR)
+        for outcome in (mine, ref):
+            assert outcome.passed and not outcome.descended
+            assert outcome.resolved is counts
 
 
 @pytest.mark.parametrize(

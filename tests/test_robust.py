@@ -159,3 +159,37 @@ def test_a_sharp_drop_into_a_flat_stretch_is_not_a_minimum_passed(seed):
     ]
     assert any(o.passed for o in outcomes)  # the artefact: the paper's test would count these
     assert not any(o.resolved for o in outcomes)
+
+
+def fine_tune_loss(lr: float, noise: float) -> float:
+    """A fine-tune's ramp: flat below LR 1e-3 (small LRs leave a pretrained model where it is), a fall from 2 to 1
+    by 3e-3 (95% of it), a flat bottom up to 3e-2, then a rise of 3 per decade."""
+    x = math.log10(lr / 1e-3)
+    return 2.0 - 1.0 / (1.0 + math.exp(-x / 0.15)) + 3.0 * max(0.0, math.log10(lr / 3e-2)) + noise
+
+
+def run_fine_tune(seed: int, **options) -> AutoWU:
+    scheduler = AutoWU(make_optimizer(), total_steps=200, **options)
+    noise = 0.1 * torch.randn(200, generator=torch.Generator().manual_seed(seed))
+    for step in range(200):
+        scheduler.step(fine_tune_loss(scheduler.optimizer.param_groups[0]["lr"], float(noise[step])))
+        if scheduler.phase != "warmup":
+            break
+    return scheduler
+
+
+def test_the_first_tests_count_only_after_a_real_descent():
+    """On this seed's flat start, noise alone passes three tests in a row before 30 losses: without the rule the run
+    switches at step 26 to an LR on the flat start, ~100x below the bottom. The robust preset's first tests (fewer
+    than `descent_required_below` losses) count only once the smoothed loss has really fallen, so the ramp goes on
+    to the bottom (3e-3-3e-2, where the noiseless loss is within 5% of its lowest)."""
+    assert PRESET_SETTINGS["robust"]["descent_required_below"] == 30
+    early = run_fine_tune(seed=1, descent_required_below=0)
+    assert early.switch_reason == "test" and early.switch_step < 30
+    assert early.peak_lr < 1e-4
+    robust = run_fine_tune(seed=1)
+    first = [t for t in robust.tests if t.step < 30]
+    assert any(t.votes > 2 for t in first)  # the same tests still vote "past" on the noise ...
+    assert not any(t.passed for t in first)  # ... but do not count
+    assert robust.switch_step >= 30
+    assert 3e-3 / 2 <= robust.peak_lr <= 3e-2
