@@ -40,11 +40,12 @@ BOUND = PRESET_SETTINGS["robust"]["descent_required_below"]
 @cache
 def test_steps(total_steps: int) -> tuple[int, ...]:
     """The steps after which AutoWU's defaults run a switch test on a budget of `total_steps` (the cadence does not
-    depend on the losses)."""
+    depend on the losses; a test due before the history holds the fewest losses a test needs is skipped)."""
     scheduler = AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=total_steps)
     steps, t = [], scheduler._next_test
     while t < scheduler.warmup_steps:
-        steps.append(t)
+        if t >= PRESET_SETTINGS["robust"]["min_losses"]:
+            steps.append(t)
         t = scheduler._test_step_after(t)
     return tuple(steps)
 

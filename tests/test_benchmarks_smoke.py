@@ -905,3 +905,42 @@ def test_probe_runs_train_both_sides_and_resume(bench, tmp_path: Path, capsys) -
     assert row.count("|") == 8 and "| 1/1 |" in row
     with pytest.raises(SystemExit):
         probe_runs.main(["--probe", "x 2", *common])  # scales what AutoWU chose: not a patch to train under
+
+
+def test_first_tests_rows_flags_every_run_the_first_tests_rule_alters(bench) -> None:
+    """`first_tests_rows.py` carried 1086 recorded rows over to `descent_required_below` 30 without running them,
+    on the argument that a run is the same under the rule unless its switch streak began before 30 losses. Here the
+    same runs (the loss a function of the LR and a fixed noise draw per step) go under both settings: every run the
+    script does not flag comes out with the same LR at every step, the one it flags (noise passing three tests on a
+    flat start, `test_robust.py`) does not, and its test cadence is the scheduler's."""
+    from hf_autowu import AutoWU
+
+    rows = bench("first_tests_rows")
+
+    def loss(kind: str, lr: float, noise: float) -> float:
+        if kind == "flat_start":  # a fine-tune's ramp: flat below 1e-3, a fall to 1 by 3e-3, a rise past 3e-2
+            x = math.log10(lr / 1e-3)
+            return 2.0 - 1.0 / (1.0 + math.exp(-x / 0.15)) + 3.0 * max(0.0, math.log10(lr / 3e-2)) + 0.1 * noise
+        return 1.0 + 0.3 * math.log10(lr / 3e-3) ** 2 + 0.05 * noise  # a valley in log-LR at 3e-3
+
+    def run(kind: str, total: int, seed: int, required: int) -> tuple[AutoWU, list[float]]:
+        scheduler = AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=total,
+                           descent_required_below=required)  # fmt: skip
+        noise = torch.randn(total, generator=torch.Generator().manual_seed(seed)).tolist()
+        lrs = []
+        for step in range(total):
+            lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+            scheduler.step(loss(kind, lrs[-1], noise[step]))
+        return scheduler, lrs
+
+    flagged = []
+    for kind, total, seed in [("flat_start", 200, 1), *(("valley", total, s) for total in (200, 400) for s in (0, 1))]:
+        before, lrs_before = run(kind, total, seed, required=0)
+        after, lrs_after = run(kind, total, seed, required=30)
+        assert [t.step for t in before.tests] == list(rows.test_steps(total)[: len(before.tests)])
+        if rows.alterable(total, before.switch_reason, before.switch_step):
+            flagged.append((kind, total, seed))
+            assert lrs_after != lrs_before
+        else:
+            assert lrs_after == lrs_before
+    assert flagged == [("flat_start", 200, 1)]
