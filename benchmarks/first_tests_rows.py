@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import locked_json  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
-from hf_autowu.config import PRESET_SETTINGS  # noqa: E402
+from hf_autowu.config import PRESET_SETTINGS, AutoWUConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BOUND = PRESET_SETTINGS["robust"]["descent_required_below"]
@@ -50,15 +50,15 @@ def test_steps(total_steps: int) -> tuple[int, ...]:
     return tuple(steps)
 
 
-def alterable(total_steps: int, switch_reason: str | None, switch_step: int | None, patience: int = 3) -> bool:
+def alterable(total_steps: int, switch_reason: str | None, switch_step: int | None) -> bool:
     """Whether the rule can alter a robust-preset run that ended warmup this way (see the module docstring)."""
     if switch_reason != "test":
         return False
     steps = test_steps(total_steps)
     if switch_step not in steps:
         return True  # not a test step of the default cadence: cannot tell, so re-run it
-    streak = steps[max(0, steps.index(switch_step) - patience + 1) : steps.index(switch_step) + 1]
-    return streak[0] < BOUND
+    last = steps.index(switch_step)
+    return steps[max(0, last - AutoWUConfig().patience + 1)] < BOUND
 
 
 def quality_rows(runs: dict[str, dict[str, Any]]) -> list[str]:

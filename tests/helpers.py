@@ -22,6 +22,13 @@ def make_optimizer(lrs: tuple[float, ...] = (1.0,)) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups)
 
 
+def fine_tune_loss(lr: float, noise: float) -> float:
+    """A fine-tune's ramp: flat below LR 1e-3 (small LRs leave a pretrained model where it is), a fall from 2 to 1
+    by 3e-3 (95% of it), a flat bottom up to 3e-2, then a rise of 3 per decade; plus `noise`."""
+    x = math.log10(lr / 1e-3)
+    return 2.0 - 1.0 / (1.0 + math.exp(-x / 0.15)) + 3.0 * max(0.0, math.log10(lr / 3e-2)) + noise
+
+
 def valley_loss(lr: float, best_lr: float, noise: float, generator: torch.Generator, scale: float = 1.0) -> float:
     """A loss that is lowest at `best_lr` and grows on both sides in log-LR, with Gaussian noise."""
     distance = math.log10(lr / best_lr)

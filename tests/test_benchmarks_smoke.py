@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import processes_running
+from helpers import fine_tune_loss, make_optimizer, processes_running
 
 from hf_autowu import ramp
 from hf_autowu.scheduler import SwitchTestRecord
@@ -918,14 +918,12 @@ def test_first_tests_rows_flags_every_run_the_first_tests_rule_alters(bench) -> 
     rows = bench("first_tests_rows")
 
     def loss(kind: str, lr: float, noise: float) -> float:
-        if kind == "flat_start":  # a fine-tune's ramp: flat below 1e-3, a fall to 1 by 3e-3, a rise past 3e-2
-            x = math.log10(lr / 1e-3)
-            return 2.0 - 1.0 / (1.0 + math.exp(-x / 0.15)) + 3.0 * max(0.0, math.log10(lr / 3e-2)) + 0.1 * noise
+        if kind == "flat_start":
+            return fine_tune_loss(lr, 0.1 * noise)
         return 1.0 + 0.3 * math.log10(lr / 3e-3) ** 2 + 0.05 * noise  # a valley in log-LR at 3e-3
 
     def run(kind: str, total: int, seed: int, required: int) -> tuple[AutoWU, list[float]]:
-        scheduler = AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=total,
-                           descent_required_below=required)  # fmt: skip
+        scheduler = AutoWU(make_optimizer(), total_steps=total, descent_required_below=required)
         noise = torch.randn(total, generator=torch.Generator().manual_seed(seed)).tolist()
         lrs = []
         for step in range(total):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import knee_loss, make_optimizer, run_valley, valley_loss
+from helpers import fine_tune_loss, knee_loss, make_optimizer, run_valley, valley_loss
 
 from hf_autowu import AutoWU, SwitchTester
 from hf_autowu.config import PRESET_SETTINGS
@@ -159,13 +159,6 @@ def test_a_sharp_drop_into_a_flat_stretch_is_not_a_minimum_passed(seed):
     ]
     assert any(o.passed for o in outcomes)  # the artefact: the paper's test would count these
     assert not any(o.resolved for o in outcomes)
-
-
-def fine_tune_loss(lr: float, noise: float) -> float:
-    """A fine-tune's ramp: flat below LR 1e-3 (small LRs leave a pretrained model where it is), a fall from 2 to 1
-    by 3e-3 (95% of it), a flat bottom up to 3e-2, then a rise of 3 per decade."""
-    x = math.log10(lr / 1e-3)
-    return 2.0 - 1.0 / (1.0 + math.exp(-x / 0.15)) + 3.0 * max(0.0, math.log10(lr / 3e-2)) + noise
 
 
 def run_fine_tune(seed: int, **options) -> AutoWU:
