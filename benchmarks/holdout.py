@@ -246,7 +246,7 @@ def recorded_run(
 def best_point(task: HoldoutTask, grid_runs: dict[float, list]) -> float:
     """The grid LR with the best mean validation metric."""
     better = max if task.metric == "accuracy" else min
-    return better(grid_runs, key=lambda lr: np.mean([r["val"] for r in grid_runs[lr]]))
+    return better(grid_runs, key=lambda lr: np.mean([counted(task, r, "val") for r in grid_runs[lr]]))
 
 
 def best_at_edge(task: HoldoutTask, grid_runs: dict[float, list]) -> float | None:
@@ -265,25 +265,41 @@ def fmt(value: float, metric: str) -> str:
 
 def oracle_test(task: HoldoutTask, grid_runs: dict[float, list]) -> float:
     """The oracle's test metric: the mean over seeds at the grid point best on validation."""
-    return float(np.mean([r["test"] for r in grid_runs[best_point(task, grid_runs)]]))
+    return float(np.mean([counted(task, r) for r in grid_runs[best_point(task, grid_runs)]]))
 
 
-def at_chance(task: HoldoutTask, value: float) -> bool:
-    """Whether a run's test metric says it learned nothing: a non-finite value, a loss of 0.95 times the task's
-    chance level or more (ln 256 for the byte-level models, as `quality.py` counts), or an accuracy of at most 20% (as
-    `quality.py` counts) or within 0.5 pp of always answering the most common class."""
-    if not np.isfinite(value):
+def chance_level(task: HoldoutTask) -> float:
+    """The test metric of a model that learned nothing: the task's `chance`, else ln 256 for a loss (a uniform byte)
+    and 0 for an accuracy."""
+    if task.chance is not None:
+        return task.chance()
+    return float(np.log(256)) if task.metric == "loss" else 0.0
+
+
+def at_chance(task: HoldoutTask, value: float | None) -> bool:
+    """Whether a run's test metric says it learned nothing: a missing or non-finite value (a run that diverged; the
+    results file stores it as null), a loss of 0.95 times the task's chance level or more (ln 256 for the byte-level
+    models, as `quality.py` counts), or an accuracy of at most 20% (as `quality.py` counts) or within 0.5 pp of
+    always answering the most common class."""
+    if value is None or not np.isfinite(value):
         return True
     if task.metric == "loss":
-        return value >= 0.95 * (task.chance() if task.chance is not None else np.log(256))
-    return value <= max(0.2, (task.chance() if task.chance is not None else 0.0) + 0.005)
+        return value >= 0.95 * chance_level(task)
+    return value <= max(0.2, chance_level(task) + 0.005)
+
+
+def counted(task: HoldoutTask, run: dict[str, Any], split: str = "test") -> float:
+    """A run's metric on `split` as the report counts it: a missing or non-finite one (a run that diverged) counts at
+    the task's chance level (`chance_level`), so that a mean over seeds stays finite and pays for the failure."""
+    value = run[split]
+    return value if value is not None and np.isfinite(value) else chance_level(task)
 
 
 def setting_outcome(task: HoldoutTask, runs: list[dict[str, Any]], oracle: float) -> tuple[float, int]:
-    """A setting's regret (its mean test metric against the oracle's `oracle`) and how many of its runs are at
-    chance."""
-    values = [r["test"] for r in runs]
-    return regret(float(np.mean(values)), oracle, task.metric), sum(at_chance(task, v) for v in values)
+    """A setting's regret (its mean test metric, `counted`, against the oracle's `oracle`) and how many of its
+    runs are at chance."""
+    values = [counted(task, r) for r in runs]
+    return regret(float(np.mean(values)), oracle, task.metric), sum(at_chance(task, r["test"]) for r in runs)
 
 
 def summary_table(summary: dict[str, tuple[str, dict[str, tuple[float, int]]]]) -> list[str]:
@@ -401,7 +417,9 @@ def grid_line(task: HoldoutTask, grid_runs: dict[float, list]) -> str:
     """Mean test metric at each grid LR, and the point best on validation."""
     best, at_best = best_point(task, grid_runs), fmt(oracle_test(task, grid_runs), task.metric)
     return (
-        " · ".join(f"{lr:.3g}: {fmt(np.mean([r['test'] for r in v]), task.metric)}" for lr, v in grid_runs.items())
+        " · ".join(
+            f"{lr:.3g}: {fmt(np.mean([counted(task, r) for r in v]), task.metric)}" for lr, v in grid_runs.items()
+        )
         + f" (best on validation: {best:.3g}, {at_best})."
     )
 
@@ -427,7 +445,7 @@ def task_report(
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for setting, runs in autowu.items():
-        values = [r["test"] for r in runs]
+        values = [counted(task, r) for r in runs]
         setting_regret, failed = setting_outcome(task, runs, oracle)
         spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
         scale = 100 if task.metric == "accuracy" else 1
@@ -447,7 +465,7 @@ def task_report(
         )
     lines.append("")
     for label, runs in (baselines or {}).items():
-        values = [r["test"] for r in runs]
+        values = [counted(task, r) for r in runs]
         setting_regret, failed = setting_outcome(task, runs, oracle)
         mean = fmt(np.mean(values), task.metric)
         outcome = f"{mean}, regret {setting_regret:+.2f}, {failed}/{len(values)} at chance"
@@ -477,7 +495,7 @@ def replay_report(
     """One line per task: where the replayed scheduler switches, the LR it chooses, and the regret the oracle's grid
     suggests for that LR (its mean test metric interpolated in log2 of the LR: a proxy, as in `decisions.py`)."""
     lrs = np.log2(sorted(grid_runs))
-    curve = [np.mean([r["test"] for r in grid_runs[lr]]) for lr in sorted(grid_runs)]
+    curve = [np.mean([counted(task, r) for r in grid_runs[lr]]) for lr in sorted(grid_runs)]
     oracle = oracle_test(task, grid_runs)
     switched = [replay(ramp["losses"], steps, **options) for ramp in ramps]
     proxies = [regret(float(np.interp(np.log2(s.peak_lr), lrs, curve)), oracle, task.metric) for s in switched]
@@ -558,11 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         "those rules were fixed, never used to choose anything until `max_descent_left` 0.06, which `decisions.py` "
         "picked on the ramps of the suite and of the nine tasks then here (its leave-one-task-out table is the "
         "held-out check); role `unseen`: added after every setting was fixed (four at decision code 55fe3620b1a3, "
-        "`timm_transfer_adamw`, `mlp_fullbatch_adamw` and `gpt2_wide_finetune_adamw` at c727c8c944ee) and run once. "
+        "`timm_transfer_adamw`, `mlp_fullbatch_adamw` and `gpt2_wide_finetune_adamw` at c727c8c944ee, "
+        "`digits_unet_adamw` at 27a4544fdf75) and run once. "
         "Test metric, mean ± std over "
         f"{base_seeds} seeds"
         + ("" if args.default_seeds == base_seeds else f" ({args.default_seeds} for the defaults)")
-        + " (accuracy in %, loss in nats per byte or, for the regression, squared error); regret in units of 0.5 pp "
+        + " (accuracy in %, loss in nats per byte or a squared error); regret in units of 0.5 pp "
         "or 1% of the oracle's loss, as in `quality.py`. The oracle is `quality.py`'s (5% warmup + cosine, best grid "
         "point on validation). Rewind: the shift `||now - snapshot|| / ||snapshot||` where the run kept its steps "
         "(below `rewind_min_shift`); the two rewind rows force each outcome, so they show what the gate's choice "

@@ -38,8 +38,8 @@ choice: that value was picked by ``decisions.py`` on the ramps of the suite and 
 leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
-(``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the last
-three at c727c8c944ee:
+(``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the next
+three at c727c8c944ee, the last at 27a4544fdf75:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -61,6 +61,11 @@ three at c727c8c944ee:
   every weight fine-tuned with AdamW on the documentation prose, gradients clipped at norm 1 (the Trainer's
   default), 16 windows of 64 bytes per step, 200 steps: Adam's best LR falls as a model widens, so the ramp spends
   fewer steps below it, and the question is whether the LR chosen follows.
+- ``digits_unet_adamw``: a diffusion model's training: diffusers' ``UNet2DModel`` from a small config (self-attention
+  at 4x4) learns to predict the noise added to the digits (8x8) at a random one of DDPM's 1000 noise levels, with
+  AdamW as diffusers' unconditional training script sets it up (betas 0.95, 0.999; weight decay 1e-6; clip 1.0),
+  batch 64, 300 steps. The loss is a squared error whose noise comes mostly from the noise levels drawn, not the
+  images; the score is the same error on the validation and test digits under fixed draws.
 """
 
 from __future__ import annotations
@@ -535,6 +540,85 @@ def full_batch(splits: Callable[[], dict[str, Batch]]) -> Iterator[Batch]:
     return itertools.repeat(splits()["train"])
 
 
+NoisedBatch = tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A denoising batch: (noisy images, noise levels) as the inputs, the noise added as the target."""
+DENOISER_TIMESTEPS = 1000
+"""The noise schedule's length: diffusers' `DDPMScheduler` default (betas linear from 1e-4 to 0.02)."""
+DENOISER_SCORE_DRAWS = 4
+"""Noise levels and noises drawn per image of the validation and test splits (fixed draws: a deterministic score)."""
+
+
+@cache
+def noise_schedule() -> object:
+    """diffusers' DDPM noise schedule at its defaults (`DENOISER_TIMESTEPS` steps, linear betas)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=DENOISER_TIMESTEPS)
+
+
+def noised(images: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
+    """A denoising batch: each image noised at a uniform random step of the schedule, as the inputs (noisy images,
+    steps), and the noise added, as the target."""
+    steps = torch.randint(DENOISER_TIMESTEPS, (len(images),), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    return (noise_schedule().add_noise(images, noise, steps), steps), noise
+
+
+def noised_digits(seed: int, batch: int = 64) -> Iterator[NoisedBatch]:
+    """Shuffled batches of the training digits (1x8x8, pixels in [-1, 1]), each noised by `noised` with draws of
+    its own (seeded by `seed`), epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    for images, _labels in shuffled(*digits(False)["train"], batch, seed):
+        yield noised(images, generator)
+
+
+def digits_unet_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """diffusers' `UNet2DModel` from a small config (8x8 one-channel images; blocks of 16 and 32 channels, self-
+    attention at the lower resolution; 177k parameters), and AdamW as diffusers' unconditional training script sets
+    it up (betas 0.95, 0.999; weight decay 1e-6)."""
+    from diffusers import UNet2DModel
+
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+
+
+def noise_prediction_error(model: nn.Module, batch: NoisedBatch) -> torch.Tensor:
+    """Mean squared error of the noise the model predicts (the DDPM objective) on a denoising batch."""
+    (inputs, steps), noise = batch
+    return nn.functional.mse_loss(model(inputs, steps).sample, noise)
+
+
+@cache
+def denoising_splits() -> dict[str, NoisedBatch]:
+    """The validation and test digits, each image noised `DENOISER_SCORE_DRAWS` times with fixed draws."""
+    splits = digits(False)
+    return {
+        name: noised(splits[name][0].repeat(DENOISER_SCORE_DRAWS, 1, 1, 1), torch.Generator().manual_seed(k))
+        for k, name in enumerate(("val", "test"))
+    }
+
+
+def denoising_errors(model: nn.Module) -> tuple[float, float]:
+    """The model's validation and test noise-prediction error (`denoising_splits`)."""
+    data = denoising_splits()
+    return tuple(noise_prediction_error(model, data[name]).item() for name in ("val", "test"))
+
+
+def noise_variance() -> float:
+    """The test error of predicting no noise at all (the noise's mean square, about 1): a model that learned
+    nothing scores this much."""
+    return denoising_splits()["test"][1].square().mean().item()
+
+
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
     """`count` points of `quality.py`'s grid from its `first`-th, a factor 2 apart."""
     return tuple(m.grid_lr(k) for k in range(first, first + count))
@@ -733,6 +817,21 @@ TASKS: dict[str, HoldoutTask] = {
         next_byte_loss,
         LM_SCORE,
         max_grad_norm=1.0,
+        role="unseen",
+    ),
+    "digits_unet_adamw": HoldoutTask(
+        "diffusers' UNet2DModel (177k parameters, self-attention) learning to denoise the digits (DDPM noise "
+        "prediction, 1000 noise levels), AdamW as diffusers' training script sets it up, clip 1.0, batch 64, "
+        "300 steps",
+        "loss",
+        300,
+        grid(2),
+        digits_unet_adamw,
+        noised_digits,
+        noise_prediction_error,
+        denoising_errors,
+        max_grad_norm=1.0,
+        chance=noise_variance,
         role="unseen",
     ),
 }

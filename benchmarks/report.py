@@ -19,6 +19,15 @@ from tasks import TASKS
 
 ACCURACY_TOLERANCE_PP = 0.5
 LOSS_TOLERANCE_RELATIVE = 0.01
+CHANCE_LEVEL = {"accuracy": 0.1, "loss": math.log(256)}
+"""The suite's chance levels, by metric: a tenth for the ten digit classes, ln 256 for a uniform byte."""
+
+
+def counted(value: float | None, metric: str) -> float:
+    """A run's metric as the report counts it: a missing or non-finite one (a run that diverged; the results file
+    stores it as null) counts at the suite's chance level (`CHANCE_LEVEL`), so that means over seeds and tasks stay
+    finite and pay for the failure."""
+    return value if value is not None and math.isfinite(value) else CHANCE_LEVEL[metric]
 
 
 def summarize(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str, Any]]], list[dict[str, Any]]]:
@@ -62,8 +71,8 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, dict[str,
             out[task][method] = {
                 "metric": metric,
                 "runs": sorted(chosen, key=lambda r: r["seed"]),
-                "test": [r["test"] for r in chosen],
-                "val": [r["val"] for r in chosen],
+                "test": [counted(r["test"], metric) for r in chosen],
+                "val": [counted(r["val"], metric) for r in chosen],
                 "compute": float(np.mean(compute)),
                 "wall_s": sum(r["wall_s"] for r in task_runs if r["method"] == method),
                 **extra,
@@ -269,10 +278,11 @@ def report(
         f"{library_revision()} of this report; rows recorded with other decision code are refused.",
         "",
         "Metric: test accuracy (%) or test loss (nats per byte, masked bytes for the masked LM); mean ± std over "
-        "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or "
-        "non-finite). Compute: optimizer steps per seed, every grid point and LR sweep included. Gap: method "
-        "minus oracle on test. LR: peak LR used (oracle: chosen grid point; AutoWU: LR chosen at the switch; "
-        "range tests: suggestion; geometric mean over seeds). Wall: seconds for all seeds together.",
+        "seeds (n). Failed: runs that ended at chance level (accuracy <= 20%, or loss >= 0.95 ln 256, or non-finite; "
+        "a non-finite metric counts in the means at chance level, 10% or ln 256). Compute: optimizer steps per seed, "
+        "every grid point and LR sweep included. Gap: method minus oracle on test. LR: peak LR used (oracle: chosen "
+        "grid point; AutoWU: LR chosen at the switch; range tests: suggestion; geometric mean over seeds). Wall: "
+        "seconds for all seeds together.",
         "",
     ]
     lines += standing(summary)

@@ -942,3 +942,36 @@ def test_first_tests_rows_flags_every_run_the_first_tests_rule_alters(bench) -> 
         else:
             assert lrs_after == lrs_before
     assert flagged == [("flat_start", 200, 1)]
+
+
+def test_a_diverged_run_counts_at_chance_level_in_both_reports(bench) -> None:
+    """A run whose metric is not finite (stored as null in the results file) counts at the task's chance level in the
+    means, so that a mean over seeds stays finite and pays for the failure, and it counts as a run at chance."""
+    report, holdout = bench("report"), bench("holdout")
+
+    def run(method: str, seed: int, test: float | None, grid_lr: float | None = None) -> dict:
+        return {
+            "task": "digits_cnn",
+            "method": method,
+            "seed": seed,
+            "metric": "accuracy",
+            "grid_lr": grid_lr,
+            "val": test,
+            "test": test,
+            "compute": 300,
+            "wall_s": 1.0,
+            "info": {},
+        }
+
+    runs = [run("oracle", s, 0.98, 3.2e-3) for s in (0, 1)] + [run("lr_finder", 0, 0.96), run("lr_finder", 1, None)]
+    summary = report.summarize(runs)[0]["digits_cnn"]
+    assert summary["lr_finder"]["test"] == [0.96, 0.1]  # the diverged seed at a tenth, the ten digits' chance
+    assert report.failed(summary["lr_finder"]["runs"][1])
+    regret, _ = report.regret_with_error(summary["lr_finder"]["test"], summary["oracle"]["test"], "accuracy")
+    assert regret == pytest.approx((0.98 - 0.53) * 100 / 0.5)
+
+    denoiser = holdout.TASKS["digits_unet_adamw"]
+    chance = denoiser.chance()
+    assert 0.95 < chance < 1.05  # predicting no noise: the mean square of unit Gaussian noise
+    outcome = holdout.setting_outcome(denoiser, [{"test": 0.12}, {"test": None}, {"test": float("nan")}], 0.11)
+    assert outcome == (pytest.approx(((0.12 + 2 * chance) / 3 - 0.11) / 0.0011), 2)
