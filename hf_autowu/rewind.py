@@ -96,6 +96,40 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
+def _is_average(value: Any) -> bool:
+    """Whether `value` is one weight average `ema_tensors` reads."""
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        return True
+    return isinstance(getattr(value, "shadow_params", None), list)
+
+
+def check_ema(ema: Any) -> None:
+    """Raise a `ValueError` unless `ema` is None or what `ema_tensors` reads: a module, an object with a
+    `shadow_params` list (diffusers' `EMAModel`), a tensor, or a list or tuple of these."""
+    items = ema if isinstance(ema, (list, tuple)) else [ema]
+    if ema is not None and not all(_is_average(item) for item in items):
+        raise ValueError(
+            "`ema` must be a `torch.nn.Module` (timm's `ModelEmaV3`, torch's `AveragedModel`), an object with a "
+            "`shadow_params` list of tensors (diffusers' `EMAModel`), a tensor, or a list of these; got "
+            f"{type(ema).__name__}."
+        )
+
+
+def ema_tensors(ema: Any) -> list[torch.Tensor]:
+    """The tensors of the weight averages `ema` (see `check_ema`), read now: a module's parameters and buffers, an
+    object's `shadow_params` (diffusers' `EMAModel.to` replaces that list's tensors, so it is read at every use), a
+    tensor itself; for a list, each item's in turn."""
+    if ema is None:
+        return []
+    if isinstance(ema, (list, tuple)):
+        return [t for item in ema for t in ema_tensors(item)]
+    if isinstance(ema, torch.Tensor):
+        return [ema]
+    if isinstance(ema, torch.nn.Module):
+        return [*ema.parameters(), *(b for b in ema.buffers() if b is not None)]
+    return list(ema.shadow_params)
+
+
 def available_host_memory() -> int | None:
     """Bytes of host memory available to this process: the smaller of the system's `MemAvailable` and what the
     cgroup (container) limit leaves; None when neither can be read."""
@@ -134,7 +168,8 @@ class WarmupRewinder:
 
     `AutoWU` builds one by default (`rewind=True`, the robust preset's default), so a hand-written loop gets rewind
     without writing anything; build one yourself to pass the model (its buffers, e.g. BatchNorm statistics, are
-    then restored too) or other settings: it replaces the scheduler's own.
+    then restored too), a moving average of the weights kept beside it (`ema`) or other settings: it replaces the
+    scheduler's own.
 
     Which snapshots are kept: the latest one at or below the GP's latest estimate of the best LR (the likely rewind
     target), the one after it (in case the estimate still grows), and the newest. Snapshots are taken when the
@@ -163,13 +198,19 @@ class WarmupRewinder:
             this fraction of its norm (`||now - snapshot|| / ||snapshot||`, over all parameters); below it the run
             keeps the steps trained past the chosen LR. After a blow-up the snapshot is always restored. 0: always
             restore (default: `rewind_min_shift`, 0.2 with the robust preset).
+        ema (*optional*): A moving average of the weights kept beside the model, updated from it after every step:
+            a module (timm's `ModelEmaV2` or `ModelEmaV3`, torch's `AveragedModel`: its parameters and buffers), an
+            object with a `shadow_params` list of tensors (diffusers' `EMAModel`), a tensor, or a list of these. Its
+            tensors are snapshotted and restored with the parameters, so that the average leaves out the steps the
+            rewind undoes; otherwise a blow-up's weights stay in it (for good, when they are not finite).
 
     Example:
 
     ```python
     scheduler = AutoWU(optimizer, total_steps=10_000)
     WarmupRewinder(model, optimizer, scheduler, offload_dir="/local/rewind")  # snapshots on disk, buffers too
-    # (`AutoWU(optimizer, total_steps=10_000, model=model)` restores the buffers with the config's options)
+    # (`AutoWU(optimizer, total_steps=10_000, model=model)` restores the buffers with the config's options, and
+    # `AutoWU(..., model=model, ema=ema_model)` an EMA of the weights too)
     ```
     """
 
@@ -185,6 +226,7 @@ class WarmupRewinder:
         memory_fraction: float | None = None,
         offload_dir: str | os.PathLike | None = None,
         min_shift: float | None = None,
+        ema: Any = None,
     ):
         if scheduler is None:
             raise ValueError("`scheduler` is required: the AutoWU scheduler to rewind at.")
@@ -202,7 +244,9 @@ class WarmupRewinder:
             raise ValueError(f"`memory_fraction` must be in (0, 1], got {memory_fraction!r}.")
         if not isinstance(min_shift, (int, float)) or isinstance(min_shift, bool) or not 0.0 <= min_shift < math.inf:
             raise ValueError(f"`min_shift` must be a finite number >= 0, got {min_shift!r}.")
+        check_ema(ema)
         self.model = model
+        self.ema = ema
         self.optimizer = optimizer if optimizer is not None else scheduler.optimizer
         self.max_snapshots = snapshots
         self.lr_factor = float(lr_factor)
@@ -252,7 +296,9 @@ class WarmupRewinder:
             yield p, state.get(p, {})
 
     def _buffers(self) -> list[torch.Tensor]:
-        return [] if self.model is None else [b for b in self.model.buffers() if b is not None]
+        """The tensors restored beside the stepped ones: the model's buffers, then the tensors of `ema`."""
+        model = [] if self.model is None else [b for b in self.model.buffers() if b is not None]
+        return model + ema_tensors(self.ema)
 
     def _snapshot_bytes(self) -> int:
         total = sum(_nbytes(b) for b in self._buffers())
@@ -261,9 +307,9 @@ class WarmupRewinder:
         return total
 
     def _shapes(self) -> list[list[list[int]]]:
-        """The shapes of this process's stepped tensors and of the model's buffers: a snapshot is restored only into
-        a training state of the same shapes (not after `optimizer.add_param_group`, or a buffer registered again
-        with another shape)."""
+        """The shapes of this process's stepped tensors and of the model's buffers and `ema`'s tensors: a snapshot is
+        restored only into a training state of the same shapes (not after `optimizer.add_param_group`, or a buffer
+        registered again with another shape)."""
         return [
             [list(_local(p).shape) for p in self._stepped_params()],
             [list(_local(b).shape) for b in self._buffers()],
@@ -389,9 +435,9 @@ class WarmupRewinder:
         return {"step": chosen["step"], "lr": chosen["lr"]}
 
     def _state_is_finite(self) -> bool:
-        """Whether the stepped tensors, their optimizer state and the model's buffers hold no NaN or inf on any
-        process (DeepSpeed's uninitialised padding left out). One pass over them, one host read per device they
-        live on, and one collective: after a non-finite loss only."""
+        """Whether the stepped tensors, their optimizer state, the model's buffers and `ema`'s tensors hold no NaN or
+        inf on any process (DeepSpeed's uninitialised padding left out). One pass over them, one host read per device
+        they live on, and one collective: after a non-finite loss only."""
         flags: dict[torch.device, torch.Tensor] = {}  # per device, whether all its tensors so far are finite
 
         def check(ok: torch.Tensor) -> None:

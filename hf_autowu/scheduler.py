@@ -16,7 +16,7 @@ from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
 from .config import AutoWUConfig, is_number, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, process_rank, world_size
 from .ramp import cooldown_factor, warmup_lr
-from .rewind import WarmupRewinder
+from .rewind import WarmupRewinder, check_ema
 from .switch_test import SwitchTester, SwitchTestOutcome
 from .watch import LossSpikeWatch
 
@@ -84,6 +84,11 @@ class AutoWU:
         total_epochs (`int` or `float`, *optional*): Epochs in the budget.
         total_steps (`int`, *optional*): The step budget; defaults to `steps_per_epoch * total_epochs`.
         config (`AutoWUConfig` or `dict`, *optional*): The options; keyword `options` override its fields.
+        model (`torch.nn.Module`, *optional*): The model: with rewind on, its buffers (BatchNorm's statistics) are
+            restored with the parameters.
+        ema (*optional*): A moving average of the weights kept beside the model (timm's `ModelEmaV3`, torch's
+            `AveragedModel`, diffusers' `EMAModel`, or a list of them; see `WarmupRewinder`): with rewind on, it is
+            restored with the parameters, so that it leaves out the steps the rewind undoes.
         **options: Any field of `AutoWUConfig` (`min_lr`, `immediate_cooldown`, `preset`, ...).
 
     Example:
@@ -112,6 +117,7 @@ class AutoWU:
         total_steps: int | None = None,
         config: AutoWUConfig | dict[str, Any] | None = None,
         model: torch.nn.Module | None = None,
+        ema: Any = None,
         **options: Any,
     ):
         config = resolve_config(config, options, "config")
@@ -121,6 +127,7 @@ class AutoWU:
             )
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ValueError(f"`model` must be a `torch.nn.Module` or None, got {type(model).__name__}.")
+        check_ema(ema)
         self.config = config
         self.optimizer = optimizer
         self.steps_per_epoch = _check_optional_positive_int("steps_per_epoch", steps_per_epoch)
@@ -137,6 +144,7 @@ class AutoWU:
 
         self._listeners: list[Any] = []
         self._model = model
+        self._ema = ema
         self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
         self._accelerate_steps = AccelerateSteps(optimizer)
         self._start()
@@ -177,7 +185,7 @@ class AutoWU:
         self.lr_changes: list[tuple[int, float]] = []  # (step, LR) whenever the post-warmup LR is set
 
         if config.effective_rewind and self.warmup_steps > 0:
-            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self)
+            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self, ema=self._ema)
         if self.warmup_steps <= 0:
             self._enter_decay(step=0, lr=self._lr_without_warmup(), reason="no_warmup")
         self._apply_lr()
@@ -602,7 +610,7 @@ class AutoWU:
         wanted = self.config.effective_rewind and self.warmup_steps > 0
         own = self._own_rewinder
         if wanted and self.rewinder is None:
-            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self)  # takes the saved rewind state
+            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self, ema=self._ema)  # the saved state
         elif not wanted and own is not None and any(listener is own for listener in self._listeners):
             self.remove_listener(own)
             self._own_rewinder = None
