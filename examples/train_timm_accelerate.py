@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from timm.layers import convert_sync_batchnorm
+from timm.utils import ModelEmaV3
 from timm_data import (
     EMBEDDED_DEFAULTS,
     OPTIMIZER_KWARGS,
@@ -175,8 +176,17 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     # With rewind on (the robust preset's default), AutoWU keeps a few host-memory snapshots of the model (its
     # buffers included, since it is given) and optimizer during warmup; at the switch both go back to the latest one
     # trained with LRs no larger than the chosen one. The snapshots travel in AutoWU's checkpointed state.
+    # With `--model-ema-decay`, a moving average of the weights (timm's `ModelEmaV3`, as timm's train script keeps
+    # one) is updated after every optimizer step; given to AutoWU, it is rewound with the model, so that the steps
+    # the rewind undoes leave no trace in it.
+    ema = None if args.model_ema_decay is None else ModelEmaV3(accelerator.unwrap_model(model), args.model_ema_decay)
     scheduler = AutoWU(
-        optimizer, steps_per_epoch, config["epochs"], config=autowu_config, model=accelerator.unwrap_model(model)
+        optimizer,
+        steps_per_epoch,
+        config["epochs"],
+        config=autowu_config,
+        model=accelerator.unwrap_model(model),
+        ema=ema,
     )
 
     def on_switch(scheduler: AutoWU) -> None:  # on the main process: what AutoWU decided, and its figure
@@ -187,6 +197,8 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     scheduler.add_switch_listener(on_switch)
     history = RunHistory()
     accelerator.register_for_checkpointing(scheduler, history)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     # `register_for_checkpointing` saves the main process's state only. Under FSDP or DeepSpeed each process's AutoWU
     # state holds rewind snapshots of its own shards, so each process also saves its own, and loads it on resume.
     own_state = f"autowu_rank{accelerator.process_index}.pt"
@@ -209,7 +221,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
     progress = tqdm(
         total=max_steps, initial=history.completed_steps, disable=not accelerator.is_local_main_process, desc="train"
     )
-    top1 = top5 = float("nan")
+    top1 = top5 = ema_top1 = float("nan")
     for epoch in range(start_epoch, config["epochs"]):
         if history.completed_steps >= max_steps:
             break
@@ -240,6 +252,8 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
             if not accelerator.sync_gradients:
                 continue
             history.lr.append(max(group["lr"] for group in optimizer.param_groups))
+            if ema is not None and not accelerator.optimizer_step_was_skipped:
+                ema.update(accelerator.unwrap_model(model), step=history.completed_steps)
             # This process's loss, still on the device: AutoWU averages it over the processes itself, once per
             # switch test, so the loop adds neither a host sync nor a collective per step.
             autowu_loss = step_loss / micro_batches
@@ -262,10 +276,14 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
             if completed >= max_steps:
                 break
         top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)
+        entries = {"eval/top1": top1, "eval/top5": top5}
+        if ema is not None:
+            ema_top1 = entries["eval/ema_top1"] = evaluate(accelerator, ema.module, val_loader)[0]
         if accelerator.is_main_process:  # with the LR of the epoch's last step
-            progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}% lr {history.lr[-1]:.3e}")
+            averaged = "" if ema is None else f" (EMA top-1 {ema_top1:.2f}%)"
+            progress.write(f"epoch {epoch}: top-1 {top1:.2f}% top-5 {top5:.2f}%{averaged} lr {history.lr[-1]:.3e}")
         if args.report_to != "none":
-            accelerator.log({"eval/top1": top1, "eval/top5": top5, **autowu_log_entries(scheduler)}, step=completed)
+            accelerator.log({**entries, **autowu_log_entries(scheduler)}, step=completed)
     progress.close()
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -278,6 +296,7 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
         "rewound_to": scheduler.rewinder.rewound_to if scheduler.rewinder is not None else None,
         "top1": top1,
         "top5": top5,
+        "ema_top1": ema_top1,
         "wall_time_s": round(time.time() - start_time, 1),
         "steps": history.completed_steps,
     }
@@ -341,6 +360,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[HfArgumentParser, AutoWUA
     )
     recipe.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
     recipe.add_argument(
+        "--model-ema-decay",
+        type=float,
+        help="keep a moving average of the weights with this decay (timm's ModelEmaV3; AutoWU rewinds it with the "
+        "model) and evaluate it too (default: none)",
+    )
+    recipe.add_argument(
         "--seed", type=int, default=0, help="seed of the model, the data order, the augmentation and AutoWU"
     )
     run = parser.add_argument_group("run")
@@ -369,6 +394,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[HfArgumentParser, AutoWUA
 
 def main(argv: list[str] | None = None) -> None:
     parser, autowu, args = parse_args(argv)
+    if args.model_ema_decay is not None and not 0.0 < args.model_ema_decay < 1.0:
+        parser.error(f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}")
     embedded = not (args.dataset or args.train_dir or args.val_dir)
     defaults = EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS
     model = args.model or defaults["model"]

@@ -169,12 +169,14 @@ def test_accelerate_resume_reproduces_lr_trajectory(accelerate_folder_run, image
 
 @pytest.mark.slow
 def test_accelerate_embedded_digits_efficientnet(example_env, tmp_path):
+    """The embedded digits, with a moving average of the weights (`--model-ema-decay`), evaluated beside the model."""
     command = [sys.executable, str(ACCELERATE_SCRIPT), "--model", "test_efficientnet", "--batch-size", "32"]
     command += ["--epochs", "1", "--max-train-steps", "4", "--output-dir", str(tmp_path), "--report-to", "none"]
-    result = run_example(command, example_env)
+    result = run_example(command + ["--model-ema-decay", "0.9"], example_env)
     assert "AutoWU summary: switch_step=" in result.stdout
     summary = read_summary(tmp_path)
     assert summary["steps"] == len(summary["lr"]) == 4
+    assert 0.0 <= summary["ema_top1"] <= 100.0 and "(EMA top-1 " in result.stderr + result.stdout
 
 
 @pytest.mark.slow
@@ -306,12 +308,13 @@ def bad_input_cases(image_folders: tuple[Path, Path], tmp_path: Path, style: str
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_accelerate_bad_input_in_process(case, image_folders, tmp_path, import_example, capsys):
     example = import_example("train_timm_accelerate")
     resume_args = ["--model", "test_resnet", "--batch-size", str(BATCH), "--resume", "latest"]
     no_checkpoint = ([*folder_args(image_folders), *resume_args], "no checkpoint")
-    args, expected = [*bad_input_cases(image_folders, tmp_path, "dash"), no_checkpoint][case]
+    ema_decay = ([*folder_args(image_folders), "--model-ema-decay", "1.5"], "--model-ema-decay must be in (0, 1)")
+    args, expected = [*bad_input_cases(image_folders, tmp_path, "dash"), no_checkpoint, ema_decay][case]
     with pytest.raises(SystemExit) as exit_info:
         example.main([*args, "--output-dir", str(tmp_path / "out"), "--report-to", "none", "--cpu"])
     assert exit_info.value.code == 2
