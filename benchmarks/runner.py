@@ -31,6 +31,14 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "001b84b46859": {
+        "27a4544fdf75": "`AutoWU(..., ema=...)` and `WarmupRewinder(..., ema=...)` snapshot and restore a moving "
+        "average of the weights with the model's buffers; without one (no benchmark loop passes one) the rewinder "
+        "holds and restores the same tensors as before. Run under both on one Intel Xeon (family 6, model 167): the "
+        "20 AutoWU and ramp rows of `digits_unet_adamw` recorded at 27a4544fdf75 on it, and the defaults of "
+        "`bn_cnn_nesterov` and `mlp_sgd` (seeds 0-2, every one restoring BatchNorm's statistics or a snapshot): the "
+        "same bit for bit",
+    },
     "27a4544fdf75": {
         "c727c8c944ee": "the robust preset's `descent_required_below` 30: a switch test on fewer than 30 losses "
         "counts only after a real descent. Nothing but the switch by the test reads whether a test counted, so a "
