@@ -36,8 +36,8 @@ SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
         "average of the weights with the model's buffers; without one (no benchmark loop passes one) the rewinder "
         "holds and restores the same tensors as before. Run under both on one Intel Xeon (family 6, model 167): the "
         "20 AutoWU and ramp rows of `digits_unet_adamw` recorded at 27a4544fdf75 on it, and the defaults of "
-        "`bn_cnn_nesterov` and `mlp_sgd` (seeds 0-2, every one restoring BatchNorm's statistics or a snapshot): the "
-        "same bit for bit",
+        "`bn_cnn_nesterov` and `mlp_sgd` (seeds 0-2, every one restoring a snapshot, the CNN's with BatchNorm's "
+        "statistics): the same bit for bit",
     },
     "27a4544fdf75": {
         "c727c8c944ee": "the robust preset's `descent_required_below` 30: a switch test on fewer than 30 losses "
