@@ -39,25 +39,30 @@ def averaged(ema):
     return [t.detach().clone() for t in tensors]
 
 
-def run(make_ema, steps, attach, blow_up=True, **options):
-    """The README's loop with an EMA updated after every optimizer step; from `BLOW_UP_AT` on, while warmup lasts,
-    the targets are NaN (a NaN loss and NaN gradients, which reach the weights and so the average). `attach`: the
-    scheduler is given the average (`ema=`)."""
+def train_step(model, optimizer, scheduler, ema, step, blow_up=True):
+    """One step of the README's loop with the average updated after the optimizer's step; from `BLOW_UP_AT` on, while
+    warmup lasts, the targets are NaN (a NaN loss and NaN gradients, which reach the weights and so the average)."""
+    x, y = data(step)
+    if blow_up and step >= BLOW_UP_AT and scheduler.phase == "warmup":
+        y = y * math.nan
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    update(ema, model)
+    scheduler.step(loss)
+
+
+def run(make_ema, steps, attach, blow_up=True):
+    """`steps` of `train_step`; `attach`: the scheduler is given the average (`ema=`). Returns the scheduler, the
+    average and a copy of the average's tensors right after the switch."""
     model = make_model()
     ema = make_ema(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
-    scheduler = AutoWU(optimizer, total_steps=BUDGET, model=model, ema=ema if attach else None, **options)
+    scheduler = AutoWU(optimizer, total_steps=BUDGET, model=model, ema=ema if attach else None)
     after_switch = None
     for step in range(steps):
-        x, y = data(step)
-        if blow_up and step >= BLOW_UP_AT and scheduler.phase == "warmup":
-            y = y * math.nan
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        update(ema, model)
-        scheduler.step(loss)
+        train_step(model, optimizer, scheduler, ema, step, blow_up)
         if after_switch is None and scheduler.phase != "warmup":
             after_switch = averaged(ema)
     return scheduler, ema, after_switch
@@ -108,15 +113,7 @@ def test_the_average_travels_in_the_state_and_resumes_bit_for_bit():
             ema2.load_state_dict(states[1])
             optimizer.load_state_dict(states[2])
             first.load_state_dict(states[3])
-        x, y = data(step)
-        if step >= BLOW_UP_AT and first.phase == "warmup":
-            y = y * math.nan
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        update(ema2, model)
-        first.step(loss)
+        train_step(model, optimizer, first, ema2, step)
     assert first.rewinder.rewound_to == scheduler.rewinder.rewound_to
     for got, expected in zip(averaged(ema2), averaged(ema), strict=True):
         assert torch.equal(got, expected)
