@@ -111,7 +111,9 @@ def check_ema(ema: Any) -> None:
         raise ValueError(
             "`ema` must be a `torch.nn.Module` (timm's `ModelEmaV3`, torch's `AveragedModel`), an object with a "
             "`shadow_params` list of tensors (diffusers' `EMAModel`), a tensor, or a list of these; got "
-            f"{type(ema).__name__}."
+            f"{type(ema).__name__}"
+            f"{'' if items[0] is ema else ' holding a '}"
+            f"{'' if items[0] is ema else next(type(i).__name__ for i in items if not _is_average(i))}."
         )
 
 

@@ -119,12 +119,15 @@ def test_the_average_travels_in_the_state_and_resumes_bit_for_bit():
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("ema", ["ema", 3, [torch.zeros(2), "x"], {"weights": torch.zeros(2)}])
-def test_an_average_of_another_kind_is_refused_naming_ema(ema):
+@pytest.mark.parametrize(
+    "ema, got",
+    [("ema", "got str"), (3, "got int"), ([torch.zeros(2), "x"], "got list holding a str"), ({"w": 1}, "got dict")],
+)
+def test_an_average_of_another_kind_is_refused_naming_ema(ema, got):
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
-    with pytest.raises(ValueError, match="`ema` must be"):
+    with pytest.raises(ValueError, match=f"`ema` must be .*; {got}"):
         AutoWU(optimizer, total_steps=BUDGET, ema=ema)
     scheduler = AutoWU(optimizer, total_steps=BUDGET)
-    with pytest.raises(ValueError, match="`ema` must be"):
+    with pytest.raises(ValueError, match=f"`ema` must be .*; {got}"):
         WarmupRewinder(model, optimizer, scheduler, ema=ema)
