@@ -364,15 +364,16 @@ def launch(part: str, opts: argparse.Namespace) -> dict[str, Any]:
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = launcher.communicate(timeout=opts.part_timeout)
-        timed_out, log = False, stdout + stderr
+        headline = ""
     except subprocess.TimeoutExpired:  # SIGTERM: torch.distributed.run then ends its workers (SIGKILL would not)
         launcher.terminate()
         stdout, stderr = launcher.communicate(timeout=60)
-        timed_out, log = True, f"timed out after {opts.part_timeout} s\n{stdout}{stderr}"
-    (opts.out_dir / f"gpu_checks_{part}.log").write_text(log)
+        headline = f"timed out after {opts.part_timeout} s\n"
+    (opts.out_dir / f"gpu_checks_{part}.log").write_text(headline + stdout + stderr)
     results = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if timed_out or not results:  # the runs finished before a timeout are kept; the part still fails
-        results[f"{part}-worker"] = {"ok": False, "error": log[-3000:]}
+    if headline or not results:  # the runs finished before a timeout are kept; the part still fails
+        # the timeout stays first however long the log: only the log's tail is kept after it
+        results[f"{part}-worker"] = {"ok": False, "error": headline + (stdout + stderr)[-3000:]}
     return results
 
 
