@@ -39,7 +39,7 @@ leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
 (``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the next
-three at c727c8c944ee, the last at 27a4544fdf75:
+three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75 and ``mixtral_moe_adamw`` at 001b84b46859:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -66,6 +66,11 @@ three at c727c8c944ee, the last at 27a4544fdf75:
   AdamW as diffusers' unconditional training script sets it up (betas 0.95, 0.999; weight decay 1e-6; clip 1.0),
   batch 64, 300 steps. The loss is a squared error whose noise comes mostly from the noise levels drawn, not the
   images; the score is the same error on the validation and test digits under fixed draws.
+- ``mixtral_moe_adamw``: a mixture-of-experts decoder, transformers' ``MixtralForCausalLM`` from a small config
+  (4 experts per layer, each byte routed to 2), trained on the documentation prose on the next-byte cross-entropy
+  plus the router's load-balancing loss at Mixtral's default weight (0.001), as the model computes its loss; AdamW,
+  clip 1.0 (the Trainer's default), 16 windows of 64 bytes per step, 300 steps. Its routing is discrete: a byte
+  moving to another expert changes the loss in steps. Scored by the cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -619,6 +624,41 @@ def noise_variance() -> float:
     return denoising_splits()["test"][1].square().mean().item()
 
 
+def mixtral_moe_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A mixture-of-experts decoder: transformers' `MixtralForCausalLM` from a small config (2 layers, width 64,
+    grouped-query attention with 4 heads on 2 key-value heads, 4 experts of width 128 per layer, each byte routed to
+    2 of them; bytes as tokens, 255k parameters), its router's load-balancing loss on at Mixtral's default weight, and
+    AdamW (torch's defaults, as the suite's)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=SEQ_LEN,
+        output_router_logits=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = MixtralForCausalLM(config)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
+
+
+def next_byte_and_router_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The loss a mixture of experts trains on: the next-byte cross-entropy plus the router's load-balancing loss at
+    the model's `router_aux_loss_coef`, as `MixtralForCausalLM` adds it when given labels."""
+    out = model(batch[0])
+    cross_entropy = nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[1].flatten())
+    return cross_entropy + model.config.router_aux_loss_coef * out.aux_loss
+
+
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
     """`count` points of `quality.py`'s grid from its `first`-th, a factor 2 apart."""
     return tuple(m.grid_lr(k) for k in range(first, first + count))
@@ -832,6 +872,19 @@ TASKS: dict[str, HoldoutTask] = {
         denoising_errors,
         max_grad_norm=1.0,
         chance=noise_variance,
+        role="unseen",
+    ),
+    "mixtral_moe_adamw": HoldoutTask(
+        "a Mixtral-style mixture-of-experts decoder (2 layers, width 64, 4 experts, top-2 routing, 255k parameters) "
+        "on the documentation prose, its router's load-balancing loss added, AdamW, clip 1.0, 16x64 bytes, 300 steps",
+        "loss",
+        300,
+        grid(1),
+        mixtral_moe_adamw,
+        LM_BATCHES,
+        next_byte_and_router_loss,
+        LM_SCORE,
+        max_grad_norm=1.0,
         role="unseen",
     ),
 }

@@ -975,3 +975,23 @@ def test_a_diverged_run_counts_at_chance_level_in_both_reports(bench) -> None:
     assert 0.95 < chance < 1.05  # predicting no noise: the mean square of unit Gaussian noise
     outcome = holdout.setting_outcome(denoiser, [{"test": 0.12}, {"test": None}, {"test": float("nan")}], 0.11)
     assert outcome == (pytest.approx(((0.12 + 2 * chance) / 3 - 0.11) / 0.0011), 2)
+
+
+def test_the_mixture_of_experts_trains_on_the_loss_mixtral_computes(bench) -> None:
+    """The MoE task's training loss is the one `MixtralForCausalLM` returns when given labels (next-token
+    cross-entropy plus the router's load-balancing loss at its weight), and its score is the cross-entropy alone."""
+    tasks = bench("holdout_tasks")
+    task = tasks.TASKS["mixtral_moe_adamw"]
+    torch.manual_seed(0)
+    model, _ = task.build(1e-3)
+    windows = torch.randint(256, (4, tasks.SEQ_LEN + 1))
+    batch = windows[:, :-1], windows[:, 1:]
+    own = model(input_ids=windows[:, :-1], labels=windows[:, :-1])  # the model shifts the labels itself
+    cross_entropy = tasks.next_byte_loss(model, batch)
+    # the model's loss leaves out the last position's target (it has no label for it); add it back as a mean
+    expected = (own.loss - model.config.router_aux_loss_coef * own.aux_loss) * (tasks.SEQ_LEN - 1) / tasks.SEQ_LEN
+    expected = expected + torch.nn.functional.cross_entropy(own.logits[:, -1], windows[:, -1]) / tasks.SEQ_LEN
+    assert cross_entropy.item() == pytest.approx(expected.item(), rel=1e-5)
+    trained_on = task.loss(model, batch)
+    assert trained_on.item() == pytest.approx(cross_entropy.item() + 0.001 * own.aux_loss.item(), rel=1e-5)
+    assert own.aux_loss.item() > 0.5  # a real term: Mixtral's balance loss is about top_k for balanced routing
