@@ -242,9 +242,14 @@ def gru_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
 
 
+def byte_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats per byte) of per-position logits against the bytes that follow."""
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def next_byte_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats per byte) on a batch of (inputs, next bytes)."""
-    return nn.functional.cross_entropy(logits_of(model, batch[0]).flatten(0, 1), batch[1].flatten())
+    return byte_cross_entropy(logits_of(model, batch[0]), batch[1])
 
 
 PRETRAINED = True  # False under --smoke: LoRA and the classifier then start from an untrained GPT-2 (no pretraining)
@@ -655,8 +660,7 @@ def next_byte_and_router_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The loss a mixture of experts trains on: the next-byte cross-entropy plus the router's load-balancing loss at
     the model's `router_aux_loss_coef`, as `MixtralForCausalLM` adds it when given labels."""
     out = model(batch[0])
-    cross_entropy = nn.functional.cross_entropy(out.logits.flatten(0, 1), batch[1].flatten())
-    return cross_entropy + model.config.router_aux_loss_coef * out.aux_loss
+    return byte_cross_entropy(out.logits, batch[1]) + model.config.router_aux_loss_coef * out.aux_loss
 
 
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
