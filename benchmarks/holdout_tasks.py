@@ -39,7 +39,8 @@ leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
 (``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the next
-three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75 and ``mixtral_moe_adamw`` at 001b84b46859:
+three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75, ``mixtral_moe_adamw`` and ``clip_adamw`` at
+001b84b46859:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -71,6 +72,13 @@ three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75 and ``mixtral_moe_a
   plus the router's load-balancing loss at Mixtral's default weight (0.001), as the model computes its loss; AdamW,
   clip 1.0 (the Trainer's default), 16 windows of 64 bytes per step, 300 steps. Its routing is discrete: a byte
   moving to another expert changes the loss in steps. Scored by the cross-entropy alone.
+- ``clip_adamw``: contrastive image-text training: transformers' ``CLIPModel`` from a small config (a ViT on the
+  digits at 16x16 and a causal text transformer on bytes) learns from captions ("a handwritten seven", "the digit
+  7", ...; six templates, one drawn per image) by CLIP's symmetric contrastive loss with its learned temperature,
+  AdamW as CLIP trains (beta2 0.98, eps 1e-6, weight decay 0.2 on the matrices), batch 64 (duplicate digits in a
+  batch are false negatives, as duplicate captions are in CLIP's data), 300 steps. Scored by zero-shot accuracy (the
+  nearest digit's mean caption embedding): a loss of another form and a metric read through two towers. Without
+  warmup it does not learn: at a constant 2e-3 its loss stays at ln 64 for 120 steps.
 """
 
 from __future__ import annotations
@@ -663,6 +671,88 @@ def next_byte_and_router_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return byte_cross_entropy(out.logits, batch[1]) + model.config.router_aux_loss_coef * out.aux_loss
 
 
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = (
+    "a handwritten {name}",
+    "the digit {digit}",
+    "a scan of the number {name}",
+    "{name}",
+    "a small drawing of a {digit}",
+    "number {name}, written by hand",
+)
+"""The captions of a digit: each training image gets one at random; the zero-shot classifier averages all six."""
+CAPTION_LEN = 32
+"""Bytes per caption: the caption, then byte 0 (CLIP's end-of-text token here, the one it pools at) as padding."""
+
+
+@cache
+def digit_captions() -> torch.Tensor:
+    """Every caption of every digit as bytes, shape (10, len(CAPTION_TEMPLATES), CAPTION_LEN), padded with 0."""
+    captions = torch.zeros(len(DIGIT_NAMES), len(CAPTION_TEMPLATES), CAPTION_LEN, dtype=torch.long)
+    for digit, name in enumerate(DIGIT_NAMES):
+        for k, template in enumerate(CAPTION_TEMPLATES):
+            text = template.format(name=name, digit=digit).encode()
+            captions[digit, k, : len(text)] = torch.tensor(list(text))
+    return captions
+
+
+def captioned_digits(seed: int, batch: int = 64) -> Iterator[Batch]:
+    """Shuffled batches of (images, captions): the training digits at 16x16, each with one of its captions drawn at
+    random (seeded by `seed`), epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed + 104729)
+    captions = digit_captions()
+    for images, labels in shuffled(*digits_16px()["train"], batch, seed):
+        yield images, captions[labels, torch.randint(len(CAPTION_TEMPLATES), (len(labels),), generator=generator)]
+
+
+def clip_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """transformers' `CLIPModel` from a small config (a ViT of 2 layers, width 64, on 4x4 patches of one-channel
+    16x16 images; a causal text transformer of 2 layers, width 64, on bytes; projections to 32; 159k parameters) and
+    AdamW as CLIP trains (betas 0.9, 0.98; eps 1e-6; weight decay 0.2 on the matrices, none on gains, biases,
+    embeddings and the logit scale)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config=tower
+        | {"vocab_size": 256, "max_position_embeddings": CAPTION_LEN, "eos_token_id": 0, "bos_token_id": 0}
+        | {"pad_token_id": 0},
+        vision_config=tower | {"image_size": 16, "patch_size": 4, "num_channels": 1},
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    decayed = {name for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name}
+    groups = [
+        {"params": [p for name, p in model.named_parameters() if name in decayed], "weight_decay": 0.2},
+        {"params": [p for name, p in model.named_parameters() if name not in decayed], "weight_decay": 0.0},
+    ]
+    return model, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def contrastive_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss on a batch of (images, captions), as `CLIPModel` computes it."""
+    return model(input_ids=batch[1], pixel_values=batch[0], return_loss=True).loss
+
+
+def features(output: torch.Tensor | object) -> torch.Tensor:
+    """Unit-norm features from `get_text_features`/`get_image_features` (a tensor, or an output whose
+    `pooler_output` holds them, depending on the transformers version)."""
+    return nn.functional.normalize(getattr(output, "pooler_output", output), dim=-1)
+
+
+def zero_shot_accuracy(model: nn.Module) -> tuple[float, float]:
+    """CLIP's zero-shot classification of the validation and test digits: each image takes the digit whose mean
+    caption embedding (over `CAPTION_TEMPLATES`, the prompt ensemble of CLIP's paper) is nearest in cosine."""
+    captions = digit_captions()
+    texts = features(model.get_text_features(input_ids=captions.flatten(0, 1)))
+    classes = nn.functional.normalize(texts.view(*captions.shape[:2], -1).mean(1), dim=-1)
+    data = digits_16px()
+    return tuple(
+        ((features(model.get_image_features(pixel_values=x)) @ classes.T).argmax(-1) == y).float().mean().item()
+        for x, y in (data["val"], data["test"])
+    )
+
+
 def grid(first: int, count: int = 9) -> tuple[float, ...]:
     """`count` points of `quality.py`'s grid from its `first`-th, a factor 2 apart."""
     return tuple(m.grid_lr(k) for k in range(first, first + count))
@@ -889,6 +979,19 @@ TASKS: dict[str, HoldoutTask] = {
         next_byte_and_router_loss,
         LM_SCORE,
         max_grad_norm=1.0,
+        role="unseen",
+    ),
+    "clip_adamw": HoldoutTask(
+        "CLIP (a ViT and a byte-level text transformer, 2 layers each, width 64) learning the digits at 16x16 from "
+        "captions by its contrastive loss, scored by zero-shot accuracy, AdamW as CLIP trains, batch 64, 300 steps",
+        "accuracy",
+        300,
+        grid(0),
+        clip_adamw,
+        captioned_digits,
+        contrastive_loss,
+        zero_shot_accuracy,
+        chance=majority_share(digits_16px),
         role="unseen",
     ),
 }

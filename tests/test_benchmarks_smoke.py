@@ -995,3 +995,46 @@ def test_the_mixture_of_experts_trains_on_the_loss_mixtral_computes(bench) -> No
     trained_on = task.loss(model, batch)
     assert trained_on.item() == pytest.approx(cross_entropy.item() + 0.001 * own.aux_loss.item(), rel=1e-5)
     assert own.aux_loss.item() > 0.5  # a real term: Mixtral's balance loss is about top_k for balanced routing
+
+
+def test_clip_trains_on_the_symmetric_contrastive_loss_and_pools_each_caption_at_its_end(bench) -> None:
+    """The CLIP task's loss is CLIP's: the mean of the image-to-caption and caption-to-image cross-entropies of the
+    scaled cosine similarities; a caption's embedding is read at its end-of-text byte, not at the padding; and the
+    zero-shot score takes, for each image, the digit whose mean caption embedding is nearest."""
+    tasks = bench("holdout_tasks")
+    task = tasks.TASKS["clip_adamw"]
+    torch.manual_seed(0)
+    model, optimizer = task.build(1e-3)
+    assert bytes(tasks.digit_captions()[7, 0].tolist()).rstrip(b"\0") == b"a handwritten seven"
+    images, captions = next(task.batches(0))
+    with torch.no_grad():
+        image = tasks.features(model.get_image_features(pixel_values=images))
+        text = tasks.features(model.get_text_features(input_ids=captions))
+        logits = model.logit_scale.exp() * image @ text.T
+        pairs = torch.arange(len(images))
+        expected = (
+            torch.nn.functional.cross_entropy(logits, pairs) + torch.nn.functional.cross_entropy(logits.T, pairs)
+        ) / 2
+        assert task.loss(model, (images, captions)).item() == pytest.approx(expected.item(), rel=1e-5)
+        end = int((captions[0] != 0).sum())  # the caption's end-of-text byte (the first 0)
+        states = model.text_model(input_ids=captions[:1]).last_hidden_state
+        at_end = tasks.features(model.text_projection(states[0, end]))
+        torch.testing.assert_close(at_end, text[0], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(tasks.features(model.text_projection(states[0, -1])), text[0], atol=1e-3)
+
+        model.eval()
+        val_images, val_labels = tasks.digits_16px()["val"]
+        centres = []
+        for digit in range(10):
+            embedded = [
+                tasks.features(model.get_text_features(input_ids=c[None]))[0] for c in tasks.digit_captions()[digit]
+            ]
+            centres.append(torch.nn.functional.normalize(torch.stack(embedded).mean(0), dim=0))
+        predicted = (
+            tasks.features(model.get_image_features(pixel_values=val_images)) @ torch.stack(centres).T
+        ).argmax(1)
+        assert task.score(model)[0] == pytest.approx((predicted == val_labels).float().mean().item())
+    # CLIP's weight decay: on the matrices only (not gains, biases, embeddings or the temperature)
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert id(model.logit_scale) not in decayed and id(model.text_projection.weight) in decayed
+    assert id(model.text_model.embeddings.token_embedding.weight) not in decayed
