@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         "picked on the ramps of the suite and of the nine tasks then here (its leave-one-task-out table is the "
         "held-out check); role `unseen`: added after every setting was fixed (four at decision code 55fe3620b1a3, "
         "`timm_transfer_adamw`, `mlp_fullbatch_adamw` and `gpt2_wide_finetune_adamw` at c727c8c944ee, "
-        "`digits_unet_adamw` at 27a4544fdf75, `mixtral_moe_adamw` and `clip_adamw` at 001b84b46859) and run once. "
+        "`digits_unet_adamw` at 27a4544fdf75, `mixtral_moe_adamw`, `clip_adamw` and `code_tagger_adamw` at "
+        "001b84b46859) and run once. "
         "Test metric, mean ± std over "
         f"{base_seeds} seeds"
         + ("" if args.default_seeds == base_seeds else f" ({args.default_seeds} for the defaults)")

@@ -1038,3 +1038,41 @@ def test_clip_trains_on_the_symmetric_contrastive_loss_and_pools_each_caption_at
     decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
     assert id(model.logit_scale) not in decayed and id(model.text_projection.weight) in decayed
     assert id(model.text_model.embeddings.token_embedding.weight) not in decayed
+
+
+def test_the_code_tagger_tags_each_byte_with_its_tokens_kind(
+    bench, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each byte of code takes the kind of the token that covers it (whitespace none), a character of several bytes
+    gives each of them its tag, and the tagger is the pretrained encoder under a new token-classification head."""
+    tasks = bench("holdout_tasks")
+    source = 'if x1 >= 0.5:  # é\n    s = "ü"\n'
+    data, tags = tasks.tagged_bytes(source)
+    assert data == source.encode() and len(tags) == len(data)
+    letters = {
+        "keyword": "k",
+        "name": "n",
+        "operator": "o",
+        "number": "9",
+        "string": "s",
+        "comment": "c",
+        "other": ".",
+    }
+    read = "".join(letters[tasks.CODE_TAGS[tag]] for tag in tags)
+    # "é" and "ü" are two bytes each, both tagged as the comment or string they are in
+    assert read == "kk.nn.oo.999o..cccc.....n.o.ssss."
+    task = tasks.TASKS["code_tagger_adamw"]
+    windows, labels = next(task.batches(0))
+    assert windows.shape == labels.shape == (tasks.TEXT_BATCH, tasks.SEQ_LEN)
+    monkeypatch.setattr(bench("tasks"), "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tasks, "BERT_PRETRAIN_RECIPE", {**tasks.BERT_PRETRAIN_RECIPE, "steps": 3, "warmup": 1})
+    monkeypatch.setattr(tasks, "PRETRAINED", True)  # holdout.py --smoke turns it off in this process
+    torch.manual_seed(0)
+    model, _ = task.build(1e-3)
+    (cached,) = tmp_path.glob("bert_stdlib_pretrained_*.pt")
+    base, state = torch.load(cached, weights_only=True), model.state_dict()
+    assert all(torch.equal(state[name], base[name]) for name in state if name.startswith("bert."))
+    assert model.classifier.out_features == len(tasks.CODE_TAGS)
+    model.eval()  # BERT's dropout (0.1) off, so that both passes see the same network
+    expected = torch.nn.functional.cross_entropy(model(windows).logits.transpose(1, 2), labels)
+    assert task.loss(model, (windows, labels)).item() == pytest.approx(expected.item(), rel=1e-6)
