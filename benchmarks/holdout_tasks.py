@@ -107,7 +107,6 @@ import methods as m  # noqa: E402
 import torch  # noqa: E402
 from tasks import (  # noqa: E402
     WIDE_PRETRAIN_RECIPE,
-    RandomWindows,
     bert_model,
     cached_weights,
     digits_at,
@@ -115,12 +114,13 @@ from tasks import (  # noqa: E402
     docs_bytes,
     gpt2_model,
     pretrain,
+    pretrain_on_code,
     pretrained_gpt2,
+    split_of,
     stdlib_bytes,
     text_chunks,
 )
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 from transformers.optimization import Adafactor  # noqa: E402
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -405,7 +405,7 @@ def module_windows() -> dict[str, Batch]:
         code = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_bytes()
         data = torch.frombuffer(bytearray(code), dtype=torch.uint8).long()
         for index, start in enumerate(range(0, len(data) - CHUNK + 1, CHUNK)):
-            name = "val" if index % 10 == 0 else "test" if index % 10 == 1 else "train"
+            name = split_of(index)
             offsets = range(start, start + CHUNK - SEQ_LEN + 1, 16 if name == "train" else 128)
             splits[name][0].extend(data[o : o + SEQ_LEN] for o in offsets)
             splits[name][1].extend([label] * len(offsets))
@@ -726,9 +726,8 @@ def clip_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
 
     tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
     config = CLIPConfig(
-        text_config=tower
-        | {"vocab_size": 256, "max_position_embeddings": CAPTION_LEN, "eos_token_id": 0, "bos_token_id": 0}
-        | {"pad_token_id": 0},
+        text_config={**tower, "vocab_size": 256, "max_position_embeddings": CAPTION_LEN}
+        | {"eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0},
         vision_config=tower | {"image_size": 16, "patch_size": 4, "num_channels": 1},
         projection_dim=32,
     )
@@ -801,7 +800,7 @@ def tagged_code() -> dict[str, Batch]:
     parts: dict[str, tuple[list[bytes], list[int]]] = {name: ([], []) for name in ("train", "val", "test")}
     for index, path in enumerate(files):
         data, tags = tagged_bytes(path.read_text(encoding="utf-8"))
-        name = "val" if index % 10 == 0 else "test" if index % 10 == 1 else "train"
+        name = split_of(index)
         parts[name][0].append(data + b"\n")
         parts[name][1].extend([*tags, 0])
     return {
@@ -810,40 +809,26 @@ def tagged_code() -> dict[str, Batch]:
     }
 
 
+def windows_at(split: Batch, starts: list[int]) -> Batch:
+    """The `SEQ_LEN`-byte windows of a split's (bytes, tags) that begin at `starts`."""
+    return tuple(torch.stack([tensor[s : s + SEQ_LEN] for s in starts]) for tensor in split)
+
+
 def tagged_windows(seed: int) -> Iterator[Batch]:
     """`TEXT_BATCH` windows of `SEQ_LEN` bytes of the training code and their tags, at random offsets per step."""
-    data, tags = tagged_code()["train"]
-    generator = torch.Generator().manual_seed(seed)
+    split, generator = tagged_code()["train"], torch.Generator().manual_seed(seed)
     while True:
-        starts = torch.randint(len(data) - SEQ_LEN, (TEXT_BATCH,), generator=generator).tolist()
-        yield (
-            torch.stack([data[s : s + SEQ_LEN] for s in starts]),
-            torch.stack([tags[s : s + SEQ_LEN] for s in starts]),
-        )
+        yield windows_at(split, torch.randint(len(split[0]) - SEQ_LEN, (TEXT_BATCH,), generator=generator).tolist())
 
 
 @cache
 def tagged_test_windows() -> dict[str, Batch]:
     """512 fixed windows of `SEQ_LEN` bytes, evenly spread, of the validation and of the test code, with their tags."""
-    out = {}
-    for name in ("val", "test"):
-        data, tags = tagged_code()[name]
-        starts = torch.linspace(0, len(data) - SEQ_LEN, 512).long().tolist()
-        out[name] = (
-            torch.stack([data[s : s + SEQ_LEN] for s in starts]),
-            torch.stack([tags[s : s + SEQ_LEN] for s in starts]),
-        )
-    return out
-
-
-def _pretrain_bert(recipe: dict) -> dict[str, torch.Tensor]:
-    torch.manual_seed(recipe["seed"])
-    model = bert_model()
-    windows = RandomWindows(
-        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"], mask=True
-    )
-    loader = DataLoader(windows, batch_size=recipe["batch_size"])
-    return pretrain(model, loader, lambda model, batch: model(**batch).loss, recipe)
+    splits = tagged_code()
+    return {
+        name: windows_at(splits[name], torch.linspace(0, len(splits[name][0]) - SEQ_LEN, 512).long().tolist())
+        for name in ("val", "test")
+    }
 
 
 def code_tagger_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -856,7 +841,9 @@ def code_tagger_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
     if PRETRAINED:
         base.load_state_dict(
             cached_weights(
-                "bert_stdlib_pretrained", BERT_PRETRAIN_RECIPE, partial(_pretrain_bert, BERT_PRETRAIN_RECIPE)
+                "bert_stdlib_pretrained",
+                BERT_PRETRAIN_RECIPE,
+                partial(pretrain_on_code, bert_model, BERT_PRETRAIN_RECIPE, mask=True),
             )
         )
     config = copy.deepcopy(base.config)

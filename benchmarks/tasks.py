@@ -133,11 +133,17 @@ class DictDataset(Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
+def split_of(index: int) -> str:
+    """The split a text's `index`-th piece (a file, a topic, a chunk) goes to: index % 10 == 0 validation, == 1 test,
+    the rest training."""
+    return "val" if index % 10 == 0 else "test" if index % 10 == 1 else "train"
+
+
 def _split_by_index(pieces: list[bytes]) -> dict[str, torch.Tensor]:
-    """Pieces with index % 10 == 0 are validation, == 1 test, the rest training; each split joined by newlines."""
+    """Pieces dealt out by `split_of`; each split joined by newlines."""
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
     for i, piece in enumerate(pieces):
-        parts["val" if i % 10 == 0 else "test" if i % 10 == 1 else "train"].append(piece)
+        parts[split_of(i)].append(piece)
     return {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8).long() for k, v in parts.items()}
 
 
@@ -372,14 +378,32 @@ def pretrain(
     return model.state_dict()
 
 
-def _pretrain_gpt2(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+def pretrain_on_code(
+    make_model: Callable[[], nn.Module], recipe: dict[str, Any], mask: bool = False
+) -> dict[str, torch.Tensor]:
+    """A base model pretrained on the stdlib's code (the training split of `stdlib_bytes`) with `pretrain`'s loop:
+    seeded by ``recipe["seed"]`` before `make_model()` draws it; a masked LM (`mask_tokens`) when `mask` is set, else
+    a causal LM.
+
+    Args:
+        make_model: builds the freshly initialised model (its `forward` takes a batch's keys and returns `.loss`).
+        recipe: `pretrain`'s recipe, with ``seq_len`` and ``seed``.
+        mask: whether the windows are masked for a masked LM.
+
+    Returns:
+        `dict`: the trained model's state dict.
+    """
     torch.manual_seed(recipe["seed"])
-    model = gpt2_model(recipe.get("width", 64))
+    model = make_model()
     windows = RandomWindows(
-        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"]
+        stdlib_bytes()["train"], recipe["seq_len"], recipe["steps"] * recipe["batch_size"], recipe["seed"], mask=mask
     )
     loader = DataLoader(windows, batch_size=recipe["batch_size"])
     return pretrain(model, loader, lambda model, batch: model(**batch).loss, recipe)
+
+
+def _pretrain_gpt2(recipe: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return pretrain_on_code(partial(gpt2_model, recipe.get("width", 64)), recipe)
 
 
 # -------------------------------------------------------------------------------- hand-written loops
