@@ -39,8 +39,8 @@ leave-one-task-out table is the check on tasks left out of the choice.
 
 ``"unseen"``: tasks added after every setting was fixed and run once, shapes that no task above has
 (``decisions.py`` leaves them out, so that they stay unseen); the first four at decision code 55fe3620b1a3, the next
-three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75, ``mixtral_moe_adamw``, ``clip_adamw`` and
-``code_tagger_adamw`` at 001b84b46859:
+three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75, ``mixtral_moe_adamw``, ``clip_adamw``,
+``code_tagger_adamw`` and ``gpt2_dpo_adamw`` at 001b84b46859:
 
 - ``friedman_mlp_adamw``: regression, not classification: an MLP (10-64-64-1) fitting Friedman's first problem
   (scikit-learn's generator, 2000 samples) by squared error on targets left unscaled, so the loss falls by two
@@ -85,6 +85,14 @@ three at c727c8c944ee, ``digits_unet_adamw`` at 27a4544fdf75, ``mixtral_moe_adam
   with what Python's tokenizer says it is part of (keyword, name, operator, number, string, comment or none),
   16 windows of 64 bytes per step, 200 steps. Scored by byte accuracy on 512 fixed windows of the validation and of
   the test files (tagging every byte "string", the commonest, scores 31%).
+- ``gpt2_dpo_adamw``: preference tuning, the shape of TRL's ``DPOTrainer``: ``quality.py``'s GPT-2 pretrained on
+  the stdlib's code is trained by DPO's sigmoid loss (beta 0.1, TRL's default; the reference a frozen copy of the
+  starting point) on pairs that share a prompt of 48 bytes of the documentation prose and answer it with its own
+  next 16 bytes (chosen) or with 16 bytes of code (rejected), every weight with AdamW, clip 1.0 (the Trainer's
+  default), 16 pairs per step, 200 steps. The loss starts at ln 2 whatever the model (the policy is its reference),
+  and the reference prefers the chosen answer on about half of the pairs: the policy has to move away from what it
+  was pretrained on. Scored by the same loss on 1024 fixed pairs of the validation and of the test splits (ln 2:
+  nothing learned).
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ import copy
 import io
 import itertools
 import keyword
+import math
 import os
 import sysconfig
 import tokenize
@@ -858,6 +867,106 @@ def tag_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nn.functional.cross_entropy(logits_of(model, batch[0]).flatten(0, 1), batch[1].flatten())
 
 
+DPO_BETA = 0.1
+"""DPO's temperature: the scale of the policy's log-ratios before the sigmoid (TRL's `DPOConfig.beta` default)."""
+PAIR_LEN = SOURCE_LEN + TARGET_LEN
+"""Bytes in a preference pair's sequence: a prompt of `SOURCE_LEN` bytes and an answer of `TARGET_LEN`."""
+EVAL_PAIRS = 1024
+"""Fixed preference pairs in each of the validation and test sets (a DPO loss varies much from pair to pair)."""
+PreferenceBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(chosen sequences, rejected sequences, the reference model's log-probability margins between them)."""
+
+
+def dpo_base() -> nn.Module:
+    """Where DPO's policy starts and what its reference is: `base_gpt2`, built under a fixed seed in a forked random
+    state, so that the two are the same network under ``--smoke`` too (an untrained GPT-2 there) and building it
+    draws nothing from a run's random state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return base_gpt2()
+
+
+@cache
+def _frozen_reference(pretrained: bool) -> nn.Module:
+    return dpo_base().eval().requires_grad_(False)
+
+
+def reference_gpt2() -> nn.Module:
+    """DPO's frozen reference: `dpo_base` in eval mode, without gradients; built once per process (and per
+    `PRETRAINED`)."""
+    return _frozen_reference(PRETRAINED)
+
+
+def answer_logps(model: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
+    """The log-probability the model gives the last `TARGET_LEN` bytes of each sequence (the answer) given the bytes
+    before them (the prompt), summed over the answer's bytes, as DPO scores a completion."""
+    logits = logits_of(model, sequences[:, :-1])[:, -TARGET_LEN:]
+    answers = sequences[:, -TARGET_LEN:]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, answers.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+
+def preference_pairs(
+    data: torch.Tensor, starts: list[int], elsewhere: torch.Tensor, others: list[int]
+) -> PreferenceBatch:
+    """Pairs of the same prompt (the `SOURCE_LEN` bytes of `data` at each of `starts`) with two answers: chosen, the
+    `TARGET_LEN` bytes that follow it; rejected, the `TARGET_LEN` bytes of `elsewhere` at the matching offset of
+    `others`. With the reference model's margin `log p_ref(chosen) - log p_ref(rejected)` of each pair."""
+    chosen = torch.stack([data[s : s + PAIR_LEN] for s in starts])
+    rejected = chosen.clone()
+    rejected[:, SOURCE_LEN:] = torch.stack([elsewhere[o : o + TARGET_LEN] for o in others])
+    with torch.no_grad():
+        margin = answer_logps(reference_gpt2(), chosen) - answer_logps(reference_gpt2(), rejected)
+    return chosen, rejected, margin
+
+
+def preference_batches(seed: int) -> Iterator[PreferenceBatch]:
+    """`TEXT_BATCH` preference pairs per step: prompts of the training prose, each preferring its own continuation to
+    16 bytes of the training code, both at random offsets."""
+    data, elsewhere = docs_bytes()["train"], stdlib_bytes()["train"]
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(len(data) - PAIR_LEN, (TEXT_BATCH,), generator=generator).tolist()
+        others = torch.randint(len(elsewhere) - TARGET_LEN, (TEXT_BATCH,), generator=generator).tolist()
+        yield preference_pairs(data, starts, elsewhere, others)
+
+
+@cache
+def preference_test_pairs() -> dict[str, PreferenceBatch]:
+    """`EVAL_PAIRS` fixed preference pairs of the validation and of the test splits: prompts of the prose evenly
+    spread, rejected answers from the code of the same split at offsets drawn by a fixed generator."""
+    splits, elsewhere, generator = docs_bytes(), stdlib_bytes(), torch.Generator().manual_seed(0)
+    pairs = {}
+    for name in ("val", "test"):
+        data = splits[name]
+        starts = torch.linspace(0, len(data) - PAIR_LEN, EVAL_PAIRS).long().tolist()
+        others = torch.randint(len(elsewhere[name]) - TARGET_LEN, (EVAL_PAIRS,), generator=generator).tolist()
+        pairs[name] = preference_pairs(data, starts, elsewhere[name], others)
+    return pairs
+
+
+def dpo_loss(model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+    """DPO's sigmoid loss: `-log sigmoid(beta * (policy margin - reference margin))`, mean over the pairs, the policy's
+    margin `log p(chosen) - log p(rejected)` from one forward pass over both answers. ln 2 where the policy is the
+    reference."""
+    chosen, rejected, reference_margin = batch
+    logps = answer_logps(model, torch.cat([chosen, rejected]))
+    margin = logps[: len(chosen)] - logps[len(chosen) :]
+    return -nn.functional.logsigmoid(DPO_BETA * (margin - reference_margin)).mean()
+
+
+def held_out_dpo_loss(model: nn.Module) -> tuple[float, float]:
+    """`dpo_loss` on the fixed validation and test pairs (`preference_test_pairs`)."""
+    pairs = preference_test_pairs()
+    return tuple(dpo_loss(model, pairs[name]).item() for name in ("val", "test"))
+
+
+def gpt2_dpo_adamw(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The DPO policy: `dpo_base`, `quality.py`'s GPT-2 pretrained on stdlib code (its reference, `reference_gpt2`,
+    is a frozen copy), and AdamW on every weight with `quality.py`'s settings."""
+    model = dpo_base()
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, **m.ADAMW)
+
+
 def commonest_tag_share() -> float:
     """The test accuracy of tagging every byte with the commonest tag of the test code: a model that learned nothing
     scores this much."""
@@ -1117,6 +1226,21 @@ TASKS: dict[str, HoldoutTask] = {
         tag_loss,
         accuracy(tagged_test_windows),
         chance=commonest_tag_share,
+        role="unseen",
+    ),
+    "gpt2_dpo_adamw": HoldoutTask(
+        "quality.py's GPT-2 pretrained on code, trained by DPO (beta 0.1, frozen reference) to prefer the "
+        "continuation of a prose prompt to 16 bytes of code, every weight, AdamW, clip 1.0, 16 pairs per step, "
+        "200 steps",
+        "loss",
+        200,
+        grid(-1),
+        gpt2_dpo_adamw,
+        preference_batches,
+        dpo_loss,
+        held_out_dpo_loss,
+        max_grad_norm=1.0,
+        chance=lambda: math.log(2.0),
         role="unseen",
     ),
 }

@@ -1076,3 +1076,65 @@ def test_the_code_tagger_tags_each_byte_with_its_tokens_kind(
     model.eval()  # BERT's dropout (0.1) off, so that both passes see the same network
     expected = torch.nn.functional.cross_entropy(model(windows).logits.transpose(1, 2), labels)
     assert task.loss(model, (windows, labels)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_dpo_prefers_the_prompts_own_continuation_against_a_frozen_reference(
+    bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preference pair shares its prompt and differs in the answer (the prompt's continuation against bytes from
+    elsewhere); an answer's log-probability is what the model's own language-modelling loss says of it; the loss is
+    DPO's sigmoid loss on the margins over the frozen reference's, ln 2 where the policy is still the reference, and
+    a training step lowers it."""
+    tasks = bench("holdout_tasks")
+    monkeypatch.setattr(tasks, "PRETRAINED", False)  # an untrained GPT-2: nothing to pretrain here
+    prompt_len, answer_len = tasks.SOURCE_LEN, tasks.TARGET_LEN
+    text, elsewhere = torch.arange(200), torch.arange(200, 256)
+    chosen, rejected, reference_margin = tasks.preference_pairs(text, [5, 100], elsewhere, [0, 30])
+    assert torch.equal(chosen, torch.stack([torch.arange(5, 69), torch.arange(100, 164)]))
+    assert torch.equal(rejected[:, :prompt_len], chosen[:, :prompt_len])
+    assert torch.equal(rejected[:, prompt_len:], torch.stack([torch.arange(200, 216), torch.arange(230, 246)]))
+
+    task = tasks.TASKS["gpt2_dpo_adamw"]
+    torch.manual_seed(0)
+    model, optimizer = task.build(1e-3)
+    reference = tasks.reference_gpt2()
+    assert not any(p.requires_grad for p in reference.parameters())
+    frozen = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
+    assert model.state_dict().keys() == frozen.keys()
+    assert all(torch.equal(tensor, frozen[name]) for name, tensor in model.state_dict().items())
+
+    def logp_by_lm_loss(network: torch.nn.Module, sequences: torch.Tensor) -> torch.Tensor:
+        labels = sequences.clone()
+        labels[:, :prompt_len] = -100  # the prompt's bytes are not scored
+        return torch.stack(
+            [
+                -network(input_ids=x[None], labels=y[None]).loss * answer_len
+                for x, y in zip(sequences, labels, strict=True)
+            ]
+        )
+
+    batch = next(task.batches(0))
+    chosen, rejected, reference_margin = batch
+    assert chosen.shape == rejected.shape == (tasks.TEXT_BATCH, prompt_len + answer_len)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reference_margin,
+            logp_by_lm_loss(reference, chosen) - logp_by_lm_loss(reference, rejected),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+    loss = task.loss(model, batch)
+    assert loss.item() == pytest.approx(math.log(2.0), abs=1e-6)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        margin = logp_by_lm_loss(model, chosen) - logp_by_lm_loss(model, rejected)
+        expected = -torch.nn.functional.logsigmoid(tasks.DPO_BETA * (margin - reference_margin)).mean()
+        after = task.loss(model, batch)
+    assert after.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert after.item() < math.log(2.0)
+    # the step moved the policy, not its reference
+    assert all(torch.equal(tensor, frozen[name]) for name, tensor in tasks.reference_gpt2().state_dict().items())
+    assert not torch.equal(model.state_dict()["lm_head.weight"], frozen["lm_head.weight"])
+    assert task.chance() == pytest.approx(math.log(2.0))
