@@ -1182,3 +1182,32 @@ def test_rule_probes_read_blow_ups_against_the_starts_noise_and_before_the_rise(
     mean = found.grid_mean
     assert found.descended_from_start == (mean[0] - min(mean) > probe.CONFIDENT_CHANGE_SD * expected)
     assert tester.probe_outcomes == [found]
+
+
+def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(bench, tmp_path: Path, capsys) -> None:
+    """Recorded rows (taken from the committed results) replay to their recorded decisions; DPO's seed 1, which rose
+    at step 67 and decayed from a decade below, is altered by ``start-noise+pre-rise`` and the suite's row is not; a
+    row whose recorded LR its losses do not give is a mismatch, and the exit code says so."""
+    probe_rows = bench("probe_rows")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    held_out = json.loads((results / "holdout.json").read_text())["runs"]
+    suite = json.loads((results / "quality.json").read_text())["runs"]
+    dpo, lstm = (
+        "gpt2_dpo_adamw|defaults (slowed_fraction 0.3)|1|200",
+        "lstm_code_adam|defaults (slowed_fraction 0.3)|0|300",
+    )
+    cnn = "digits_cnn|autowu|0"
+    (cnn_key,) = [key for key in suite if key.startswith(cnn + "|") or key == cnn]
+    (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
+    (tmp_path / "quality.json").write_text(json.dumps({"runs": {cnn_key: suite[cnn_key]}}))
+    paths = ["--results", str(tmp_path / "quality.json"), "--holdout", str(tmp_path / "holdout.json")]
+    assert probe_rows.main(["--probe", "start-noise+pre-rise", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows replayed; 0 do not reproduce" in out and "1 rows altered" in out
+    assert f"- {dpo}: 67 divergence 0.002 -> 67 divergence 0.00106" in out
+    held_out[lstm]["lr"] *= 1.5  # a row its losses do not give
+    (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
+    assert probe_rows.main(["--probe", "start-noise+pre-rise", *paths]) == 1
+    assert f"- mismatch {lstm}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        probe_rows.main(["--probe", "x 2", *paths])  # not a patch: nothing to replay under
