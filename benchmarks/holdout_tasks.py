@@ -888,6 +888,7 @@ def dpo_base() -> nn.Module:
 
 @cache
 def _frozen_reference(pretrained: bool) -> nn.Module:
+    """`reference_gpt2`'s network, cached per value of `PRETRAINED` (`pretrained`, the cache's key)."""
     return dpo_base().eval().requires_grad_(False)
 
 
