@@ -28,16 +28,21 @@ import rule_probes
 import torch
 from common import RESULTS_DIR
 
-HOLDOUT_SETTINGS = {
-    "defaults (slowed_fraction 0.3)": {},
-    "always restore (rewind_min_shift 0)": {"rewind_min_shift": 0.0},
-    "never restore (rewind_min_shift 1e9)": {"rewind_min_shift": 1e9},
-    "slowed_fraction 0.1": {"slowed_fraction": 0.1},
-}
-"""The `holdout.py` rows replayed, and the options each was trained with (the paper preset, with no divergence guard
-and no spike watch, has no blow-up rule for a probe to alter)."""
-
 Decision = tuple[int | None, str | None, float]
+
+
+def holdout_options(setting: str) -> dict[str, float] | None:
+    """The options `holdout.py` trained its rows labelled `setting` with: the defaults, each of
+    `holdout.REWIND_SETTINGS`, each ``slowed_fraction F``; None for the others (the paper preset, with no divergence
+    guard and no spike watch, has no blow-up rule for a probe to alter; oracle, ramp and baseline rows are not
+    AutoWU's defaults)."""
+    if setting.startswith("defaults ("):
+        return {}
+    if setting in holdout.REWIND_SETTINGS:
+        return {"rewind_min_shift": holdout.REWIND_SETTINGS[setting]}
+    if setting.startswith("slowed_fraction "):
+        return {"slowed_fraction": float(setting.split()[1])}
+    return None
 
 
 def recorded_rows(quality_path: Path, holdout_path: Path) -> list[dict[str, Any]]:
@@ -49,17 +54,21 @@ def recorded_rows(quality_path: Path, holdout_path: Path) -> list[dict[str, Any]
                 info = run["info"]
                 decision = (info["switch_step"], info["switch_reason"], info["peak_lr"])
                 rows.append(
-                    {"key": key, "losses": run["losses"], "steps": run["steps"], "options": {}}
-                    | {"decision": decision}
+                    {"key": key, "losses": run["losses"], "steps": run["steps"], "options": {}, "decision": decision}
                 )
     if holdout_path.exists():
         for key, run in json.loads(holdout_path.read_text())["runs"].items():
             _, setting, _, steps = key.split("|")
-            if setting in HOLDOUT_SETTINGS and run.get("losses"):
+            if (options := holdout_options(setting)) is not None and run.get("losses"):
                 decision = (run["switch_step"], run["switch_reason"], run["lr"])
                 rows.append(
-                    {"key": key, "losses": run["losses"], "steps": int(steps), "options": HOLDOUT_SETTINGS[setting]}
-                    | {"decision": decision}
+                    {
+                        "key": key,
+                        "losses": run["losses"],
+                        "steps": int(steps),
+                        "options": options,
+                        "decision": decision,
+                    }
                 )
     return rows
 

@@ -302,15 +302,12 @@ def blow_up_reading(variant: str) -> Iterator[None]:
         descended = getattr(last, "descended_from_start", last.descended) if from_start else last.descended
         if not descended:
             return ceiling / BLOW_UP_BACKOFF
-        estimate = last.lr_estimate
-        if before_rise and last.rising:
-            earlier = [
-                o.lr_estimate
-                for o in getattr(self._tester, "probe_outcomes", [])[:-1]
-                if not o.rising and 0 < o.lr_estimate < math.inf
-            ]
-            estimate = earlier[-1] if earlier else estimate
-        return min(estimate if 0 < estimate < math.inf else self.config.min_lr, ceiling)
+        earlier = [
+            o.lr_estimate
+            for o in getattr(self._tester, "probe_outcomes", [])[:-1]
+            if before_rise and last.rising and not o.rising and 0 < o.lr_estimate < math.inf
+        ]
+        return min(earlier[-1] if earlier else self._best_known_estimate(), ceiling)
 
     with mock.patch.object(SwitchTester, "run", run), mock.patch.object(AutoWU, "_lr_after_blow_up", after):
         yield
