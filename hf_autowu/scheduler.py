@@ -171,6 +171,8 @@ class AutoWU:
         self.retried: dict[str, Any] | None = None
         self.tests: list[SwitchTestRecord] = []
         self.last_outcome: SwitchTestOutcome | None = None
+        # the LR estimate of the latest test before `last_outcome` that saw no rise (`_lr_after_blow_up`)
+        self._estimate_before_last: float | None = None
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
         self._micro_batch_losses: list[torch.Tensor | float] = []  # of the update under way, under `accumulate`
@@ -435,6 +437,7 @@ class AutoWU:
             "lr": self._lr,
             "tests": [asdict(record) for record in self.tests],
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
+            "estimate_before_last": self._estimate_before_last,
             "history": self._history.clone(),
             "pending": _pending_to_tensor(self._pending).cpu(),
             "passes": list(self._passes),
@@ -510,6 +513,8 @@ class AutoWU:
         self.tests = [SwitchTestRecord(**record) for record in state_dict["tests"]]
         outcome = state_dict["last_outcome"]
         self.last_outcome = SwitchTestOutcome(**outcome) if outcome is not None else None
+        before_last = state_dict.get("estimate_before_last")
+        self._estimate_before_last = float(before_last) if before_last is not None else None
         self._history = state_dict["history"].to(torch.float64).clone()
         self._pending = [float(v) for v in state_dict["pending"].tolist()]
         self._micro_batch_losses = []
@@ -669,10 +674,17 @@ class AutoWU:
             self._history, current_lr=current_lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
         )
         # every process takes the main process's decision
-        votes, estimate, rising, descended, resolved = broadcast_floats(
-            [outcome.votes, outcome.lr_estimate, outcome.rising, outcome.descended, outcome.resolved]
+        votes, estimate, rising, descended, resolved, from_start = broadcast_floats(
+            [
+                outcome.votes,
+                outcome.lr_estimate,
+                outcome.rising,
+                outcome.descended,
+                outcome.resolved,
+                math.nan if outcome.descended_from_start is None else outcome.descended_from_start,
+            ]
             if outcome
-            else [-1, math.nan, 0, 1, 1]
+            else [-1, math.nan, 0, 1, 1, math.nan]
         )
         if votes >= 0:
             if outcome is None:  # cannot happen with identical inputs; keep the processes in step regardless
@@ -683,7 +695,8 @@ class AutoWU:
             outcome.rising = bool(rising)
             outcome.descended = bool(descended)
             outcome.resolved = bool(resolved)
-            self.last_outcome = outcome
+            outcome.descended_from_start = None if math.isnan(from_start) else bool(from_start)
+            self._keep_outcome(outcome)
             counts = outcome.passed and outcome.resolved
             self.tests.append(SwitchTestRecord(t, outcome.probability, outcome.votes, counts, estimate, current_lr))
             self._passes = (self._passes + [counts])[-self.config.patience :]
@@ -751,14 +764,33 @@ class AutoWU:
                 f"on ({where}), and a second non-finite loss ends it."
             )
 
+    def _keep_outcome(self, outcome: SwitchTestOutcome) -> None:
+        """Make `outcome` the latest test's; the estimate of the one it replaces is kept when that one saw no rise."""
+        previous = self.last_outcome
+        if previous is not None and not previous.rising and 0.0 < previous.lr_estimate < math.inf:
+            self._estimate_before_last = previous.lr_estimate
+        self.last_outcome = outcome
+
     def _lr_after_blow_up(self, ceiling: float) -> float:
-        """The LR to decay from when the loss blew up (or rose back above its start) at LR `ceiling`: the latest
-        estimate of the best LR, kept at or below `ceiling`; but when the latest test saw no real descent before
-        the blow-up (its smoothed minimum within three noise standard deviations of the start: a flat curve whose
-        lowest point is noise, as in a fine-tune whose loss barely moves), `ceiling / BLOW_UP_BACKOFF`, the LR
-        range test's rule of a decade below the blow-up."""
-        if self.last_outcome is not None and not self.last_outcome.descended:
+        """The LR to decay from when the loss blew up (or rose back above its start) at LR `ceiling`, kept at or
+        below `ceiling`.
+
+        - When the latest test saw no real descent before the blow-up (its smoothed minimum within three standard
+          deviations of the start's noise: a flat curve whose lowest point is noise, as in a fine-tune whose loss
+          barely moves), `ceiling / BLOW_UP_BACKOFF`, the LR range test's rule of a decade below the blow-up. The
+          noise is that of the first losses (`SwitchTestOutcome.descended_from_start`), else the GP's.
+        - When the latest test saw the loss rise back, the estimate of the latest test before it that saw no rise:
+          the rising losses at the end of the history pull the smoothed minimum toward the LRs that made them.
+        - Otherwise the latest estimate of the best LR (`_best_known_estimate`).
+        """
+        last = self.last_outcome
+        if last is None:
+            return min(self._best_known_estimate(), ceiling)
+        descended = last.descended if last.descended_from_start is None else last.descended_from_start
+        if not descended:
             return ceiling / BLOW_UP_BACKOFF
+        if last.rising and self._estimate_before_last is not None:
+            return min(self._estimate_before_last, ceiling)
         return min(self._best_known_estimate(), ceiling)
 
     def _ceiling_before(self, index: int) -> float:
@@ -792,7 +824,7 @@ class AutoWU:
             (estimate,) = broadcast_floats([outcome.lr_estimate if outcome else math.nan])
             if math.isfinite(estimate):
                 lr = estimate
-                self.last_outcome = outcome
+                self._keep_outcome(outcome)
             else:
                 lr = self._lr_without_estimate(t)
         self._switch(t, lr, reason="cap")

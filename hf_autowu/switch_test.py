@@ -24,6 +24,11 @@ MAX_GP_FAILURES = 10
 CONFIDENT_CHANGE_SD = 3.0
 """A change of the smoothed loss counts as real (a rise back, a descent) beyond this many GP noise standard
 deviations."""
+START_NOISE_LOSSES = 20
+"""How many of the first finite losses `start_noise_sd` reads (the robust preset's `min_losses`: as many as the first
+switch test needs)."""
+MAD_TO_SD = 1.4826
+"""A normal distribution's standard deviation per median absolute deviation."""
 
 
 @dataclass
@@ -43,6 +48,11 @@ class SwitchTestOutcome:
         noise_sd (`float`): The GP's observation noise standard deviation (loss units).
         descended (`bool`): Whether the posterior mean's minimum lies more than three noise standard deviations
             below its value at the start of the history: the loss has really fallen, so its minimum is not noise.
+        descended_from_start (`bool` or `None`): The same fall measured against the noise of the first losses
+            (`start_noise_sd`) instead of the GP's one noise level for the whole history; `None` when that noise
+            cannot be measured (fewer than three finite losses among the first `START_NOISE_LOSSES`, or none at
+            all). Where the noise grows as the model learns (a preference loss, flat and quiet while the policy is
+            its reference), the GP's level is mostly the later noise and a real fall reads as none.
         resolved (`bool`): Whether the LR the test would choose lies at least `min_past_lengthscales` GP
             lengthscales before the end of the history and, on a history of fewer than `descent_required_below`
             losses, whether the loss `descended`; a passed test counts toward the switch only then.
@@ -59,6 +69,7 @@ class SwitchTestOutcome:
     noise_sd: float = math.nan
     descended: bool = True
     resolved: bool = True
+    descended_from_start: bool | None = None
 
     @property
     def probability(self) -> float:
@@ -82,6 +93,25 @@ def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, mar
     gap = mean[..., -1:] - mean[..., :-1] - margin
     z = gap / np.sqrt(np.maximum(diff_variance, 0.0) + VARIANCE_JITTER)
     return ndtr(z.max(axis=-1))
+
+
+def start_noise_sd(values: np.ndarray) -> float:
+    """A robust standard deviation of the step-to-step noise at the start of a loss history: the median absolute
+    deviation of the differences of its first `START_NOISE_LOSSES` finite entries, scaled to a normal's standard
+    deviation and divided by sqrt(2) (a difference holds two draws of the noise). The median takes out a steady
+    trend and ignores a few outlying steps.
+
+    Args:
+        values (`np.ndarray`): The loss history, shape (n,); non-finite entries are skipped.
+
+    Returns:
+        `float`: the standard deviation, in the units of `values`; NaN with fewer than three finite entries.
+    """
+    finite = values[np.isfinite(values)][:START_NOISE_LOSSES]
+    diffs = np.diff(finite)
+    if diffs.size < 2:
+        return math.nan
+    return float(MAD_TO_SD * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2.0))
 
 
 def slowed_descent_index(mean: np.ndarray, fraction: float, max_descent_left: float = 1.0) -> int:
@@ -262,6 +292,10 @@ class SwitchTester:
         lowest = avg_mean.min()
         confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
         descended = bool(avg_mean[0] - lowest > confident_change)
+        start_sd = start_noise_sd(values)
+        descended_from_start = (
+            bool(avg_mean[0] - lowest > CONFIDENT_CHANGE_SD * start_sd) if 0.0 < start_sd < math.inf else None
+        )
         resolved = 1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),
@@ -275,6 +309,7 @@ class SwitchTester:
             noise_sd=math.sqrt(self.gp.noise) * scale,
             descended=descended,
             resolved=bool(resolved and (descended or n_total >= self.descent_required_below)),
+            descended_from_start=descended_from_start,
         )
 
     def _predict(
