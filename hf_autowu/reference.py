@@ -29,6 +29,8 @@ PREDICT_POINTS = 500  # 3. at most this many points per prediction
 GRID_POINTS = 500  # 3. evenly spaced prediction points on [0, 1]
 VARIANCE_JITTER = 1e-4  # 4. added to the variance of f_i - f_k
 MAX_FAILURES = 10  # numerical failures before a test gives up
+START_NOISE_LOSSES = 20  # robust preset: the first losses whose noise a descent after a blow-up is judged against
+LEVEL_WINDOW = 10  # robust preset: losses per median when that descent is measured
 RISE_NOISE_SDS = 3.0  # robust preset: how far above its minimum the mean must be now to count as rising, and
 # how far below its start the minimum must lie to count as a real descent
 
@@ -65,6 +67,10 @@ class ReferenceOutcome:
             start of the history and more than three noise standard deviations above its minimum.
         descended (`bool`): Whether the minimum of that mean lies more than three noise standard deviations
             below its value at the start of the history.
+        descended_from_start (`bool` or `None`): Whether the lowest median of 10 consecutive finite losses lies
+            more than three standard deviations of the noise of the first 20 (the median absolute deviation of
+            their differences, as a normal's standard deviation, over sqrt 2) below the median of the first 10;
+            `None` when that noise is not positive (fewer than three of them, or no spread).
         resolved (`bool`): Whether the chosen point (mean over the predictions) lies at least
             `min_past_lengthscales` lengthscales before the end of the history and, on a history of fewer than
             `descent_required_below` losses, whether the loss `descended`.
@@ -77,6 +83,7 @@ class ReferenceOutcome:
     rising: bool
     descended: bool
     resolved: bool
+    descended_from_start: bool | None
 
 
 def random_subset_in_time_order(positions: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -286,11 +293,27 @@ class ReferenceSwitchTest:
         rising = bool(mean_curve[-1] > mean_curve[0] and mean_curve[-1] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
         # robust preset: has it really fallen below where it started? (after a blow-up, else its minimum is noise)
         descended = bool(mean_curve[0] - mean_curve.min() > RISE_NOISE_SDS * noise_sd)
+        # robust preset, after a blow-up: has the level of the losses (medians of 10 in a row) fallen below that of the
+        # first 10 by more than three standard deviations of the noise of the first 20 finite losses?
+        first = losses[is_finite][:START_NOISE_LOSSES]
+        steps = first[1:] - first[:-1]
+        start_sd = math.nan
+        if len(steps) >= 2:
+            # medians by quantile(0.5): of an even count, the mean of the two middle values (torch.median takes the
+            # lower one)
+            deviation = (steps - steps.quantile(0.5)).abs()
+            start_sd = float(deviation.quantile(0.5)) * 1.4826 / math.sqrt(2.0)
+        kept = losses[is_finite]
+        levels = [float(kept[i : i + LEVEL_WINDOW].quantile(0.5)) for i in range(len(kept) - LEVEL_WINDOW + 1)]
+        fall = levels[0] - min(levels) if levels else 0.0
+        descended_from_start = fall > RISE_NOISE_SDS * start_sd if 0 < start_sd < math.inf else None
         # robust preset: on the first few dozen losses, a test counts only after such a descent
         resolved = resolved and (descended or n >= self.descent_required_below)
         # 7. the new LR
         lr = estimate_lr(means, grid, current_lr, min_lr, warmup_type, self.slowed_fraction, self.max_descent_left)
-        return ReferenceOutcome(probabilities, votes, votes > self.n_tests / 2, lr, rising, descended, resolved)
+        return ReferenceOutcome(
+            probabilities, votes, votes > self.n_tests / 2, lr, rising, descended, resolved, descended_from_start
+        )
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
         """At most `size` finite points in time order, at x = position / len(losses)."""

@@ -27,6 +27,8 @@ deviations."""
 START_NOISE_LOSSES = 20
 """How many of the first finite losses `start_noise_sd` reads (the robust preset's `min_losses`: as many as the first
 switch test needs)."""
+LEVEL_WINDOW = 10
+"""Losses per median in `level_fall`: the median of ten has about 0.4 of one loss's noise."""
 MAD_TO_SD = 1.4826
 """A normal distribution's standard deviation per median absolute deviation."""
 
@@ -48,11 +50,12 @@ class SwitchTestOutcome:
         noise_sd (`float`): The GP's observation noise standard deviation (loss units).
         descended (`bool`): Whether the posterior mean's minimum lies more than three noise standard deviations
             below its value at the start of the history: the loss has really fallen, so its minimum is not noise.
-        descended_from_start (`bool` or `None`): The same fall measured against the noise of the first losses
-            (`start_noise_sd`) instead of the GP's one noise level for the whole history; `None` when that noise
-            cannot be measured (fewer than three finite losses among the first `START_NOISE_LOSSES`, or none at
-            all). Where the noise grows as the model learns (a preference loss, flat and quiet while the policy is
-            its reference), the GP's level is mostly the later noise and a real fall reads as none.
+        descended_from_start (`bool` or `None`): Whether the losses' level fell (`level_fall`, medians of
+            `LEVEL_WINDOW` losses in a row) by more than three standard deviations of the noise of the first losses
+            (`start_noise_sd`); `None` when that noise cannot be measured (fewer than three finite losses among the
+            first `START_NOISE_LOSSES`, or none at all). The blow-up rule reads it instead of `descended`: where the
+            noise grows as the model learns (a preference loss, flat and quiet while the policy is its reference),
+            the GP's one noise level is mostly the later noise and a real fall reads as none.
         resolved (`bool`): Whether the LR the test would choose lies at least `min_past_lengthscales` GP
             lengthscales before the end of the history and, on a history of fewer than `descent_required_below`
             losses, whether the loss `descended`; a passed test counts toward the switch only then.
@@ -112,6 +115,25 @@ def start_noise_sd(values: np.ndarray) -> float:
     if diffs.size < 2:
         return math.nan
     return float(MAD_TO_SD * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2.0))
+
+
+def level_fall(values: np.ndarray, window: int = LEVEL_WINDOW) -> float:
+    """How far the loss's level fell below its start: the median of the first `window` finite entries minus the
+    lowest median of `window` consecutive finite entries. Medians of raw losses, not the GP's smoothed curve: before
+    a sharp rise a smooth posterior mean can dip below the losses it fits, a fall that never happened.
+
+    Args:
+        values (`np.ndarray`): The loss history, shape (n,); non-finite entries are skipped.
+        window (`int`, *optional*, defaults to `LEVEL_WINDOW`): Losses per median.
+
+    Returns:
+        `float`: the fall, in the units of `values` (0 with fewer than `window` finite entries).
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size < window:
+        return 0.0
+    levels = np.median(np.lib.stride_tricks.sliding_window_view(finite, window), axis=-1)
+    return float(levels[0] - levels.min())
 
 
 def slowed_descent_index(mean: np.ndarray, fraction: float, max_descent_left: float = 1.0) -> int:
@@ -293,9 +315,8 @@ class SwitchTester:
         confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
         descended = bool(avg_mean[0] - lowest > confident_change)
         start_sd = start_noise_sd(values)
-        descended_from_start = (
-            bool(avg_mean[0] - lowest > CONFIDENT_CHANGE_SD * start_sd) if 0.0 < start_sd < math.inf else None
-        )
+        fall = level_fall(values)
+        descended_from_start = bool(fall > CONFIDENT_CHANGE_SD * start_sd) if 0.0 < start_sd < math.inf else None
         resolved = 1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),

@@ -109,6 +109,7 @@ def test_fast_path_matches_reference_exactly_without_subsampling(preset, kind, l
         assert mine.lr_estimate == pytest.approx(ref.lr_estimate, rel=1e-4)
         assert mine.rising == ref.rising
         assert mine.descended == ref.descended
+        assert mine.descended_from_start == ref.descended_from_start
         assert mine.resolved == ref.resolved
     if rising is not None:  # the rising check is exercised both ways (it only matters to the robust preset)
         assert ref.rising is rising

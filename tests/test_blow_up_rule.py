@@ -1,0 +1,118 @@
+"""The LR the robust preset decays from after a blow-up, when the loss's noise grows as the model learns.
+
+A preference loss (DPO's) is ln 2 with almost no noise while the policy is its reference, and its noise grows
+fifty-fold as the policy moves away. The GP fits one noise level to the whole history, mostly the later noise, so a
+real fall can read as none; and the rising losses at the end of the history pull its smoothed minimum toward the
+LRs that made them. The rule: after a blow-up the fall of the losses' level (medians of ten in a row) is judged
+against the first losses' noise, and after a rise a test found AutoWU decays from the estimate of the latest test
+that saw no rise. (A flat curve that blows up still decays from a decade below: `test_faults.py`.)
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_optimizer
+
+from hf_autowu import AutoWU
+from hf_autowu.scheduler import BLOW_UP_BACKOFF
+from hf_autowu.switch_test import level_fall, start_noise_sd
+
+BEST_LR = 1e-3
+"""The LR at the minimum of the noiseless curve below."""
+BLOW_UP_LR = 2e-2
+TOTAL_STEPS = 200
+
+
+def growing_noise_loss(lr: float, draw: float) -> float:
+    """A preference-like loss: ln 2 at a tiny LR, falling to 0.39 at `BEST_LR`, rising gently beyond it and steeply
+    past `BLOW_UP_LR`; its noise standard deviation grows from 0.003 with the progress made (to ~100x at the bottom)."""
+    x = math.log10(lr / BEST_LR)
+    mean = 0.69 - 0.3 * math.exp(-0.5 * (x / 0.8) ** 2) if x < 0 else 0.39 + 0.03 * x
+    mean += 4.0 * max(0.0, math.log10(lr / BLOW_UP_LR))
+    return mean + (0.003 + max(0.0, 0.69 - mean)) * draw
+
+
+def run(seed: int, stop_at: int | None = None, state: dict | None = None) -> tuple[AutoWU, list[float]]:
+    """The robust defaults on `growing_noise_loss` to the end of warmup (the LR of every step), from `state` when
+    given, saving nothing; with `stop_at`, only that many steps."""
+    draws = np.random.default_rng(seed).standard_normal(TOTAL_STEPS)
+    optimizer = make_optimizer()
+    scheduler = AutoWU(optimizer, total_steps=TOTAL_STEPS)
+    if state is not None:
+        scheduler.load_state_dict(state)
+    lrs = []
+    while scheduler.phase == "warmup" and scheduler.last_step < (stop_at or TOTAL_STEPS):
+        lr = optimizer.param_groups[0]["lr"]
+        lrs.append(lr)
+        scheduler.step(torch.tensor(growing_noise_loss(lr, float(draws[scheduler.last_step]))))
+    lrs.append(optimizer.param_groups[0]["lr"])
+    return scheduler, lrs
+
+
+def test_start_noise_is_a_robust_standard_deviation_of_the_first_differences():
+    """The median absolute deviation of the first 20 finite losses' differences, as a normal's standard deviation,
+    over sqrt 2; later losses, however noisy, and non-finite ones do not count."""
+    steps = [0.02, -0.04, 0.0, 0.01, -0.01, 0.03, 0.0, -0.02, 0.04, -0.01, 0.0, 0.01, -0.03, 0.02, 0.0, -0.01, 0.01]
+    steps += [-0.02, 0.0]  # 19 differences: median 0, median absolute deviation 0.01
+    start = 0.7 + np.concatenate([[0.0], np.cumsum(steps)])
+    later = 0.4 + 0.3 * np.random.default_rng(0).standard_normal(40)
+    expected = 1.4826 * 0.01 / math.sqrt(2)
+    assert start_noise_sd(np.concatenate([start, later])) == pytest.approx(expected, rel=1e-9)
+    with_gaps = np.concatenate([[math.nan], start[:5], [math.inf], start[5:], later])
+    assert start_noise_sd(with_gaps) == pytest.approx(expected, rel=1e-9)
+    assert math.isnan(start_noise_sd(np.array([0.7, math.nan, 0.6])))  # fewer than three finite losses
+    # on Gaussian noise around a falling line the trend drops out: the estimate is the noise's own scale
+    noisy = 2.0 - 0.01 * np.arange(20) + 0.05 * np.random.default_rng(1).standard_normal(20)
+    assert 0.025 < start_noise_sd(noisy) < 0.1
+
+
+def test_the_level_fall_reads_medians_of_ten_losses_not_single_ones():
+    """The median of the first ten losses minus the lowest median of ten in a row: a lone low loss does not move
+    it, a stretch of low ones does; fewer than ten finite losses have no level to compare."""
+    start, dip = np.full(10, 1.0), np.full(10, 0.5)
+    assert level_fall(np.concatenate([start, dip, [3.0, 5.0, math.nan, 9.0]])) == pytest.approx(0.5)
+    lone_low = np.concatenate([start, [0.1], start])
+    assert level_fall(lone_low) == 0.0
+    assert level_fall(np.concatenate([start[:5], [math.nan] * 10, start[:4] - 0.5])) == 0.0
+    # white noise: medians of ten scatter by about 0.4 of the noise, far from the three noise SDs the rule asks
+    noise = np.random.default_rng(0).standard_normal(200)
+    assert level_fall(noise) < 1.5 * start_noise_sd(noise)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_a_loss_whose_noise_grows_decays_from_before_the_rise_within_2x_of_its_minimum(seed):
+    """The ramp passes the bottom (1e-3) and the loss rises past 2e-2; the test that sees the rise finds no descent
+    by the GP's noise (so the old rule decayed from a decade below the rise, 3.5x above the bottom) and its estimate
+    is pulled toward the rise (2e-3 and 5e-3). Judged against the first losses' noise the fall is real, and the LR
+    decayed from is the estimate before the rise: within 2x of the bottom."""
+    scheduler, _ = run(seed)
+    last = scheduler.last_outcome
+    assert scheduler.switch_reason == "divergence" and last.rising and last.passed
+    assert not last.descended and last.descended_from_start
+    ceiling = scheduler.tests[-1].lr
+    assert ceiling > BLOW_UP_LR  # the rise was seen ...
+    assert ceiling / BLOW_UP_BACKOFF > 3 * BEST_LR  # ... so a decade below it is 3x or more above the bottom
+    assert BEST_LR / 2 <= scheduler.peak_lr <= 2 * BEST_LR
+    assert scheduler.peak_lr != last.lr_estimate  # not the estimate of the test that saw the rise
+    assert scheduler.peak_lr == scheduler.tests[-2].lr_estimate  # but that of the one before it
+
+
+def test_a_resume_across_the_blow_up_decays_from_the_same_lr():
+    """Saved at any step before the rise and resumed, the run switches at the same step to the same LR: the state
+    holds the estimate of the latest test before the last one that saw no rise. A state written before the rule
+    existed lacks it; it resumes, and the next test takes it from the saved last outcome."""
+    uninterrupted, lrs = run(seed=3)
+    assert uninterrupted.switch_reason == "divergence"
+    steps = [t.step for t in uninterrupted.tests]
+    for stop_at in (steps[-3], steps[-2], steps[-2] + 1, steps[-1] - 1):
+        first, before = run(seed=3, stop_at=stop_at)
+        state = first.state_dict()
+        assert state["estimate_before_last"] == first.tests[-2].lr_estimate  # no test before the last one rose
+        resumed, after = run(seed=3, state=state)
+        assert before[:-1] + after == lrs
+        assert (resumed.switch_step, resumed.peak_lr) == (uninterrupted.switch_step, uninterrupted.peak_lr)
+        del state["estimate_before_last"]
+        resumed, after = run(seed=3, state=state)
+        assert before[:-1] + after == lrs
