@@ -8,7 +8,7 @@ cannot be read off its losses), then under the patch of ``rule_probes.py``'s `--
 reason or LR changes under the patch is one that would have to be run again; every other row decides as now, bit for
 bit, since a run's training up to its switch depends only on the ramp, and after it only on the switch.
 
-    python benchmarks/probe_rows.py --probe "start-noise+pre-rise"
+    python benchmarks/probe_rows.py --probe "mean 3"
 
 Prints the mismatches and the rows altered; exit code 1 when a row's replay does not reproduce it.
 """

@@ -39,16 +39,11 @@ settings (rewind off, the defaults otherwise):
   at step 25), while later tests decide as now (a patch of `SwitchTester.run`, undone after the replay). Since
   27a4544fdf75 the defaults do this at K 30 (`descent_required_below`), so ``early 30`` replays as ``loss`` does;
   the rows recorded before it keep their figures.
-- ``start-noise``: after a blow-up, whether the smoothed loss "descended" (which decides between the GP's estimate and
-  a decade below the LR that blew up) is judged against the step-to-step noise of the first 20 losses (a robust
-  estimate: the median absolute deviation of their differences) instead of the GP's one noise level for the whole
-  history. A preference loss (DPO's: `holdout_tasks.gpt2_dpo_adamw`) is ln 2 with almost no noise while the policy is
-  its reference, and its noise grows fifty-fold as the policy moves away; the GP's level, fitted to all of it, then
-  reads a real fall as none (a patch of `SwitchTester.run` and `AutoWU._lr_after_blow_up`, undone after the replay);
-- ``pre-rise``: after a rise that a test found (`SwitchTestOutcome.rising`), decay from the estimate of the latest
-  test that saw no rise, not from the one that saw it: the rising losses at the end of the history move the GP's
-  estimate, on DPO's seeds from 1.1e-3 and 6e-4 to 3.2e-3 and 6.1e-3 (same patch);
-- ``start-noise+pre-rise``: both.
+
+The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
+(after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
+blow-up rule at decision code 55b3ef67d22c (`SwitchTestOutcome.descended_from_start`, `AutoWU._lr_after_blow_up`):
+``loss`` replays them now.
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
@@ -80,8 +75,7 @@ from report import regret
 from runner import recorded_runs
 
 from hf_autowu import AutoWU, AutoWUConfig, switch_test
-from hf_autowu.scheduler import BLOW_UP_BACKOFF
-from hf_autowu.switch_test import CONFIDENT_CHANGE_SD, SwitchTester, SwitchTestOutcome
+from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
 
 DEFAULT = "loss"
 VARIANTS = (
@@ -108,12 +102,9 @@ VARIANTS = (
     "median",
     "early 30",
     "early 60",
-    "start-noise",
-    "pre-rise",
-    "start-noise+pre-rise",
 )
-PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "start-noise", "pre-rise")
-PATCHES = tuple(v for v in VARIANTS if v.split()[0].split("+")[0] in PATCH_KINDS)
+PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early")
+PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
 
@@ -137,7 +128,7 @@ def patched(variant: str) -> Iterator[None]:
     """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`, `agreeing`,
     `median_of_passes`), if any, for the time of the context."""
     with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
-        with agreeing(variant), median_of_passes(variant), blow_up_reading(variant):
+        with agreeing(variant), median_of_passes(variant):
             yield
 
 
@@ -258,58 +249,6 @@ def blow_up_cap(variant: str) -> Iterator[None]:
         return min(original(self, ceiling), ceiling / divisor)
 
     with mock.patch.object(AutoWU, "_lr_after_blow_up", capped):
-        yield
-
-
-START_NOISE_LOSSES = 20
-"""How many of the first losses ``start-noise`` measures the noise on (as many as the first switch test needs)."""
-
-
-def start_noise_sd(losses: torch.Tensor) -> float:
-    """A robust standard deviation of the step-to-step noise of the first `START_NOISE_LOSSES` finite losses: the
-    median absolute deviation of their differences, scaled to a normal's standard deviation and divided by sqrt 2
-    (a difference holds two draws of the noise); NaN with fewer than three."""
-    values = losses.detach().to("cpu", torch.float64).numpy()
-    diffs = np.diff(values[np.isfinite(values)][:START_NOISE_LOSSES])
-    if diffs.size < 2:
-        return math.nan
-    return float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / math.sqrt(2))
-
-
-@contextlib.contextmanager
-def blow_up_reading(variant: str) -> Iterator[None]:
-    """Under ``start-noise`` and ``pre-rise`` (or both), `AutoWU._lr_after_blow_up` reads the tests as those variants
-    say; every test's outcome is kept on its tester for it; restored on exit."""
-    from_start, before_rise = "start-noise" in variant, "pre-rise" in variant
-    if not (from_start or before_rise):
-        yield
-        return
-    original_run, original_after = SwitchTester.run, AutoWU._lr_after_blow_up
-
-    def run(self: SwitchTester, losses: torch.Tensor, **kwargs: Any) -> SwitchTestOutcome | None:
-        outcome = original_run(self, losses, **kwargs)
-        if outcome is not None:
-            noise, mean = start_noise_sd(losses), outcome.grid_mean
-            if math.isfinite(noise):
-                outcome.descended_from_start = bool(mean[0] - min(mean) > CONFIDENT_CHANGE_SD * noise)
-            self.probe_outcomes = [*getattr(self, "probe_outcomes", []), outcome]
-        return outcome
-
-    def after(self: AutoWU, ceiling: float) -> float:
-        last = self.last_outcome
-        if last is None:
-            return original_after(self, ceiling)
-        descended = getattr(last, "descended_from_start", last.descended) if from_start else last.descended
-        if not descended:
-            return ceiling / BLOW_UP_BACKOFF
-        earlier = [
-            o.lr_estimate
-            for o in getattr(self._tester, "probe_outcomes", [])[:-1]
-            if before_rise and last.rising and not o.rising and 0 < o.lr_estimate < math.inf
-        ]
-        return min(earlier[-1] if earlier else self._best_known_estimate(), ceiling)
-
-    with mock.patch.object(SwitchTester, "run", run), mock.patch.object(AutoWU, "_lr_after_blow_up", after):
         yield
 
 

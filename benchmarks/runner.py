@@ -31,6 +31,22 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "7b68ae7a675c": {
+        "55b3ef67d22c": "the blow-up rule measures the fall from the start as the losses' level (the lowest median of "
+        "ten in a row) instead of the GP's smoothed minimum, which can dip below flat losses before a sharp rise; "
+        "nothing but the LR chosen at a blow-up reads it, and `probe_rows.py` replays all 339 recorded AutoWU rows "
+        "with losses (the 15 run at 55b3ef67d22c and the 324 that stand for it) to their recorded switch step, "
+        "reason and LR under 7b68ae7a675c: the same decisions, so the same runs",
+    },
+    "55b3ef67d22c": {
+        "001b84b46859": "the robust blow-up rule judges the descent against the first losses' noise and, after a rise "
+        "a test found, decays from the estimate of the latest test that saw no rise. Nothing but the LR chosen at a "
+        "blow-up reads either, so a row recorded without the rule is the same bit for bit under it unless its switch "
+        "changes; `probe_rows.py` replays every recorded AutoWU row with losses under both codes (all 339 reproduce "
+        "their recorded switch under the old one) and finds 15 whose LR changes (DPO's seeds 1 and 2 and the "
+        "transfer task's seed 0 in four settings each, `mlp_sgd`'s default seed 3, two `slowed_fraction 0.1` rows), "
+        "which were removed and run again under the rule",
+    },
     "001b84b46859": {
         "27a4544fdf75": "`AutoWU(..., ema=...)` and `WarmupRewinder(..., ema=...)` snapshot and restore a moving "
         "average of the weights with the model's buffers; without one (no benchmark loop passes one) the rewinder "

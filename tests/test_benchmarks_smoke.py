@@ -1140,54 +1140,11 @@ def test_dpo_prefers_the_prompts_own_continuation_against_a_frozen_reference(
     assert task.chance() == pytest.approx(math.log(2.0))
 
 
-def test_rule_probes_read_blow_ups_against_the_starts_noise_and_before_the_rise(bench) -> None:
-    """``start-noise`` measures the noise on the first losses (a robust standard deviation of their differences) and
-    judges the descent after a blow-up against it; ``pre-rise`` decays from the latest estimate of a test that saw no
-    rise; each only inside its context."""
-    probe = bench("rule_probes")
-    # 20 first losses whose 19 differences are known (median 0, median absolute deviation 0.01), then much
-    # noisier ones: the noise is the deviation scaled to a normal's standard deviation, divided by sqrt 2
-    steps = [0.02, -0.04, 0.0, 0.01, -0.01, 0.03, 0.0, -0.02, 0.04, -0.01, 0.0, 0.01, -0.03, 0.02, 0.0, -0.01, 0.01]
-    steps += [-0.02, 0.0]
-    start = 0.7 + torch.tensor([0.0, *steps], dtype=torch.float64).cumsum(0)
-    later = 0.4 + 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    expected = 1.4826 * 0.01 / math.sqrt(2)
-    assert probe.start_noise_sd(torch.cat([start, later])) == pytest.approx(expected, rel=1e-9)
-    assert probe.start_noise_sd(torch.cat([torch.tensor([math.nan], dtype=torch.float64), start])) == pytest.approx(
-        expected, rel=1e-9
-    )  # non-finite losses are skipped
-
-    def outcome(estimate: float, rising: bool):
-        return probe.SwitchTestOutcome([1.0], 5, True, estimate, rising, [0.7, 0.4, 0.6], [0.1] * 3, descended=False)
-
-    scheduler = probe.AutoWU(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=100)
-    earlier, rose = outcome(1e-3, rising=False), outcome(3e-3, rising=True)
-    rose.descended_from_start = True  # what the patched test records: the fall beats the start's noise
-    scheduler._tester.probe_outcomes = [earlier, rose]
-    scheduler.last_outcome = rose
-    ceiling = 2e-2
-    assert scheduler._lr_after_blow_up(ceiling) == pytest.approx(2e-3)  # no descent by the GP's noise: a decade below
-    expectations = {"start-noise": 3e-3, "pre-rise": 2e-3, "start-noise+pre-rise": 1e-3}
-    for variant, lr in expectations.items():
-        with probe.patched(variant):
-            assert scheduler._lr_after_blow_up(ceiling) == pytest.approx(lr), variant
-    assert scheduler._lr_after_blow_up(ceiling) == pytest.approx(2e-3)  # the patches are undone
-    assert set(expectations) <= set(probe.PATCHES)
-
-    # under the patch, a real test records the descent measured against the first losses' noise
-    history = torch.cat([start, later])
-    with probe.patched("start-noise"):
-        tester = probe.SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
-        found = tester.run(history, current_lr=1e-2, min_lr=1e-5, warmup_type="exp")
-    mean = found.grid_mean
-    assert found.descended_from_start == (mean[0] - min(mean) > probe.CONFIDENT_CHANGE_SD * expected)
-    assert tester.probe_outcomes == [found]
-
-
 def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(bench, tmp_path: Path, capsys) -> None:
-    """Recorded rows (taken from the committed results) replay to their recorded decisions; DPO's seed 1, which rose
-    at step 67 and decayed from a decade below, is altered by ``start-noise+pre-rise`` and the suite's row is not; a
-    row whose recorded LR its losses do not give is a mismatch, and the exit code says so."""
+    """Recorded rows (taken from the committed results) replay to their recorded decisions; ``mean 3``, a rule for the
+    switch by the test, alters the LSTM's row, which switched by the test at step 125, and neither DPO's seed 1 (a
+    rise at step 67) nor the suite's CNN (a spike); a row whose recorded LR its losses do not give is a mismatch, and
+    the exit code says so."""
     probe_rows = bench("probe_rows")
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     held_out = json.loads((results / "holdout.json").read_text())["runs"]
@@ -1201,13 +1158,13 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
     (tmp_path / "quality.json").write_text(json.dumps({"runs": {cnn_key: suite[cnn_key]}}))
     paths = ["--results", str(tmp_path / "quality.json"), "--holdout", str(tmp_path / "holdout.json")]
-    assert probe_rows.main(["--probe", "start-noise+pre-rise", *paths]) == 0
+    assert probe_rows.main(["--probe", "mean 3", *paths]) == 0
     out = capsys.readouterr().out
     assert "3 rows replayed; 0 do not reproduce" in out and "1 rows altered" in out
-    assert f"- {dpo}: 67 divergence 0.002 -> 67 divergence 0.00106" in out
+    assert f"- {lstm}: 125 test 0.00154 -> 125 test 0.0015" in out
     held_out[lstm]["lr"] *= 1.5  # a row its losses do not give
     (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
-    assert probe_rows.main(["--probe", "start-noise+pre-rise", *paths]) == 1
+    assert probe_rows.main(["--probe", "mean 3", *paths]) == 1
     assert f"- mismatch {lstm}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         probe_rows.main(["--probe", "x 2", *paths])  # not a patch: nothing to replay under

@@ -27,7 +27,7 @@ TOTAL_STEPS = 200
 
 def growing_noise_loss(lr: float, draw: float) -> float:
     """A preference-like loss: ln 2 at a tiny LR, falling to 0.39 at `BEST_LR`, rising gently beyond it and steeply
-    past `BLOW_UP_LR`; its noise standard deviation grows from 0.003 with the progress made (to ~100x at the bottom)."""
+    past `BLOW_UP_LR`; its noise standard deviation grows from 0.003 with the progress made (~100x at the bottom)."""
     x = math.log10(lr / BEST_LR)
     mean = 0.69 - 0.3 * math.exp(-0.5 * (x / 0.8) ** 2) if x < 0 else 0.39 + 0.03 * x
     mean += 4.0 * max(0.0, math.log10(lr / BLOW_UP_LR))
