@@ -40,6 +40,11 @@ settings (rewind off, the defaults otherwise):
   27a4544fdf75 the defaults do this at K 30 (`descent_required_below`), so ``early 30`` replays as ``loss`` does;
   the rows recorded before it keep their figures.
 
+- ``watch-once``: the spike watch checks each loss once. In one process the loss that arrives at a switch test is
+  checked by the test's scan and again at the next step, when the watch reads the loss it held, so one high loss
+  there counts as the two in a row that confirm a spike (a patch of `LossSpikeWatch.check`, undone after the
+  replay).
+
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
 (after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
 blow-up rule at decision code 55b3ef67d22c (`SwitchTestOutcome.descended_from_start`, `AutoWU._lr_after_blow_up`):
@@ -76,6 +81,7 @@ from runner import recorded_runs
 
 from hf_autowu import AutoWU, AutoWUConfig, switch_test
 from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
+from hf_autowu.watch import LossSpikeWatch
 
 DEFAULT = "loss"
 VARIANTS = (
@@ -102,8 +108,9 @@ VARIANTS = (
     "median",
     "early 30",
     "early 60",
+    "watch-once",
 )
-PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early")
+PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "watch-once")
 PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
@@ -128,7 +135,7 @@ def patched(variant: str) -> Iterator[None]:
     """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`, `agreeing`,
     `median_of_passes`), if any, for the time of the context."""
     with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
-        with agreeing(variant), median_of_passes(variant):
+        with agreeing(variant), median_of_passes(variant), watching_once(variant):
             yield
 
 
@@ -154,6 +161,27 @@ def agreeing(variant: str) -> Iterator[None]:
         return outcome
 
     with mock.patch.object(SwitchTester, "run", run):
+        yield
+
+
+@contextlib.contextmanager
+def watching_once(variant: str) -> Iterator[None]:
+    """Under ``watch-once``, the spike watch checks each loss once; restored on exit. In one process a loss that
+    arrives at a switch test is checked twice: by the test's scan (`AutoWU._scan_for_spike`) and at the next step,
+    when `LossSpikeWatch.observe` reads the loss it held, so one high loss there makes a run of two, a confirmed
+    spike (`SPIKE_CONFIRM`)."""
+    if variant != "watch-once":
+        yield
+        return
+    original = LossSpikeWatch.check
+
+    def check(self: LossSpikeWatch, index: int, value: float) -> int | None:
+        if index <= getattr(self, "probe_checked_through", -1):
+            return None
+        self.probe_checked_through = index
+        return original(self, index, value)
+
+    with mock.patch.object(LossSpikeWatch, "check", check):
         yield
 
 
