@@ -13,7 +13,8 @@ progress, so the check is scale-free, a falling or slowly rising curve stays bel
 has fallen clearly (by `threshold` noise standard deviations and `ARM_FRACTION` of its starting level) is left to
 the switch test. A spike is a
 loss above the margin on `confirm` consecutive steps, a loss `EXTREME_FACTOR` margins above the level (at once),
-or a non-finite loss (at once, always).
+or a non-finite loss (at once, always). Each loss is checked once, whether by the step that reads it or by a
+switch test's scan.
 
 With several processes each one only sees its own loss, and acting on it alone would let the processes disagree;
 there the scheduler runs the same check on the cross-process mean losses when it averages them at the next test.
@@ -113,12 +114,20 @@ class LossSpikeWatch:
         return self._run_start
 
     def scan(self, values: torch.Tensor, first_index: int) -> int | None:
-        """`check` every value of `values` (losses `first_index`, `first_index + 1`, ...); the first spike found."""
+        """`check` every value of `values` (losses `first_index`, `first_index + 1`, ...); the first spike found.
+
+        A loss held for the next step (`observe`) that the scan checked is dropped: each loss is checked once, or one
+        high loss that arrives at a switch test would count twice, a run of two (a confirmed spike).
+        """
+        found, last = None, first_index - 1
         for offset, value in enumerate(values.tolist()):
-            found = self.check(first_index + offset, value)
+            last = first_index + offset
+            found = self.check(last, value)
             if found is not None:
-                return found
-        return None
+                break
+        if self._previous is not None and first_index <= self._previous[0] <= last:
+            self._previous = None
+        return found
 
     def _hold(self, index: int, loss: torch.Tensor | float) -> tuple[int, Any, Any] | None:
         """Keep loss `index` to read at the next step: a float, a CPU tensor, or a pinned copy of a CUDA tensor."""

@@ -1168,32 +1168,3 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     assert f"- mismatch {lstm}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         probe_rows.main(["--probe", "x 2", *paths])  # not a patch: nothing to replay under
-
-
-def test_watch_once_checks_a_loss_that_arrives_at_a_switch_test_once(bench) -> None:
-    """One loss 0.25 above a steadily falling curve (above the watch's margin, below its extreme): in one process the
-    defaults take it for a confirmed spike when it arrives at a switch test (the test's scan and the next step's read
-    both count it) and ignore it one step later; under ``watch-once`` it is ignored either way."""
-    probe = bench("rule_probes")
-
-    def first_switch(variant: str, at_test: bool) -> tuple[int, int, str]:
-        generator = torch.Generator().manual_seed(0)
-        optimizer = make_optimizer()
-        placed = None
-        with probe.patched(variant):
-            scheduler = probe.AutoWU(optimizer, total_steps=400)
-            while scheduler.phase == "warmup":
-                t = scheduler.last_step + 1
-                lr = optimizer.param_groups[0]["lr"]
-                loss = 3.0 - 0.3 * math.log10(lr / 1e-5) + 0.01 * float(torch.randn((), generator=generator))
-                if placed is None and t > 60 and (t == scheduler._next_test) == at_test:
-                    loss, placed = loss + 0.25, t - 1
-                scheduler.step(loss)
-        return placed, scheduler.switch_step, scheduler.switch_reason
-
-    placed, step, reason = first_switch(probe.DEFAULT, at_test=True)
-    assert reason == "spike" and step == placed + 2  # read at the test, then again at the next step
-    for variant, at_test in ((probe.DEFAULT, False), ("watch-once", True), ("watch-once", False)):
-        placed, step, reason = first_switch(variant, at_test)
-        assert reason != "spike" and step > placed + 50, (variant, at_test)
-    assert "watch-once" in probe.PATCHES

@@ -132,3 +132,33 @@ def test_the_paper_preset_has_no_watch():
     scheduler = AutoWU(make_optimizer(), total_steps=200, preset="paper")
     run_valley(scheduler, best_lr=1e-2)
     assert scheduler._watch is None and scheduler.switch_reason in ("test", "cap")
+
+
+def first_switch(jumps: int, at_test: bool) -> tuple[int, int, str]:
+    """A steadily falling loss with `jumps` losses in a row 0.25 above it (above the watch's margin, below its
+    extreme), the first one arriving at a switch test (`at_test`) or one step after one: where they start, and
+    where and why warmup ended."""
+    generator = torch.Generator().manual_seed(0)
+    optimizer = make_optimizer()
+    scheduler = AutoWU(optimizer, total_steps=400)
+    placed = None
+    while scheduler.phase == "warmup":
+        t = scheduler.last_step + 1
+        lr = optimizer.param_groups[0]["lr"]
+        loss = 3.0 - 0.3 * math.log10(lr / 1e-5) + 0.01 * float(torch.randn((), generator=generator))
+        if placed is None and t > 60 and (t == scheduler._next_test) == at_test:
+            placed = t - 1
+        if placed is not None and placed <= t - 1 < placed + jumps:
+            loss += 0.25
+        scheduler.step(loss)
+    return placed, scheduler.switch_step, scheduler.switch_reason
+
+
+@pytest.mark.parametrize("at_test", [True, False])
+def test_each_loss_is_checked_once_whether_a_test_or_the_next_step_reads_it(at_test):
+    """A loss that arrives at a switch test is checked by the test's scan, and the step after it must not check it
+    again: one high loss is no spike wherever it falls, two in a row are one, found at the second."""
+    placed, step, reason = first_switch(jumps=1, at_test=at_test)
+    assert reason != "spike" and step > placed + 50
+    placed, step, reason = first_switch(jumps=2, at_test=at_test)
+    assert reason == "spike" and step <= placed + 3  # the second high loss is read at the latest one step late
