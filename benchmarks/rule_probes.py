@@ -40,15 +40,12 @@ settings (rewind off, the defaults otherwise):
   27a4544fdf75 the defaults do this at K 30 (`descent_required_below`), so ``early 30`` replays as ``loss`` does;
   the rows recorded before it keep their figures.
 
-- ``watch-once``: the spike watch checks each loss once. In one process the loss that arrives at a switch test is
-  checked by the test's scan and again at the next step, when the watch reads the loss it held, so one high loss
-  there counts as the two in a row that confirm a spike (a patch of `LossSpikeWatch.check`, undone after the
-  replay).
-
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
 (after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
 blow-up rule at decision code 55b3ef67d22c (`SwitchTestOutcome.descended_from_start`, `AutoWU._lr_after_blow_up`):
-``loss`` replays them now.
+``loss`` replays them now. The probe ``watch-once`` (each loss checked once by the spike watch: in one process the
+loss that arrived at a switch test was checked by the test's scan and again at the next step, so one high loss there
+confirmed a spike) is a fix of the watch at decision code d1e2362b1f19.
 
 The chosen LRs are scored as `decisions.py` scores them (with AutoWU's own schedule at each grid peak, `autowu_at`,
 where it is recorded, else with the oracle's grid), as regret in units of 0.5 pp or 1% of the oracle's loss,
@@ -81,7 +78,6 @@ from runner import recorded_runs
 
 from hf_autowu import AutoWU, AutoWUConfig, switch_test
 from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
-from hf_autowu.watch import LossSpikeWatch
 
 DEFAULT = "loss"
 VARIANTS = (
@@ -108,9 +104,8 @@ VARIANTS = (
     "median",
     "early 30",
     "early 60",
-    "watch-once",
 )
-PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "watch-once")
+PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early")
 PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
@@ -135,7 +130,7 @@ def patched(variant: str) -> Iterator[None]:
     """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`, `agreeing`,
     `median_of_passes`), if any, for the time of the context."""
     with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
-        with agreeing(variant), median_of_passes(variant), watching_once(variant):
+        with agreeing(variant), median_of_passes(variant):
             yield
 
 
@@ -161,27 +156,6 @@ def agreeing(variant: str) -> Iterator[None]:
         return outcome
 
     with mock.patch.object(SwitchTester, "run", run):
-        yield
-
-
-@contextlib.contextmanager
-def watching_once(variant: str) -> Iterator[None]:
-    """Under ``watch-once``, the spike watch checks each loss once; restored on exit. In one process a loss that
-    arrives at a switch test is checked twice: by the test's scan (`AutoWU._scan_for_spike`) and at the next step,
-    when `LossSpikeWatch.observe` reads the loss it held, so one high loss there makes a run of two, a confirmed
-    spike (`SPIKE_CONFIRM`)."""
-    if variant != "watch-once":
-        yield
-        return
-    original = LossSpikeWatch.check
-
-    def check(self: LossSpikeWatch, index: int, value: float) -> int | None:
-        if index <= getattr(self, "probe_checked_through", -1):
-            return None
-        self.probe_checked_through = index
-        return original(self, index, value)
-
-    with mock.patch.object(LossSpikeWatch, "check", check):
         yield
 
 

@@ -31,6 +31,13 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "d1e2362b1f19": {
+        "7b68ae7a675c": "the spike watch checks each loss once (in one process the loss that arrived at a switch "
+        "test was checked twice, so one high loss there confirmed a spike). Only the spike watch reads it, and a row "
+        "decides as before unless its switch changes: replayed under d1e2362b1f19, 280 of the 339 recorded AutoWU "
+        "rows with losses (`probe_rows.py`) and 675 of the 792 `autowu_at` rows (their switch step and reason) "
+        "reproduce their recorded switch; the other 59 and 117 (13 task-seed pairs) were removed and run again",
+    },
     "7b68ae7a675c": {
         "55b3ef67d22c": "the blow-up rule measures the fall from the start as the losses' level (the lowest median of "
         "ten in a row) instead of the GP's smoothed minimum, which can dip below flat losses before a sharp rise; "
