@@ -775,10 +775,11 @@ class AutoWU:
         """The LR to decay from when the loss blew up (or rose back above its start) at LR `ceiling`, kept at or
         below `ceiling`.
 
-        - When the latest test saw no real descent before the blow-up (its smoothed minimum within three standard
-          deviations of the start's noise: a flat curve whose lowest point is noise, as in a fine-tune whose loss
-          barely moves), `ceiling / BLOW_UP_BACKOFF`, the LR range test's rule of a decade below the blow-up. The
-          noise is that of the first losses (`SwitchTestOutcome.descended_from_start`), else the GP's.
+        - When the latest test saw no real descent before the blow-up (the losses' level, medians of ten in a row,
+          never fell three standard deviations of the first losses' noise below where it started: a flat curve
+          whose lowest point is noise, as in a fine-tune whose loss barely moves), `ceiling / BLOW_UP_BACKOFF`, the
+          LR range test's rule of a decade below the blow-up (`SwitchTestOutcome.descended_from_start`; where the
+          first losses' noise cannot be measured, the GP's smoothed minimum against its own noise, `descended`).
         - When the latest test saw the loss rise back, the estimate of the latest test before it that saw no rise:
           the rising losses at the end of the history pull the smoothed minimum toward the LRs that made them.
         - Otherwise the latest estimate of the best LR (`_best_known_estimate`).
