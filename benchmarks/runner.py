@@ -31,6 +31,14 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "77c3722ff918": {
+        "d1e2362b1f19": "at a cap reached by a loss that never really fell (`SwitchTestOutcome.fell`, the blow-up "
+        "rule's own test, now one property) AutoWU decays from `min_lr` instead of the GP's lowest point of that "
+        "noise; the spike watch's MAD constant is `switch_test.MAD_TO_SD` (the same float). Only a cap without a fall "
+        "decides otherwise: the 339 recorded AutoWU rows with losses replay under 77c3722ff918 to their recorded "
+        "switch step, reason and LR (`probe_rows.py`), none of them ends at a cap without a fall, and `autowu_at` "
+        "rows force their LR at the switch, whose step and reason the change leaves alone",
+    },
     "d1e2362b1f19": {
         "7b68ae7a675c": "the spike watch checks each loss once (in one process the loss that arrived at a switch "
         "test was checked twice, so one high loss there confirmed a spike). Only the spike watch reads it, and a row "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import AutoWUConfig
-from .log_entries import blew_up_without_descent, capped_without_estimate
+from .log_entries import blew_up_without_descent, capped_without_descent, capped_without_estimate
 from .replay import (
     LOSS_TAGS,
     LR_TAGS,
@@ -200,6 +200,8 @@ def _switch_sentence(scheduler: AutoWU, past: bool = False) -> str:
         reason += "; it had not really fallen before, so a decade below the LR that blew up"
     if capped_without_estimate(scheduler):
         reason += "; too soon for a switch test, so a tenth of the LR at the lowest loss"
+    if capped_without_descent(scheduler):
+        reason += "; the loss had not really fallen over the whole warmup, so the ramp's first LR"
     if scheduler.retried is not None:
         reason += f"; warmup had gone on after the non-finite loss of step {scheduler.retried['loss_index'] + 1}"
     ramp = scheduler.lr_at(scheduler.switch_step - 1) if scheduler.switch_step > 0 else scheduler.config.max_lr

@@ -45,10 +45,23 @@ def autowu_log_entries(scheduler: AutoWU) -> dict[str, float]:
 
 
 def blew_up_without_descent(scheduler: AutoWU) -> bool:
-    """Whether warmup ended on a blow-up of a loss that had not really fallen before it (so the peak LR is a decade
-    below the blow-up's LR, not the GP's estimate; see `SwitchTestOutcome.descended`)."""
+    """Whether warmup ended on a blow-up of a loss that had not really fallen before it, as the blow-up rule judges
+    that (`SwitchTestOutcome.fell`), so the peak LR is a decade below the blow-up's LR, not the GP's estimate."""
     outcome = scheduler.last_outcome
-    return scheduler.switch_reason in ("divergence", "spike") and outcome is not None and not outcome.descended
+    return scheduler.switch_reason in ("divergence", "spike") and outcome is not None and not outcome.fell
+
+
+def capped_without_descent(scheduler: AutoWU) -> bool:
+    """Whether the robust preset's warmup reached its cap with a GP estimate although the loss had not really fallen
+    over the whole ramp (`SwitchTestOutcome.fell`), so the peak LR is `min_lr`: the lowest point of such a curve is
+    noise (a loss that does not track training, or a model whose trained weights are frozen)."""
+    outcome = scheduler.last_outcome
+    return (
+        scheduler.switch_reason == "cap"
+        and outcome is not None
+        and scheduler.config.effective_estimate_at_cap
+        and not outcome.fell
+    )
 
 
 def capped_without_estimate(scheduler: AutoWU) -> bool:
@@ -72,6 +85,11 @@ def switch_message(scheduler: AutoWU) -> str:
         message += " The loss had not really fallen before it blew up: the peak is a decade below the blow-up's LR."
     if capped_without_estimate(scheduler):
         message += " No switch test could run first: the peak is a tenth of the LR at the lowest warmup loss."
+    if capped_without_descent(scheduler):
+        message += (
+            " The loss had not really fallen over the whole warmup, so the peak is the ramp's first LR, not read from "
+            "a descent: check that the loss passed to AutoWU tracks training, or set the LR yourself."
+        )
     retried = scheduler.retried
     if retried is not None:
         restored = retried["restored_step"]

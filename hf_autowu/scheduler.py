@@ -778,8 +778,9 @@ class AutoWU:
         - When the latest test saw no real descent before the blow-up (the losses' level, medians of ten in a row,
           never fell three standard deviations of the first losses' noise below where it started: a flat curve
           whose lowest point is noise, as in a fine-tune whose loss barely moves), `ceiling / BLOW_UP_BACKOFF`, the
-          LR range test's rule of a decade below the blow-up (`SwitchTestOutcome.descended_from_start`; where the
-          first losses' noise cannot be measured, the GP's smoothed minimum against its own noise, `descended`).
+          LR range test's rule of a decade below the blow-up (`SwitchTestOutcome.fell`: `descended_from_start`;
+          where the first losses' noise cannot be measured, the GP's smoothed minimum against its own noise,
+          `descended`).
         - When the latest test saw the loss rise back, the estimate of the latest test before it that saw no rise:
           the rising losses at the end of the history pull the smoothed minimum toward the LRs that made them.
         - Otherwise the latest estimate of the best LR (`_best_known_estimate`).
@@ -787,8 +788,7 @@ class AutoWU:
         last = self.last_outcome
         if last is None:
             return min(self._best_known_estimate(), ceiling)
-        descended = last.descended if last.descended_from_start is None else last.descended_from_start
-        if not descended:
+        if not last.fell:
             return ceiling / BLOW_UP_BACKOFF
         if last.rising and self._estimate_before_last is not None:
             return min(self._estimate_before_last, ceiling)
@@ -812,7 +812,8 @@ class AutoWU:
 
     def _end_warmup_at_cap(self, t: int) -> None:
         """Warmup ran out of steps without a switch: decay from the GP's estimate (robust preset), from the LR range
-        test's rule when the GP gives none (`_lr_without_estimate`), or from the LR reached (the paper)."""
+        test's rule when the GP gives none (`_lr_without_estimate`), from `min_lr` when the loss never really fell
+        (`_lr_without_descent`), or from the LR reached (the paper)."""
         lr = self._ramp(t - 1)
         if self.config.effective_estimate_at_cap:
             self._flush_pending()
@@ -822,13 +823,30 @@ class AutoWU:
             outcome = self._tester.run(
                 self._history, current_lr=lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
             )
-            (estimate,) = broadcast_floats([outcome.lr_estimate if outcome else math.nan])
+            estimate, fell = broadcast_floats([outcome.lr_estimate, outcome.fell] if outcome else [math.nan, 1.0])
             if math.isfinite(estimate):
-                lr = estimate
                 self._keep_outcome(outcome)
+                lr = estimate if fell else self._lr_without_descent(t)
             else:
                 lr = self._lr_without_estimate(t)
         self._switch(t, lr, reason="cap")
+
+    def _lr_without_descent(self, t: int) -> float:
+        """The LR to decay from at a cap reached by a loss that never really fell (`SwitchTestOutcome.fell`) and
+        never blew up, over a ramp that went from `min_lr` to the cap: a loss that carries no signal of the LR (one
+        that does not track training, as a policy-gradient loss that is always about 0; or a model whose trained
+        weights are frozen). The GP's lowest point of such a curve is noise, anywhere on the ramp (up to `max_lr`),
+        so AutoWU decays from `min_lr`, the ramp's first LR, and says so; rewind then restores the state of the
+        ramp's first steps, before the LRs the loss could not judge."""
+        if process_rank() == 0:
+            logger.warning(
+                f"AutoWU: warmup reached its cap after {t} steps (LR {self._ramp(t - 1):.4g}) and the loss never "
+                "really fell (its level stayed within three standard deviations of the first losses' noise) nor "
+                f"blew up, so its lowest point is noise: decaying from min_lr {self.config.min_lr:.4g}. Check that "
+                "the loss passed to `step` tracks training (a loss that is always about 0, as a policy-gradient loss "
+                "can be, says nothing about the LR), or set the LR yourself."
+            )
+        return self.config.min_lr
 
     def _lr_without_warmup(self) -> float:
         """The LR of a run with no warmup step: `max_lr` when the options ask for none (`max_warmup_fraction=0`) or

@@ -75,6 +75,12 @@ class SwitchTestOutcome:
     descended_from_start: bool | None = None
 
     @property
+    def fell(self) -> bool:
+        """Whether the loss really fell before this test, as the blow-up rule judges it: `descended_from_start` where
+        the first losses' noise could be measured, else `descended`."""
+        return self.descended if self.descended_from_start is None else self.descended_from_start
+
+    @property
     def probability(self) -> float:
         """Mean probability over the predictions."""
         return sum(self.probabilities) / len(self.probabilities) if self.probabilities else math.nan

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .switch_test import MAD_TO_SD
+
 SPIKE_THRESHOLD = 6.0
 """How many noise standard deviations above the smoothed curve a loss must be to count as a spike."""
 SPIKE_CONFIRM = 2
@@ -41,7 +43,7 @@ LEVEL_WINDOW = 5
 """How many of the latest losses set the reference level (their median)."""
 NOISE_WINDOW = 20
 """How many of the latest losses set the reference noise."""
-_MAD_TO_SD = 1.4826 / math.sqrt(2.0)  # median |x_t - x_{t-1}| of Gaussian noise, as its standard deviation
+_MAD_TO_SD = MAD_TO_SD / math.sqrt(2.0)  # median |x_t - x_{t-1}| of Gaussian noise, as its standard deviation
 
 
 class LossSpikeWatch:

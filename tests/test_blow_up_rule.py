@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import make_optimizer
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, switch_message
 from hf_autowu.scheduler import BLOW_UP_BACKOFF
 from hf_autowu.switch_test import level_fall, start_noise_sd
 
@@ -97,6 +97,9 @@ def test_a_loss_whose_noise_grows_decays_from_before_the_rise_within_2x_of_its_m
     assert BEST_LR / 2 <= scheduler.peak_lr <= 2 * BEST_LR
     assert scheduler.peak_lr != last.lr_estimate  # not the estimate of the test that saw the rise
     assert scheduler.peak_lr == scheduler.tests[-2].lr_estimate  # but that of the one before it
+    # what the integrations print says the same: the loss fell, so not "a decade below the blow-up"
+    assert last.fell
+    assert "had not really fallen" not in switch_message(scheduler)
 
 
 def test_a_resume_across_the_blow_up_decays_from_the_same_lr():
@@ -116,3 +119,27 @@ def test_a_resume_across_the_blow_up_decays_from_the_same_lr():
         del state["estimate_before_last"]
         resumed, after = run(seed=3, state=state)
         assert before[:-1] + after == lrs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loss_that_never_falls_decays_from_min_lr_at_the_cap(seed):
+    """A loss that carries no signal of the LR (zero-mean noise over the whole ramp: a loss that does not track
+    training, or a model whose trained weights are frozen) neither falls nor blows up, and warmup reaches its cap
+    (on these seeds). The GP's lowest point of such a curve is noise, anywhere on the ramp (before, these seeds
+    decayed from 1.0e-5, 5.1e-4 and 3.9e-5, and others from up to 0.6); AutoWU decays from `min_lr` instead and says
+    why. A loss that falls over the same ramp keeps the GP's estimate."""
+    total = 300
+    draws = np.random.default_rng(seed).standard_normal(total)
+    scheduler = AutoWU(make_optimizer(), total_steps=total)
+    for draw in draws:
+        scheduler.step(torch.tensor(0.01 * float(draw)))
+    assert scheduler.switch_reason == "cap" and scheduler.switch_step == scheduler.warmup_steps
+    assert not scheduler.last_outcome.fell
+    assert scheduler.peak_lr == scheduler.config.min_lr
+    assert "not read from a descent" in switch_message(scheduler)
+    falling = AutoWU(make_optimizer(), total_steps=total)
+    for draw in draws:
+        falling.step(torch.tensor(2.0 - 0.005 * falling.last_step + 0.01 * float(draw)))
+    assert falling.switch_reason == "cap" and falling.last_outcome.fell
+    assert falling.peak_lr == falling.last_outcome.lr_estimate > 100 * falling.config.min_lr
+    assert "not read from a descent" not in switch_message(falling)

@@ -1,7 +1,8 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
 process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both; a state saved
 from the main process between two tests resumes exactly once the losses are synced, and says so when they are not; a
-NaN on one process is retried by both; a budget too short for a switch test decays alike on both."""
+NaN on one process is retried by both; a budget too short for a switch test decays alike on both; a loss that never
+falls decays from `min_lr` on both."""
 
 import math
 import sys
@@ -14,6 +15,7 @@ from helpers import torchrun_ranks
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
 from scheduler_two_processes import (  # noqa: E402
+    FLAT_TOTAL,
     NAN_STEP,
     RETRY_STEP,
     SHORT_TOTAL,
@@ -104,3 +106,15 @@ def test_a_budget_too_short_for_a_test_decays_alike_on_both(ranks):
     warmup = SHORT_TOTAL // 2
     lowest = min(range(warmup), key=lambda i: first["losses"][i])
     assert first["peak_lr"] == pytest.approx(max((first["lrs"][lowest - 1] if lowest else 1e-5) / 10, 1e-5), rel=1e-12)
+
+
+@pytest.mark.multiprocess
+def test_a_loss_that_never_falls_decays_from_min_lr_on_both(ranks):
+    """Each process's loss is its own noise around its own level: the mean never falls nor blows up, warmup reaches its
+    cap on both, and both decay from `min_lr`, not from the GP's lowest point of that noise (which one process alone,
+    fed the same mean, may place anywhere on the ramp)."""
+    first, second = ranks[0]["flat"], ranks[1]["flat"]
+    assert first == second, "the processes disagree"
+    assert first["switch_reason"] == "cap" and first["switch_step"] == FLAT_TOTAL // 2
+    assert first["peak_lr"] == 1e-5
+    assert first["lrs"][FLAT_TOTAL // 2] == pytest.approx(1e-5, rel=1e-12)

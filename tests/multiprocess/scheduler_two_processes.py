@@ -1,7 +1,7 @@
 """Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
 watch off), or both blowing up between two switch tests (spike watch on); and the first run saved between two tests
 from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both; and a
-30-step budget, too short for a switch test. And a
+30-step budget, too short for a switch test; and a loss that never moves, to the cap. And a
 small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one process
 only: warmup goes on from the main process's snapshot, on both.
 
@@ -30,6 +30,7 @@ SAVE_STEP = 15  # before the first switch test (step 20): each process holds 15 
 NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
 RETRY_STEP = 10  # the model's loss and gradients are NaN at this step on rank 1 only
 SHORT_TOTAL = 30  # warmup capped at 15 steps, before any switch test: the LR comes from the range test's rule
+FLAT_TOTAL = 300  # a loss that never moves reaches the cap at step 150
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -45,6 +46,12 @@ def blown_up_loss(rank: int, step: int) -> float:
     g = torch.Generator().manual_seed(1000 * rank + step)
     base = 1.0 + 2.0 * math.exp(-step / 15) + 0.02 * float(torch.randn((), generator=g))
     return base * (30.0 + 10 * rank if step >= SPIKE_STEP else 1.0)
+
+
+def flat_loss(rank: int, step: int) -> float:
+    """Noise around a level that differs per process and never moves: a loss that carries no signal of the LR."""
+    g = torch.Generator().manual_seed(1000 * rank + step + 10**6)
+    return 1.0 + rank + 0.05 * float(torch.randn((), generator=g))
 
 
 def run(rank: int, losses, total: int = TOTAL, **options) -> dict:
@@ -128,6 +135,7 @@ def main() -> None:
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
         "retried": retried_run(rank),
         "short": run(rank, lambda step, lr: local_loss(rank, step, lr), total=SHORT_TOTAL),
+        "flat": run(rank, lambda step, lr: flat_loss(rank, step), total=FLAT_TOTAL),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     leave()  # the last statement: skips finalization, see process_exit.leave
