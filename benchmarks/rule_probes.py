@@ -39,6 +39,12 @@ settings (rewind off, the defaults otherwise):
   at step 25), while later tests decide as now (a patch of `SwitchTester.run`, undone after the replay). Since
   27a4544fdf75 the defaults do this at K 30 (`descent_required_below`), so ``early 30`` replays as ``loss`` does;
   the rows recorded before it keep their figures.
+- ``fell``: a passed test counts toward the switch only when the loss has really fallen as the blow-up rule judges
+  it (`SwitchTestOutcome.fell`: the losses' level, medians of ten in a row, three standard deviations of the first
+  losses' noise below where it started), at every test: ``descended`` with the blow-up rule's measure of the fall,
+  which a loss whose noise grows as it falls (DPO's) passes where the GP's one noise level does not. On a flat, noisy
+  start (a fine-tune whose loss barely moves) the ramp goes on until the loss falls or blows up (a patch of
+  `SwitchTester.run`, undone after the replay).
 
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
 (after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
@@ -104,8 +110,9 @@ VARIANTS = (
     "median",
     "early 30",
     "early 60",
+    "fell",
 )
-PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early")
+PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "fell")
 PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
@@ -221,9 +228,9 @@ def lagged(variant: str) -> Iterator[None]:
 @contextlib.contextmanager
 def descent_required(variant: str) -> Iterator[None]:
     """Under ``descended``, a test counts toward the switch only when `SwitchTestOutcome.descended` (its outcome is
-    `resolved` only then); under ``early K``, so only while the history holds fewer than `K` losses; restored on
-    exit."""
-    if variant != "descended" and not variant.startswith("early "):
+    `resolved` only then); under ``early K``, so only while the history holds fewer than `K` losses; under ``fell``,
+    only when `SwitchTestOutcome.fell`; restored on exit."""
+    if variant not in ("descended", "fell") and not variant.startswith("early "):
         yield
         return
     below = int(variant.split()[1]) if variant.startswith("early ") else math.inf
@@ -232,7 +239,7 @@ def descent_required(variant: str) -> Iterator[None]:
     def run(self: SwitchTester, losses: torch.Tensor, **kwargs: Any) -> SwitchTestOutcome | None:
         outcome = original(self, losses, **kwargs)
         if outcome is not None and losses.numel() < below:
-            outcome.resolved = outcome.resolved and outcome.descended
+            outcome.resolved = outcome.resolved and (outcome.fell if variant == "fell" else outcome.descended)
         return outcome
 
     with mock.patch.object(SwitchTester, "run", run):

@@ -218,8 +218,8 @@ class AutoWUConfig:
     estimate_at_cap: bool | None = field(
         default=None,
         metadata=_flag_help(
-            "When warmup ends without a switch, decay from the GP's best LR instead of the LR reached "
-            "(default: True for 'robust')."
+            "When warmup ends without a switch, decay from the GP's best LR instead of the LR reached, and from "
+            "min_lr when the loss never really fell (default: True for 'robust')."
         ),
     )
     rewind: bool | None = field(
