@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""When warmup reaches its cap, does AutoWU tell a noisy real fall from a loss that carries no signal?
+
+Two synthetic losses fed to the real `hf_autowu.AutoWU` (an SGD stand-in optimizer, nothing trained), over a range of
+budgets, 10 seeds each:
+
+- a fall of 2.8 (from 3.2, a sigmoid in log-LR centred at 1e-3) that stays down and never rises, with Gaussian noise
+  of standard deviation 0.3 to 1.2 per loss: every run should decay from the GP's estimate, never from `min_lr`;
+- zero-mean noise (a policy-gradient loss that is about 0 by construction): every run that reaches its cap should
+  decay from `min_lr`, not from the GP's lowest point of that noise.
+
+    python benchmarks/cap_fall.py
+
+Prints, per budget and noise, how many of the 10 seeds decayed from `min_lr` (section "A real fall that medians of
+ten miss" of ``RESULTS.md``). About a minute on one CPU core.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import torch
+
+from hf_autowu import AutoWU
+
+BUDGETS = (100, 160, 300, 600)
+FALL_NOISE = (0.3, 0.6, 0.9, 1.2)
+SEEDS = range(10)
+
+
+def run(total: int, seed: int, loss_at) -> AutoWU:
+    """Drive a fresh AutoWU over `total` steps with `loss_at(lr, draw)`; return it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=total)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(total):
+        draw = float(torch.randn((), generator=generator))
+        scheduler.step(loss_at(optimizer.param_groups[0]["lr"], draw))
+    return scheduler
+
+
+def falling(noise: float):
+    """3.2 at a tiny LR, 0.4 past 1e-2, flat beyond: a loss that fell for good, plus `noise` per loss."""
+    return lambda lr, draw: 3.2 - 2.8 / (1.0 + math.exp(-math.log10(lr / 1e-3) / 0.3)) + noise * draw
+
+
+def from_min_lr(total: int, loss_at) -> int:
+    """How many of the seeds decayed from `min_lr`."""
+    count = 0
+    for seed in SEEDS:
+        scheduler = run(total, seed, loss_at)
+        count += scheduler.peak_lr == scheduler.config.min_lr
+    return count
+
+
+def main() -> None:
+    """Entry point."""
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    print("decays from min_lr, of 10 seeds")
+    print("budget | " + " | ".join(f"fall, noise {n}" for n in FALL_NOISE) + " | zero-mean noise")
+    for total in BUDGETS:
+        cells = [from_min_lr(total, falling(noise)) for noise in FALL_NOISE]
+        cells.append(from_min_lr(total, lambda lr, draw: 0.1 * draw))
+        print(f"{total} | " + " | ".join(str(c) for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
