@@ -10,6 +10,7 @@ budgets, 10 seeds each:
   decay from `min_lr`, not from the GP's lowest point of that noise.
 
     python benchmarks/cap_fall.py
+    python benchmarks/cap_fall.py --smoke   # one budget, one noise, two seeds
 
 Prints, per budget and noise, how many of the 10 seeds decayed from `min_lr` (section "A real fall that medians of
 ten miss" of ``RESULTS.md``). About a minute on one CPU core.
@@ -17,9 +18,11 @@ ten miss" of ``RESULTS.md``). About a minute on one CPU core.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 
@@ -46,25 +49,34 @@ def falling(noise: float):
     return lambda lr, draw: 3.2 - 2.8 / (1.0 + math.exp(-math.log10(lr / 1e-3) / 0.3)) + noise * draw
 
 
-def from_min_lr(total: int, loss_at) -> int:
-    """How many of the seeds decayed from `min_lr`."""
+def from_min_lr(total: int, loss_at, seeds: Iterable[int] = SEEDS) -> int:
+    """How many of `seeds` decayed from `min_lr`."""
     count = 0
-    for seed in SEEDS:
+    for seed in seeds:
         scheduler = run(total, seed, loss_at)
         count += scheduler.peak_lr == scheduler.config.min_lr
     return count
 
 
-def main() -> None:
-    """Entry point."""
+def main(argv: list[str] | None = None) -> dict[tuple[int, str], int]:
+    """Entry point. Returns the table: per (budget, column), the seeds that decayed from `min_lr`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="budget 160, noise 1.2, seeds 0 and 1 (a few seconds)")
+    args = parser.parse_args(argv)
+    budgets, noises, seeds = ((160,), (1.2,), range(2)) if args.smoke else (BUDGETS, FALL_NOISE, SEEDS)
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
-    print("decays from min_lr, of 10 seeds")
-    print("budget | " + " | ".join(f"fall, noise {n}" for n in FALL_NOISE) + " | zero-mean noise")
-    for total in BUDGETS:
-        cells = [from_min_lr(total, falling(noise)) for noise in FALL_NOISE]
-        cells.append(from_min_lr(total, lambda lr, draw: 0.1 * draw))
-        print(f"{total} | " + " | ".join(str(c) for c in cells), flush=True)
+    columns = [f"fall, noise {n}" for n in noises] + ["zero-mean noise"]
+    print(f"decays from min_lr, of {len(seeds)} seeds")
+    print("budget | " + " | ".join(columns))
+    table = {}
+    for total in budgets:
+        losses = [falling(noise) for noise in noises] + [lambda lr, draw: 0.1 * draw]
+        for column, loss_at in zip(columns, losses, strict=True):
+            table[(total, column)] = from_min_lr(total, loss_at, seeds)
+        print(f"{total} | " + " | ".join(str(table[(total, c)]) for c in columns), flush=True)
+    logging.disable(logging.NOTSET)
+    return table
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ domains) or noise correlated over many steps (streamed data in runs of one domai
 to the real `hf_autowu.AutoWU` (an SGD stand-in optimizer, nothing trained), 6 seeds per row.
 
     python benchmarks/structured_noise.py
+    python benchmarks/structured_noise.py --smoke   # 300 steps, seed 0, independent noise and one periodic row
 
 Prints, per budget and structure, each seed's switch reason and peak LR as a multiple of the valley's best LR (with
 independent noise the default chooses about 0.25 of it, the point where the descent slowed). About two minutes on
@@ -16,6 +17,7 @@ one CPU core. Section "Structured noise" of ``RESULTS.md``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import sys
@@ -58,18 +60,28 @@ def run(total: int, seed: int, structure: str, a: float, b: float) -> tuple[str,
     return scheduler.switch_reason, scheduler.peak_lr / BEST_LR
 
 
-def main() -> None:
-    """Entry point."""
+def main(argv: list[str] | None = None) -> dict[tuple[int, str], list[tuple[str, float]]]:
+    """Entry point. Returns, per (budget, structure), each seed's switch reason and peak LR / `BEST_LR`."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="300 steps, seed 0, two rows (a second)")
+    args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     rows = [("independent", 0.0, 0.0, "independent noise 0.05")]
     rows += [("periodic", p, amp, f"period {p}, amplitude {amp}") for p, amp in PERIODIC]
     rows += [("correlated", rho, sd, f"AR(1) {rho}, sd {sd}") for rho, sd in CORRELATED]
+    budgets, seeds = (BUDGETS, SEEDS) if not args.smoke else ((300,), range(1))
+    if args.smoke:
+        rows = rows[:1] + [row for row in rows if row[3] == "period 25, amplitude 0.3"]
     print("budget | structure | per seed: switch reason, peak LR / best LR")
-    for total in BUDGETS:
+    table = {}
+    for total in budgets:
         for structure, a, b, label in rows:
-            cells = [run(total, seed, structure, a, b) for seed in SEEDS]
-            print(f"{total} | {label} | " + " ".join(f"{r}:{x:.2f}" for r, x in cells), flush=True)
+            table[(total, label)] = [run(total, seed, structure, a, b) for seed in seeds]
+            cells = " ".join(f"{r}:{x:.2f}" for r, x in table[(total, label)])
+            print(f"{total} | {label} | {cells}", flush=True)
+    logging.disable(logging.NOTSET)
+    return table
 
 
 if __name__ == "__main__":

@@ -1168,3 +1168,24 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     assert f"- mismatch {lstm}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         probe_rows.main(["--probe", "x 2", *paths])  # not a patch: nothing to replay under
+
+
+def test_cap_fall_tells_a_noisy_fall_from_zero_mean_noise(bench) -> None:
+    """Zero-mean noise decays from `min_lr` on every seed; a fall of 2.8 that stays down, with noise 1.2 per loss,
+    on the 160-step seeds where medians of ten read no fall (4, 6, 7, 8: `min_lr` before `fell_over_ramp`), decays
+    from the GP's estimate; the smoke table has its two columns."""
+    cap_fall = bench("cap_fall")
+    assert cap_fall.from_min_lr(160, lambda lr, draw: 0.1 * draw, seeds=(0, 1, 2)) == 3
+    assert cap_fall.from_min_lr(160, cap_fall.falling(1.2), seeds=(4, 6, 7, 8)) == 0
+    table = cap_fall.main(["--smoke"])
+    assert set(table) == {(160, "fall, noise 1.2"), (160, "zero-mean noise")} and table[(160, "zero-mean noise")] == 2
+
+
+def test_structured_noise_smoke(bench) -> None:
+    """With independent noise the default decays from about a quarter of the valley's best LR (where the descent
+    slowed); the smoke run also prints the periodic row it documents as a limit."""
+    structured_noise = bench("structured_noise")
+    table = structured_noise.main(["--smoke"])
+    ((reason, ratio),) = table[(300, "independent noise 0.05")]
+    assert reason == "test" and 0.15 < ratio < 0.4
+    assert len(table[(300, "period 25, amplitude 0.3")]) == 1
