@@ -118,3 +118,31 @@ def test_a_loss_that_never_falls_decays_from_min_lr_on_both(ranks):
     assert first["switch_reason"] == "cap" and first["switch_step"] == FLAT_TOTAL // 2
     assert first["peak_lr"] == 1e-5
     assert first["lrs"][FLAT_TOTAL // 2] == pytest.approx(1e-5, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def fault_cases(tmp_path_factory):
+    return torchrun_ranks(
+        "fault_resume_two_processes.py", tmp_path_factory.mktemp("fault_resume_two_processes"), SCRIPTS, timeout=300
+    )
+
+
+@pytest.mark.multiprocess
+def test_random_faults_on_either_process_never_split_the_lr_and_resume_exactly(fault_cases):
+    """Seeded random cases (budgets, presets, faults on either process, a save at a random step): both processes
+    apply the same finite, non-negative LR at every step, decide alike, and the run saved from the main process and
+    resumed on both goes on exactly like the uninterrupted one, LRs and weights bit for bit."""
+    first, second = fault_cases
+    assert first.keys() == second.keys() and len(first) == 8
+    reasons = set()
+    for case in first:
+        a, b = first[case], second[case]
+        assert a["uninterrupted"] == b["uninterrupted"], f"case {case}: the processes' LRs differ"
+        assert all(math.isfinite(lr) and lr >= 0.0 for lr in a["uninterrupted"])
+        assert a["decision"] == b["decision"]
+        for rank in (a, b):
+            assert rank["resumed"] == rank["uninterrupted"], f"case {case}: resuming at {rank['stop']} changed the LRs"
+            assert rank["resumed_decision"] == rank["decision"]
+            assert rank["resumed_weights"] == rank["weights"], f"case {case}: resumed weights differ"
+        reasons.add(a["decision"][1])
+    assert {"divergence", "cap"} <= reasons, "the cases must reach a blow-up and a cap"
