@@ -396,8 +396,10 @@ class WarmupRewinder:
             else:
                 if chosen["lr"] > scheduler.peak_lr:
                     warnings.warn(
-                        "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one; restoring the "
-                        "oldest. Keep more snapshots (`rewind_snapshots`) to rewind further.",
+                        "AutoWU rewind: every kept snapshot was trained with LRs above the chosen one "
+                        f"({scheduler.peak_lr:.3g}); restoring the oldest kept, of step {chosen['step']} (LRs up to "
+                        f"{chosen['lr']:.3g}). The snapshots kept follow the GP's estimate of the best LR while "
+                        "warmup goes on; more of them (`rewind_snapshots`) reach further back.",
                         stacklevel=2,
                     )
                 self._restore(data)

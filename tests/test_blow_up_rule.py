@@ -131,11 +131,18 @@ def test_a_loss_that_never_falls_decays_from_min_lr_at_the_cap(seed):
     total = 300
     draws = np.random.default_rng(seed).standard_normal(total)
     scheduler = AutoWU(make_optimizer(), total_steps=total)
-    for draw in draws:
-        scheduler.step(torch.tensor(0.01 * float(draw)))
+    with pytest.warns(UserWarning, match="restoring the oldest kept") as caught:
+        for draw in draws:
+            scheduler.step(torch.tensor(0.01 * float(draw)))
     assert scheduler.switch_reason == "cap" and scheduler.switch_step == scheduler.warmup_steps
     assert not scheduler.last_outcome.fell
     assert scheduler.peak_lr == scheduler.config.min_lr
+    # rewind restores its oldest kept snapshot, trained above min_lr (the kept ones follow the GP's estimate), and
+    # the warning names which one
+    restored = scheduler.rewinder.rewound_to
+    assert restored["lr"] > scheduler.config.min_lr
+    (message,) = [str(w.message) for w in caught if "restoring the oldest kept" in str(w.message)]
+    assert f"of step {restored['step']} (LRs up to {restored['lr']:.3g})" in message
     assert "not read from a descent" in switch_message(scheduler)
     falling = AutoWU(make_optimizer(), total_steps=total)
     for draw in draws:
