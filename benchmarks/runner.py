@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "102b02bbf624": {
+        "35f450c04f7e": "a refactor: `SwitchTestOutcome.descended_from_start` and `fell_over_ramp` share one "
+        "threshold test, `switch_test.level_fell` (the same comparison, the scale factor exactly 1.0 for medians of "
+        "ten); the 339 recorded AutoWU rows with losses replay under 102b02bbf624 to their recorded switch step, "
+        "reason and LR (`probe_rows.py`)",
+    },
     "35f450c04f7e": {
         "77c3722ff918": "at the cap a fall of the losses' level over a third of the ramp "
         "(`switch_test.fell_over_ramp`, its threshold scaled to those medians' smaller noise) also counts as a fall, "

@@ -148,15 +148,32 @@ def level_fall(values: np.ndarray, window: int = LEVEL_WINDOW) -> float:
     return float(levels[0] - levels.min())
 
 
+def level_fell(values: np.ndarray, window: int = LEVEL_WINDOW) -> bool | None:
+    """Whether the losses' level fell: `level_fall` in medians of `window` losses beyond three standard deviations
+    of the first losses' noise (`start_noise_sd`), scaled by `sqrt(LEVEL_WINDOW / window)` (a median of `window`
+    losses holds that much less of their noise than one of ten). With `window=LEVEL_WINDOW` this is
+    `SwitchTestOutcome.descended_from_start`.
+
+    Args:
+        values (`np.ndarray`): The loss history, shape (n,); non-finite entries are skipped.
+        window (`int`, *optional*, defaults to `LEVEL_WINDOW`): Losses per median.
+
+    Returns:
+        `bool` or `None`: whether the level fell; None when the first losses' noise cannot be measured or is 0.
+    """
+    sd = start_noise_sd(values)
+    if not 0.0 < sd < math.inf:
+        return None
+    return bool(level_fall(values, window) > CONFIDENT_CHANGE_SD * sd * math.sqrt(LEVEL_WINDOW / window))
+
+
 def fell_over_ramp(values: np.ndarray) -> bool:
-    """Whether the losses' level fell over a whole warmup ramp, judged with long windows: the test of
-    `SwitchTestOutcome.descended_from_start` with `W = max(LEVEL_WINDOW, n // RAMP_LEVEL_PARTS)` losses per median
-    (`n` finite losses) instead of `LEVEL_WINDOW`, and its threshold, three standard deviations of the first losses'
-    noise, scaled by `sqrt(LEVEL_WINDOW / W)`: a median of `W` losses holds that much less of their noise. Medians of
-    ten see a real fall as none when one loss's noise is a large part of its level (a regression on small batches:
-    the loss falls from 3.2 to 0.4, each loss +-0.9); a third of a long ramp averages that noise out. On losses that
-    carry no signal it passes as rarely as the test of medians of ten (in simulations of Gaussian, Student-t and
-    log-normal noise, 20 to 600 losses, under 0.3% of histories, against up to 1.4% for medians of ten).
+    """Whether the losses' level fell over a whole warmup ramp, judged with long windows: `level_fell` with
+    `max(LEVEL_WINDOW, n // RAMP_LEVEL_PARTS)` losses per median (`n` finite losses). Medians of ten see a real fall
+    as none when one loss's noise is a large part of its level (a regression on small batches: the loss falls from
+    3.2 to 0.4, each loss +-0.9); a third of a long ramp averages that noise out. On losses that carry no signal it
+    passes as rarely as medians of ten (in simulations of Gaussian, Student-t and log-normal noise, 20 to 600
+    losses, under 0.3% of histories, against up to 1.4% for medians of ten).
 
     Args:
         values (`np.ndarray`): The loss history, shape (n,); non-finite entries are skipped.
@@ -164,11 +181,8 @@ def fell_over_ramp(values: np.ndarray) -> bool:
     Returns:
         `bool`: whether the level fell; False when the first losses' noise cannot be measured or is 0.
     """
-    sd = start_noise_sd(values)
-    if not 0.0 < sd < math.inf:
-        return False
     window = max(LEVEL_WINDOW, int(np.isfinite(values).sum()) // RAMP_LEVEL_PARTS)
-    return level_fall(values, window) > CONFIDENT_CHANGE_SD * sd * math.sqrt(LEVEL_WINDOW / window)
+    return bool(level_fell(values, window))
 
 
 def slowed_descent_index(mean: np.ndarray, fraction: float, max_descent_left: float = 1.0) -> int:
@@ -349,9 +363,7 @@ class SwitchTester:
         lowest = avg_mean.min()
         confident_change = CONFIDENT_CHANGE_SD * math.sqrt(self.gp.noise)
         descended = bool(avg_mean[0] - lowest > confident_change)
-        start_sd = start_noise_sd(values)
-        fall = level_fall(values)
-        descended_from_start = bool(fall > CONFIDENT_CHANGE_SD * start_sd) if 0.0 < start_sd < math.inf else None
+        descended_from_start = level_fell(values)
         resolved = 1.0 - float(chosen.mean()) >= self.min_past_lengthscales * self.gp.lengthscale
         return SwitchTestOutcome(
             probabilities=probabilities.tolist(),
