@@ -49,6 +49,11 @@ def falling(noise: float):
     return lambda lr, draw: 3.2 - 2.8 / (1.0 + math.exp(-math.log10(lr / 1e-3) / 0.3)) + noise * draw
 
 
+def zero_mean(lr: float, draw: float) -> float:
+    """Noise around 0 whatever the LR: a loss that carries no signal of it."""
+    return 0.1 * draw
+
+
 def from_min_lr(total: int, loss_at, seeds: Iterable[int] = SEEDS) -> int:
     """How many of `seeds` decayed from `min_lr`."""
     count = 0
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, str], int]:
     print("budget | " + " | ".join(columns))
     table = {}
     for total in budgets:
-        losses = [falling(noise) for noise in noises] + [lambda lr, draw: 0.1 * draw]
+        losses = [falling(noise) for noise in noises] + [zero_mean]
         for column, loss_at in zip(columns, losses, strict=True):
             table[(total, column)] = from_min_lr(total, loss_at, seeds)
         print(f"{total} | " + " | ".join(str(table[(total, c)]) for c in columns), flush=True)

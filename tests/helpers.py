@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,29 @@ def make_optimizer(lrs: tuple[float, ...] = (1.0,)) -> torch.optim.Optimizer:
     """An SGD optimizer with one parameter group per LR."""
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in lrs]
     return torch.optim.SGD(groups)
+
+
+def roundtrip(state):
+    """`state` saved with `torch.save` and loaded back (`weights_only=True`), as a checkpoint makes it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def regression_mlp(seed: int = 0) -> torch.nn.Module:
+    """A small MLP with BatchNorm for `regression_batch`, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(), torch.nn.Linear(12, 1)
+    )
+
+
+def regression_batch(step: int, rows: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step `step`'s batch of a noisy regression: 6 Gaussian inputs, the sum of the first three as the target
+    (variance 3), so that on small batches each loss's noise is a large part of its level."""
+    x = torch.randn(rows, 6, generator=torch.Generator().manual_seed(step))
+    return x, x[:, :3].sum(dim=1, keepdim=True)
 
 
 def fine_tune_loss(lr: float, noise: float) -> float:

@@ -1175,7 +1175,7 @@ def test_cap_fall_tells_a_noisy_fall_from_zero_mean_noise(bench) -> None:
     on the 160-step seeds where medians of ten read no fall (4, 6, 7, 8: `min_lr` before `fell_over_ramp`), decays
     from the GP's estimate; the smoke table has its two columns."""
     cap_fall = bench("cap_fall")
-    assert cap_fall.from_min_lr(160, lambda lr, draw: 0.1 * draw, seeds=(0, 1, 2)) == 3
+    assert cap_fall.from_min_lr(160, cap_fall.zero_mean, seeds=(0, 1, 2)) == 3
     assert cap_fall.from_min_lr(160, cap_fall.falling(1.2), seeds=(4, 6, 7, 8)) == 0
     table = cap_fall.main(["--smoke"])
     assert set(table) == {(160, "fall, noise 1.2"), (160, "zero-mean noise")} and table[(160, "zero-mean noise")] == 2

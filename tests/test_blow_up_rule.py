@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import make_optimizer
+from helpers import make_optimizer, regression_batch, regression_mlp
 
 from hf_autowu import AutoWU, switch_message
 from hf_autowu.scheduler import BLOW_UP_BACKOFF
@@ -173,16 +173,13 @@ def test_a_fall_of_a_few_losses_noise_counts_at_the_cap_over_a_third_of_the_ramp
 
 def noisy_regression_run(total: int, batch: int) -> tuple[AutoWU, list[float]]:
     """The README's hand loop on a regression whose per-batch loss is noisy (targets with variance 3, 16 rows)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(), torch.nn.Linear(12, 1)
-    )
+    model = regression_mlp()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = AutoWU(optimizer, total_steps=total, immediate_cooldown=True)
     losses = []
     for step in range(total):
-        x = torch.randn(batch, 6, generator=torch.Generator().manual_seed(step))
-        loss = torch.nn.functional.mse_loss(model(x), x[:, :3].sum(dim=1, keepdim=True))
+        x, y = regression_batch(step, batch)
+        loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -3,11 +3,11 @@ at a random step, goes on exactly like the uninterrupted run: the same LR at eve
 bit, the same decision, and never a non-finite or negative LR. Rewind (on by default, with and without the model
 given) and its retries take part: the faults are what make them act."""
 
-import io
 import math
 import warnings
 
 import torch
+from helpers import regression_batch, regression_mlp, roundtrip
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -16,15 +16,8 @@ from hf_autowu import AutoWU
 FAULTS = st.sampled_from(["nan_loss", "inf_loss", "spike", "drop", "nan_gradients"])
 
 
-def make_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 12), torch.nn.BatchNorm1d(12), torch.nn.ReLU(), torch.nn.Linear(12, 1)
-    )
-
-
 def build(total: int, preset: str, with_model: bool, seed: int = 0):
-    model = make_model(seed)
+    model = regression_mlp(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
     scheduler = AutoWU(
         optimizer, total_steps=total, preset=preset, immediate_cooldown=True, model=model if with_model else None
@@ -36,9 +29,7 @@ def train(model, optimizer, scheduler, start: int, stop: int, faults: dict[int, 
     """The README's hand loop. A fault at a step changes what the scheduler is fed (`nan_loss`, `inf_loss`, a
     `spike` 1000x the loss, a `drop` to 0) or, for `nan_gradients`, the targets, so that NaN reaches the weights."""
     for step in range(start, stop):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randn(16, 6, generator=g)
-        y = x[:, :3].sum(dim=1, keepdim=True)
+        x, y = regression_batch(step)
         if faults.get(step) == "nan_gradients":
             y = y * math.nan
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -50,13 +41,6 @@ def train(model, optimizer, scheduler, start: int, stop: int, faults: dict[int, 
         lrs.append(lr)
         fed = {"nan_loss": loss * math.nan, "inf_loss": loss * math.inf, "spike": loss * 1e3, "drop": loss * 0}
         scheduler.step(fed.get(faults.get(step), loss))
-
-
-def roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -2,13 +2,12 @@
 offloads to disk, survives resume, and turns itself off (with one warning) where it cannot work."""
 
 import copy
-import io
 import math
 import warnings
 
 import pytest
 import torch
-from helpers import assert_state_equal
+from helpers import assert_state_equal, roundtrip
 
 from hf_autowu import AutoWU, WarmupRewinder
 from hf_autowu.log_entries import switch_message
@@ -146,13 +145,6 @@ def test_offloaded_snapshots_restore_the_same_state(tmp_path):
     assert scheduler.rewinder.rewound_to == in_memory[2].rewinder.rewound_to
     assert_state_equal(model.state_dict(), in_memory[0].state_dict())
     assert list(tmp_path.glob("*.pt")) == [], "snapshot files are deleted once used"
-
-
-def roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("where", ["early_warmup", "late_warmup", "after_switch"])

@@ -1,11 +1,10 @@
 """A scheduler restored from `state_dict()` at any step continues exactly like the uninterrupted one."""
 
-import io
 import math
 
 import pytest
 import torch
-from helpers import make_optimizer, valley_loss
+from helpers import make_optimizer, roundtrip, valley_loss
 
 from hf_autowu import AutoWU
 
@@ -27,13 +26,6 @@ def run(scheduler, start, stop, lrs):
         lrs.append(scheduler.optimizer.param_groups[0]["lr"])
         scheduler.step(losses_for(lrs))
     return lrs
-
-
-def roundtrip(state):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.fixture(scope="module", params=["robust", "paper"])
