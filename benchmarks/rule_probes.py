@@ -45,6 +45,13 @@ settings (rewind off, the defaults otherwise):
   which a loss whose noise grows as it falls (DPO's) passes where the GP's one noise level does not. On a flat, noisy
   start (a fine-tune whose loss barely moves) the ramp goes on until the loss falls or blows up (a patch of
   `SwitchTester.run`, undone after the replay).
+- ``swing K``: a prediction votes "past" only when the curve now lies more than `K` times the largest rise-back its
+  posterior mean shows before its minimum above that minimum (the bumps of the smoothed loss while it was still
+  falling, measured from the lowest point before each): a loss with structure the GP does not model (a periodic
+  swing, data in a fixed order; noise correlated over many steps, streamed data in runs of one domain) rises and
+  falls on its own, and a rise no larger than the swings seen before it is no evidence that the minimum is past
+  (`structured_noise.py`; a patch of `switch_test.minimum_in_past_probability` inside `SwitchTester.run`, undone after
+  the replay).
 
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
 (after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
@@ -111,8 +118,10 @@ VARIANTS = (
     "early 30",
     "early 60",
     "fell",
+    "swing 1",
+    "swing 2",
 )
-PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "fell")
+PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "fell", "swing")
 PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
 """The variants that patch the decision code (the others change what AutoWU is fed, or scale what it chose): the ones
 real runs can be made under (`short_budget.py --probe`, `probe_runs.py`)."""
@@ -137,8 +146,35 @@ def patched(variant: str) -> Iterator[None]:
     """The patch `variant` needs (`blow_up_cap`, `descent_required`, `lagged`, `averaged`, `agreeing`,
     `median_of_passes`), if any, for the time of the context."""
     with blow_up_cap(variant), descent_required(variant), lagged(variant), averaged(variant):
-        with agreeing(variant), median_of_passes(variant):
+        with agreeing(variant), median_of_passes(variant), swing_margin(variant):
             yield
+
+
+def rise_backs(mean: np.ndarray) -> np.ndarray:
+    """Per row of posterior means (shape (p, g)): the largest rise-back before the row's minimum, the most the curve
+    climbs above the lowest point before it on its way down (0 for a curve that never climbs before its minimum)."""
+    out = np.zeros(mean.shape[0])
+    for i, row in enumerate(mean):
+        descent = row[: int(row.argmin()) + 1]
+        out[i] = float((descent - np.minimum.accumulate(descent)).max())
+    return out
+
+
+@contextlib.contextmanager
+def swing_margin(variant: str) -> Iterator[None]:
+    """Under ``swing K``, each prediction's margin in the switch test is at least `K` times its curve's largest
+    rise-back before its minimum (`rise_backs`); restored on exit."""
+    if not variant.startswith("swing "):
+        yield
+        return
+    factor, original = float(variant.split()[1]), switch_test.minimum_in_past_probability
+
+    def probability(mean: np.ndarray, diff_variance: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        margins = np.maximum(margin, factor * rise_backs(mean))
+        return np.array([original(mean[i], diff_variance[i], float(margins[i])) for i in range(mean.shape[0])])
+
+    with mock.patch.object(switch_test, "minimum_in_past_probability", probability):
+        yield
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ to the real `hf_autowu.AutoWU` (an SGD stand-in optimizer, nothing trained), 6 s
 
     python benchmarks/structured_noise.py
     python benchmarks/structured_noise.py --smoke   # 300 steps, seed 0, independent noise and one periodic row
+    python benchmarks/structured_noise.py --probe "swing 2"   # under one of rule_probes.py's patches
 
 Prints, per budget and structure, each seed's switch reason and peak LR as a multiple of the valley's best LR (with
 independent noise the default chooses about 0.25 of it, the point where the descent slowed). About two minutes on
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import rule_probes  # noqa: E402
 from helpers import make_optimizer, valley_loss  # noqa: E402
 
 from hf_autowu import AutoWU  # noqa: E402
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, str], list[tuple[str,
     """Entry point. Returns, per (budget, structure), each seed's switch reason and peak LR / `BEST_LR`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="300 steps, seed 0, two rows (a second)")
+    parser.add_argument("--probe", help=f"run under one of rule_probes.py's patches: {', '.join(rule_probes.PATCHES)}")
     args = parser.parse_args(argv)
+    if args.probe is not None and args.probe not in rule_probes.PATCHES:
+        parser.error(f"--probe must be one of {', '.join(rule_probes.PATCHES)}, got {args.probe!r}")
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     rows = [("independent", 0.0, 0.0, "independent noise 0.05")]
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[int, str], list[tuple[str,
     table = {}
     for total in budgets:
         for structure, a, b, label in rows:
-            table[(total, label)] = [run(total, seed, structure, a, b) for seed in seeds]
+            with rule_probes.patched(args.probe or rule_probes.DEFAULT):
+                table[(total, label)] = [run(total, seed, structure, a, b) for seed in seeds]
             cells = " ".join(f"{r}:{x:.2f}" for r, x in table[(total, label)])
             print(f"{total} | {label} | {cells}", flush=True)
     logging.disable(logging.NOTSET)

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import fine_tune_loss, make_optimizer, processes_running
@@ -1189,3 +1190,24 @@ def test_structured_noise_smoke(bench) -> None:
     ((reason, ratio),) = table[(300, "independent noise 0.05")]
     assert reason == "test" and 0.15 < ratio < 0.4
     assert len(table[(300, "period 25, amplitude 0.3")]) == 1
+
+
+def test_the_swing_probe_asks_a_rise_to_outgrow_the_bumps_seen_before_the_minimum(bench) -> None:
+    """`rise_backs` on closed-form curves (a plain descent has none; a bump of 0.5 on the way down is one, whatever
+    follows the minimum); under ``swing 2`` the 300-step valley with a sine of period 25 and amplitude 0.3 (seed 0:
+    a switch at 0.07 of the best LR by default) runs on to near the LR it runs to with independent noise, and the
+    patch is undone on exit."""
+    probe = bench("rule_probes")
+    structured_noise = bench("structured_noise")
+    x = np.linspace(0.0, 1.0, 101)
+    valley = np.minimum((x - 0.6) ** 2, 0.16)  # flat up to x = 0.2, then down to its minimum at 0.6 and up
+    bumped = valley + 0.5 * np.exp(-(((x - 0.1) / 0.02) ** 2)) + 0.3 * (x > 0.8)  # a bump on the flat start
+    backs = probe.rise_backs(np.stack([valley, bumped, -x]))
+    assert backs[0] == 0.0 and backs[2] == 0.0 and backs[1] == pytest.approx(0.5, abs=0.02)
+
+    original = probe.switch_test.minimum_in_past_probability
+    assert structured_noise.run(300, 0, "periodic", 25, 0.3)[1] < 0.1
+    with probe.patched("swing 2"):
+        reason, ratio = structured_noise.run(300, 0, "periodic", 25, 0.3)
+    assert reason == "test" and 0.15 < ratio < 0.6
+    assert probe.switch_test.minimum_in_past_probability is original
