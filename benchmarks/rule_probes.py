@@ -171,7 +171,7 @@ def swing_margin(variant: str) -> Iterator[None]:
 
     def probability(mean: np.ndarray, diff_variance: np.ndarray, margin: float = 0.0) -> np.ndarray:
         margins = np.maximum(margin, factor * rise_backs(mean))
-        return np.array([original(mean[i], diff_variance[i], float(margins[i])) for i in range(mean.shape[0])])
+        return original(mean, diff_variance, margins[:, None])  # one margin per prediction, broadcast over its grid
 
     with mock.patch.object(switch_test, "minimum_in_past_probability", probability):
         yield
