@@ -45,13 +45,15 @@ settings (rewind off, the defaults otherwise):
   which a loss whose noise grows as it falls (DPO's) passes where the GP's one noise level does not. On a flat, noisy
   start (a fine-tune whose loss barely moves) the ramp goes on until the loss falls or blows up (a patch of
   `SwitchTester.run`, undone after the replay).
-- ``swing K``: a prediction votes "past" only when the curve now lies more than `K` times the largest rise-back its
-  posterior mean shows before its minimum above that minimum (the bumps of the smoothed loss while it was still
-  falling, measured from the lowest point before each): a loss with structure the GP does not model (a periodic
-  swing, data in a fixed order; noise correlated over many steps, streamed data in runs of one domain) rises and
-  falls on its own, and a rise no larger than the swings seen before it is no evidence that the minimum is past
-  (`structured_noise.py`; a patch of `switch_test.minimum_in_past_probability` inside `SwitchTester.run`, undone after
-  the replay).
+- ``swing K`` and ``swing K C``: a prediction votes "past" only when the curve now lies more than `K` times the
+  largest rise-back its posterior mean shows before its minimum above that minimum (the bumps of the smoothed loss
+  while it was still falling, measured from the lowest point before each), counting rise-backs of more than `C` GP
+  noise standard deviations (0 without `C`): a loss with structure the GP does not model (a periodic swing, data in a
+  fixed order; noise correlated over many steps, streamed data in runs of one domain) rises and falls on its own, and
+  a rise no larger than the swings seen before it is no evidence that the minimum is past (`structured_noise.py`).
+  The defaults do this at ``swing 2 1`` (`swing_margin`, `switch_test.SWING_FLOOR_SD`) since decision code
+  SWINGFP; ``swing 0`` replays the rows as the code before it decided (a patch of `SwitchTester.run` and of the
+  floor, undone after the replay).
 
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
 (after a rise a test found, the estimate of the latest test that saw no rise) were adopted together as the defaults'
@@ -118,8 +120,11 @@ VARIANTS = (
     "early 30",
     "early 60",
     "fell",
-    "swing 1",
+    "swing 0",
+    "swing 1 1",
     "swing 2",
+    "swing 2 3",
+    "swing 3 1",
 )
 PATCH_KINDS = ("cap", "descended", "lag", "mean", "agree", "median", "early", "fell", "swing")
 PATCHES = tuple(v for v in VARIANTS if v.split()[0] in PATCH_KINDS)
@@ -150,30 +155,23 @@ def patched(variant: str) -> Iterator[None]:
             yield
 
 
-def rise_backs(mean: np.ndarray) -> np.ndarray:
-    """Per row of posterior means (shape (p, g)): the largest rise-back before the row's minimum, the most the curve
-    climbs above the lowest point before it on its way down (0 for a curve that never climbs before its minimum)."""
-    out = np.zeros(mean.shape[0])
-    for i, row in enumerate(mean):
-        descent = row[: int(row.argmin()) + 1]
-        out[i] = float((descent - np.minimum.accumulate(descent)).max())
-    return out
-
-
 @contextlib.contextmanager
 def swing_margin(variant: str) -> Iterator[None]:
-    """Under ``swing K``, each prediction's margin in the switch test is at least `K` times its curve's largest
-    rise-back before its minimum (`rise_backs`); restored on exit."""
+    """Under ``swing K`` (or ``swing K C``), the switch test runs with `swing_margin` `K` and counts rise-backs of
+    more than `C` GP noise standard deviations (`switch_test.SWING_FLOOR_SD`; 0 without `C`); restored on exit. The
+    defaults are ``swing 2 1``; ``swing 0`` turns the rule off, as the decision code before 2026-12 had it."""
     if not variant.startswith("swing "):
         yield
         return
-    factor, original = float(variant.split()[1]), switch_test.minimum_in_past_probability
+    words = variant.split()
+    factor, floor = float(words[1]), float(words[2]) if len(words) > 2 else 0.0
+    original = SwitchTester.run
 
-    def probability(mean: np.ndarray, diff_variance: np.ndarray, margin: float = 0.0) -> np.ndarray:
-        margins = np.maximum(margin, factor * rise_backs(mean))
-        return original(mean, diff_variance, margins[:, None])  # one margin per prediction, broadcast over its grid
+    def run(self: SwitchTester, *args: Any, **kwargs: Any) -> SwitchTestOutcome | None:
+        self.swing_margin = factor
+        return original(self, *args, **kwargs)
 
-    with mock.patch.object(switch_test, "minimum_in_past_probability", probability):
+    with mock.patch.object(switch_test, "SWING_FLOOR_SD", floor), mock.patch.object(SwitchTester, "run", run):
         yield
 
 

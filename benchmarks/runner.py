@@ -31,6 +31,17 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "3cb347f3b064": {
+        "102b02bbf624": "the robust switch test asks a rise to outgrow twice the largest bump of the smoothed loss "
+        "before its minimum (`swing_margin` 2, bumps beyond one GP noise standard deviation: "
+        "`switch_test.rise_backs`). Only the votes read it, and a run's training up to its switch depends only on "
+        "the ramp: `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses (the 339 rows of the "
+        "defaults, rewind and slowed_fraction settings and the 792 `autowu_at` rows, by switch step and reason) "
+        "under 3cb347f3b064; 1095 reproduce their recorded switch, and the other 36 (the digits CNN's seeds 1 and 4, "
+        "with its `autowu_at` rows of seed 1; the Friedman MLP's seed 3; the full-batch MLP's seeds 1 and 2, with "
+        "their rewind, slowed_fraction 0.1 and `autowu_at` rows), exactly those `rule_probes.py`'s ``swing 2 1`` "
+        "altered under 102b02bbf624, were removed and run again",
+    },
     "102b02bbf624": {
         "35f450c04f7e": "a refactor: `SwitchTestOutcome.descended_from_start` and `fell_over_ramp` share one "
         "threshold test, `switch_test.level_fell` (the same comparison, the scale factor exactly 1.0 for medians of "

@@ -28,6 +28,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind": True,
         "rewind_min_shift": 0.2,
         "rise_margin": 0.0,
+        "swing_margin": 2.0,
         "min_past_lengthscales": 1.0,
         "slowed_fraction": 0.3,
         "max_descent_left": 0.06,
@@ -47,6 +48,7 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "rewind": False,
         "rewind_min_shift": 0.0,
         "rise_margin": 0.0,
+        "swing_margin": 0.0,
         "min_past_lengthscales": 0.0,
         "slowed_fraction": 0.0,
         "max_descent_left": 1.0,
@@ -180,6 +182,16 @@ class AutoWUConfig:
             "says)."
         ),
     )
+    swing_margin: float | None = field(
+        default=None,
+        metadata=_help(
+            "A prediction votes 'minimum in the past' only when the smoothed loss now lies more than this many times "
+            "the largest bump of its descent (the most it climbed back, beyond one GP noise standard deviation, "
+            "before its minimum) above its minimum: a loss that swings on its own (data in a fixed order, noise "
+            "correlated over many steps) must rise more than it swung; 0 is the paper's test (default: 2 for "
+            "'robust', 0 for 'paper')."
+        ),
+    )
     min_past_lengthscales: float | None = field(
         default=None,
         metadata=_help(
@@ -300,6 +312,7 @@ class AutoWUConfig:
             raise ValueError(f"`rewind_lr_factor` must be a finite number > 1, got {self.rewind_lr_factor!r}.")
         self._check_optional_non_negative("rewind_min_shift")
         self._check_optional_non_negative("rise_margin")
+        self._check_optional_non_negative("swing_margin")
         self._check_optional_non_negative("min_past_lengthscales")
         if self.max_descent_left is not None:
             self._check_fraction("max_descent_left")

@@ -29,6 +29,7 @@ PREDICT_POINTS = 500  # 3. at most this many points per prediction
 GRID_POINTS = 500  # 3. evenly spaced prediction points on [0, 1]
 VARIANCE_JITTER = 1e-4  # 4. added to the variance of f_i - f_k
 MAX_FAILURES = 10  # numerical failures before a test gives up
+SWING_FLOOR_SDS = 1.0  # robust preset: a bump of the mean before its minimum counts beyond this many noise sds
 START_NOISE_LOSSES = 20  # robust preset: the first losses whose noise a descent after a blow-up is judged against
 LEVEL_WINDOW = 10  # robust preset: losses per median when that descent is measured
 RISE_NOISE_SDS = 3.0  # robust preset: how far above its minimum the mean must be now to count as rising, and
@@ -180,6 +181,8 @@ class ReferenceSwitchTest:
         max_descent_left (`float`, *optional*, defaults to 1): The LR estimate's bound (see `chosen_point`).
         descent_required_below (`int`, *optional*, defaults to 0): On a history of fewer than this many losses, a
             test is `resolved` only when the smoothed loss also `descended` (0: never asked).
+        swing_margin (`float`, *optional*, defaults to 0): Each prediction's margin is at least this many times the
+            largest bump of its mean before its minimum, counted beyond one noise standard deviation (0: none).
     """
 
     def __init__(
@@ -197,9 +200,11 @@ class ReferenceSwitchTest:
         min_past_lengthscales: float = 0.0,
         max_descent_left: float = 1.0,
         descent_required_below: int = 0,
+        swing_margin: float = 0.0,
     ):
         self.confidence = confidence
         self.descent_required_below = descent_required_below
+        self.swing_margin = swing_margin
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
         self.min_past_lengthscales = min_past_lengthscales
@@ -277,6 +282,8 @@ class ReferenceSwitchTest:
             gaps = mu[:k] - mu[k]
             variances = (cov.diagonal()[:k] + cov[k, k] - 2 * cov[:k, k]).clamp_min(0) + VARIANCE_JITTER
             margin = self.rise_margin * math.sqrt(float(self.likelihood.noise.detach()))
+            if self.swing_margin > 0:
+                margin = max(margin, self.swing_margin * self._swing(mu))
             p = torch.distributions.Normal(gaps, variances.sqrt()).cdf(torch.full_like(gaps, -margin)).max()
             probabilities.append(float(p))
             means.append(mu)
@@ -314,6 +321,16 @@ class ReferenceSwitchTest:
         return ReferenceOutcome(
             probabilities, votes, votes > self.n_tests / 2, lr, rising, descended, resolved, descended_from_start
         )
+
+    def _swing(self, mu: torch.Tensor) -> float:
+        """Robust preset: the most `mu` climbs back above its lowest value so far, walking from the start of the grid
+        to its minimum; 0 unless more than `SWING_FLOOR_SDS` noise standard deviations."""
+        lowest_so_far, largest = math.inf, 0.0
+        for value in mu[: int(torch.argmin(mu)) + 1].tolist():
+            lowest_so_far = min(lowest_so_far, value)
+            largest = max(largest, value - lowest_so_far)
+        floor = SWING_FLOOR_SDS * math.sqrt(float(self.likelihood.noise.detach()))
+        return largest if largest > floor else 0.0
 
     def _subsample(self, losses: torch.Tensor, finite_positions: torch.Tensor, size: int):
         """At most `size` finite points in time order, at x = position / len(losses)."""

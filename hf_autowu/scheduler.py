@@ -983,6 +983,7 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         fit_lr=config.preset_setting("fit_lr"),
         noise_init=config.preset_setting("noise_init"),
         rise_margin=config.preset_setting("rise_margin"),
+        swing_margin=config.preset_setting("swing_margin"),
         min_past_lengthscales=config.preset_setting("min_past_lengthscales"),
         slowed_fraction=config.preset_setting("slowed_fraction"),
         max_descent_left=config.preset_setting("max_descent_left"),
@@ -990,7 +991,12 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
     )
 
 
-_DECIDED_BEFORE_SAVED = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0, "descent_required_below": 0}
+_DECIDED_BEFORE_SAVED = {
+    "min_past_lengthscales": 0.0,
+    "max_descent_left": 1.0,
+    "descent_required_below": 0,
+    "swing_margin": 0.0,
+}
 """Options added to the decision after states were saved without them, with the values that reproduce how those
 states decided: a run saved before they existed resumes as it would have gone on."""
 

@@ -33,6 +33,9 @@ RAMP_LEVEL_PARTS = 3
 """`fell_over_ramp` reads medians of a third of the ramp's losses (never fewer than `LEVEL_WINDOW`)."""
 MAD_TO_SD = 1.4826
 """A normal distribution's standard deviation per median absolute deviation."""
+SWING_FLOOR_SD = 1.0
+"""A rise-back of the smoothed loss before its minimum counts as a swing (`rise_backs`) beyond this many GP noise
+standard deviations; a smaller one is within the noise."""
 
 
 @dataclass
@@ -92,7 +95,9 @@ class SwitchTestOutcome:
         return sum(self.probabilities) / len(self.probabilities) if self.probabilities else math.nan
 
 
-def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, margin: float = 0.0) -> np.ndarray:
+def minimum_in_past_probability(
+    mean: np.ndarray, diff_variance: np.ndarray, margin: float | np.ndarray = 0.0
+) -> np.ndarray:
     """`max_{i<k} P(f_k - f_i > margin)` for a Gaussian posterior, `k` the last grid point: the probability that
     the curve now lies more than `margin` above some earlier point (with `margin=0`, the paper's
     `max_{i<k} P(f_i < f_k)`).
@@ -100,7 +105,8 @@ def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, mar
     Args:
         mean (`np.ndarray`): Posterior means, shape (..., g).
         diff_variance (`np.ndarray`): Variances of `f_i - f_k` for i < k, shape (..., g - 1).
-        margin (`float`, *optional*, defaults to 0): How far above (in the units of `mean`).
+        margin (`float` or `np.ndarray`, *optional*, defaults to 0): How far above (in the units of `mean`); an
+            array of shape (..., 1) sets one margin per curve.
 
     Returns:
         `np.ndarray`: the probability, shape (...).
@@ -108,6 +114,25 @@ def minimum_in_past_probability(mean: np.ndarray, diff_variance: np.ndarray, mar
     gap = mean[..., -1:] - mean[..., :-1] - margin
     z = gap / np.sqrt(np.maximum(diff_variance, 0.0) + VARIANCE_JITTER)
     return ndtr(z.max(axis=-1))
+
+
+def rise_backs(mean: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """The largest rise-back of each curve before its minimum: the most it climbs above the lowest point before it on
+    its way down (0 for a curve that never climbs before its minimum). A loss with structure the GP does not model (a
+    periodic swing from data in a fixed order, noise correlated over many steps) rises and falls on its own, and the
+    smoothed curve shows it as bumps on its descent.
+
+    Args:
+        mean (`np.ndarray`): Posterior means, shape (p, g).
+        floor (`float`, *optional*, defaults to 0): A rise-back no larger than this counts as 0 (in the units of
+            `mean`).
+
+    Returns:
+        `np.ndarray`: the rise-backs, shape (p,).
+    """
+    before_minimum = np.arange(mean.shape[-1]) <= mean.argmin(axis=-1)[:, None]
+    climbs = np.where(before_minimum, mean - np.minimum.accumulate(mean, axis=-1), 0.0).max(axis=-1)
+    return np.where(climbs > floor, climbs, 0.0)
 
 
 def start_noise_sd(values: np.ndarray) -> float:
@@ -268,6 +293,11 @@ class SwitchTester:
         noise_init (`float`, *optional*, defaults to 1e-3): Initial GP noise variance.
         rise_margin (`float`, *optional*, defaults to 0): A prediction votes "past" only when the curve now lies
             more than this many GP noise standard deviations above its minimum (0: the paper's test).
+        swing_margin (`float`, *optional*, defaults to 0): A prediction votes "past" only when the curve now lies
+            more than this many times its largest rise-back before its minimum (`rise_backs`, counting rise-backs of
+            more than `SWING_FLOOR_SD` GP noise standard deviations) above that minimum: a rise no larger than the
+            swings the loss made while it was still falling is no evidence that the minimum is past (0: the paper's
+            test).
         slowed_fraction (`float`, *optional*, defaults to 0): The LR estimate is at `slowed_descent_index(mean,
             slowed_fraction, max_descent_left)` of each prediction (0: the argmin, the paper's choice).
         min_past_lengthscales (`float`, *optional*, defaults to 0): A test is `resolved` only when the chosen
@@ -294,12 +324,14 @@ class SwitchTester:
         fit_lr: float = FIT_LR,
         noise_init: float = NOISE_INIT,
         rise_margin: float = 0.0,
+        swing_margin: float = 0.0,
         slowed_fraction: float = 0.0,
         min_past_lengthscales: float = 0.0,
         max_descent_left: float = 1.0,
         descent_required_below: int = 0,
     ):
         self.confidence = confidence
+        self.swing_margin = swing_margin
         self.descent_required_below = descent_required_below
         self.rise_margin = rise_margin
         self.slowed_fraction = slowed_fraction
@@ -353,6 +385,9 @@ class SwitchTester:
             return None
         mean, variance, diff_variance = predictions
         margin = self.rise_margin * math.sqrt(self.gp.noise)
+        if self.swing_margin > 0.0:  # one margin per prediction: its own swings
+            swings = rise_backs(mean, SWING_FLOOR_SD * math.sqrt(self.gp.noise))
+            margin = np.maximum(margin, self.swing_margin * swings)[:, None]
         probabilities = minimum_in_past_probability(mean, diff_variance, margin)
         votes = int((probabilities > self.confidence).sum())
         chosen = self._grid[[slowed_descent_index(m, self.slowed_fraction, self.max_descent_left) for m in mean]]

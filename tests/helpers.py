@@ -61,15 +61,23 @@ def valley_loss(lr: float, best_lr: float, noise: float, generator: torch.Genera
 
 
 def run_valley(
-    scheduler: AutoWU, best_lr: float, noise: float = 0.02, seed: int = 0, scale: float = 1.0
+    scheduler: AutoWU,
+    best_lr: float,
+    noise: float = 0.02,
+    seed: int = 0,
+    scale: float = 1.0,
+    swing: tuple[float, float] = (1.0, 0.0),
 ) -> list[float]:
-    """Drive `scheduler` over its whole budget with `valley_loss`; return the LR used at every step."""
+    """Drive `scheduler` over its whole budget with `valley_loss`, plus a sine of `swing` = (period in steps,
+    amplitude) (data in a fixed order); return the LR used at every step."""
     generator = torch.Generator().manual_seed(seed)
+    period, amplitude = swing
     lrs = []
-    for _ in range(scheduler.total_steps):
+    for step in range(scheduler.total_steps):
         lr = scheduler.optimizer.param_groups[0]["lr"]
         lrs.append(lr)
-        scheduler.step(valley_loss(lr, best_lr, noise, generator, scale))
+        extra = amplitude * math.sin(2.0 * math.pi * step / period) if amplitude else 0.0
+        scheduler.step(valley_loss(lr, best_lr, noise, generator, scale) + extra)
     return lrs
 
 

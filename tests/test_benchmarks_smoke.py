@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import fine_tune_loss, make_optimizer, processes_running
@@ -1145,7 +1144,8 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     """Recorded rows (taken from the committed results) replay to their recorded decisions; ``mean 3``, a rule for the
     switch by the test, alters the LSTM's row, which switched by the test at step 125, and neither DPO's seed 1 (a
     rise at step 67) nor the suite's CNN (a spike); a row whose recorded LR its losses do not give is a mismatch, and
-    the exit code says so."""
+    the exit code says so, and ``--drop`` removes it from its file. With ``--at`` a row whose peak was forced to a
+    grid LR reproduces by its switch step and reason alone."""
     probe_rows = bench("probe_rows")
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     held_out = json.loads((results / "holdout.json").read_text())["runs"]
@@ -1156,8 +1156,10 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     )
     cnn = "digits_cnn|autowu|0"
     (cnn_key,) = [key for key in suite if key.startswith(cnn + "|") or key == cnn]
+    forced = "digits_cnn|autowu_at|0|0.0016"
+    assert suite[forced]["info"]["peak_lr"] == 0.0016  # forced: not the LR the rule chose
     (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
-    (tmp_path / "quality.json").write_text(json.dumps({"runs": {cnn_key: suite[cnn_key]}}))
+    (tmp_path / "quality.json").write_text(json.dumps({"runs": {cnn_key: suite[cnn_key], forced: suite[forced]}}))
     paths = ["--results", str(tmp_path / "quality.json"), "--holdout", str(tmp_path / "holdout.json")]
     assert probe_rows.main(["--probe", "mean 3", *paths]) == 0
     out = capsys.readouterr().out
@@ -1167,6 +1169,11 @@ def test_probe_rows_replays_every_recorded_row_and_lists_those_a_probe_alters(be
     (tmp_path / "holdout.json").write_text(json.dumps({"runs": {dpo: held_out[dpo], lstm: held_out[lstm]}}))
     assert probe_rows.main(["--probe", "mean 3", *paths]) == 1
     assert f"- mismatch {lstm}" in capsys.readouterr().out
+    assert probe_rows.main(["--at", *paths]) == 1
+    assert "4 rows replayed; 1 do not reproduce" in capsys.readouterr().out
+    assert probe_rows.main(["--at", "--drop", *paths]) == 0
+    assert list(json.loads((tmp_path / "holdout.json").read_text())["runs"]) == [dpo]
+    assert probe_rows.main(["--at", *paths]) == 0
     with pytest.raises(SystemExit):
         probe_rows.main(["--probe", "x 2", *paths])  # not a patch: nothing to replay under
 
@@ -1192,22 +1199,17 @@ def test_structured_noise_smoke(bench) -> None:
     assert len(table[(300, "period 25, amplitude 0.3")]) == 1
 
 
-def test_the_swing_probe_asks_a_rise_to_outgrow_the_bumps_seen_before_the_minimum(bench) -> None:
-    """`rise_backs` on closed-form curves (a plain descent has none; a bump of 0.5 on the way down is one, whatever
-    follows the minimum); under ``swing 2`` the 300-step valley with a sine of period 25 and amplitude 0.3 (seed 0:
-    a switch at 0.07 of the best LR by default) runs on to near the LR it runs to with independent noise, and the
-    patch is undone on exit."""
+def test_the_swing_probe_sets_the_margin_and_its_floor_and_undoes_them(bench) -> None:
+    """``swing 0`` replays the code before `swing_margin` (the 300-step valley with a sine of period 25 and amplitude
+    0.3, seed 0: a switch below 0.1 of the best LR; the defaults run on to 0.15-0.6 of it), ``swing 2`` counts every
+    rise-back (no floor), and the patches are undone on exit."""
     probe = bench("rule_probes")
     structured_noise = bench("structured_noise")
-    x = np.linspace(0.0, 1.0, 101)
-    valley = np.minimum((x - 0.6) ** 2, 0.16)  # flat up to x = 0.2, then down to its minimum at 0.6 and up
-    bumped = valley + 0.5 * np.exp(-(((x - 0.1) / 0.02) ** 2)) + 0.3 * (x > 0.8)  # a bump on the flat start
-    backs = probe.rise_backs(np.stack([valley, bumped, -x]))
-    assert backs[0] == 0.0 and backs[2] == 0.0 and backs[1] == pytest.approx(0.5, abs=0.02)
-
-    original = probe.switch_test.minimum_in_past_probability
-    assert structured_noise.run(300, 0, "periodic", 25, 0.3)[1] < 0.1
-    with probe.patched("swing 2"):
-        reason, ratio = structured_noise.run(300, 0, "periodic", 25, 0.3)
+    run, floor = probe.SwitchTester.run, probe.switch_test.SWING_FLOOR_SD
+    reason, ratio = structured_noise.run(300, 0, "periodic", 25, 0.3)
     assert reason == "test" and 0.15 < ratio < 0.6
-    assert probe.switch_test.minimum_in_past_probability is original
+    with probe.patched("swing 0"):
+        assert structured_noise.run(300, 0, "periodic", 25, 0.3)[1] < 0.1
+    with probe.patched("swing 2"):
+        assert probe.switch_test.SWING_FLOOR_SD == 0.0
+    assert probe.SwitchTester.run is run and probe.switch_test.SWING_FLOOR_SD == floor == 1.0

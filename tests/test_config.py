@@ -172,6 +172,9 @@ def test_on_off_options_are_command_line_flags():
     ("options", "name"),
     [
         ({"rise_margin": -1.0}, "rise_margin"),
+        ({"swing_margin": -0.5}, "swing_margin"),
+        ({"swing_margin": math.inf}, "swing_margin"),
+        ({"swing_margin": "2"}, "swing_margin"),
         ({"rewind_min_shift": -0.1}, "rewind_min_shift"),
         ({"rewind_min_shift": math.inf}, "rewind_min_shift"),
         ({"slowed_fraction": 1.0}, "slowed_fraction"),

@@ -9,7 +9,7 @@ from helpers import fine_tune_loss, knee_loss, make_optimizer, run_valley, valle
 
 from hf_autowu import AutoWU, SwitchTester
 from hf_autowu.config import PRESET_SETTINGS
-from hf_autowu.switch_test import slowed_descent_index
+from hf_autowu.switch_test import rise_backs, slowed_descent_index
 
 
 @pytest.mark.parametrize("total", [400, 3000])
@@ -186,3 +186,36 @@ def test_the_first_tests_count_only_after_a_real_descent():
     assert not any(t.passed for t in first)  # ... but do not count
     assert robust.switch_step >= 30
     assert 3e-3 / 2 <= robust.peak_lr <= 3e-2
+
+
+def test_rise_backs_are_the_bumps_of_a_descent_before_its_minimum():
+    """A plain descent and a valley have none; a bump of 0.5 on the way down is one, whatever follows the minimum; a
+    bump no larger than the floor counts as none."""
+    x = np.linspace(0.0, 1.0, 101)
+    valley = np.minimum((x - 0.6) ** 2, 0.16)  # flat up to x = 0.2, then down to its minimum at 0.6 and up
+    bumped = valley + 0.5 * np.exp(-(((x - 0.1) / 0.02) ** 2)) + 0.3 * (x > 0.8)  # a bump on the flat start
+    curves = np.stack([valley, bumped, -x])
+    assert rise_backs(curves).tolist() == pytest.approx([0.0, 0.5, 0.0], abs=0.02)
+    assert rise_backs(curves, floor=0.49)[1] == pytest.approx(0.5, abs=0.02)
+    assert rise_backs(curves, floor=0.51).tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_a_loss_that_swings_on_its_own_must_rise_more_than_it_swung(seed):
+    """A valley (lowest at 3e-3, 3.07 above its floor at the ramp's start, noise 0.05) with a sine of period 25 steps
+    and amplitude 0.3 added, as data in a fixed order make it: each upswing looks like the rise past a minimum, and
+    without `swing_margin` warmup ends 10-100x below the best LR. With the robust preset's (2), a rise must outgrow
+    twice the largest bump the smoothed loss made on its way down, and warmup runs on to near where the descent
+    slows, as with independent noise (0.22-0.27 of the best LR). On independent noise the smoothed loss makes no bump
+    beyond its noise, so the rule changes nothing there."""
+    assert PRESET_SETTINGS["robust"]["swing_margin"] == 2.0 and PRESET_SETTINGS["paper"]["swing_margin"] == 0.0
+
+    def run(swing, **options):
+        scheduler = AutoWU(make_optimizer(), total_steps=300, **options)
+        lrs = run_valley(scheduler, 3e-3, noise=0.05, seed=seed, swing=swing)
+        return scheduler, lrs
+
+    robust, _ = run((25, 0.3))
+    assert robust.switch_reason == "test" and 0.15 < robust.peak_lr / 3e-3 < 0.6
+    assert run((25, 0.3), swing_margin=0.0)[0].peak_lr / 3e-3 < 0.1
+    assert run((1, 0.0))[1] == run((1, 0.0), swing_margin=0.0)[1]  # independent noise: every LR the same

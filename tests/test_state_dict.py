@@ -112,10 +112,16 @@ def test_a_state_saved_before_descended_existed_resumes_bit_exact(uninterrupted)
 
 
 def test_a_state_saved_before_the_resolution_rules_existed_resumes_as_it_would_have_gone_on():
-    """States written before `min_past_lengthscales`, `max_descent_left` and `descent_required_below` existed lack
-    them in their config: they load with the values their run decided with (0, 1 and 0), so a resumed warmup goes on
-    exactly like an uninterrupted run with those values, not like one with today's defaults."""
-    old_options = {"min_past_lengthscales": 0.0, "max_descent_left": 1.0, "descent_required_below": 0}
+    """States written before `min_past_lengthscales`, `max_descent_left`, `descent_required_below` and
+    `swing_margin` existed lack them in their config: they load with the values their run decided with (0, 1, 0 and
+    0), so a resumed warmup goes on exactly like an uninterrupted run with those values, not like one with today's
+    defaults."""
+    old_options = {
+        "min_past_lengthscales": 0.0,
+        "max_descent_left": 1.0,
+        "descent_required_below": 0,
+        "swing_margin": 0.0,
+    }
 
     noise = torch.randn(TOTAL, generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -142,7 +148,8 @@ def test_a_state_saved_before_the_resolution_rules_existed_resumes_as_it_would_h
     resumed = scheduler()
     with pytest.warns(
         UserWarning,
-        match=r"saved with other options \(descent_required_below, max_descent_left, min_past_lengthscales\)",
+        match=r"saved with other options \(descent_required_below, max_descent_left, min_past_lengthscales, "
+        r"swing_margin\)",
     ):
         resumed.load_state_dict(state)
     assert {name: getattr(resumed.config, name) for name in old_options} == old_options
