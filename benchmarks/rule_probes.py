@@ -52,7 +52,7 @@ settings (rewind off, the defaults otherwise):
   fixed order; noise correlated over many steps, streamed data in runs of one domain) rises and falls on its own, and
   a rise no larger than the swings seen before it is no evidence that the minimum is past (`structured_noise.py`).
   The defaults do this at ``swing 2 1`` (`swing_margin`, `switch_test.SWING_FLOOR_SD`) since decision code
-  SWINGFP; ``swing 0`` replays the rows as the code before it decided (a patch of `SwitchTester.run` and of the
+  3cb347f3b064; ``swing 0`` replays the rows as the code before it decided (a patch of `SwitchTester.run` and of the
   floor, undone after the replay).
 
 The probes ``start-noise`` (after a blow-up, the descent judged against the first losses' noise) and ``pre-rise``
@@ -159,7 +159,7 @@ def patched(variant: str) -> Iterator[None]:
 def swing_margin(variant: str) -> Iterator[None]:
     """Under ``swing K`` (or ``swing K C``), the switch test runs with `swing_margin` `K` and counts rise-backs of
     more than `C` GP noise standard deviations (`switch_test.SWING_FLOOR_SD`; 0 without `C`); restored on exit. The
-    defaults are ``swing 2 1``; ``swing 0`` turns the rule off, as the decision code before 2026-12 had it."""
+    defaults are ``swing 2 1``; ``swing 0`` turns the rule off, as the decision code before 3cb347f3b064 had it."""
     if not variant.startswith("swing "):
         yield
         return
