@@ -66,18 +66,20 @@ def run_valley(
     noise: float = 0.02,
     seed: int = 0,
     scale: float = 1.0,
-    swing: tuple[float, float] = (1.0, 0.0),
+    swing: tuple[float, float] | None = None,
 ) -> list[float]:
-    """Drive `scheduler` over its whole budget with `valley_loss`, plus a sine of `swing` = (period in steps,
-    amplitude) (data in a fixed order); return the LR used at every step."""
+    """Drive `scheduler` over its whole budget with `valley_loss`, plus, with `swing` = (period in steps, amplitude),
+    a sine (data in a fixed order); return the LR used at every step."""
     generator = torch.Generator().manual_seed(seed)
-    period, amplitude = swing
     lrs = []
     for step in range(scheduler.total_steps):
         lr = scheduler.optimizer.param_groups[0]["lr"]
         lrs.append(lr)
-        extra = amplitude * math.sin(2.0 * math.pi * step / period) if amplitude else 0.0
-        scheduler.step(valley_loss(lr, best_lr, noise, generator, scale) + extra)
+        loss = valley_loss(lr, best_lr, noise, generator, scale)
+        if swing is not None:
+            period, amplitude = swing
+            loss += amplitude * math.sin(2.0 * math.pi * step / period)
+        scheduler.step(loss)
     return lrs
 
 
