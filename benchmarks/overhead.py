@@ -9,9 +9,12 @@
 
    - ``fast``: ``hf_autowu.switch_test.SwitchTester``, the path ``AutoWU`` uses (closed-form GP);
    - ``reference``: ``hf_autowu.reference.ReferenceSwitchTest`` (GPyTorch, float64), the spec written out;
-   - ``reference_fp32``: the same in float32, the cost of the original implementation.
+   - ``reference_fp32``: the same in float32, the cost of the original implementation;
+   - ``cap_check``: ``hf_autowu.switch_test.fell_over_ramp``, which ``AutoWU`` runs once, beside a last test, when
+     warmup reaches its cap with no fall in medians of ten losses: medians of a third of the ramp (the ramp's
+     length matters here, not the budget's).
 
-   Both standardise the losses (hf_autowu's default), 5 predictions per test.
+   The tests standardise the losses (hf_autowu's default), 5 predictions per test.
 
 2. End to end. The same small Trainer run (the ``gpt2_stdlib`` task of ``tasks.py``), interleaved
    ``--e2e-repeats`` times, in four variants: ``lr_scheduler_type="constant"``; ``callbacks=[AutoWUCallback()]``
@@ -49,7 +52,7 @@ from common import command_line, locked_json, machine_info, resolve_output_paths
 from tasks import TASKS, RandomWindows, gpt2_model, stdlib_bytes  # noqa: E402
 
 HISTORY_LENGTHS = (1_000, 10_000, 100_000, 1_000_000)
-IMPLEMENTATIONS = ("fast", "reference", "reference_fp32")
+IMPLEMENTATIONS = ("fast", "reference", "reference_fp32", "cap_check")
 E2E_VARIANTS = ("constant", "callback", "trainer", "trainer_figure")
 E2E_TASK = "gpt2_stdlib"
 
@@ -99,6 +102,10 @@ def _make_tester(implementation: str) -> Any:
 
         tester = SwitchTester(confidence=0.95, n_tests=5, standardize_losses=True, seed=0)
         return lambda h: tester.run(h, current_lr=1.0, min_lr=1e-5, warmup_type="exp")
+    if implementation == "cap_check":
+        from hf_autowu.switch_test import fell_over_ramp
+
+        return lambda h: fell_over_ramp(h.numpy())
     from hf_autowu.reference import ReferenceSwitchTest
 
     dtype = torch.float32 if implementation == "reference_fp32" else torch.float64
@@ -127,7 +134,7 @@ def _measure_switch_test(implementation: str, n: int, repeats: int, threads: int
             "p95_ms": 1e3 * float(np.percentile(latencies, 95)),
             "peak_extra_mb": (memory.peak - memory.start) / 2**20,
             "history_mb": history.numel() * history.element_size() / 2**20,
-            "passed": None if outcome is None else bool(outcome.passed),
+            "passed": outcome if isinstance(outcome, bool) or outcome is None else bool(outcome.passed),
         }
     )
 
@@ -355,7 +362,12 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     lengths = HISTORY_LENGTHS[:1] if args.smoke else HISTORY_LENGTHS
-    repeats = {"fast": args.repeats, "reference": args.reference_repeats, "reference_fp32": args.reference_repeats}
+    repeats = {
+        "fast": args.repeats,
+        "reference": args.reference_repeats,
+        "reference_fp32": args.reference_repeats,
+        "cap_check": args.repeats,
+    }
     measured: dict[str, Any] = {}
     if "switch_test" in args.parts:
         measured["switch_test"] = {

@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "30da64343630": {
+        "3cb347f3b064": "a refactor: `switch_test.level_fall` takes its sliding medians from two 1-D rank filters "
+        "(`switch_test.sliding_medians`, equal bit for bit to `np.median` over a sliding window view, in memory "
+        "linear in the history instead of a copy of every window); `probe_rows.py --at` replays all 1131 recorded "
+        "AutoWU rows with losses under 30da64343630 to their recorded switch step, reason and LR",
+    },
     "3cb347f3b064": {
         "102b02bbf624": "the robust switch test asks a rise to outgrow twice the largest bump of the smoothed loss "
         "before its minimum (`swing_margin` 2, bumps beyond one GP noise standard deviation: "

@@ -9,6 +9,7 @@ that saw no rise. (A flat curve that blows up still decays from a decade below: 
 """
 
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from helpers import make_optimizer, regression_batch, regression_mlp
 
 from hf_autowu import AutoWU, switch_message
 from hf_autowu.scheduler import BLOW_UP_BACKOFF
-from hf_autowu.switch_test import fell_over_ramp, level_fall, start_noise_sd
+from hf_autowu.switch_test import fell_over_ramp, level_fall, sliding_medians, start_noise_sd
 
 BEST_LR = 1e-3
 """The LR at the minimum of the noiseless curve below."""
@@ -169,6 +170,42 @@ def test_a_fall_of_a_few_losses_noise_counts_at_the_cap_over_a_third_of_the_ramp
     with_gaps[[3, 60, 120]] = math.nan
     assert fell_over_ramp(with_gaps)
     assert not fell_over_ramp(np.full(n, 1.0)), "no measurable noise: no judged fall"
+
+
+def test_sliding_medians_are_numpys_medians_of_every_window():
+    """Bit for bit `np.median` over each window, odd and even sizes, with ties (losses rounded to 0.1)."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 10, 11, 157):
+        values = np.round(rng.standard_normal(n), 1)
+        for window in {1, 2, 3, 10, 11, n // 3 or 1, n}:
+            if window > n:
+                continue
+            expected = np.median(np.lib.stride_tricks.sliding_window_view(values, window), axis=-1)
+            np.testing.assert_array_equal(sliding_medians(values, window), expected)
+
+
+def test_a_long_flat_ramp_reaches_its_cap_in_memory_that_grows_with_its_length_not_its_square():
+    """A loss that carries no signal over a 10,000-step warmup: at the cap `fell_over_ramp` reads medians of a third
+    of the ramp. Copying every window of 3,333 losses (as `np.median` over a sliding window view does) would take
+    ~180 MB here and ~18 GB at 100,000 losses, on every process; the rank filters take a few arrays of the ramp's
+    length. The decision is the one `_lr_without_descent` states: decay from `min_lr`."""
+    total = 20_000
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = AutoWU(optimizer, total_steps=total, long_budget_steps=0)
+    assert scheduler.warmup_steps == total // 2
+    draws = np.random.default_rng(0).standard_normal(scheduler.warmup_steps)
+    tracemalloc.start()
+    try:
+        for draw in draws:
+            optimizer.step()
+            scheduler.step(1.0 + 0.1 * float(draw))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert scheduler.phase == "decay" and scheduler.switch_reason == "cap"
+    assert scheduler.peak_lr == scheduler.config.min_lr
+    assert peak < 16 * 2**20, f"{peak / 2**20:.0f} MiB traced at the cap"
 
 
 def noisy_regression_run(total: int, batch: int) -> tuple[AutoWU, list[float]]:
