@@ -471,6 +471,26 @@ def resolve_config(
     return AutoWUConfig(**{**config.to_dict(), **options}) if options else config
 
 
+def check_positive_int(name: str, value: Any) -> int:
+    """`value` as an int, when it is one >= 1 (not a bool); else a `ValueError` naming `name`.
+
+    Args:
+        name (`str`): The argument's name, for the error message.
+        value (`Any`): The argument.
+
+    Returns:
+        `int`: the value.
+    """
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    return int(value)
+
+
+def check_optional_positive_int(name: str, value: Any) -> int | None:
+    """`check_positive_int`, letting `None` through."""
+    return None if value is None else check_positive_int(name, value)
+
+
 def is_number(value: Any) -> bool:
     """A real number (numpy's scalars included), not a bool; NaN included."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
-from .config import AutoWUConfig, is_number, resolve_config
+from .config import AutoWUConfig, check_optional_positive_int, check_positive_int, is_number, resolve_config
 from .distributed import broadcast_floats, mean_over_processes, process_rank, world_size
+from .loss_inputs import detach_loss, mean_loss, pending_to_tensor
+from .param_groups import configured_lr, lr_scale, set_group_lr
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder, check_ema
+from .saved_state import autowu_state_of, config_fields
 from .switch_test import SwitchTester, SwitchTestOutcome, fell_over_ramp
 from .watch import LossSpikeWatch
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE_KEY = "autowu_state"
-"""Where a Trainer checkpoint's `scheduler.pt` holds AutoWU's state (inside the state of the plain Trainer's own
-scheduler with `AutoWUCallback`, and beside what that scheduler needs to load it with `AutoWUTrainer`)."""
 
 PHASES = ("warmup", "decay", "cooldown")
 _PLATEAU_PATIENCE = 5
@@ -130,7 +128,7 @@ class AutoWU:
         check_ema(ema)
         self.config = config
         self.optimizer = optimizer
-        self.steps_per_epoch = _check_optional_positive_int("steps_per_epoch", steps_per_epoch)
+        self.steps_per_epoch = check_optional_positive_int("steps_per_epoch", steps_per_epoch)
         self.total_steps = self._resolve_budget(total_steps, total_epochs)
         if config.warmup_unit == "epoch" and self.steps_per_epoch is None:
             raise ValueError("`warmup_unit='epoch'` needs `steps_per_epoch`.")
@@ -138,7 +136,7 @@ class AutoWU:
             if self.steps_per_epoch is None:
                 raise ValueError("`decay_phase_stat`/`decay_phase_factor` act per epoch and need `steps_per_epoch`.")
 
-        configured = [_configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
+        configured = [configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
         self._top_configured_lr = max(configured)
         self.group_ratios = [self._ratio_of(i, group) for i, group in enumerate(optimizer.param_groups)]
 
@@ -208,7 +206,7 @@ class AutoWU:
         if optimizer is None:
             ratios = state.get("group_ratios") or [1.0]
             optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": ratio} for ratio in ratios], lr=1.0)
-        config = AutoWUConfig(**_config_fields(state["config"]))
+        config = AutoWUConfig(**config_fields(state["config"]))
         scheduler = cls(optimizer, state["steps_per_epoch"], total_steps=state["total_steps"], config=config)
         for listener in list(scheduler._listeners):
             scheduler.remove_listener(listener)
@@ -240,7 +238,7 @@ class AutoWU:
             self._step_after_update(loss)
         elif kind == MICRO_BATCH:
             if self._recording():
-                self._micro_batch_losses.append(_detach_loss(loss))
+                self._micro_batch_losses.append(detach_loss(loss))
         else:  # an update that fp16 overflow skipped: not a step, and its losses are dropped
             self._micro_batch_losses.clear()
 
@@ -251,9 +249,9 @@ class AutoWU:
     def _step_after_update(self, loss: torch.Tensor | float | None) -> None:
         """`step(loss)` for a call known to follow an optimizer update (the Trainer integration calls it directly)."""
         if self._recording():
-            loss = _detach_loss(loss)
+            loss = detach_loss(loss)
             if self._micro_batch_losses:
-                loss = _mean_loss([*self._micro_batch_losses, loss])
+                loss = mean_loss([*self._micro_batch_losses, loss])
             self._pending.append(loss)
         self._micro_batch_losses.clear()
         self.last_step += 1
@@ -358,7 +356,7 @@ class AutoWU:
         Raises:
             `ValueError`: when `total_steps` is not an int >= 1.
         """
-        self.total_steps = _check_positive_int("total_steps", total_steps)
+        self.total_steps = check_positive_int("total_steps", total_steps)
         if self._own_rewinder is not None:
             self.remove_listener(self._own_rewinder)
             self._own_rewinder = None
@@ -439,7 +437,7 @@ class AutoWU:
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
             "estimate_before_last": self._estimate_before_last,
             "history": self._history.clone(),
-            "pending": _pending_to_tensor(self._pending).cpu(),
+            "pending": pending_to_tensor(self._pending).cpu(),
             "passes": list(self._passes),
             "next_test": self._next_test,
             "plateau_best": self._plateau_best,
@@ -492,7 +490,7 @@ class AutoWU:
         """`load_state_dict`'s work, on a state known to be AutoWU's."""
         ratios = self._loaded_group_ratios(state_dict["group_ratios"])
         budget = self.total_steps
-        saved_config = AutoWUConfig(**_config_fields(state_dict["config"]))
+        saved_config = AutoWUConfig(**config_fields(state_dict["config"]))
         changed = saved_config.differing_options(self.config)
         if changed:
             self._report_other_options(changed)
@@ -568,8 +566,8 @@ class AutoWU:
         """Parameter group `index`'s LR ratio: its configured LR over the largest one configured when AutoWU was built,
         times its `lr_scale` (timm's layer-wise LR decay) when it has one."""
         top = self._top_configured_lr
-        ratio = _configured_lr(index, group) / top if top > 0 else 1.0
-        return ratio * _lr_scale(index, group)
+        ratio = configured_lr(index, group) / top if top > 0 else 1.0
+        return ratio * lr_scale(index, group)
 
     def _current_group_ratios(self) -> list[float]:
         """`group_ratios`, extended to groups added to the optimizer since (`optimizer.add_param_group`, as in
@@ -923,7 +921,7 @@ class AutoWU:
         if cfg.decay_phase_stat is None:
             self._set_decay_lr(t, self._lr * cfg.decay_phase_factor)
             return
-        epoch_losses = mean_over_processes(_pending_to_tensor(self._pending)) if self._pending else None
+        epoch_losses = mean_over_processes(pending_to_tensor(self._pending)) if self._pending else None
         self._pending.clear()
         if epoch_losses is None:
             return
@@ -958,7 +956,7 @@ class AutoWU:
 
     def _flush_pending(self) -> None:
         if self._pending:
-            values = mean_over_processes(_pending_to_tensor(self._pending))
+            values = mean_over_processes(pending_to_tensor(self._pending))
             self._history = torch.cat([self._history, values])
             self._pending.clear()
 
@@ -969,7 +967,7 @@ class AutoWU:
             if not (is_number(total_epochs) and 0 < total_epochs < math.inf):
                 raise ValueError(f"`total_epochs` must be a finite number > 0, got {total_epochs!r}.")
             total_steps = math.ceil(self.steps_per_epoch * float(total_epochs))
-        return _check_positive_int("total_steps", total_steps)
+        return check_positive_int("total_steps", total_steps)
 
 
 def _make_tester(config: AutoWUConfig) -> SwitchTester:
@@ -989,116 +987,3 @@ def _make_tester(config: AutoWUConfig) -> SwitchTester:
         max_descent_left=config.preset_setting("max_descent_left"),
         descent_required_below=config.preset_setting("descent_required_below"),
     )
-
-
-_DECIDED_BEFORE_SAVED = {
-    "min_past_lengthscales": 0.0,
-    "max_descent_left": 1.0,
-    "descent_required_below": 0,
-    "swing_margin": 0.0,
-}
-"""Options added to the decision after states were saved without them, with the values that reproduce how those
-states decided: a run saved before they existed resumes as it would have gone on."""
-
-
-def autowu_state_of(state: Any) -> Any:
-    """AutoWU's state inside a Trainer checkpoint's scheduler state (under `TRAINER_STATE_KEY`), else `state`."""
-    if isinstance(state, dict) and "config" not in state and isinstance(state.get(TRAINER_STATE_KEY), dict):
-        return state[TRAINER_STATE_KEY]
-    return state
-
-
-def _config_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config's fields that `AutoWUConfig` still has; the deprecated `device` is dropped, and options the
-    saved config predates take the values it decided with (`_DECIDED_BEFORE_SAVED`)."""
-    names = {f.name for f in fields(AutoWUConfig)}
-    kept = {k: v for k, v in saved.items() if k in names and not (k == "device" and v in (None, "cpu"))}
-    return {**{k: v for k, v in _DECIDED_BEFORE_SAVED.items() if k not in saved}, **kept}
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    return int(value)
-
-
-def _check_optional_positive_int(name: str, value: Any) -> int | None:
-    return None if value is None else _check_positive_int(name, value)
-
-
-def _configured_lr(index: int, group: dict[str, Any]) -> float:
-    """The LR a parameter group was built with; a clear error when it has none AutoWU can scale."""
-    lr = group.get("initial_lr", group.get("lr"))
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        return float(lr)
-    if not (is_number(lr) and 0 <= lr < math.inf):
-        raise ValueError(
-            f"AutoWU sets every parameter group's `lr`, but group {index} has lr={lr!r}: give the optimizer a finite "
-            "lr >= 0 (for transformers' Adafactor: `lr=1e-3, relative_step=False, scale_parameter=False`)."
-        )
-    return float(lr)
-
-
-def _lr_scale(index: int, group: dict[str, Any]) -> float:
-    """A parameter group's `lr_scale` (1 without one): timm's layer-wise LR decay puts it there for the scheduler
-    to apply (`timm.optim.create_optimizer_v2(..., layer_decay=...)` gives every group the same `lr`), and timm's
-    schedulers set `lr = value * lr_scale`."""
-    scale = group.get("lr_scale", 1.0)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        scale = float(scale)
-    if not (is_number(scale) and 0 <= scale < math.inf):
-        raise ValueError(
-            f"Parameter group {index} has lr_scale={scale!r}: AutoWU multiplies the group's LR by it, as timm's "
-            "schedulers do, so it must be a finite number >= 0."
-        )
-    return float(scale)
-
-
-def set_group_lr(group: dict[str, Any], lr: float) -> None:
-    """Set a parameter group's LR; a tensor LR (as for capturable or compiled optimizers) is updated in place, as
-    torch's own schedulers do, so that whatever reads that tensor sees the new value."""
-    current = group.get("lr")
-    if isinstance(current, torch.Tensor):
-        current.fill_(lr)
-    else:
-        group["lr"] = lr
-
-
-def _detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
-    """The step's loss, as it is now: a float, or for a tensor off the CPU a detached copy (a device-side copy, no
-    sync). A copy, because a caller may reuse the tensor and change it in place before it is read."""
-    if loss is None:
-        raise ValueError(
-            "`AutoWU.step(loss)` needs the step's loss during warmup (a tensor or a float). With the Hugging Face "
-            "`Trainer`, do not pass AutoWU in `optimizers=`: use `callbacks=[AutoWUCallback()]` or `AutoWUTrainer`, "
-            "which hand it each step's loss."
-        )
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")
-        if loss.is_complex():
-            raise ValueError(f"`loss` must be real, got a {loss.dtype} tensor.")
-        if loss.device.type == "cpu":
-            return float(loss.detach())
-        return loss.detach().reshape(()).clone()
-    if is_number(loss):
-        return float(loss)
-    kind = getattr(getattr(loss, "dtype", None), "kind", "")
-    if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):
-        return float(loss.item())  # a numpy array holding one number, of any shape
-    raise ValueError(f"`loss` must be a tensor or a float, got {type(loss).__name__}.")
-
-
-def _mean_loss(losses: list[torch.Tensor | float]) -> torch.Tensor | float:
-    """The mean of an update's micro-batch losses (as `_detach_loss` gives them), on their device: no sync."""
-    values = [v.float() if isinstance(v, torch.Tensor) else v for v in losses]
-    return sum(values[1:], values[0]) / len(values)
-
-
-def _pending_to_tensor(pending: list[torch.Tensor | float]) -> torch.Tensor:
-    """Stack buffered losses into one float64 tensor (on their device when they are all tensors on one)."""
-    if not pending:
-        return torch.empty(0, dtype=torch.float64)
-    if all(isinstance(v, torch.Tensor) for v in pending) and len({v.device for v in pending}) == 1:
-        return torch.stack([v.to(torch.float64) for v in pending])
-    return torch.tensor([float(v) for v in pending], dtype=torch.float64)

@@ -26,9 +26,11 @@ from . import trainer_hooks
 from .config import AutoWUConfig, resolve_config
 from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
+from .param_groups import set_group_lr
 from .plotting import save_autowu_figure
 from .rewind import WarmupRewinder
-from .scheduler import TRAINER_STATE_KEY, AutoWU, autowu_state_of, set_group_lr
+from .saved_state import TRAINER_STATE_KEY, autowu_state_of
+from .scheduler import AutoWU
 
 logger = logging.getLogger(__name__)
 
