@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "e41f979b6e55": {
+        "30da64343630": "a refactor: `scheduler.py`'s helpers moved into modules of their own (`loss_inputs`, "
+        "`param_groups`, `saved_state`; `config.check_positive_int`), the code unchanged; `probe_rows.py --at` "
+        "replays all 1131 recorded AutoWU rows with losses under e41f979b6e55 to their recorded switch step, reason "
+        "and LR",
+    },
     "30da64343630": {
         "3cb347f3b064": "a refactor: `switch_test.level_fall` takes its sliding medians from two 1-D rank filters "
         "(`switch_test.sliding_medians`, equal bit for bit to `np.median` over a sliding window view, in memory "
