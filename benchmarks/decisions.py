@@ -202,6 +202,21 @@ def held_out_cases(path: Path, roles: tuple[str, ...] = ("chosen-on", "fresh")) 
     return cases
 
 
+def probe_parser(description: str, out_name: str) -> argparse.ArgumentParser:
+    """The options of a probe that replays every recorded ramp (`rule_probes.py`, `ideal_multiplier.py`): where the
+    results of `quality.py` and `holdout.py` are, and where its own JSON goes (`results/out_name` by default)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
+    parser.add_argument("--holdout", type=Path, default=RESULTS_DIR / "holdout.json", help="holdout.py's results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / out_name, help="where to write")
+    return parser
+
+
+def every_case(results: Path, holdout_path: Path) -> list[dict[str, Any]]:
+    """The suite's cases and every held-out task's, the unseen ones included (`suite_cases`, `held_out_cases`)."""
+    return suite_cases(recorded_runs(results)) + held_out_cases(holdout_path, roles=("chosen-on", "fresh", "unseen"))
+
+
 def forced_peak_runs(recorded: dict[str, dict], name: str, steps: int) -> list[dict[str, Any]]:
     """Task `name`'s ``autowu_at`` runs at a budget of `steps` among `recorded` (``holdout.json``'s runs), in the
     form of ``quality.json``'s runs that `quality_curves` reads."""

@@ -73,23 +73,19 @@ Usage: `python benchmarks/rule_probes.py` (about two minutes; needs the `ramp` a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import decisions as d
 import numpy as np
 import torch
-from common import RESULTS_DIR
 from report import regret
-from runner import recorded_runs
 
 from hf_autowu import AutoWU, AutoWUConfig, switch_test
 from hf_autowu.switch_test import SwitchTester, SwitchTestOutcome
@@ -343,10 +339,7 @@ def table(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json", help="quality.py's results")
-    parser.add_argument("--holdout", type=Path, default=RESULTS_DIR / "holdout.json", help="holdout.py's results")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "rule_probes.json", help="where to write")
+    parser = d.probe_parser(__doc__.split("\n\n")[0], "rule_probes.json")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of: {', '.join(VARIANTS)}"
     )
@@ -358,8 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variants must include {DEFAULT!r}, the defaults every variant is compared with")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module="hf_autowu")
-    held_out = d.held_out_cases(args.holdout, roles=("chosen-on", "fresh", "unseen"))
-    cases = d.suite_cases(recorded_runs(args.results)) + held_out
+    cases = d.every_case(args.results, args.holdout)
     if not cases:
         print("no task has both ramp and oracle runs yet", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import fine_tune_loss, make_optimizer, processes_running
@@ -1213,3 +1214,34 @@ def test_the_swing_probe_sets_the_margin_and_its_floor_and_undoes_them(bench) ->
     with probe.patched("swing 2"):
         assert probe.switch_test.SWING_FLOOR_SD == 0.0
     assert probe.SwitchTester.run is run and probe.switch_test.SWING_FLOOR_SD == floor == 1.0
+
+
+def test_ideal_multiplier_finds_the_best_multiplier_and_a_feature_that_predicts_it(bench) -> None:
+    """The best multiplier is the one with the lowest mean validation regret; the ramp's features are read from the
+    losses AutoWU saw (a level of 2 falling to 1: a relative fall of 1/2); and when a feature sets the best multiplier
+    (log2 of it = log of the feature), leaving one task out recovers it and beats the defaults, while a uniform bias
+    cannot."""
+    probe = bench("ideal_multiplier")
+    k = probe.LOG2_MULTIPLIERS
+
+    def row(best: float, feature: float, group: str = "suite") -> dict:
+        seed = {"val": np.abs(k - best).tolist(), "test": np.abs(k - best).tolist()}
+        seed |= {"noise_over_fall": feature, "relative_fall": 0.5, "growth_per_step": 0.1}
+        return {"group": group, "seeds": [seed, seed]}
+
+    rows = {f"t{i}": row(b, math.exp(b)) for i, b in enumerate([-2.0, -1.0, 0.0, 1.0, 2.0])}
+    rows["new"] = row(1.5, math.exp(1.5), "unseen")
+    assert probe.best_log2_multiplier(rows["t0"]) == -2.0 and probe.test_regret_at(rows["t3"], 0.0) == 1.0
+    intercept, slope = probe.fitted_line({t: r for t, r in rows.items() if t != "new"}, "noise_over_fall")
+    assert intercept == pytest.approx(0.0, abs=1e-9) and slope == pytest.approx(1.0)
+    lines = "\n".join(probe.summary(rows))
+    assert (
+        "noise_over_fall: leaving one of 5 tasks out, mean test regret 0.00 (defaults 1.20); unseen (1 tasks) 0.00"
+        in lines
+    )
+    assert "uniform bias: leaving one of 5 tasks out, mean test regret 1.50 (defaults 1.20)" in lines
+
+    losses = [2.0 + 0.05 * math.sin(i) for i in range(30)] + [1.0 + 0.05 * math.sin(i) for i in range(100)]
+    scheduler = bench("decisions").replay(bench("tasks").TASKS["digits_cnn"], losses)
+    features = probe.ramp_features(scheduler)
+    assert features["relative_fall"] == pytest.approx(0.5, abs=0.05) and features["noise_over_fall"] < 0.1
