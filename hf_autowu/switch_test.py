@@ -178,7 +178,9 @@ def sliding_medians(values: np.ndarray, window: int) -> np.ndarray:
     """The median of every `window` consecutive entries, as `np.median` over `sliding_window_view(values, window)`
     gives it (the mean of the two middle values for an even `window`), in O(n) memory: one or two 1-D rank filters
     (`scipy.ndimage.rank_filter`) instead of a copy of every window. `fell_over_ramp` reads windows of a third of
-    the ramp, so a copy would take about n^2 / 4.5 floats (4 GB at 50,000 losses, on every process).
+    the ramp, so a copy would take about n^2 / 4.5 floats (4 GB at 50,000 losses, on every process). scipy's 1-D
+    rank filter takes O(n log window) time since scipy 1.15 (before, O(n window): 8-13 s for 30,000 losses and windows
+    of 10,000 against 0.04 s).
 
     Args:
         values (`np.ndarray`): Finite entries, shape (n,) with n >= `window`.
