@@ -8,7 +8,7 @@ multiplier with the lowest mean validation regret over its seeds (the one a perf
 three features of the ramp, medians over its seeds:
 
 - ``noise_over_fall``: the first losses' noise (`switch_test.start_noise_sd`) over the fall of the losses' level
-  (the median of the first ten minus the lowest mean of ten in a row): how noisy the descent is;
+  (`switch_test.level_fall`, medians of ten, as the blow-up rule reads it): how noisy the descent is;
 - ``relative_fall``: that fall over the first level: how much of the loss the ramp removed (small for a fine-tune);
 - ``growth_per_step``: the ramp's log-LR growth per step (large on a short budget).
 
@@ -35,7 +35,7 @@ import torch
 from report import regret
 
 from hf_autowu import AutoWU
-from hf_autowu.switch_test import LEVEL_WINDOW, start_noise_sd
+from hf_autowu.switch_test import LEVEL_WINDOW, level_fall, start_noise_sd
 
 LOG2_MULTIPLIERS = np.arange(-4.0, 4.01, 0.25)
 FEATURES = ("noise_over_fall", "relative_fall", "growth_per_step")
@@ -56,7 +56,7 @@ def ramp_features(scheduler: AutoWU) -> dict[str, float]:
     if finite.size < LEVEL_WINDOW:
         return {"noise_over_fall": math.nan, "relative_fall": math.nan, "growth_per_step": growth}
     start = float(np.median(finite[:LEVEL_WINDOW]))
-    fall = start - float(np.convolve(finite, np.ones(LEVEL_WINDOW) / LEVEL_WINDOW, "valid").min())
+    fall = level_fall(history)
     return {
         "noise_over_fall": start_noise_sd(history) / fall if fall > 0 else math.inf,
         "relative_fall": fall / abs(start) if start != 0 else math.nan,
