@@ -170,8 +170,8 @@ class AutoWUConfig:
         default=None,
         metadata=_flag_help(
             "Watch every warmup step's loss (read one step late, no device sync) and switch at once when it jumps far "
-            "above the smoothed curve; with several processes the check runs at the next switch test (default: True "
-            "for 'robust')."
+            "above the smoothed curve; with several processes on the losses' means over them, averaged every 4 steps "
+            "by an asynchronous all_reduce (default: True for 'robust')."
         ),
     )
     rise_margin: float | None = field(

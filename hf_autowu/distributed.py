@@ -1,5 +1,6 @@
 """The collectives AutoWU needs, made only at decision points (switch tests, the switch, checkpoints; never per
-step). Without an initialised process group (or with one process) each is a local no-op."""
+step), and the spike watch's relay: one asynchronous `all_reduce` every few warmup steps, read one step later
+(`MeanInFlight`). Without an initialised process group (or with one process) each is a local no-op."""
 
 from __future__ import annotations
 
@@ -43,6 +44,61 @@ def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values = values / world
     return values.to(device="cpu", dtype=torch.float64)
+
+
+class MeanInFlight:
+    """An element-wise mean over all processes started without waiting for it: `all_reduce(async_op=True)`, and for
+    a CUDA result a copy to pinned host memory with `non_blocking=True`. `wait()` returns the same values as
+    `mean_over_processes` would have (float64, CPU); called a step later it normally finds them there, and the host
+    only waits for the work of the step before, never the current one's.
+
+    With gloo and CUDA tensors (gloo reduces host memory) the values are copied to pinned memory at once and reduced
+    when `wait()` is called. Every process must start it at the same point, with values of the same shape.
+
+    Args:
+        values (`torch.Tensor`): This process's values (1-D).
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self.count = int(values.numel())
+        self._world = world_size()
+        self._work: Any = None
+        self._event: Any = None
+        self._reduce_on_wait = False
+        device = collective_device(values) if self._world > 1 else values.device
+        if values.device.type == "cuda" and device.type == "cpu":  # gloo with CUDA tensors
+            self._values = self._to_pinned(values.to(torch.float64))
+            self._reduce_on_wait = True
+            return
+        values = values.to(device=device, dtype=torch.float64)
+        if self._world > 1:
+            self._work = dist.all_reduce(values, op=dist.ReduceOp.SUM, async_op=True)
+        if values.device.type == "cuda":
+            if self._work is not None:
+                self._work.wait()  # NCCL: the current stream waits for the reduction; the host does not
+                self._work = None
+            values = self._to_pinned(values)
+        self._values = values
+
+    def _to_pinned(self, values: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(values.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return host
+
+    def wait(self) -> torch.Tensor:
+        """The mean over processes, float64 on the CPU (waits for what was started, if not done yet)."""
+        if self._work is not None:
+            self._work.wait()
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._values
+        if self._reduce_on_wait:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        if self._world > 1:
+            values = values / self._world
+        return values.to(device="cpu", dtype=torch.float64)
 
 
 def min_over_processes(value: float) -> float:

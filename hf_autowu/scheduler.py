@@ -13,14 +13,14 @@ import torch
 
 from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
 from .config import AutoWUConfig, check_optional_positive_int, check_positive_int, is_number, resolve_config
-from .distributed import broadcast_floats, mean_over_processes, process_rank, world_size
+from .distributed import MeanInFlight, broadcast_floats, mean_over_processes, process_rank, world_size
 from .loss_inputs import detach_loss, mean_loss, pending_to_tensor
 from .param_groups import configured_lr, lr_scale, set_group_lr
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder, check_ema
 from .saved_state import autowu_state_of, config_fields
 from .switch_test import SwitchTester, SwitchTestOutcome, fell_over_ramp
-from .watch import LossSpikeWatch
+from .watch import RELAY_EVERY, LossSpikeWatch
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,8 @@ class AutoWU:
         self._estimate_before_last: float | None = None
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
+        # with several processes and the spike watch: the oldest pending losses, being averaged (`_relay_losses`)
+        self._relay: MeanInFlight | None = None
         self._micro_batch_losses: list[torch.Tensor | float] = []  # of the update under way, under `accumulate`
         self._passes: list[bool] = []
         self._checked = 0  # losses before this index have been through the spike check
@@ -221,7 +223,9 @@ class AutoWU:
         Args:
             loss (`torch.Tensor` or `float`): The step's training loss. A tensor may live on any device: it is
                 only moved to the host at the next switch test (and, for the spike watch, copied to pinned host
-                memory without a sync and read one step later), so this call adds no device sync. Needed during
+                memory without a sync and read one step later; with several processes, averaged over them every
+                `RELAY_EVERY` warmup steps by an asynchronous `all_reduce` read one step later), so this call adds
+                no device sync. Needed during
                 warmup, and every step with `decay_phase_stat="loss"`; may be `None` otherwise.
             metric: Only for timm's training loop, which calls `lr_scheduler.step(epoch, metric)` at the end of
                 each epoch: such a call does nothing (AutoWU steps in `step_update`, once per optimizer step).
@@ -257,15 +261,21 @@ class AutoWU:
         self.last_step += 1
         t = self.last_step
         if self.phase == "warmup":
-            if self._watch is not None and world_size() == 1:  # several processes: checked at the tests
+            relayed = self._watch is not None and world_size() > 1
+            if self._watch is not None and not relayed:
                 self._spike_at = self._watch.observe(t - 1, self._pending[-1])  # checks loss t - 2
                 self._checked = max(self._checked, t - 1)
+            elif relayed and t % RELAY_EVERY == 1:  # the averages started a step ago: check them
+                self._land_relay()
+                self._scan_for_spike()
             if self._spike_at is not None:
                 self._switch_on_spike(t)
             elif t >= self.warmup_steps or t >= self.cooldown_start:
                 self._end_warmup_at_cap(t)
             elif t >= self._next_test:
                 self._run_test(t)
+            if relayed and self.phase == "warmup" and t % RELAY_EVERY == 0:
+                self._relay_losses()
         elif self.phase == "decay" and self.steps_per_epoch is not None:
             self._maybe_decay_per_epoch(t)
         if self.phase != "cooldown" and t >= self.cooldown_start:
@@ -413,6 +423,7 @@ class AutoWU:
         the losses since the last switch test are held per process until then, and a state saved from one process
         would resume with that process's losses instead of their mean (a warning says so).
         """
+        self._land_relay()  # only waits: the averaging was started on every process
         if self._pending and world_size() > 1 and process_rank() == 0:
             warnings.warn(
                 f"AutoWU.state_dict: {len(self._pending)} losses of this process are not yet averaged over the "
@@ -515,6 +526,7 @@ class AutoWU:
         self._estimate_before_last = float(before_last) if before_last is not None else None
         self._history = state_dict["history"].to(torch.float64).clone()
         self._pending = [float(v) for v in state_dict["pending"].tolist()]
+        self._relay = None
         self._micro_batch_losses = []
         self._passes = [bool(v) for v in state_dict["passes"]]
         self._next_test = int(state_dict["next_test"])
@@ -620,7 +632,8 @@ class AutoWU:
 
     @property
     def losses(self) -> torch.Tensor:
-        """The warmup losses tested so far (cross-process means, float64, CPU)."""
+        """The warmup losses read so far: at switch tests, checkpoints and, with several processes, the spike watch's
+        relay (cross-process means, float64, CPU)."""
         return self._history
 
     # ------------------------------------------------------------------ warmup
@@ -660,7 +673,8 @@ class AutoWU:
     def _run_test(self, t: int) -> None:
         """A switch test after `t` steps; switch when the last `patience` tests passed."""
         self._next_test = self._test_step_after(t)
-        if len(self._history) + len(self._pending) < self._tester.min_losses:
+        relayed = self._relay.count if self._relay is not None else 0
+        if len(self._history) + relayed + len(self._pending) < self._tester.min_losses:
             return  # too few losses for any test: decided without reading them (no sync, no collective)
         self._flush_pending()
         if self._scan_for_spike():
@@ -894,6 +908,7 @@ class AutoWU:
         self._enter_decay(step=t, lr=lr, reason=reason)
 
     def _enter_decay(self, step: int, lr: float, reason: str) -> None:
+        self._land_relay()
         self._pending.clear()
         self.switch_step = step
         self.switch_reason = reason
@@ -954,7 +969,24 @@ class AutoWU:
         for group, ratio in zip(self.optimizer.param_groups, self._current_group_ratios(), strict=False):
             set_group_lr(group, self._lr * ratio)
 
+    def _relay_losses(self) -> None:
+        """With several processes, start averaging the pending losses over the processes without waiting
+        (`MeanInFlight`), so that the spike watch checks them `RELAY_EVERY` steps at a time, a step later
+        (`_land_relay`), instead of at the next switch test. Every process calls it at the same steps, with as many
+        losses."""
+        if self._pending and self._relay is None:
+            self._relay = MeanInFlight(pending_to_tensor(self._pending))
+            self._pending.clear()
+
+    def _land_relay(self) -> None:
+        """Append the averages `_relay_losses` started to the history (they precede every pending loss)."""
+        if self._relay is not None:
+            values = self._relay.wait()
+            self._relay = None
+            self._history = torch.cat([self._history, values])
+
     def _flush_pending(self) -> None:
+        self._land_relay()
         if self._pending:
             values = mean_over_processes(pending_to_tensor(self._pending))
             self._history = torch.cat([self._history, values])

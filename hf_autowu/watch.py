@@ -17,7 +17,10 @@ or a non-finite loss (at once, always). Each loss is checked once, whether by th
 switch test's scan.
 
 With several processes each one only sees its own loss, and acting on it alone would let the processes disagree;
-there the scheduler runs the same check on the cross-process mean losses when it averages them at the next test.
+there the scheduler runs the same check on the cross-process mean losses: every `RELAY_EVERY` warmup steps it starts
+averaging the losses it holds over the processes (one asynchronous `all_reduce`, no host wait) and checks the means
+a step later, so a blow-up is caught at most `RELAY_EVERY - 1` steps after one process would catch it (a loss is
+read 1 to `RELAY_EVERY` steps late instead of 1).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ LEVEL_WINDOW = 5
 """How many of the latest losses set the reference level (their median)."""
 NOISE_WINDOW = 20
 """How many of the latest losses set the reference noise."""
+RELAY_EVERY = 4
+"""With several processes: warmup steps between two averagings of the losses for the watch (a collective every this
+many steps, never a host wait for the current step's work)."""
 _MAD_TO_SD = MAD_TO_SD / math.sqrt(2.0)  # median |x_t - x_{t-1}| of Gaussian noise, as its standard deviation
 
 

@@ -354,6 +354,17 @@ def test_gpu_overhead_cpu_dry_run(bench, tmp_path: Path) -> None:
     assert kinds["autowu_tests"]["snapshot"]["steps"] >= 1 and kinds["autowu_tests"]["ordinary"]["steps"] >= 1
 
 
+def test_relay_overhead_smoke(bench, tmp_path: Path) -> None:
+    relay_overhead = bench("relay_overhead")
+    assert relay_overhead.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "relay_overhead.json").read_text())
+    assert set(data["summary"]) == set(relay_overhead.VARIANTS)
+    for row in data["summary"].values():
+        assert row["steps_per_s"] > 0
+        assert all(row["scheduler_step_ms"][kind] > 0 for kind in relay_overhead.KINDS)
+    assert "<!-- relay_overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_gpu_checks_refuses_without_cuda(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     gpu_checks = bench("gpu_checks")
     if torch.cuda.is_available():

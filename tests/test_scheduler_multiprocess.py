@@ -1,8 +1,9 @@
 """AutoWU in a hand-written two-process loop: every process applies the same LRs, equal to those of one
-process fed the cross-process mean loss; a blow-up between two tests is caught at the next one by both; a state saved
-from the main process between two tests resumes exactly once the losses are synced, and says so when they are not; a
-NaN on one process is retried by both; a budget too short for a switch test decays alike on both; a loss that never
-falls decays from `min_lr` on both."""
+process fed the cross-process mean loss; a blow-up between two tests is caught by both at most `RELAY_EVERY - 1`
+steps after one process would, and rewound, with collectives only at tests, at the switch and every `RELAY_EVERY`
+warmup steps; a state saved from the main process between two tests resumes exactly once the losses are synced, and
+says so when they are not; a NaN on one process is retried by both; a budget too short for a switch test decays alike
+on both; a loss that never falls decays from `min_lr` on both."""
 
 import math
 import sys
@@ -15,6 +16,8 @@ from helpers import torchrun_ranks
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
 from scheduler_two_processes import (  # noqa: E402
+    DAMAGE_AT,
+    DAMAGE_INTERVAL,
     FLAT_TOTAL,
     NAN_STEP,
     RETRY_STEP,
@@ -26,6 +29,7 @@ from scheduler_two_processes import (  # noqa: E402
 )
 
 from hf_autowu import AutoWU  # noqa: E402
+from hf_autowu.watch import RELAY_EVERY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +59,58 @@ def test_two_processes_agree_with_the_mean_loss(ranks):
     assert all(math.isfinite(lr) for lr in lrs)
 
 
+def first_relay_check_after(first_bad: int) -> int:
+    """The step at which two processes check loss number `first_bad` (0-based; the loss of step `first_bad + 1`): its
+    average over them is started at the first step count that is a multiple of `RELAY_EVERY` and read a step later."""
+    return math.ceil((first_bad + 1) / RELAY_EVERY) * RELAY_EVERY + 1
+
+
 @pytest.mark.multiprocess
-def test_a_blow_up_between_tests_is_caught_by_both_at_the_next_test(ranks):
-    """Each process only sees its own loss between tests: both act at the next test, on the averaged losses."""
+def test_a_blow_up_between_tests_is_caught_by_both_before_the_next_test(ranks):
+    """Each process only sees its own loss: both act on the averaged losses, every `RELAY_EVERY` steps, not at the
+    next test (step 80)."""
     first, second = ranks[0]["spike"], ranks[1]["spike"]
     assert first == second, "the processes disagree"
     next_test = (SPIKE_STEP // SPIKE_INTERVAL + 1) * SPIKE_INTERVAL
-    assert first["switch_reason"] == "spike" and first["switch_step"] == next_test
+    assert first["switch_reason"] == "spike" and first["switch_step"] == first_relay_check_after(SPIKE_STEP)
+    one_process = SPIKE_STEP + 2  # one process reads loss number SPIKE_STEP a step after it, and switches
+    assert one_process <= first["switch_step"] <= one_process + RELAY_EVERY - 1 < next_test
     assert first["peak_lr"] <= first["lrs"][SPIKE_STEP - 1]
+
+
+@pytest.mark.multiprocess
+def test_a_mean_started_without_waiting_is_the_mean_over_processes(ranks):
+    """The relay's `MeanInFlight`, read after another collective ran, equals `mean_over_processes` bit for bit."""
+    for rank in ranks:
+        assert rank["in_flight"]["equal"] == [True] * 8
+
+
+@pytest.mark.multiprocess
+def test_an_update_that_wrecks_both_processes_is_caught_within_a_few_steps_and_rewound(ranks):
+    """Under DDP rank 1's gradient wrecks the weights of both at step `DAMAGE_AT`: both switch at the first check of
+    the averaged loss after it (long before the next test), restore a snapshot from before the damage, and train on
+    from it; AutoWU's collectives come only at the switch tests, the switch, the first snapshot (its memory check)
+    and the relay steps (every `RELAY_EVERY`-th step of warmup, one each), never on the steps in between."""
+    first, second = ranks[0]["damaged"], ranks[1]["damaged"]
+    assert first["switch_step"] == second["switch_step"] and first["weights"] == second["weights"]
+    first_bad = DAMAGE_AT + 1  # the first loss computed with the wrecked weights
+    assert first["losses"][first_bad] > 1e3 * first["losses"][DAMAGE_AT]
+    assert first["tests"][-1] < first_bad < first["tests"][-1] + DAMAGE_INTERVAL
+    assert first["switch_reason"] == "spike" and first["switch_step"] == first_relay_check_after(first_bad)
+    assert first["peak_lr"] <= first["lr_at_damage"]
+    rewound = first["rewound_step"]
+    assert rewound is not None and rewound <= DAMAGE_AT
+    switch = first["switch_step"]
+    assert first["weights"][switch - 1] == first["weights"][rewound - 1]
+    for rank in (first, second):  # training goes on from the snapshot's level, not the wrecked one
+        assert rank["losses"][switch] < 10 * rank["losses"][rewound]
+    for rank in (first, second):
+        steps = rank["collective_steps"]  # the step count when each collective was called
+        decision_points = {*rank["tests"], switch, rank["snapshot_steps"][0]}
+        relays = [step for step in steps if step not in decision_points]
+        assert relays, "no collective between the tests: the watch would wait for the next test"
+        assert all(step % RELAY_EVERY == 0 and step < switch for step in relays), relays
+        assert len(relays) == len(set(relays)), "one collective per relay step"
 
 
 @pytest.mark.multiprocess

@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo on CPU), each on its own shard: every process applies the same LR at every
-step, AutoWU sees the cross-process mean loss, and collectives happen only at switch tests."""
+step, AutoWU sees the cross-process mean loss, and collectives happen only at switch tests and the spike watch's
+relay steps."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from helpers import assert_state_equal, torchrun, torchrun_ranks
 SCRIPTS = Path(__file__).parent / "multiprocess"
 sys.path.insert(0, str(SCRIPTS))
 from trainer_two_processes import NAN_STEP, TEST_INTERVAL  # noqa: E402
+
+from hf_autowu.watch import RELAY_EVERY  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +38,16 @@ def test_every_process_applies_the_same_lr(ranks, run):
     # both processes rewound to the same snapshot at the switch and ended with the same weights
     assert first["rewound_to"] == second["rewound_to"] is not None
     assert first["final_weights"] == second["final_weights"]
-    # collectives only at switch tests (every TEST_INTERVAL steps), at the switch, and once at the first rewind
-    # snapshot (the memory budget check, step 1), not on ordinary steps. (AutoWUTrainer steps AutoWU in
+    # collectives only at switch tests (every TEST_INTERVAL steps), at the switch, once at the first rewind
+    # snapshot (the memory budget check, step 1), at the retry after a NaN, and one at each of the spike watch's
+    # relay steps in warmup (every RELAY_EVERY-th), not on the steps between. (AutoWUTrainer steps AutoWU in
     # `on_step_end`, after the Trainer has counted the step: its collectives are seen one step later.)
     offset = 1 if run.startswith("trainer") else 0
-    allowed = {step for step in range(1, 61) if step % TEST_INTERVAL == 0} | {first["switch_step"], 1}
+    switch = first["switch_step"]
+    relays = {step for step in range(1, switch) if step % RELAY_EVERY == 0}
+    tests = {step for step in range(1, 61) if step % TEST_INTERVAL == 0}
+    retry = {first["retried"]["step"]} if first["retried"] else set()
+    allowed = tests | relays | retry | {switch, 1}
     assert set(first["collective_steps"]) <= {step + offset for step in allowed}
     assert len(first["collective_steps"]) <= len(first["lrs"]) // 2
 
@@ -59,10 +67,20 @@ def test_loss_is_the_mean_over_processes(ranks, entry_point):
 
 @pytest.mark.parametrize("entry_point", ("callback", "trainer"))
 def test_nan_on_one_process(ranks, entry_point):
+    """Process 1's loss is NaN at `NAN_STEP`: the mean is NaN on both; both see it a few steps later (the spike
+    watch's relay) and retry it alike, from the same snapshot, whose later losses leave the history (NaN)."""
     first, second = ranks[0][f"{entry_point}-nan"], ranks[1][f"{entry_point}-nan"]
     assert math.isfinite(first["local_losses"][NAN_STEP]) and math.isnan(second["local_losses"][NAN_STEP])
-    assert all(math.isfinite(v) for v in first["autowu_losses"][:NAN_STEP])
     assert math.isnan(first["autowu_losses"][NAN_STEP]) and math.isnan(second["autowu_losses"][NAN_STEP])
+    retried = first["retried"]
+    assert retried == second["retried"] and retried["loss_index"] == NAN_STEP
+    # one process reads loss NAN_STEP at step NAN_STEP + 2; two, at most RELAY_EVERY - 1 steps later (not at the cap)
+    assert NAN_STEP + 2 <= retried["step"] <= NAN_STEP + 1 + RELAY_EVERY
+    restored = retried["restored_step"]
+    assert restored is not None and restored <= NAN_STEP
+    assert all(math.isfinite(v) for v in first["autowu_losses"][:restored])
+    assert all(math.isnan(v) for v in first["autowu_losses"][restored : NAN_STEP + 1])
+    assert all(math.isfinite(v) for v in first["autowu_losses"][retried["step"] :])
 
 
 def test_both_entry_points_agree(ranks):

@@ -3,7 +3,8 @@ watch off), or both blowing up between two switch tests (spike watch on); and th
 from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both; and a
 30-step budget, too short for a switch test; and a loss that never moves, to the cap. And a
 small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one process
-only: warmup goes on from the main process's snapshot, on both.
+only: warmup goes on from the main process's snapshot, on both. And a model under DDP that one update wrecks between
+two switch tests, with the steps at which AutoWU calls a collective.
 
 Run with `torchrun --standalone --nproc_per_node 2 scheduler_two_processes.py OUT_DIR`; writes the LR of every
 step and the decisions to `OUT_DIR/rank{rank}.json` for `tests/test_scheduler_multiprocess.py`.
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from process_exit import leave
 
 from hf_autowu import AutoWU
+from hf_autowu.distributed import MeanInFlight, mean_over_processes
 
 TOTAL = 240
 NAN_STEP = 37
@@ -31,6 +33,7 @@ NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
 RETRY_STEP = 10  # the model's loss and gradients are NaN at this step on rank 1 only
 SHORT_TOTAL = 30  # warmup capped at 15 steps, before any switch test: the LR comes from the range test's rule
 FLAT_TOTAL = 300  # a loss that never moves reaches the cap at step 150
+DAMAGE_AT, DAMAGE_INTERVAL = 120, 50  # one update under DDP wrecks the weights between the tests at 100 and 150
 
 
 def local_loss(rank: int, step: int, lr: float) -> float:
@@ -126,6 +129,76 @@ def retried_run(rank: int) -> dict:
     }
 
 
+def damaged_ddp_run(rank: int) -> dict:
+    """A linear regression under DDP (each process its own batches) with SGD and AutoWU's defaults (rewind included);
+    at step `DAMAGE_AT` rank 1's gradient is multiplied by 1e4, so that one averaged update wrecks the weights of
+    both and every later loss is huge, between the switch tests at steps 100 and 150. Records the losses, weights,
+    decisions, the steps at which rewind took a snapshot, and those at which AutoWU called a collective of
+    `torch.distributed`."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = AutoWU(
+        optimizer, total_steps=2000, test_interval=DAMAGE_INTERVAL, min_lr=1e-3, max_lr=1e3, model=model
+    )
+    collective_steps: list[int] = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "broadcast_object_list")}
+
+    def counted(function):
+        def call(*args, **kwargs):
+            collective_steps.append(scheduler.last_step)
+            return function(*args, **kwargs)
+
+        return call
+
+    losses, weights, snapshot_steps = [], [], []
+    try:
+        for name, function in originals.items():
+            setattr(dist, name, counted(function))
+        for step in range(300):
+            g = torch.Generator().manual_seed(10 * step + rank)
+            x = torch.randn(64, 8, generator=g)
+            loss = torch.nn.functional.mse_loss(model(x), x @ torch.linspace(-1, 1, 8).unsqueeze(1))
+            (loss * (1e4 if step == DAMAGE_AT and rank == 1 else 1.0)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step(loss.detach())
+            losses.append(loss.item())
+            weights.append(model.module.weight.detach().flatten().tolist())
+            snapshots = scheduler.rewinder.snapshots
+            if snapshots and snapshots[-1]["step"] == scheduler.last_step:
+                snapshot_steps.append(scheduler.last_step)
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    rewound = scheduler.rewinder.rewound_to
+    return {
+        "losses": losses,
+        "weights": weights,
+        "switch_step": scheduler.switch_step,
+        "switch_reason": scheduler.switch_reason,
+        "peak_lr": scheduler.peak_lr,
+        "lr_at_damage": scheduler.lr_at(DAMAGE_AT),
+        "tests": [record.step for record in scheduler.tests],
+        "rewound_step": None if rewound is None else rewound["step"],
+        "collective_steps": collective_steps,
+        "snapshot_steps": snapshot_steps,
+    }
+
+
+def means_in_flight(rank: int) -> dict:
+    """`MeanInFlight` against `mean_over_processes` on the same random values (float32 and float64, several lengths),
+    with an ordinary collective issued between the start and the wait, as a training step would."""
+    equal = []
+    for length in (1, 3, 4, 17):
+        for dtype in (torch.float32, torch.float64):
+            values = torch.randn(length, generator=torch.Generator().manual_seed(100 * rank + length), dtype=dtype)
+            in_flight = MeanInFlight(values.clone())
+            dist.all_reduce(torch.ones(2))  # another collective before the wait (a DDP step's, say)
+            equal.append(torch.equal(in_flight.wait(), mean_over_processes(values.clone())))
+    return {"equal": equal}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -136,6 +209,8 @@ def main() -> None:
         "retried": retried_run(rank),
         "short": run(rank, lambda step, lr: local_loss(rank, step, lr), total=SHORT_TOTAL),
         "flat": run(rank, lambda step, lr: flat_loss(rank, step), total=FLAT_TOTAL),
+        "damaged": damaged_ddp_run(rank),
+        "in_flight": means_in_flight(rank),
     }
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     leave()  # the last statement: skips finalization, see process_exit.leave

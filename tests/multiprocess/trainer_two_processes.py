@@ -72,6 +72,7 @@ def train(entry_point: str, nan: bool, output_dir: str) -> dict:
         "autowu_losses": autowu.losses.tolist(),
         "logged_losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "switch_step": autowu.switch_step,
+        "retried": autowu.retried,
         "tests": [record.step for record in autowu.tests],
         "collective_steps": counter.steps,
         "world_size": args.world_size,
