@@ -3,11 +3,11 @@
 
 With several processes the spike watch checks the processes' mean losses: every `RELAY_EVERY`-th (4th) warmup step
 starts one asynchronous `all_reduce` of the losses held since (`distributed.MeanInFlight`), and the next step reads
-it. Measured, with interleaved repeats on a budget so long that no switch test fires in the timed window:
+it. Measured, with interleaved repeats (ABBA order) on a budget so long that warmup lasts the whole timed window:
 
 - the wall time of `scheduler.step(loss)` by step kind: the relay's start (step count a multiple of 4), its read
-  (the step after), and the steps in between; AutoWU's defaults (``watch``) against ``spike_watch=False``
-  (``no_watch``, no relay);
+  (the step after), and the steps in between (a switch test's step left out); AutoWU's defaults (``watch``)
+  against ``spike_watch=False`` (``no_watch``, no relay);
 - whole training steps per second for both.
 
 Both processes run on this machine: gloo on CPUs (``--device cpu``, the default), NCCL with one GPU each
@@ -15,7 +15,7 @@ Both processes run on this machine: gloo on CPUs (``--device cpu``, the default)
 
 Examples::
 
-    python benchmarks/relay_overhead.py                  # about 1 minute on 2 CPU cores
+    python benchmarks/relay_overhead.py                  # about 4 minutes on 2 CPU cores
     python benchmarks/relay_overhead.py --smoke --out-dir /tmp/relay
 """
 
@@ -39,7 +39,8 @@ from common import command_line, locked_json, machine_info, resolve_output_paths
 
 VARIANTS = ("watch", "no_watch")
 BUDGET = 10_000_000
-"""AutoWU's budget: so long that no switch test fires while timing."""
+"""AutoWU's budget: so long that warmup goes on while timing (the switch tests' steps, every few hundred steps, are
+left out of the per-step times, not of the steps per second)."""
 KINDS = ("relay_start", "relay_read", "between")
 
 
@@ -48,7 +49,7 @@ def step_kind(step: int, relay_every: int) -> str:
     return {0: "relay_start", 1: "relay_read"}.get(step % relay_every, "between")
 
 
-def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
+def worker(rank: int, args: argparse.Namespace, hidden: int, port: int, queue: Any) -> None:
     """One process: train, time, and (rank 0) put the timings on `queue`."""
     from hf_autowu import AutoWU
     from hf_autowu.watch import RELAY_EVERY
@@ -61,15 +62,15 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, args.hidden), torch.nn.ReLU(), torch.nn.Linear(args.hidden, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
     model = torch.nn.parallel.DistributedDataParallel(model.to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(args.batch_size, 64, generator=torch.Generator().manual_seed(rank)).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=torch.Generator().manual_seed(rank)).to(device)
     step_ms: dict[str, dict[str, list[float]]] = {v: {k: [] for k in KINDS} for v in VARIANTS}
     steps_per_s: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.repeats):
-        for variant in VARIANTS:
+    for repeat in range(args.repeats):
+        for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:  # ABBA: no variant always runs first
             scheduler = AutoWU(optimizer, total_steps=BUDGET, spike_watch=variant == "watch", rewind=False)
             for i in range(args.warmup_steps + args.steps):
                 if i == args.warmup_steps:
@@ -81,15 +82,16 @@ def worker(rank: int, args: argparse.Namespace, port: int, queue: Any) -> None:
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                tests = len(scheduler.tests)
                 before = time.perf_counter()
                 scheduler.step(loss.detach())
-                if i >= args.warmup_steps:
-                    kind = step_kind(scheduler.last_step, RELAY_EVERY)
-                    step_ms[variant][kind].append((time.perf_counter() - before) * 1e3)
+                elapsed = (time.perf_counter() - before) * 1e3
+                if i >= args.warmup_steps and len(scheduler.tests) == tests:  # a switch test's step is left out
+                    step_ms[variant][step_kind(scheduler.last_step, RELAY_EVERY)].append(elapsed)
             if cuda:
                 torch.cuda.synchronize()
             steps_per_s[variant].append(args.steps / (time.perf_counter() - start))
-            assert scheduler.phase == "warmup" and not scheduler.tests, "a switch test fired in the timed window"
+            assert scheduler.phase == "warmup", "the switch came in the timed window"
     if rank == 0:
         queue.put({"step_ms": step_ms, "steps_per_s": steps_per_s, "relay_every": RELAY_EVERY})
     dist.barrier()
@@ -103,31 +105,47 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run both processes and collect rank 0's timings."""
+def run_size(args: argparse.Namespace, hidden: int) -> dict[str, Any]:
+    """Both processes on the MLP of width `hidden`: rank 0's medians per variant, and its steps/s per repeat."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    mp.start_processes(worker, args=(args, free_port(), queue), nprocs=2, join=True, start_method="spawn")
-    timings = queue.get(timeout=60)
-    summary = {
-        variant: {
-            "scheduler_step_ms": {
-                kind: statistics.median(values) if values else None
-                for kind, values in timings["step_ms"][variant].items()
-            },
-            "steps_per_s": statistics.median(timings["steps_per_s"][variant]),
-        }
-        for variant in VARIANTS
+    processes = mp.start_processes(
+        worker, args=(args, hidden, free_port(), queue), nprocs=2, join=False, start_method="spawn"
+    )
+    timings = queue.get()  # before joining: a process exits only once what it put on the queue has been read
+    while not processes.join():
+        pass
+    rates = timings["steps_per_s"]
+    return {
+        "relay_every": timings["relay_every"],
+        "variants": {
+            variant: {
+                "scheduler_step_ms": {
+                    kind: statistics.median(values) if values else None
+                    for kind, values in timings["step_ms"][variant].items()
+                },
+                "steps_per_s": statistics.median(rates[variant]),
+                "steps_per_s_each_repeat": rates[variant],
+            }
+            for variant in VARIANTS
+        },
+        # the same repeat's runs side by side: how much slower the relay makes a training step
+        "slowdown_each_repeat": [b / a - 1.0 for a, b in zip(rates["watch"], rates["no_watch"], strict=True)],
     }
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every width of `args.hidden`, one after the other."""
+    sizes = {str(hidden): run_size(args, hidden) for hidden in args.hidden}
     return {
         "command": command_line(),
         "machine": machine_info(),
         "device": args.device,
-        "model": f"MLP 64-{args.hidden}-10 under DDP, batch {args.batch_size} per process, 2 processes",
+        "model": f"MLP 64-H-10 under DDP, batch {args.batch_size} per process, 2 processes",
         "steps": args.steps,
         "repeats": args.repeats,
-        "relay_every": timings["relay_every"],
-        "summary": summary,
+        "relay_every": next(iter(sizes.values()))["relay_every"],
+        "sizes": sizes,
     }
 
 
@@ -138,18 +156,27 @@ def report(data: dict[str, Any]) -> str:
         "## The spike watch's relay with several processes (`benchmarks/relay_overhead.py`)",
         "",
         f"Reproduce: `{data['command']}`. Machine: {data['machine']}. {data['model']}, {backend}; "
-        f"{data['steps']} timed warmup steps per run, {data['repeats']} interleaved repeats per variant, medians. "
+        f"{data['steps']} timed warmup steps per run, {data['repeats']} interleaved repeats per variant (ABBA "
+        "order), medians; "
         f"`watch`: AutoWU's defaults (an asynchronous `all_reduce` started every {data['relay_every']}th warmup step, "
-        "read at the next); `no_watch`: `spike_watch=False` (no collective between switch tests). No switch test "
-        "fires in the timed window.",
+        "read at the next); `no_watch`: `spike_watch=False` (no collective between switch tests). The per-step "
+        "times leave out the switch tests' steps (a few in each timed window); the steps per second include them. "
+        "Each process runs on one intra-op thread.",
         "",
-        "| variant | `scheduler.step` ms: relay start | relay read | steps between | training steps/s |",
-        "| --- | --- | --- | --- | --- |",
+        "| H | variant | `scheduler.step` ms: relay start | relay read | steps between | training steps/s | "
+        "steps slower with the relay (median of repeats, range) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for variant, row in data["summary"].items():
-        ms = row["scheduler_step_ms"]
-        cells = " | ".join("" if ms[kind] is None else f"{ms[kind]:.3f}" for kind in KINDS)
-        lines.append(f"| {variant} | {cells} | {row['steps_per_s']:.1f} |")
+    for hidden, size in data["sizes"].items():
+        slowdown = size["slowdown_each_repeat"]
+        paired = (
+            f"{100 * statistics.median(slowdown):+.1f}% ({100 * min(slowdown):+.1f} to {100 * max(slowdown):+.1f})"
+        )
+        for variant, row in size["variants"].items():
+            ms = row["scheduler_step_ms"]
+            cells = " | ".join("" if ms[kind] is None else f"{ms[kind]:.3f}" for kind in KINDS)
+            slower = paired if variant == "watch" else ""
+            lines.append(f"| {hidden} | {variant} | {cells} | {row['steps_per_s']:.1f} | {slower} |")
     return "\n".join(lines)
 
 
@@ -157,17 +184,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="gloo on CPUs, or NCCL on 2 GPUs")
-    parser.add_argument("--hidden", type=int, default=256, help="the MLP's hidden width")
+    parser.add_argument("--hidden", default="256,4096", help="comma-separated hidden widths of the MLP")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=400, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of each variant")
+    parser.add_argument("--steps", type=int, default=1000, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats of each variant")
     parser.add_argument("--warmup-steps", type=int, default=40, help="untimed steps before measuring")
     parser.add_argument("--out-dir", type=Path, default=None, help="where relay_overhead.json goes")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
     parser.add_argument("--smoke", action="store_true", help="a few steps")
     args = parser.parse_args(argv)
+    args.hidden = [int(width) for width in args.hidden.split(",")]
     if args.smoke:
-        args.steps, args.repeats, args.warmup_steps = 12, 1, 4
+        args.steps, args.repeats, args.warmup_steps, args.hidden = 12, 1, 4, [16]
     return resolve_output_paths(args, "relay_overhead_smoke_")
 
 

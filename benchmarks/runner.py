@@ -31,6 +31,13 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "5e1f1b93bb1b": {
+        "e41f979b6e55": "with several processes the spike watch checks the processes' mean losses every 4th warmup "
+        "step (an asynchronous `all_reduce` started on one step, read on the next: `distributed.MeanInFlight`, "
+        "`AutoWU._relay_losses`) instead of at the next switch test; one process takes no new path (every "
+        "benchmark row is one process), and `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses "
+        "under 5e1f1b93bb1b to their recorded switch step, reason and LR",
+    },
     "e41f979b6e55": {
         "30da64343630": "a refactor: `scheduler.py`'s helpers moved into modules of their own (`loss_inputs`, "
         "`param_groups`, `saved_state`; `config.check_positive_int`), the code unchanged; `probe_rows.py --at` "

@@ -358,8 +358,9 @@ def test_relay_overhead_smoke(bench, tmp_path: Path) -> None:
     relay_overhead = bench("relay_overhead")
     assert relay_overhead.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "relay_overhead.json").read_text())
-    assert set(data["summary"]) == set(relay_overhead.VARIANTS)
-    for row in data["summary"].values():
+    (size,) = data["sizes"].values()
+    assert set(size["variants"]) == set(relay_overhead.VARIANTS)
+    for row in size["variants"].values():
         assert row["steps_per_s"] > 0
         assert all(row["scheduler_step_ms"][kind] > 0 for kind in relay_overhead.KINDS)
     assert "<!-- relay_overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
