@@ -42,6 +42,8 @@ BUDGET = 10_000_000
 """AutoWU's budget: so long that warmup goes on while timing (the switch tests' steps, every few hundred steps, are
 left out of the per-step times, not of the steps per second)."""
 KINDS = ("relay_start", "relay_read", "between")
+CHECKS = ("ranks_agree", "mean_in_flight_exact")
+"""Both processes end with the same loss history; `MeanInFlight` equals `mean_over_processes` on the run's device."""
 
 
 def step_kind(step: int, relay_every: int) -> str:
@@ -92,10 +94,30 @@ def worker(rank: int, args: argparse.Namespace, hidden: int, port: int, queue: A
                 torch.cuda.synchronize()
             steps_per_s[variant].append(args.steps / (time.perf_counter() - start))
             assert scheduler.phase == "warmup", "the switch came in the timed window"
+    checks = {"ranks_agree": ranks_agree(scheduler.losses), "mean_in_flight_exact": mean_in_flight_exact(device)}
     if rank == 0:
-        queue.put({"step_ms": step_ms, "steps_per_s": steps_per_s, "relay_every": RELAY_EVERY})
+        queue.put({"step_ms": step_ms, "steps_per_s": steps_per_s, "relay_every": RELAY_EVERY, **checks})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def ranks_agree(losses: torch.Tensor) -> bool:
+    """Whether every process holds the same loss history (the relay's means included), bit for bit."""
+    gathered = [None, None]
+    dist.all_gather_object(gathered, losses.tolist())
+    return gathered[0] == gathered[1]
+
+
+def mean_in_flight_exact(device: torch.device) -> bool:
+    """Whether `MeanInFlight` on this device's tensors gives `mean_over_processes`'s values bit for bit, on every
+    process (under NCCL: the stream wait and the pinned copy)."""
+    from hf_autowu.distributed import MeanInFlight, mean_over_processes
+
+    values = torch.randn(4, generator=torch.Generator().manual_seed(dist.get_rank())).to(device)
+    exact = torch.equal(MeanInFlight(values.clone()).wait(), mean_over_processes(values.clone()))
+    flags = [None, None]
+    dist.all_gather_object(flags, exact)
+    return all(flags)
 
 
 def free_port() -> int:
@@ -118,6 +140,8 @@ def run_size(args: argparse.Namespace, hidden: int) -> dict[str, Any]:
     rates = timings["steps_per_s"]
     return {
         "relay_every": timings["relay_every"],
+        "ranks_agree": timings["ranks_agree"],
+        "mean_in_flight_exact": timings["mean_in_flight_exact"],
         "variants": {
             variant: {
                 "scheduler_step_ms": {
@@ -152,6 +176,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def report(data: dict[str, Any]) -> str:
     """The RESULTS.md section."""
     backend = "NCCL, one GPU per process" if data["device"] == "cuda" else "gloo on CPU cores"
+    checks = ", ".join(f"`{name}` {all(size[name] for size in data['sizes'].values())}" for name in CHECKS)
     lines = [
         "## The spike watch's relay with several processes (`benchmarks/relay_overhead.py`)",
         "",
@@ -161,7 +186,8 @@ def report(data: dict[str, Any]) -> str:
         f"`watch`: AutoWU's defaults (an asynchronous `all_reduce` started every {data['relay_every']}th warmup step, "
         "read at the next); `no_watch`: `spike_watch=False` (no collective between switch tests). The per-step "
         "times leave out the switch tests' steps (a few in each timed window); the steps per second include them. "
-        "Each process runs on one intra-op thread.",
+        "Each process runs on one intra-op thread. Checks, over every width (both processes end with the same loss "
+        f"history; `MeanInFlight` equals `mean_over_processes` on the run's device): {checks}.",
         "",
         "| H | variant | `scheduler.step` ms: relay start | relay read | steps between | training steps/s | "
         "steps slower with the relay (median of repeats, range) |",

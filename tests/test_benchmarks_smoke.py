@@ -359,6 +359,7 @@ def test_relay_overhead_smoke(bench, tmp_path: Path) -> None:
     assert relay_overhead.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "relay_overhead.json").read_text())
     (size,) = data["sizes"].values()
+    assert size["ranks_agree"] and size["mean_in_flight_exact"]
     assert set(size["variants"]) == set(relay_overhead.VARIANTS)
     for row in size["variants"].values():
         assert row["steps_per_s"] > 0
