@@ -53,7 +53,8 @@ class MeanInFlight:
     only waits for the work of the step before, never the current one's.
 
     With gloo and CUDA tensors (gloo reduces host memory) the values are copied to pinned memory at once and reduced
-    when `wait()` is called. Every process must start it at the same point, with values of the same shape.
+    when `wait()` is called: `wait()` is then a collective (`needs_collective`), to call on every process alike.
+    Every process must start it at the same point, with values of the same shape.
 
     Args:
         values (`torch.Tensor`): This process's values (1-D).
@@ -86,6 +87,20 @@ class MeanInFlight:
         self._event = torch.cuda.Event()
         self._event.record()
         return host
+
+    @property
+    def needs_collective(self) -> bool:
+        """Whether `wait()` still has to reduce (a collective): gloo with CUDA tensors."""
+        return self._reduce_on_wait
+
+    def local_values(self) -> torch.Tensor:
+        """This process's values, float64 on the CPU (waits for their copy; no collective): only before a reduction
+        that `wait()` makes (`needs_collective`)."""
+        if not self._reduce_on_wait:
+            raise RuntimeError("MeanInFlight.local_values: the values are already being reduced in place.")
+        if self._event is not None:
+            self._event.synchronize()
+        return self._values.clone()
 
     def wait(self) -> torch.Tensor:
         """The mean over processes, float64 on the CPU (waits for what was started, if not done yet)."""

@@ -423,10 +423,14 @@ class AutoWU:
         the losses since the last switch test are held per process until then, and a state saved from one process
         would resume with that process's losses instead of their mean (a warning says so).
         """
-        self._land_relay()  # only waits: the averaging was started on every process
-        if self._pending and world_size() > 1 and process_rank() == 0:
+        if self._relay is not None and not self._relay.needs_collective:
+            self._land_relay()  # only waits: the averaging was started on every process
+        pending = pending_to_tensor(self._pending).cpu()
+        if self._relay is not None:  # gloo with CUDA losses: reducing them would be a collective, from this process
+            pending = torch.cat([self._relay.local_values(), pending])
+        if pending.numel() and world_size() > 1 and process_rank() == 0:
             warnings.warn(
-                f"AutoWU.state_dict: {len(self._pending)} losses of this process are not yet averaged over the "
+                f"AutoWU.state_dict: {pending.numel()} losses of this process are not yet averaged over the "
                 "processes; call `scheduler.sync_pending_losses()` on every process before saving, or a resume from "
                 "this state uses this process's losses instead of their mean and differs from an uninterrupted run.",
                 stacklevel=2,
@@ -448,7 +452,7 @@ class AutoWU:
             "last_outcome": asdict(self.last_outcome) if self.last_outcome is not None else None,
             "estimate_before_last": self._estimate_before_last,
             "history": self._history.clone(),
-            "pending": pending_to_tensor(self._pending).cpu(),
+            "pending": pending,
             "passes": list(self._passes),
             "next_test": self._next_test,
             "plateau_best": self._plateau_best,
