@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "1a36a306ba55": {
+        "5e1f1b93bb1b": "`AutoWU.state_dict` never makes a collective for the relay: with gloo and CUDA losses it "
+        "saves this process's own values among the pending losses (`MeanInFlight.needs_collective`); a path only "
+        "several processes take, and `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under "
+        "1a36a306ba55 to their recorded switch step, reason and LR",
+    },
     "5e1f1b93bb1b": {
         "e41f979b6e55": "with several processes the spike watch checks the processes' mean losses every 4th warmup "
         "step (an asynchronous `all_reduce` started on one step, read on the next: `distributed.MeanInFlight`, "
