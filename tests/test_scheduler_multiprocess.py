@@ -125,6 +125,20 @@ def test_a_state_saved_between_tests_from_the_main_process_resumes_exactly_after
 
 
 @pytest.mark.multiprocess
+def test_a_state_saved_by_the_main_process_alone_while_the_relay_runs_resumes_exactly(ranks):
+    """With the spike watch on, a state taken on the main process alone, without a sync, while the relay started
+    at that step is under way: `state_dict()` only waits for it (no collective: a call on one process does not hang),
+    holds no loss of one process, and the run resumed from it on both is the uninterrupted one."""
+    for rank, result in enumerate(ranks):
+        resumed = result["resumed_mid_relay"]
+        assert resumed["in_flight"], "the save must come while the relay is under way"
+        assert resumed["lrs"] == result["watched"]["lrs"], rank
+        if rank == 0:
+            assert resumed["warnings"] == 0 and resumed["pending"] == []
+    assert ranks[0]["watched"]["tests"], "the run goes on to its switch tests"
+
+
+@pytest.mark.multiprocess
 def test_a_non_finite_loss_on_one_process_is_retried_by_both(ranks):
     """Rank 1's loss and gradients turn NaN once (its weights with them): the mean loss is NaN on both, both go on
     with warmup from the main process's snapshot (broadcast), and they end with the same LRs and the same finite

@@ -29,6 +29,7 @@ TOTAL = 240
 NAN_STEP = 37
 SPIKE_STEP, SPIKE_INTERVAL = 61, 20  # between the switch tests at steps 60 and 80
 SAVE_STEP = 15  # before the first switch test (step 20): each process holds 15 losses of its own, not averaged
+RELAY_SAVE_STEP = 16  # the spike watch's relay of steps 13-16 is under way (started at step 16, read at 17)
 NAN_OPTIONS = {"divergence_guard": False, "spike_watch": False}
 RETRY_STEP = 10  # the model's loss and gradients are NaN at this step on rank 1 only
 SHORT_TOTAL = 30  # warmup capped at 15 steps, before any switch test: the LR comes from the range test's rule
@@ -100,6 +101,31 @@ def saved_and_resumed(rank: int, losses) -> dict:
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step(torch.tensor(losses(step, lrs[-1])))
     return {"lrs": lrs, "warnings_unsynced": unsynced, "warnings_synced": synced}
+
+
+def saved_mid_relay(rank: int, losses) -> dict:
+    """`run` with the defaults (spike watch on), saved after `RELAY_SAVE_STEP` steps, while the relay started at that
+    step is under way, from `state_dict()` called on the main process alone and without `sync_pending_losses()` (a
+    collective there would hang), then loaded into a new scheduler on both."""
+
+    def build():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return optimizer, AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False)
+
+    optimizer, scheduler = build()
+    lrs, caught = [], []
+    for step in range(TOTAL):
+        if step == RELAY_SAVE_STEP:
+            in_flight = scheduler._relay is not None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state = [scheduler.state_dict() if rank == 0 else None]
+            dist.broadcast_object_list(state, src=0)
+            optimizer, scheduler = build()
+            scheduler.load_state_dict(state[0])
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    return {"lrs": lrs, "in_flight": in_flight, "warnings": len(caught), "pending": state[0]["pending"].tolist()}
 
 
 def retried_run(rank: int) -> dict:
@@ -205,6 +231,8 @@ def main() -> None:
     result = {
         "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), **NAN_OPTIONS),
         "resumed": saved_and_resumed(rank, lambda step, lr: local_loss(rank, step, lr)),
+        "watched": run(rank, lambda step, lr: local_loss(rank, step, lr)),
+        "resumed_mid_relay": saved_mid_relay(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
         "retried": retried_run(rank),
         "short": run(rank, lambda step, lr: local_loss(rank, step, lr), total=SHORT_TOTAL),
