@@ -3,7 +3,8 @@
 Both entry points feed AutoWU the training loss of every optimizer step: the sum of what
 `Trainer.training_step` returns for the step's micro-batches (each already divided by the number of
 micro-batches, or normalised by `num_items_in_batch`), kept on the device. AutoWU averages these losses over
-processes itself, once per switch test, so ordinary steps add no device sync and no collective. What must reach
+processes itself, once per switch test (and, in warmup with the spike watch, every 4th step, without waiting), so
+ordinary steps add no device sync. What must reach
 into the Trainer (the step's loss, AutoWU's keys in the log entries, the state written with each checkpoint) is
 in `trainer_hooks`.
 """
