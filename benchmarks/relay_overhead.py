@@ -11,12 +11,17 @@ it. Measured, with interleaved repeats (ABBA order) on a budget so long that war
 - whole training steps per second for both.
 
 Both processes run on this machine: gloo on CPUs (``--device cpu``, the default), NCCL with one GPU each
-(``--device cuda``, needs two). Writes ``relay_overhead.json`` and a RESULTS.md section.
+(``--device cuda``, needs two), or gloo with CUDA tensors (``--device cuda --backend gloo``, one GPU will do: the
+relay's pinned copy, reduced when read). Checked after the timing: a `state_dict()` taken on the main process
+alone while a relay is under way returns (no collective), the processes end with the same loss history, and
+`MeanInFlight` equals `mean_over_processes` on the run's device. Writes ``relay_overhead.json`` and a RESULTS.md
+section.
 
 Examples::
 
     python benchmarks/relay_overhead.py                  # about 4 minutes on 2 CPU cores
     python benchmarks/relay_overhead.py --smoke --out-dir /tmp/relay
+    python benchmarks/relay_overhead.py --device cuda --backend gloo --out-dir "$OUT"   # one GPU: the CUDA paths
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ def worker(rank: int, args: argparse.Namespace, hidden: int, port: int, queue: A
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=2)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dist.init_process_group(args.backend, rank=rank, world_size=2)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)
@@ -70,10 +75,20 @@ def worker(rank: int, args: argparse.Namespace, hidden: int, port: int, queue: A
     x = torch.randn(args.batch_size, 64, generator=torch.Generator().manual_seed(rank)).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=torch.Generator().manual_seed(rank)).to(device)
     step_ms: dict[str, dict[str, list[float]]] = {v: {k: [] for k in KINDS} for v in VARIANTS}
+    watched: Any = None
     steps_per_s: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
+    def train_step(scheduler: Any) -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step(loss.detach())
+
     for repeat in range(args.repeats):
         for variant in VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]:  # ABBA: no variant always runs first
             scheduler = AutoWU(optimizer, total_steps=BUDGET, spike_watch=variant == "watch", rewind=False)
+            watched = scheduler if variant == "watch" else watched
             for i in range(args.warmup_steps + args.steps):
                 if i == args.warmup_steps:
                     if cuda:
@@ -94,7 +109,15 @@ def worker(rank: int, args: argparse.Namespace, hidden: int, port: int, queue: A
                 torch.cuda.synchronize()
             steps_per_s[variant].append(args.steps / (time.perf_counter() - start))
             assert scheduler.phase == "warmup", "the switch came in the timed window"
-    checks = {"ranks_agree": ranks_agree(scheduler.losses), "mean_in_flight_exact": mean_in_flight_exact(device)}
+    # a state taken on the main process alone while a relay is under way must not hang (no collective) ...
+    while watched._relay is None:
+        train_step(watched)
+    if rank == 0:
+        watched.state_dict()
+    dist.barrier()
+    for _ in range(2 * RELAY_EVERY):  # ... and the processes still agree once the next relays are read
+        train_step(watched)
+    checks = {"ranks_agree": ranks_agree(watched.losses), "mean_in_flight_exact": mean_in_flight_exact(device)}
     if rank == 0:
         queue.put({"step_ms": step_ms, "steps_per_s": steps_per_s, "relay_every": RELAY_EVERY, **checks})
     dist.barrier()
@@ -165,6 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "command": command_line(),
         "machine": machine_info(),
         "device": args.device,
+        "backend": args.backend,
         "model": f"MLP 64-H-10 under DDP, batch {args.batch_size} per process, 2 processes",
         "steps": args.steps,
         "repeats": args.repeats,
@@ -175,7 +199,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(data: dict[str, Any]) -> str:
     """The RESULTS.md section."""
-    backend = "NCCL, one GPU per process" if data["device"] == "cuda" else "gloo on CPU cores"
+    backend = {
+        ("cuda", "nccl"): "NCCL, one GPU per process",
+        ("cuda", "gloo"): "gloo with CUDA tensors",
+        ("cpu", "gloo"): "gloo on CPU cores",
+    }[(data["device"], data.get("backend", "nccl" if data["device"] == "cuda" else "gloo"))]
     checks = ", ".join(f"`{name}` {all(size[name] for size in data['sizes'].values())}" for name in CHECKS)
     lines = [
         "## The spike watch's relay with several processes (`benchmarks/relay_overhead.py`)",
@@ -186,8 +214,10 @@ def report(data: dict[str, Any]) -> str:
         f"`watch`: AutoWU's defaults (an asynchronous `all_reduce` started every {data['relay_every']}th warmup step, "
         "read at the next); `no_watch`: `spike_watch=False` (no collective between switch tests). The per-step "
         "times leave out the switch tests' steps (a few in each timed window); the steps per second include them. "
-        "Each process runs on one intra-op thread. Checks, over every width (both processes end with the same loss "
-        f"history; `MeanInFlight` equals `mean_over_processes` on the run's device): {checks}.",
+        "Each process runs on one intra-op thread. After the timing a `state_dict()` taken on the main process alone "
+        "while a relay was under way returned (a collective there would have hung); checks, over every width (both "
+        f"processes end with the same loss history; `MeanInFlight` equals `mean_over_processes` on the run's device): "
+        f"{checks}.",
         "",
         "| H | variant | `scheduler.step` ms: relay start | relay read | steps between | training steps/s | "
         "steps slower with the relay (median of repeats, range) |",
@@ -209,7 +239,13 @@ def report(data: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="gloo on CPUs, or NCCL on 2 GPUs")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the model trains")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=("gloo", "nccl"),
+        help="default: gloo on CPUs, NCCL on GPUs (one GPU per process); gloo with --device cuda runs on one GPU",
+    )
     parser.add_argument("--hidden", default="256,4096", help="comma-separated hidden widths of the MLP")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1000, help="timed steps per run")
@@ -220,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few steps")
     args = parser.parse_args(argv)
     args.hidden = [int(width) for width in args.hidden.split(",")]
+    args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     if args.smoke:
         args.steps, args.repeats, args.warmup_steps, args.hidden = 12, 1, 4, [16]
     return resolve_output_paths(args, "relay_overhead_smoke_")
@@ -228,8 +265,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 when `--device cuda` finds fewer than two GPUs)."""
     args = parse_args(argv)
-    if args.device == "cuda" and torch.cuda.device_count() < 2:
-        print("relay_overhead.py --device cuda needs two CUDA GPUs: nothing was measured.", file=sys.stderr)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and gpus < (2 if args.backend == "nccl" else 1):
+        needed = "two CUDA GPUs" if args.backend == "nccl" else "a CUDA GPU"
+        print(
+            f"relay_overhead.py --device cuda --backend {args.backend} needs {needed}: nothing measured.",
+            file=sys.stderr,
+        )
         return 2
     data = measure(args)
     with locked_json(args.out_dir / "relay_overhead.json", {}) as stored:

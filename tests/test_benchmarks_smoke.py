@@ -367,6 +367,14 @@ def test_relay_overhead_smoke(bench, tmp_path: Path) -> None:
     assert "<!-- relay_overhead:begin -->" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_relay_overhead_refuses_without_the_gpus_it_needs(bench, tmp_path: Path) -> None:
+    relay_overhead = bench("relay_overhead")
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("two GPUs are here: the real run is `python benchmarks/relay_overhead.py --device cuda`")
+    assert relay_overhead.main(["--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+    assert not (tmp_path / "relay_overhead.json").exists()
+
+
 def test_gpu_checks_refuses_without_cuda(bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     gpu_checks = bench("gpu_checks")
     if torch.cuda.is_available():
