@@ -16,12 +16,14 @@ hf_autowu's own sources, with AutoWU's defaults, through `AutoWUCallback` and `A
   checks, with the LR read inside DeepSpeed's optimizer step; the rewind fingerprints cover DeepSpeed's fp32 master
   partitions, their optimizer state and the weights the model computes with (ZeRO-3: each parameter's partition).
 
-Each part runs in its own process, started with ``torch.distributed.run --nproc_per_node 1`` (Accelerate takes its
-FSDP and DeepSpeed paths only in a distributed launch). Then ``benchmarks/gpu_overhead.py`` runs (its own RESULTS.md
-section). Writes ``gpu_checks.json`` and the RESULTS.md section ``gpu_checks``; the exit code is 0 when every check
-passed, 1 otherwise, 2 without a CUDA GPU (nothing is run). ``--device cpu --smoke`` is a dry run of the code path
-on a CPU (DeepSpeed with ``DS_ACCELERATOR=cpu``; the Trainer refuses FSDP without a distributed accelerator, so
-the ``fsdp`` part trains unsharded there and skips its sharding check).
+Each part runs in its own process, started with ``torch.distributed.run --nproc_per_node 1`` (Accelerate takes its FSDP
+and DeepSpeed paths only in a distributed launch). Then ``benchmarks/gpu_overhead.py`` runs (its own RESULTS.md
+section), and ``benchmarks/relay_overhead.py --device cuda --backend gloo``: the spike watch's relay with CUDA losses,
+two processes on one GPU (its own section; its checks count here). Writes ``gpu_checks.json`` and the RESULTS.md
+section ``gpu_checks``; the exit code is 0 when every check passed, 1 otherwise, 2 without a CUDA GPU (nothing is run).
+``--device cpu --smoke`` is a dry run of the code path on a CPU (DeepSpeed with ``DS_ACCELERATOR=cpu``; the Trainer
+refuses FSDP without a distributed accelerator, so the ``fsdp`` part trains unsharded there and skips its sharding
+check).
 
 Examples::
 
@@ -409,6 +411,13 @@ def report(data: dict[str, Any]) -> str:
         )
     if data["overhead_exit_code"] is not None:
         lines += ["", f"`benchmarks/gpu_overhead.py` exit code: {data['overhead_exit_code']} (its own section)."]
+    if data.get("relay_exit_code") is not None:
+        lines += [
+            "",
+            f"`benchmarks/relay_overhead.py --device cuda --backend gloo` exit code: {data['relay_exit_code']} (0: "
+            "two processes with CUDA losses agree, `MeanInFlight` is exact, a `state_dict()` on the main process "
+            "alone mid-relay returned; its own section).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -453,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         import gpu_overhead
 
         overhead = gpu_overhead.main(["--out-dir", str(opts.out_dir), "--results-md", str(opts.results_md)])
+    relay = None
+    if not opts.skip_overhead and opts.device == "cuda":
+        import relay_overhead
+
+        relay = relay_overhead.main(  # the spike watch's relay with CUDA losses (gloo: one GPU will do)
+            ["--device", "cuda", "--backend", "gloo", "--hidden", "4096", "--steps", "300", "--repeats", "3"]
+            + ["--out-dir", str(opts.out_dir), "--results-md", str(opts.results_md)]
+        )
     import accelerate
     import transformers
 
@@ -473,12 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         "steps": opts.steps,
         "runs": runs,
         "overhead_exit_code": overhead,
+        "relay_exit_code": relay,
     }
     with locked_json(opts.out_dir / "gpu_checks.json", {}) as stored:
         stored.clear()
         stored.update(data)
     update_section(opts.results_md, "gpu_checks", report(data))
-    ok = all(run.get("ok") for run in runs.values()) and overhead in (None, 0)
+    ok = all(run.get("ok") for run in runs.values()) and overhead in (None, 0) and relay in (None, 0)
     print(
         f"{'all checks passed' if ok else 'SOME CHECKS FAILED'}; wrote {opts.out_dir / 'gpu_checks.json'} and "
         f"{opts.results_md}"

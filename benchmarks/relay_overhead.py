@@ -263,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 when `--device cuda` finds fewer than two GPUs)."""
+    """Entry point; returns the process exit code: 0, 1 when a check failed (`CHECKS`), 2 when `--device cuda` finds
+    too few GPUs."""
     args = parse_args(argv)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.device == "cuda" and gpus < (2 if args.backend == "nccl" else 1):
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         stored.update(data)
     update_section(args.results_md, "relay_overhead", report(data))
     print(report(data))
-    return 0
+    return 0 if all(size[check] for size in data["sizes"].values() for check in CHECKS) else 1
 
 
 if __name__ == "__main__":
