@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from collective_counter import CollectiveCounter
 from process_exit import leave
 
 from hf_autowu import AutoWU
@@ -167,20 +168,9 @@ def damaged_ddp_run(rank: int) -> dict:
     scheduler = AutoWU(
         optimizer, total_steps=2000, test_interval=DAMAGE_INTERVAL, min_lr=1e-3, max_lr=1e3, model=model
     )
-    collective_steps: list[int] = []
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "broadcast_object_list")}
-
-    def counted(function):
-        def call(*args, **kwargs):
-            collective_steps.append(scheduler.last_step)
-            return function(*args, **kwargs)
-
-        return call
-
     losses, weights, snapshot_steps = [], [], []
+    counter = CollectiveCounter(lambda: scheduler.last_step, ("all_reduce", "broadcast", "broadcast_object_list"))
     try:
-        for name, function in originals.items():
-            setattr(dist, name, counted(function))
         for step in range(300):
             g = torch.Generator().manual_seed(10 * step + rank)
             x = torch.randn(64, 8, generator=g)
@@ -195,8 +185,7 @@ def damaged_ddp_run(rank: int) -> dict:
             if snapshots and snapshots[-1]["step"] == scheduler.last_step:
                 snapshot_steps.append(scheduler.last_step)
     finally:
-        for name, function in originals.items():
-            setattr(dist, name, function)
+        counter.remove()
     rewound = scheduler.rewinder.rewound_to
     return {
         "losses": losses,
@@ -207,7 +196,7 @@ def damaged_ddp_run(rank: int) -> dict:
         "lr_at_damage": scheduler.lr_at(DAMAGE_AT),
         "tests": [record.step for record in scheduler.tests],
         "rewound_step": None if rewound is None else rewound["step"],
-        "collective_steps": collective_steps,
+        "collective_steps": counter.steps,
         "snapshot_steps": snapshot_steps,
     }
 

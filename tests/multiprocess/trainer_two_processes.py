@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from collective_counter import CollectiveCounter
 from process_exit import leave
 from trainer_toy import AUTOWU_OPTIONS, NanLossAt, StepRecorder, ToyRegressor, regression_data, training_args
 from transformers import Trainer
@@ -23,28 +24,6 @@ from hf_autowu import AutoWUCallback, AutoWUConfig, AutoWUTrainer
 hf_autowu.trainer.SAVE_FIGURE = False  # drawing autowu.png is tested in one process
 NAN_STEP = 6
 TEST_INTERVAL = 4  # switch tests at steps 4, 8, ... (the robust preset tests from 20 losses on)
-
-
-class CollectiveCounter:
-    """Records the optimizer step (1-based) of every `all_reduce`/`broadcast` call while installed."""
-
-    def __init__(self, state_of) -> None:
-        self.steps: list[int] = []
-        self._state_of = state_of
-        self._originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast")}
-        for name, original in self._originals.items():
-            setattr(dist, name, self._counting(original))
-
-    def _counting(self, original):
-        def call(*args, **kwargs):
-            self.steps.append(self._state_of().global_step + 1)
-            return original(*args, **kwargs)
-
-        return call
-
-    def remove(self) -> None:
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
 
 
 def train(entry_point: str, nan: bool, output_dir: str) -> dict:
@@ -60,7 +39,7 @@ def train(entry_point: str, nan: bool, output_dir: str) -> dict:
         trainer = Trainer(**common, callbacks=[*callbacks, callback])
     else:
         trainer = AutoWUTrainer(**common, callbacks=callbacks, autowu_config=config)
-    counter = CollectiveCounter(lambda: trainer.state)
+    counter = CollectiveCounter(lambda: trainer.state.global_step + 1)  # the optimizer step under way (1-based)
     try:
         trainer.train()
     finally:
