@@ -14,7 +14,7 @@ Both processes run on this machine: gloo on CPUs (``--device cpu``, the default)
 (``--device cuda``, needs two), or gloo with CUDA tensors (``--device cuda --backend gloo``, one GPU will do: the
 relay's pinned copy, reduced when read). Checked after the timing: a `state_dict()` taken on the main process
 alone while a relay is under way returns (no collective), the processes end with the same loss history, and
-`MeanInFlight` equals `mean_over_processes` on the run's device. Writes ``relay_overhead.json`` and a RESULTS.md
+`MeanInFlight` equals the gathered values' mean. Writes ``relay_overhead.json`` and a RESULTS.md
 section.
 
 Examples::
@@ -48,7 +48,7 @@ BUDGET = 10_000_000
 left out of the per-step times, not of the steps per second)."""
 KINDS = ("relay_start", "relay_read", "between")
 CHECKS = ("ranks_agree", "mean_in_flight_exact")
-"""Both processes end with the same loss history; `MeanInFlight` equals `mean_over_processes` on the run's device."""
+"""Both processes end with the same loss history; `MeanInFlight` equals the gathered values' mean."""
 
 
 def step_kind(step: int, relay_every: int) -> str:
@@ -132,12 +132,16 @@ def ranks_agree(losses: torch.Tensor) -> bool:
 
 
 def mean_in_flight_exact(device: torch.device) -> bool:
-    """Whether `MeanInFlight` on this device's tensors gives `mean_over_processes`'s values bit for bit, on every
-    process (under NCCL: the stream wait and the pinned copy)."""
-    from hf_autowu.distributed import MeanInFlight, mean_over_processes
+    """Whether `MeanInFlight` on this device's tensors gives the mean of the two processes' gathered values bit for
+    bit, on every process (under NCCL: the stream wait and the pinned copy). With two processes a sum in any order is
+    one rounding, so the reduction must match it exactly."""
+    from hf_autowu.distributed import MeanInFlight
 
-    values = torch.randn(4, generator=torch.Generator().manual_seed(dist.get_rank())).to(device)
-    exact = torch.equal(MeanInFlight(values.clone()).wait(), mean_over_processes(values.clone()))
+    values = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(dist.get_rank()))
+    gathered = [None, None]
+    dist.all_gather_object(gathered, values)
+    expected = (gathered[0] + gathered[1]) / 2
+    exact = torch.equal(MeanInFlight(values.to(device)).wait(), expected)
     flags = [None, None]
     dist.all_gather_object(flags, exact)
     return all(flags)
@@ -216,7 +220,7 @@ def report(data: dict[str, Any]) -> str:
         "times leave out the switch tests' steps (a few in each timed window); the steps per second include them. "
         "Each process runs on one intra-op thread. After the timing a `state_dict()` taken on the main process alone "
         "while a relay was under way returned (a collective there would have hung); checks, over every width (both "
-        f"processes end with the same loss history; `MeanInFlight` equals `mean_over_processes` on the run's device): "
+        f"processes end with the same loss history; `MeanInFlight` equals the gathered values' mean): "
         f"{checks}.",
         "",
         "| H | variant | `scheduler.step` ms: relay start | relay read | steps between | training steps/s | "

@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "42d6620dd238": {
+        "1a36a306ba55": "a refactor: `distributed.mean_over_processes` is `MeanInFlight(values).wait()` (the same "
+        "sums; the division by the process count moves from the device to the host, exact in float64 on both); "
+        "`probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under 42d6620dd238 to their "
+        "recorded switch step, reason and LR",
+    },
     "1a36a306ba55": {
         "5e1f1b93bb1b": "`AutoWU.state_dict` never makes a collective for the relay: with gloo and CUDA losses it "
         "saves this process's own values among the pending losses (`MeanInFlight.needs_collective`); a path only "

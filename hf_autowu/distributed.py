@@ -29,27 +29,10 @@ def collective_device(tensor: torch.Tensor) -> torch.device:
     return torch.device("cpu") if tensor.device.type == "cuda" and "gloo" in backend else tensor.device
 
 
-def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean of `values` over all processes, returned as float64 on the CPU.
-
-    Args:
-        values (`torch.Tensor`): Same shape on every process.
-
-    Returns:
-        `torch.Tensor`: the mean, float64, CPU.
-    """
-    world = world_size()
-    if world > 1:
-        values = values.to(device=collective_device(values), dtype=torch.float64)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values / world
-    return values.to(device="cpu", dtype=torch.float64)
-
-
 class MeanInFlight:
     """An element-wise mean over all processes started without waiting for it: `all_reduce(async_op=True)`, and for
-    a CUDA result a copy to pinned host memory with `non_blocking=True`. `wait()` returns the same values as
-    `mean_over_processes` would have (float64, CPU); called a step later it normally finds them there, and the host
+    a CUDA result a copy to pinned host memory with `non_blocking=True`. `wait()` returns the mean (float64, CPU;
+    `mean_over_processes` is this, waited for at once); called a step later it normally finds them there, and the host
     only waits for the work of the step before, never the current one's.
 
     With gloo and CUDA tensors (gloo reduces host memory) the values are copied to pinned memory at once and reduced
@@ -114,6 +97,19 @@ class MeanInFlight:
         if self._world > 1:
             values = values / self._world
         return values.to(device="cpu", dtype=torch.float64)
+
+
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of `values` over all processes, returned as float64 on the CPU (`MeanInFlight`, waited for
+    at once).
+
+    Args:
+        values (`torch.Tensor`): Same shape on every process.
+
+    Returns:
+        `torch.Tensor`: the mean, float64, CPU.
+    """
+    return MeanInFlight(values).wait()
 
 
 def min_over_processes(value: float) -> float:

@@ -80,9 +80,10 @@ def test_a_blow_up_between_tests_is_caught_by_both_before_the_next_test(ranks):
 
 @pytest.mark.multiprocess
 def test_a_mean_started_without_waiting_is_the_mean_over_processes(ranks):
-    """The relay's `MeanInFlight`, read after another collective ran, equals `mean_over_processes` bit for bit."""
+    """The relay's `MeanInFlight`, read after another collective ran, and `mean_over_processes` equal the mean of the
+    processes' gathered values bit for bit."""
     for rank in ranks:
-        assert rank["in_flight"]["equal"] == [True] * 8
+        assert rank["in_flight"]["equal"] == [True] * 16
 
 
 @pytest.mark.multiprocess

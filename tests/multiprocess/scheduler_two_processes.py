@@ -201,16 +201,27 @@ def damaged_ddp_run(rank: int) -> dict:
     }
 
 
+def gathered_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of both processes' `values` computed here from their gathered copies, float64: with two processes a
+    sum in any order is one rounding, so this is what a reduction must give bit for bit."""
+    gathered = [torch.empty(values.shape, dtype=torch.float64) for _ in range(2)]
+    dist.all_gather(gathered, values.to(torch.float64))
+    return (gathered[0] + gathered[1]) / 2
+
+
 def means_in_flight(rank: int) -> dict:
-    """`MeanInFlight` against `mean_over_processes` on the same random values (float32 and float64, several lengths),
-    with an ordinary collective issued between the start and the wait, as a training step would."""
+    """`MeanInFlight`, and `mean_over_processes` (the same waited for at once), against the mean of the gathered
+    values (float32 and float64, several lengths), with an ordinary collective issued between the start and the wait,
+    as a training step would."""
     equal = []
     for length in (1, 3, 4, 17):
         for dtype in (torch.float32, torch.float64):
             values = torch.randn(length, generator=torch.Generator().manual_seed(100 * rank + length), dtype=dtype)
+            expected = gathered_mean(values)
             in_flight = MeanInFlight(values.clone())
             dist.all_reduce(torch.ones(2))  # another collective before the wait (a DDP step's, say)
-            equal.append(torch.equal(in_flight.wait(), mean_over_processes(values.clone())))
+            equal.append(torch.equal(in_flight.wait(), expected))
+            equal.append(torch.equal(mean_over_processes(values.clone()), expected))
     return {"equal": equal}
 
 
