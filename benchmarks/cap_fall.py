@@ -12,8 +12,8 @@ budgets, 10 seeds each:
     python benchmarks/cap_fall.py
     python benchmarks/cap_fall.py --smoke   # one budget, one noise, two seeds
 
-Prints, per budget and noise, how many of the 10 seeds decayed from `min_lr` (section "A real fall that medians of
-ten miss" of ``RESULTS.md``). About a minute on one CPU core.
+Prints, per budget and noise, how many of the 10 seeds decayed from `min_lr` (the entry "A real fall that medians of
+ten miss" of ``HISTORY.md``). About a minute on one CPU core.
 """
 
 from __future__ import annotations
