@@ -31,6 +31,16 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "70c1edccc9a4": {
+        "42d6620dd238": "fixes from a review of the entry points: a second "
+        "non-finite loss right after a retried one with nothing restored ends warmup; `sync_pending_losses` in decay "
+        "with `decay_phase_stat='loss'` averages the epoch's losses in place; `step_update` counts updates that fp16 "
+        "overflow skipped under Accelerate; the state keeps the LR that later groups are scaled against; a load "
+        "rebuilds the scheduler's own rewinder with the saved rewind options; `initial_lr` recorded in each group; "
+        "a tensor LR, `lr_at`'s step and a bool loss checked; the Trainer warms up again after a checkpoint without "
+        "scheduler state and refuses a second AutoWUCallback. `probe_rows.py --at` replays all 1131 recorded "
+        "AutoWU rows with losses under 70c1edccc9a4 to their recorded switch step, reason and LR",
+    },
     "42d6620dd238": {
         "1a36a306ba55": "a refactor: `distributed.mean_over_processes` is `MeanInFlight(values).wait()` (the same "
         "sums; the division by the process count moves from the device to the host, exact in float64 on both); "

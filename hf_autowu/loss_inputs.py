@@ -27,8 +27,8 @@ def detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise ValueError(f"`loss` must hold a single value, got a tensor of shape {tuple(loss.shape)}.")
-        if loss.is_complex():
-            raise ValueError(f"`loss` must be real, got a {loss.dtype} tensor.")
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise ValueError(f"`loss` must be a real number, got a {loss.dtype} tensor.")
         if loss.device.type == "cpu":
             return float(loss.detach())
         return loss.detach().reshape(()).clone()

@@ -21,8 +21,8 @@ def configured_lr(index: int, group: dict[str, Any]) -> float:
         `float`: its `initial_lr` (set by an earlier scheduler), else its `lr`.
     """
     lr = group.get("initial_lr", group.get("lr"))
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        return float(lr)
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex():
+        lr = float(lr)
     if not (is_number(lr) and 0 <= lr < math.inf):
         raise ValueError(
             f"AutoWU sets every parameter group's `lr`, but group {index} has lr={lr!r}: give the optimizer a finite "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -137,6 +138,10 @@ class AutoWU:
                 raise ValueError("`decay_phase_stat`/`decay_phase_factor` act per epoch and need `steps_per_epoch`.")
 
         configured = [configured_lr(i, group) for i, group in enumerate(optimizer.param_groups)]
+        for group, lr in zip(optimizer.param_groups, configured, strict=True):
+            # as torch's schedulers record it: a later scheduler on this optimizer (a second `train()`, whose
+            # AutoWUTrainer builds a new AutoWU after this one's cooldown left every `lr` at 0) reads the same ratios
+            group.setdefault("initial_lr", lr)
         self._top_configured_lr = max(configured)
         self.group_ratios = [self._ratio_of(i, group) for i, group in enumerate(optimizer.param_groups)]
 
@@ -173,6 +178,11 @@ class AutoWU:
         self._estimate_before_last: float | None = None
         self._history = torch.empty(0, dtype=torch.float64)
         self._pending: list[torch.Tensor | float] = []
+        # in decay with `decay_phase_stat="loss"`: how many of the epoch's pending losses `sync_pending_losses` has
+        # already averaged over the processes (they stay pending until the epoch ends)
+        self._synced_pending = 0
+        # updates that fp16 overflow skipped under Accelerate: not steps, but timm's `num_updates` counts them
+        self._skipped_updates = 0
         # with several processes and the spike watch: the oldest pending losses, being averaged (`_relay_losses`)
         self._relay: MeanInFlight | None = None
         self._micro_batch_losses: list[torch.Tensor | float] = []  # of the update under way, under `accumulate`
@@ -245,6 +255,7 @@ class AutoWU:
                 self._micro_batch_losses.append(detach_loss(loss))
         else:  # an update that fp16 overflow skipped: not a step, and its losses are dropped
             self._micro_batch_losses.clear()
+            self._skipped_updates += 1
 
     def _recording(self) -> bool:
         """Whether this step's loss is kept: during warmup, and in decay with `decay_phase_stat="loss"`."""
@@ -299,14 +310,18 @@ class AutoWU:
         When timm's `train.py` resumes it calls `step_update(start_epoch * updates_per_epoch)`: load AutoWU's
         `state_dict()` first (timm's checkpoint does not hold it), and that call is a no-op.
 
+        Under Accelerate an update that fp16 overflow skipped is not a step (`step`), and timm's `num_updates` still
+        counts it: such updates are counted apart, so the next call's `num_updates` follows on.
+
         Raises:
             `ValueError`: when `num_updates` skips steps (AutoWU needs the loss of every step).
         """
-        if num_updates <= self.last_step:
+        counted = self.last_step + self._skipped_updates
+        if num_updates <= counted:
             return  # this update was already counted
-        if num_updates != self.last_step + 1:
+        if num_updates != counted + 1:
             raise ValueError(
-                f"`num_updates` went from {self.last_step} to {num_updates}: AutoWU needs `step_update` after every "
+                f"`num_updates` went from {counted} to {num_updates}: AutoWU needs `step_update` after every "
                 "optimizer step."
             )
         self.step(metric)
@@ -326,7 +341,12 @@ class AutoWU:
 
         Returns:
             `float`: the learning rate.
+
+        Raises:
+            `ValueError`: when `step` is not an int >= 0.
         """
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
         if self.switch_step is not None and step < self.switch_step:
             return self._ramp(step)
         if self.switch_step is None:
@@ -412,9 +432,17 @@ class AutoWU:
         """Average the losses not yet tested over all processes now (a collective: call it on every process).
 
         Integrations call this before a checkpoint so that the saved state holds the cross-process mean
-        losses; otherwise they are kept per process and averaged at the next test.
+        losses; otherwise they are kept per process and averaged at the next test. In decay with
+        `decay_phase_stat="loss"` the epoch's losses are averaged where they are and stay the epoch's, so a
+        checkpoint changes no decision.
         """
-        self._flush_pending()
+        if self.phase == "warmup":
+            self._flush_pending()
+            return
+        unsynced = self._pending[self._synced_pending :]
+        if unsynced:
+            self._pending[self._synced_pending :] = mean_over_processes(pending_to_tensor(unsynced)).tolist()
+            self._synced_pending = len(self._pending)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe).
@@ -428,9 +456,10 @@ class AutoWU:
         pending = pending_to_tensor(self._pending).cpu()
         if self._relay is not None:  # gloo with CUDA losses: reducing them would be a collective, from this process
             pending = torch.cat([self._relay.local_values(), pending])
-        if pending.numel() and world_size() > 1 and process_rank() == 0:
+        unsynced = pending.numel() - self._synced_pending
+        if unsynced and world_size() > 1 and process_rank() == 0:
             warnings.warn(
-                f"AutoWU.state_dict: {pending.numel()} losses of this process are not yet averaged over the "
+                f"AutoWU.state_dict: {unsynced} losses of this process are not yet averaged over the "
                 "processes; call `scheduler.sync_pending_losses()` on every process before saving, or a resume from "
                 "this state uses this process's losses instead of their mean and differs from an uninterrupted run.",
                 stacklevel=2,
@@ -453,6 +482,9 @@ class AutoWU:
             "estimate_before_last": self._estimate_before_last,
             "history": self._history.clone(),
             "pending": pending,
+            "synced_pending": self._synced_pending,
+            "skipped_updates": self._skipped_updates,
+            "top_configured_lr": self._top_configured_lr,
             "passes": list(self._passes),
             "next_test": self._next_test,
             "plateau_best": self._plateau_best,
@@ -530,6 +562,11 @@ class AutoWU:
         self._estimate_before_last = float(before_last) if before_last is not None else None
         self._history = state_dict["history"].to(torch.float64).clone()
         self._pending = [float(v) for v in state_dict["pending"].tolist()]
+        self._synced_pending = int(state_dict.get("synced_pending", 0))
+        self._skipped_updates = int(state_dict.get("skipped_updates", 0))
+        top = state_dict.get("top_configured_lr")
+        if top is not None:  # the LR that groups added later are scaled against (`_ratio_of`)
+            self._top_configured_lr = float(top)
         self._relay = None
         self._micro_batch_losses = []
         self._passes = [bool(v) for v in state_dict["passes"]]
@@ -552,7 +589,7 @@ class AutoWU:
             if key is not None and key in self._listener_states:
                 listener.load_state_dict(self._listener_states.pop(key))
         if changed:
-            self._follow_config_rewind()
+            self._follow_config_rewind(changed)
         if budget != self.total_steps:
             self._replan_budget(budget)
         self._apply_lr()
@@ -623,16 +660,21 @@ class AutoWU:
             f"cooldown starts at step {self.cooldown_start}."
         )
 
-    def _follow_config_rewind(self) -> None:
-        """After a load that replaced the options: the rewinder this scheduler builds itself is attached exactly when
-        the options ask for rewind (one attached by hand, or by an integration, is left alone)."""
+    def _follow_config_rewind(self, changed: list[str]) -> None:
+        """After a load that replaced the options (`changed` names them): the rewinder this scheduler builds itself is
+        attached exactly when the options ask for rewind, and follows the saved rewind options (one attached by hand,
+        or by an integration, is left alone)."""
         wanted = self.config.effective_rewind and self.warmup_steps > 0
         own = self._own_rewinder
+        attached = own is not None and any(listener is own for listener in self._listeners)
         if wanted and self.rewinder is None:
             self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self, ema=self._ema)  # the saved state
-        elif not wanted and own is not None and any(listener is own for listener in self._listeners):
+        elif not wanted and attached:
             self.remove_listener(own)
             self._own_rewinder = None
+        elif wanted and attached and any(name == "preset" or name.startswith("rewind_") for name in changed):
+            # built with the options given in code: rebuilt with the saved ones, taking over the snapshots it loaded
+            self._own_rewinder = WarmupRewinder(self._model, self.optimizer, self, ema=self._ema)
 
     @property
     def losses(self) -> torch.Tensor:
@@ -755,17 +797,21 @@ class AutoWU:
         finite snapshot from before that loss (`WarmupRewinder.restore_before`) and the losses since that snapshot
         leave the history (NaN: the GP and the watch skip them); the ramp goes on from its current LR. A state still
         finite (zero gradients of an all-masked batch, an update loss scaling skipped) goes on as it is, as does one
-        with nothing to restore (rewind off, no snapshot before the loss). A second
-        non-finite loss ends warmup as any blow-up does, so an LR that really diverges costs a few steps more. The
-        same on every process: the history is the processes' mean."""
+        with nothing to restore (rewind off, no snapshot before the loss); the losses after the bad one then came
+        from the state training goes on from, and are still checked. A second non-finite loss ends warmup as any
+        blow-up does, so an LR that really diverges costs a few steps more. The same on every process: the history
+        is the processes' mean."""
         rewinder = self.rewinder
         restored = rewinder.restore_before(self, first_bad) if rewinder is not None else None
         if restored is not None:
             self._history[restored["step"] :] = math.nan  # the steps rewound: another trajectory's losses
-        self._checked = len(self._history)  # the losses up to now are settled; the watch's held one among them
+            settled = len(self._history)  # every loss up to now; the watch's held one among them
+        else:
+            settled = first_bad + 1  # the losses after it, the watch's held one included, are still to check
+        self._checked = settled
         self._spike_at = None
         if self._watch is not None:
-            self._watch.forget_held()
+            self._watch.forget_held(before=settled)
             self._watch.set_reference(self._history)
         self.retried = {
             "step": t,
@@ -815,8 +861,12 @@ class AutoWU:
         return self._ramp(index - 1) if index > 0 else self.config.min_lr
 
     def _first_non_finite_since_last_test(self, t: int) -> int | None:
-        """Step index of the first non-finite loss since the previous test (or the retry after one), if any."""
-        since = max(self.tests[-1].step if self.tests else 0, self.retried["step"] if self.retried else 0)
+        """Step index of the first non-finite loss since the previous test, or since the retry after one (the
+        retried loss when nothing was restored, else the retry's step: the losses before it left the history)."""
+        since = self.tests[-1].step if self.tests else 0
+        if self.retried is not None:
+            restored = self.retried.get("restored_step") is not None
+            since = max(since, self.retried["step"] if restored else self.retried["loss_index"] + 1)
         bad = (~torch.isfinite(self._history[since:t])).nonzero()
         return since + int(bad[0]) if bad.numel() else None
 
@@ -913,7 +963,7 @@ class AutoWU:
 
     def _enter_decay(self, step: int, lr: float, reason: str) -> None:
         self._land_relay()
-        self._pending.clear()
+        self._clear_pending()
         self.switch_step = step
         self.switch_reason = reason
         self.peak_lr = lr
@@ -940,10 +990,13 @@ class AutoWU:
         if cfg.decay_phase_stat is None:
             self._set_decay_lr(t, self._lr * cfg.decay_phase_factor)
             return
-        epoch_losses = mean_over_processes(pending_to_tensor(self._pending)) if self._pending else None
-        self._pending.clear()
-        if epoch_losses is None:
+        if not self._pending:
             return
+        synced, unsynced = self._pending[: self._synced_pending], self._pending[self._synced_pending :]
+        if unsynced:  # every process holds as many: the same collective everywhere
+            synced = [*synced, *mean_over_processes(pending_to_tensor(unsynced)).tolist()]
+        epoch_losses = torch.tensor(synced, dtype=torch.float64)
+        self._clear_pending()
         finite = epoch_losses[torch.isfinite(epoch_losses)]
         mean_loss = float(finite.mean()) if finite.numel() else math.inf
         if mean_loss < self._plateau_best * (1.0 - _PLATEAU_THRESHOLD):
@@ -961,7 +1014,7 @@ class AutoWU:
 
     def _enter_cooldown(self, t: int) -> None:
         self.phase = "cooldown"
-        self._pending.clear()
+        self._clear_pending()
         self._cooldown_from = (t, self._lr)
 
     # ------------------------------------------------------------------ helpers
@@ -988,6 +1041,10 @@ class AutoWU:
             values = self._relay.wait()
             self._relay = None
             self._history = torch.cat([self._history, values])
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._synced_pending = 0
 
     def _flush_pending(self) -> None:
         self._land_relay()

@@ -158,10 +158,16 @@ class LossSpikeWatch:
             event.synchronize()  # the previous step's copy: normally finished already
         return float(value)
 
-    def forget_held(self) -> None:
+    def forget_held(self, before: int | None = None) -> None:
         """Drop the loss held for the next step, and any run of high losses: a retry after a non-finite loss has
-        settled every loss so far (`AutoWU._retry_after_non_finite`)."""
-        self._previous = None
+        settled the losses so far (`AutoWU._retry_after_non_finite`).
+
+        Args:
+            before (`int`, *optional*): Only the losses before this index are settled: a held loss from this index
+                on stays held, to be checked at the next step. None: every loss.
+        """
+        if before is None or (self._previous is not None and self._previous[0] < before):
+            self._previous = None
         self._run_start, self._run_length = None, 0
         self.non_finite = False
 

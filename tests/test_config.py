@@ -91,6 +91,8 @@ def test_step_rejects_bad_losses():
         scheduler.step("0.5")
     with pytest.raises(ValueError, match="real"):
         scheduler.step(torch.tensor(0.5 + 0.1j))
+    with pytest.raises(ValueError, match="real"):
+        scheduler.step(torch.tensor(True))  # as Python's and NumPy's bools are
     with pytest.raises(ValueError, match="loss"):
         scheduler.step(0.5 + 0.1j)
 
@@ -121,6 +123,26 @@ def test_an_optimizer_without_an_lr_is_refused_clearly():
         AutoWU(Adafactor(params), total_steps=100)  # relative_step=True: its LR is None
     scheduler = AutoWU(Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False), total_steps=100)
     assert scheduler.get_last_lr() == [1e-5]
+
+
+@pytest.mark.parametrize("lr", [math.inf, math.nan, -1e-3])
+def test_a_tensor_lr_that_is_not_finite_or_is_negative_is_refused_as_a_float_one_is(lr):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    if lr == math.inf:  # torch's Adam refuses the others itself
+        with pytest.raises(ValueError, match="group 0 has lr="):
+            AutoWU(torch.optim.Adam(params, lr=torch.tensor(lr)), total_steps=100)
+    optimizer = torch.optim.Adam(params, lr=torch.tensor(1e-3))
+    scheduler = AutoWU(optimizer, total_steps=100)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": torch.tensor(lr)})
+    with pytest.raises(ValueError, match="group 1 has lr="):
+        scheduler.step(1.0)
+
+
+@pytest.mark.parametrize("step", [-1, 1.5, "3", True, None])
+def test_lr_at_refuses_what_is_not_a_step(step):
+    scheduler = AutoWU(make_optimizer(), total_steps=100)
+    with pytest.raises(ValueError, match="`step` must be an int >= 0"):
+        scheduler.lr_at(step)
 
 
 def test_reference_signature_and_defaults():

@@ -173,6 +173,37 @@ def test_resume_with_the_default_rewind_is_bit_exact(where):
     assert_state_equal(model2.state_dict(), final_state)
 
 
+@pytest.mark.parametrize(
+    "saved_with", [{"rewind_min_shift": 10.0}, {"rewind_snapshots": 1}, {"rewind_lr_factor": 8.0}], ids=str
+)
+def test_a_state_saved_with_other_rewind_options_resumes_with_them(saved_with):
+    """`load_state_dict` uses the saved options: the scheduler's own rewinder too (it used to keep the options of
+    the scheduler loaded into), so the run rewinds to the state the uninterrupted run rewinds to."""
+    ((name, value),) = saved_with.items()
+    model, optimizer, scheduler = build(**saved_with)
+    expected = []
+    train(model, optimizer, scheduler, 0, 400, lrs=expected)
+    stop = 30
+    assert scheduler.switch_step > stop
+    model1, optimizer1, scheduler1 = build(**saved_with)
+    lrs = []
+    train(model1, optimizer1, scheduler1, 0, stop, lrs=lrs)
+    saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    model2, optimizer2, scheduler2 = build()  # the defaults in code
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    with pytest.warns(UserWarning, match=f"other options \\({name}\\)"):
+        scheduler2.load_state_dict(saved["sched"])
+    rewinder = scheduler2.rewinder
+    attribute = {"rewind_min_shift": "min_shift", "rewind_snapshots": "max_snapshots", "rewind_lr_factor": "lr_factor"}
+    assert getattr(rewinder, attribute[name]) == value
+    assert [s["step"] for s in rewinder.snapshots] == [s["step"] for s in scheduler1.rewinder.snapshots]
+    train(model2, optimizer2, scheduler2, stop, 400, lrs=lrs)
+    assert lrs == expected
+    assert (rewinder.rewound_to, rewinder.kept) == (scheduler.rewinder.rewound_to, scheduler.rewinder.kept)
+    assert_state_equal(model2.state_dict(), model.state_dict())
+
+
 @pytest.mark.parametrize("built_with", [{"rewind": False}, {}])
 def test_a_rewinder_attached_by_hand_after_loading_takes_the_saved_snapshots(built_with):
     """Whether the scheduler loaded into had no rewinder (other options: the saved ones are used) or its own."""
@@ -357,6 +388,18 @@ def test_a_second_non_finite_loss_ends_warmup():
     assert scheduler.switch_reason == "divergence" and 40 <= scheduler.damaged_from <= 41
     assert scheduler.rewinder.rewound_to["step"] < scheduler.damaged_from
     assert all(bool(torch.isfinite(t).all()) for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("first", range(40, 52))
+def test_a_second_non_finite_loss_right_after_the_first_ends_warmup(first):
+    """Two batches in a row with no label (NaN losses, zero gradients: the state stays finite, nothing is restored):
+    the second ends warmup, whether or not a switch test fell between them (it used to be dropped with the loss the
+    watch held when the retry came, on every other step here)."""
+    model, optimizer, scheduler = build()
+    train(model, optimizer, scheduler, 0, first + 12, masked_at=(first, first + 1))
+    assert scheduler.retried["loss_index"] == first and scheduler.retried["restored_step"] is None
+    assert scheduler.switch_reason == "divergence" and scheduler.switch_step == first + 3
+    assert scheduler.damaged_from == first + 1
 
 
 def test_resume_after_a_retry_is_bit_exact():

@@ -221,3 +221,83 @@ def test_restart_warms_up_again_like_a_new_scheduler_and_keeps_outside_listeners
     for bad in (0, None, 2.0, True):
         with pytest.raises(ValueError, match="total_steps"):
             scheduler.restart(bad)
+
+
+def test_a_sync_in_decay_changes_no_per_epoch_decision():
+    """With `decay_phase_stat="loss"` the epoch's losses wait for its end: `sync_pending_losses()` (what the Trainer
+    calls before every checkpoint, and the README before `save_state`) averages them where they are. The run that
+    synced mid-epoch, and one resumed from its state, cut the LR at the steps of the run that never synced (the
+    sync used to move them into the warmup history, so that epoch's mean read only the losses after it)."""
+
+    def loss_at(step: int, lr: float, phase: str) -> float:
+        if phase == "warmup":  # a valley in log LR
+            distance = math.log10(lr / 1e-2)
+            return 1.0 + (0.5 if distance < 0 else 2.0) * distance * distance
+        return {250: 1.2, 251: 1.2, 252: 1.2, 253: 1.2, 254: 1.2}.get(step, 0.9 if 255 <= step < 260 else 1.0)
+
+    def run(sync_at=None, resume_at=None):
+        def build():
+            return AutoWU(
+                make_optimizer(),
+                10,
+                total_steps=400,
+                decay_phase_stat="loss",
+                decay_phase_factor=0.5,
+                immediate_cooldown=False,
+                rewind=False,
+            )
+
+        scheduler, lrs = build(), []
+        for step in range(400):
+            if step == sync_at:
+                scheduler.sync_pending_losses()
+            if step == resume_at:
+                state = roundtrip(scheduler.state_dict())
+                scheduler = build()
+                scheduler.load_state_dict(state)
+            lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+            scheduler.step(loss_at(step, lrs[-1], scheduler.phase))
+        return scheduler, lrs
+
+    reference, expected = run()
+    switch = reference.switch_step
+    assert reference.phase == "cooldown" and switch < 250 and len(reference.losses) == switch
+    cuts = [step for step, _ in reference.lr_changes]
+    assert 261 in cuts, "the epoch of steps 251-260 falls short of the best mean: the plateau rule cuts at its end"
+    synced, lrs = run(sync_at=255)
+    assert lrs == expected and synced.lr_changes == reference.lr_changes
+    assert torch.equal(synced.losses, reference.losses)
+    resumed, lrs = run(sync_at=255, resume_at=255)
+    assert lrs == expected and resumed.lr_changes == reference.lr_changes
+
+
+def test_a_group_added_after_a_resume_gets_the_ratio_of_the_uninterrupted_run():
+    """The ratio of a group added later is its LR over the largest LR configured when AutoWU was first built (1e-4
+    here, not the 1e-3 of a group added at step 10, which a resumed optimizer holds from the start)."""
+
+    def run(resume_at=None):
+        def build(groups):
+            optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}])
+            for _ in range(groups - 1):
+                optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3})
+            return optimizer, AutoWU(optimizer, total_steps=200, rewind=False)
+
+        optimizer, scheduler = build(1)
+        lrs = []
+        for step in range(200):
+            if step == 10:
+                optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3})
+            if step == 150:
+                optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4})
+            if step == resume_at:
+                state = roundtrip({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                optimizer, scheduler = build(2)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            lrs.append([group["lr"] for group in optimizer.param_groups])
+            scheduler.step(1.0 + abs(math.log10(lrs[-1][0] / 1e-2)))
+        return lrs
+
+    expected = run()
+    assert expected[160][1] == pytest.approx(10 * expected[160][0]) and expected[160][2] == expected[160][0]
+    assert run(resume_at=100) == expected

@@ -107,6 +107,42 @@ def test_timm_step_update_refuses_a_skipped_update():
     assert lr_scheduler.last_step == 1 and len(lr_scheduler.state_dict()["pending"]) == 1
 
 
+def test_timm_step_update_under_accelerate_goes_on_past_an_update_that_fp16_overflow_skipped():
+    """timm's `num_updates` counts every update; under Accelerate one that loss scaling skipped is no AutoWU step
+    (the LR holds over it), and the next `step_update` follows on instead of raising; a resume from a state saved
+    after the skip continues the count."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # Accelerate makes none on the CPU: an inf loss skips the update
+    torch.manual_seed(0)
+    model = accelerator.prepare(torch.nn.Linear(4, 1))
+    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1.0))
+    lr_scheduler = AutoWU(optimizer, total_steps=100, rewind=False)
+    lrs, skipped = [], []
+    for num_updates in range(1, 21):
+        x = torch.randn(8, 4)
+        loss = F.mse_loss(model(x), x.sum(dim=1, keepdim=True))
+        if num_updates == 6:
+            loss = loss * math.inf
+        accelerator.backward(loss)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        optimizer.zero_grad()
+        skipped.append(accelerator.optimizer_step_was_skipped)
+        lr_scheduler.step_update(num_updates, metric=loss)
+        if num_updates == 10:
+            state = lr_scheduler.state_dict()
+    assert skipped == [i == 5 for i in range(20)]
+    assert lr_scheduler.last_step == 19
+    assert lrs[6] == lrs[5] and lrs[5] > lrs[4] and lrs[7] > lrs[6]  # the ramp holds over the skipped update
+    resumed = AutoWU(optimizer, total_steps=100, rewind=False)
+    resumed.load_state_dict(state)
+    resumed.step_update(10, metric=1.0)  # timm's call on resume, with the updates done so far: nothing happens
+    assert resumed.last_step == 9
+    resumed.step_update(11, metric=1.0)
+    assert resumed.last_step == 10
+
+
 def test_layer_wise_lr_decay_scales_every_group_as_timms_own_schedulers_do():
     """timm's layer-wise LR decay gives every group the same `lr` and an `lr_scale` that only timm's schedulers
     apply: AutoWU in their place must apply it too, through warmup, the switch and the decay, in a real run."""
