@@ -36,6 +36,7 @@ from .scheduler import AutoWU
 logger = logging.getLogger(__name__)
 
 _UNSUPPORTED_SCHEDULER_TYPES = ("reduce_lr_on_plateau", "greedy")
+_DEFAULT_LEARNING_RATE = TrainingArguments.__dataclass_fields__["learning_rate"].default
 REWIND_FILE = "autowu_rewind_rank{rank}.pt"
 """Each process's rewind state in a checkpoint folder (snapshots only where that process holds them)."""
 SAVED_AT_KEY = "trainer_scheduler_step"
@@ -86,6 +87,7 @@ class _TrainerAutoWU(AutoWU):
         self._step_loss = step_loss
         self._update_noted = False
         self._warm_up_again: str | None = None  # why, after loading a checkpoint that AutoWU must warm up again on
+        self._state_loaded = False  # whether the Trainer loaded a checkpoint's scheduler state into it
         self._steps_before = 0  # the Trainer's optimizer steps before AutoWU (re)started: its step is this + last_step
         super().__init__(optimizer, *args, **kwargs)
 
@@ -112,6 +114,7 @@ class _TrainerAutoWU(AutoWU):
         """`AutoWU.load_state_dict`, for a checkpoint written by either entry point; another scheduler's state (a
         checkpoint written without AutoWU) means warming up again (`warm_up_again`, once the Trainer's step count is
         known)."""
+        self._state_loaded = True
         state = autowu_state_of(state_dict)
         if isinstance(state, dict) and "config" not in state and "last_epoch" in state:
             self._warm_up_again = NO_STATE
@@ -136,8 +139,16 @@ class _TrainerAutoWU(AutoWU):
         )
 
     def warm_up_again(self, steps_done: int) -> None:
-        """After a checkpoint written without AutoWU was loaded: warm up again over the budget's remaining steps, as
-        `AutoWUCallback` does (nothing otherwise)."""
+        """After a checkpoint written without AutoWU was loaded, or a run resumed from one that holds no scheduler
+        state (`save_only_model=True`: the Trainer then loads none, silently): warm up again over the budget's
+        remaining steps, as `AutoWUCallback` does (nothing otherwise).
+
+        Args:
+            steps_done (`int`): The Trainer's optimizer steps so far (its `global_step`).
+        """
+        if self._warm_up_again is None and steps_done > 0 and not self._state_loaded:
+            self._warm_up_again = NO_STATE
+        self._state_loaded = False  # a later `train()` resumes from its own checkpoint
         if self._warm_up_again is None:
             return
         remaining = max(self.total_steps - steps_done, 1)
@@ -301,8 +312,8 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     Raises:
         `ValueError`: at `on_train_begin`, for a setup AutoWU cannot drive (a DeepSpeed-owned scheduler,
             layer-wise or schedule-free optimizers, `lr_scheduler_type` "reduce_lr_on_plateau"/"greedy", a given
-            `ReduceLROnPlateau` or other scheduler that is not a `torch.optim.lr_scheduler.LRScheduler`, or an
-            `AutoWUTrainer`).
+            `ReduceLROnPlateau` or other scheduler that is not a `torch.optim.lr_scheduler.LRScheduler`, an
+            `AutoWUTrainer`, or a second `AutoWUCallback` on the same Trainer).
         `RuntimeError`: when the Trainer running the callback cannot be found, or a step went by without
             `training_step`; use `AutoWUTrainer` (or `AutoWUTrainerMixin`) then.
     """
@@ -329,6 +340,12 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
         trainer, resume = trainer_hooks.find_running_trainer(self)
         if isinstance(trainer, AutoWUTrainerMixin):
             raise ValueError(f"{type(trainer).__name__} already runs AutoWU: remove the AutoWUCallback.")
+        autowu_callbacks = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, AutoWUCallback)]
+        if len(autowu_callbacks) > 1:
+            raise ValueError(
+                f"The Trainer has {len(autowu_callbacks)} AutoWUCallbacks and one sets the LR: keep one "
+                "(`trainer.remove_callback(AutoWUCallback)` removes the first)."
+            )
         _refuse_unsupported(trainer, self.entry_point)
         _warn_ignored_schedule_settings(args, self.entry_point)
         trainer_scheduler = _unwrap_scheduler(trainer.lr_scheduler)
@@ -547,9 +564,13 @@ def _option_value(option: Any) -> str:
 
 
 def _warn_ignored_schedule_settings(args: TrainingArguments, entry_point: str) -> None:
-    """One warning (main process) naming the Trainer's schedule settings that AutoWU overrides, when any is set."""
+    """One warning (main process) naming the Trainer's schedule settings that AutoWU overrides, when any is set away
+    from its default (`learning_rate` included: every parameter group the Trainer builds gets it, so it fixes no
+    ratio either)."""
     scheduler_type = _option_value(args.lr_scheduler_type)
-    ignored = [f"warmup_steps={args.warmup_steps!r}"] if args.warmup_steps else []
+    ignored = [f"learning_rate={args.learning_rate!r}"] if args.learning_rate != _DEFAULT_LEARNING_RATE else []
+    if args.warmup_steps:
+        ignored.append(f"warmup_steps={args.warmup_steps!r}")
     if scheduler_type != "linear":
         ignored.append(f"lr_scheduler_type={scheduler_type!r}")
     if args.lr_scheduler_kwargs:

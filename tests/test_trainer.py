@@ -287,6 +287,62 @@ def test_a_checkpoint_saved_without_autowu_warms_up_again(tmp_path, caplog):
     assert lrs["trainer"] == lrs["callback"] and len(lrs["trainer"]) == 8
 
 
+def test_a_checkpoint_saved_with_save_only_model_warms_up_again(tmp_path, caplog):
+    """`save_only_model=True` writes no scheduler.pt and the Trainer then loads no scheduler state, silently: both
+    entry points warm up again over the remaining steps (the subclass used to plan its whole budget from step 0 and
+    end the run at its peak LR) and reach LR 0 at the last step."""
+    args = training_args(
+        str(tmp_path / "full"), max_steps=12, save_strategy="steps", save_steps=4, save_only_model=True
+    )
+    make_trainer("trainer", args).train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert not (checkpoint / "scheduler.pt").exists()
+    lrs = {}
+    for entry_point in ENTRY_POINTS:
+        caplog.clear()
+        recorder = StepRecorder()
+        args = training_args(str(tmp_path / entry_point), max_steps=12, logging_steps=100)
+        trainer = make_trainer(entry_point, args, callbacks=[recorder])
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+        assert "holds no AutoWU state; warming up again over the remaining 8 steps" in caplog.text, entry_point
+        scheduler = scheduler_of(trainer)
+        assert scheduler.total_steps == scheduler.last_step == 8, entry_point
+        lrs[entry_point] = [group_lrs[0] for group_lrs in recorder.lrs]
+        assert len(lrs[entry_point]) == 8 and lrs[entry_point][0] == AUTOWU_OPTIONS["min_lr"], entry_point
+        assert scheduler.get_last_lr()[0] == 0.0, entry_point  # the cooldown ends with the run
+    assert lrs["trainer"] == lrs["callback"]
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_a_second_train_keeps_the_parameter_groups_ratio(entry_point, tmp_path):
+    """A second `train()` on the same Trainer: the first run's cooldown left every group's LR at 0, and the LR ratio
+    of the groups as built (1/4) still holds (the subclass used to build its new AutoWU from those zeros: ratio 1)."""
+    torch.manual_seed(0)
+    model = ToyRegressor()
+    groups = [
+        {"params": model.net[0].parameters(), "lr": 1e-3},
+        {"params": model.net[2].parameters(), "lr": 2.5e-4},
+    ]
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), max_steps=6, logging_steps=100)
+    trainer = make_trainer(entry_point, args, callbacks=[recorder], model=model)
+    trainer.optimizer = torch.optim.AdamW(groups)
+    for _ in range(2):
+        trainer.train()
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == [0.0, 0.0]
+    assert len(recorder.lrs) == 12
+    assert all(second == pytest.approx(first * 0.25, rel=1e-12) and first > 0 for first, second in recorder.lrs)
+
+
+def test_two_autowu_callbacks_on_one_trainer_are_refused(tmp_path):
+    args = training_args(str(tmp_path), max_steps=4)
+    trainer = make_trainer("callback", args)
+    trainer.add_callback(AutoWUCallback(**AUTOWU_OPTIONS))
+    with pytest.raises(ValueError, match="2 AutoWUCallbacks"):
+        trainer.train()
+
+
 def test_warming_up_again_keeps_the_listeners_a_callback_attached(tmp_path):
     """User callbacks run `on_train_begin` before AutoWUTrainer's own: a listener attached there hears every step."""
 
@@ -386,11 +442,15 @@ def test_a_stale_autowu_state_kept_by_a_trainer_without_autowu_warms_up_again(en
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_the_trainers_schedule_settings_that_autowu_overrides_are_named_in_a_warning(entry_point, tmp_path, caplog):
-    """`warmup_steps`, `lr_scheduler_type` and `lr_scheduler_kwargs` do nothing under AutoWU: say so, once; the
-    defaults say nothing."""
+    """`learning_rate`, `warmup_steps`, `lr_scheduler_type` and `lr_scheduler_kwargs` do nothing under AutoWU: say
+    so, once; the defaults say nothing."""
     for settings, expected in (
-        ({"warmup_steps": 3, "lr_scheduler_type": "cosine"}, "warmup_steps=3, lr_scheduler_type='cosine' are ignored"),
-        ({}, None),
+        (
+            {"warmup_steps": 3, "lr_scheduler_type": "cosine"},
+            "learning_rate=0.001, warmup_steps=3, lr_scheduler_type='cosine' are ignored",
+        ),
+        ({"learning_rate": 3e-4}, "the Trainer's learning_rate=0.0003 is ignored"),
+        ({"learning_rate": 5e-5}, None),
     ):
         caplog.clear()
         args = training_args(str(tmp_path), max_steps=2, logging_steps=100, **settings)
