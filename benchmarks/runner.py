@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "66a69eee6bbd": {
+        "70c1edccc9a4": "`AutoWUTrainerMixin.__init_subclass__` refuses a class that puts a Trainer before the mixin "
+        "in its bases (its methods never ran); no benchmark builds such a class, and `probe_rows.py --at` replays "
+        "all 1131 recorded AutoWU rows with losses under 66a69eee6bbd to their recorded switch step, reason and LR",
+    },
     "70c1edccc9a4": {
         "42d6620dd238": "fixes from a review of the entry points: a second "
         "non-finite loss right after a retried one with nothing restored ends warmup; `sync_pending_losses` in decay "

@@ -457,6 +457,18 @@ class AutoWUTrainerMixin:
             "greedy", or an `AutoWUCallback` among the callbacks).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a class that puts `Trainer` before the mixin in its bases: the Trainer's own methods would run
+        instead of the mixin's, and the run would train on the Trainer's schedule without a word."""
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(AutoWUTrainerMixin):
+            bases = ", ".join(base.__name__ for base in cls.__bases__)
+            raise TypeError(
+                f"class {cls.__name__}({bases}): put AutoWUTrainerMixin first in the bases, e.g. "
+                f"`class {cls.__name__}(AutoWUTrainerMixin, SFTTrainer)`; after a Trainer class its methods never run."
+            )
+
     def __init__(self, *args: Any, autowu_config: AutoWUConfig | dict[str, Any] | None = None, **kwargs: Any):
         self.autowu_config = resolve_config(autowu_config, {}, "autowu_config")
         self._autowu_events = _AutoWUEvents(trainer=self)

@@ -300,3 +300,20 @@ def test_reward_trainer(entry_point, tmp_path):
     trainer = with_autowu(entry_point, RecordingRewardTrainer, AutoWURewardTrainer, common)
     trainer.train()
     assert_autowu_drove(trainer, REWARD_METRICS)
+
+
+def test_the_mixin_after_a_trainer_in_the_bases_is_refused_when_the_class_is_made():
+    """After `SFTTrainer` in the bases the mixin's methods never run (`Trainer.__init__` calls no `super().__init__`):
+    the run would train on the Trainer's own schedule without a word. The class statement itself says so."""
+    with pytest.raises(TypeError, match="put AutoWUTrainerMixin first in the bases"):
+
+        class Reversed(SFTTrainer, AutoWUTrainerMixin):
+            pass
+
+    class Right(AutoWUTrainerMixin, SFTTrainer):
+        pass
+
+    class Further(Right):  # a subclass of a class in the right order is fine
+        pass
+
+    assert Further.__mro__.index(AutoWUTrainerMixin) < Further.__mro__.index(SFTTrainer)
