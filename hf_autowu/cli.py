@@ -45,8 +45,9 @@ given options and print when it would switch and which learning rate it would pi
 
 Reads LOG, one of:
   - a Trainer trainer_state.json, or an output folder (its own or its latest checkpoint's): log_history's "loss"
-    and "learning_rate", and "max_steps" as the budget. With logging_steps > 1 each logged mean is repeated over
-    its steps and the replay is approximate.
+    and "autowu/lr" (else "learning_rate", group 0's LR), and "max_steps" as the budget. With logging_steps > 1
+    each logged mean is repeated over its steps and the replay is approximate. The Trainer logs a non-finite loss
+    as the mean of those before it unless logging_nan_inf_filter=False: set it for a replay that sees them.
   - a CSV with the header step,loss[,lr]: one row per step (step 1, or 0, for the first optimizer step).
   - a TensorBoard event file, or a folder with one run's event files, with the scalar tags
       loss: {", ".join(LOSS_TAGS)} (or --loss-tag)
@@ -234,6 +235,8 @@ def _save_figure(scheduler: AutoWU, path: str) -> str:
     try:
         from .plotting import plot_autowu
 
+        if not Path(path).suffix:
+            path = f"{path}.png"  # what matplotlib writes for a name without a format: say so
         plot_autowu(scheduler, path)
     except ImportError:
         raise CurveError("drawing the figure needs matplotlib (pip install hf-autowu[plot]).") from None

@@ -85,7 +85,10 @@ def plot_autowu(scheduler_or_state: AutoWU | Mapping[str, Any], path: str | os.P
     if len(planned[0]) > 1:
         lr_ax.plot(*planned, color="C1", lw=1.2, ls=":", label="planned learning rate")
     lr_ax.set_yscale("log")
-    lr_ax.set_ylim(0.5 * scheduler.config.min_lr, 2.0 * max(known[1] + planned[1]))
+    shown = [lr for lr in known[1] + planned[1] if lr > 0]
+    if scheduler.peak_lr:
+        shown.append(scheduler.peak_lr)
+    lr_ax.set_ylim(0.5 * min([scheduler.config.min_lr, *shown]), 2.0 * max(known[1] + planned[1]))
 
     if scheduler.switch_step is not None:
         switch, peak = scheduler.switch_step, scheduler.peak_lr

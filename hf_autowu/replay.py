@@ -22,10 +22,12 @@ from typing import Any
 import torch
 
 from .config import AutoWUConfig
+from .saved_state import autowu_state_of
 from .scheduler import AutoWU
 
 LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
-LR_TAGS = ("train/learning_rate", "learning_rate", "train/lr", "lr", "autowu/lr")
+# AutoWU's own LR (of the largest group) first: with several parameter groups a Trainer's `learning_rate` is group 0's
+LR_TAGS = ("train/autowu/lr", "autowu/lr", "train/learning_rate", "learning_rate", "train/lr", "lr")
 LR_RELATIVE_TOLERANCE = 1e-3
 
 
@@ -109,6 +111,8 @@ def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
     Returns:
         `AutoWU`: a scheduler in the saved state; its `lr_at`, `losses`, `tests`, ... are those of the saved one.
     """
+    if not isinstance(state, Mapping) or "config" not in autowu_state_of(dict(state)):
+        raise CurveError("not an AutoWU scheduler state (no `config`): was it written by another scheduler?")
     return AutoWU.from_state_dict(dict(state))
 
 
@@ -173,6 +177,9 @@ def read_trainer_state(path: str | os.PathLike) -> LossCurve:
 
     Raises:
         `CurveError`: on a file that is not a Trainer state.
+
+    The Trainer logs a non-finite loss as the mean of the losses before it unless `logging_nan_inf_filter=False`:
+    a replay of such a log cannot see it.
     """
     try:
         state = json.loads(Path(path).read_text())
@@ -181,14 +188,15 @@ def read_trainer_state(path: str | os.PathLike) -> LossCurve:
     if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
         raise CurveError(f"{path}: not a Trainer state (no `log_history` list).")
     entries = [entry for entry in state["log_history"] if isinstance(entry, dict) and "loss" in entry]
+    # AutoWU's own LR (of the largest group; the next step's) when every entry has it: with several parameter groups
+    # `learning_rate` is group 0's, whose ramp is not the options'
+    lr_key = "autowu/lr" if entries and all("autowu/lr" in entry for entry in entries) else "learning_rate"
     points: dict[int, tuple[float, float | None]] = {}
     for entry in entries:
         step = _as_int(entry.get("step"), f"{path}: log entry {entry}: `step`")
         points[step] = (
             _as_float(entry["loss"], f"{path}: step {step}: `loss`"),
-            _as_float(entry["learning_rate"], f"{path}: step {step}: `learning_rate`")
-            if "learning_rate" in entry
-            else None,
+            _as_float(entry[lr_key], f"{path}: step {step}: `{lr_key}`") if lr_key in entry else None,
         )
     max_steps = state.get("max_steps")
     total_steps = _as_int(max_steps, f"{path}: `max_steps`") if max_steps else None
@@ -211,7 +219,7 @@ def read_csv_curve(path: str | os.PathLike) -> LossCurve:
         `CurveError`: on a missing column or a value that is not a number.
     """
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a byte-order mark, as spreadsheets write
             table = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise CurveError(f"{path}: not readable as CSV ({err}).") from None
@@ -379,7 +387,7 @@ def replay_curve(
     """
     config = config or AutoWUConfig()
     notes = []
-    total_steps = total_steps or curve.total_steps
+    total_steps = curve.total_steps if total_steps is None else total_steps
     inferred = total_steps is None
     if inferred:
         total_steps = budget_from_lrs(curve, config)
@@ -393,7 +401,22 @@ def replay_curve(
             f"max_warmup_fraction {config.max_warmup_fraction:g}, is as long as the logged ramp; give --total-steps "
             "to override)."
         )
+    if curve.steps[-1] > total_steps:
+        raise CurveError(
+            f"{curve.source}: the log goes on to step {curve.steps[-1]}, past the budget of {total_steps} steps; give "
+            "the recorded run's budget (--total-steps)."
+        )
+    if curve.steps[0] > curve.logging_interval:
+        raise CurveError(
+            f"{curve.source}: the log begins at step {curve.steps[0]} (a resumed run's own log?): a replay needs the "
+            "losses from the first step; give the whole run's log."
+        )
     scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=total_steps, config=config)
+    if config.preset == "paper" and steps_per_epoch is None:
+        notes.append(
+            "the paper preset tests once per epoch: without the recorded run's steps per epoch (--steps-per-epoch) "
+            "it tests as for a run without epochs, and may switch elsewhere."
+        )
     if scheduler.warmup_steps <= 0:
         raise CurveError("these options leave no warmup (max_warmup_fraction * total_steps < 1): nothing to replay.")
 
@@ -423,6 +446,12 @@ def replay_curve(
         scheduler.step(loss)
         if scheduler.phase != "warmup":
             break
+    if scheduler.retried is not None:
+        notes.append(
+            f"the loss of step {scheduler.retried['loss_index'] + 1} was not finite and the replay went on from it as "
+            "a run whose weights stayed finite does; if the recorded run's weights turned non-finite it restored a "
+            "snapshot, trained on from there, and its later decisions may differ from this replay's."
+        )
     return Replay(scheduler, replayable, curve.lrs is not None, notes)
 
 

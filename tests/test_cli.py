@@ -214,6 +214,27 @@ def test_replay_reads_an_accelerate_tensorboard_folder(recorded_run, tmp_path, c
     assert "training losses in 2 runs here (autowu, autowu/second)" in capsys.readouterr().err
 
 
+def test_a_csv_with_a_byte_order_mark_is_read(recorded_run, tmp_path):
+    """As spreadsheets write "CSV UTF-8": the first column is still `step`."""
+    scheduler, rows = recorded_run
+    log = write_csv(tmp_path / "run.csv", rows)
+    log.write_bytes(b"\xef\xbb\xbf" + log.read_bytes())
+    result = replayed(log, total_steps=TOTAL_STEPS)
+    assert (result.switch_step, result.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+
+
+def test_scheduler_from_state_dict_refuses_another_schedulers_state():
+    with pytest.raises(ValueError, match="not an AutoWU scheduler state"):
+        scheduler_from_state_dict({"base_lrs": [1.0], "last_epoch": 3})  # a plain Trainer's scheduler.pt
+
+
+def test_plot_to_a_name_without_a_format_says_the_file_it_wrote(recorded_run, tmp_path, capsys):
+    scheduler, _ = recorded_run
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")
+    assert main(["plot", str(tmp_path / "scheduler.pt"), "-o", str(tmp_path / "figure")]) == 0
+    assert (tmp_path / "figure.png").exists() and str(tmp_path / "figure.png") in capsys.readouterr().out
+
+
 def test_scheduler_from_state_dict_is_autowu_from_state_dict(recorded_run):
     scheduler, _ = recorded_run
     state = scheduler.state_dict()
@@ -359,6 +380,16 @@ MALFORMED = {
     "missing_file": (["replay"], lambda tmp_path: str(tmp_path / "nope.csv"), "no such file"),
     "plot_garbage": (["plot"], _write("scheduler.pt", b"garbage"), "not loadable with torch.load"),
     "plot_empty_folder": (["plot"], lambda tmp_path: str(tmp_path), "no scheduler state here"),
+    "log_begins_after_the_first_step": (
+        ["replay"],
+        _write("a.csv", "step,loss\n51,0.5\n52,0.4\n53,0.4\n"),
+        "the log begins at step 51 (a resumed run's own log?)",
+    ),
+    "log_past_the_budget": (
+        ["replay"],
+        _write("a.csv", "step,loss\n1,0.5\n100000000000,0.4\n"),
+        "goes on to step 100000000000, past the budget",
+    ),
 }
 
 
@@ -389,9 +420,12 @@ def test_help_says_what_each_command_reads_and_writes(capsys):
         assert all(w in out for w in words)
 
 
-def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys, groups):
     """An `AutoWUTrainer` run logged every step: replaying its trainer_state.json and its TensorBoard log gives
-    its switch exactly, and `plot` finds its checkpoint."""
+    its switch exactly, and `plot` finds its checkpoint. With two parameter groups (the first at half the
+    second's LR) the Trainer's `learning_rate` is the first group's, off AutoWU's ramp: the replay reads
+    `autowu/lr`."""
     pytest.importorskip("transformers")
     trainer_steps = 200
     from transformers import TrainingArguments
@@ -415,8 +449,13 @@ def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
         save_steps=trainer_steps, optim="sgd", report_to=["tensorboard"], use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     torch.manual_seed(0)
+    model = Classifier()
+    optimizers = (None, None)
+    if groups == 2:
+        first, second = model.net[0].parameters(), model.net[2].parameters()
+        optimizers = (torch.optim.SGD([{"params": first, "lr": 0.5}, {"params": second, "lr": 1.0}]), None)
     trainer = AutoWUTrainer(
-        model=Classifier(), args=args, train_dataset=dataset, autowu_config=AutoWUConfig(**OPTIONS)
+        model=model, args=args, train_dataset=dataset, optimizers=optimizers, autowu_config=AutoWUConfig(**OPTIONS)
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -426,6 +465,9 @@ def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys):
         torch.set_num_threads(threads)
     scheduler = trainer.lr_scheduler
     assert scheduler.switch_reason in ("test", "divergence")  # a decision the replay must reproduce
+    if groups == 2:
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert logged[0]["learning_rate"] == pytest.approx(0.5 * scheduler.lr_at(0))  # the first group's
 
     for log in (
         tmp_path / "out",

@@ -1,6 +1,7 @@
 """`plot_autowu` and its helpers: rendered files, and artists that carry exactly the scheduler's decisions."""
 
 import importlib
+import math
 import struct
 import sys
 
@@ -111,3 +112,14 @@ def test_matplotlib_stays_optional(switched, tmp_path, monkeypatch):
     importlib.reload(hf_autowu.plotting)  # the module imports without it
     assert save_autowu_figure(switched, tmp_path) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_chosen_lr_below_min_lr_is_on_the_lr_axis():
+    """A flat loss that turns non-finite early on a long ramp: the LR chosen (below `min_lr`) and the schedule after
+    the switch are inside the LR axis, not below it."""
+    scheduler = AutoWU(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), total_steps=3000)
+    for step in range(100):
+        scheduler.step(math.nan if step >= 40 else 2.0 + 0.01 * math.sin(step))
+    assert scheduler.switch_reason == "divergence" and scheduler.peak_lr < 0.5 * scheduler.config.min_lr
+    low, high = plot_autowu(scheduler).axes[1].get_ylim()
+    assert low <= scheduler.peak_lr <= high
