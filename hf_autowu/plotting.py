@@ -54,10 +54,10 @@ def plot_autowu(scheduler_or_state: AutoWU | Mapping[str, Any], path: str | os.P
     """
     from matplotlib.figure import Figure
 
+    from .replay import scheduler_from_state_dict  # a clear error for another scheduler's state
+
     scheduler = (
-        scheduler_or_state
-        if isinstance(scheduler_or_state, AutoWU)
-        else AutoWU.from_state_dict(dict(scheduler_or_state))
+        scheduler_or_state if isinstance(scheduler_or_state, AutoWU) else scheduler_from_state_dict(scheduler_or_state)
     )
     fig = Figure(figsize=FIGURE_SIZE, dpi=FIGURE_DPI, layout="constrained")
     loss_ax = fig.add_subplot()

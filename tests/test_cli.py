@@ -226,6 +226,11 @@ def test_a_csv_with_a_byte_order_mark_is_read(recorded_run, tmp_path):
 def test_scheduler_from_state_dict_refuses_another_schedulers_state():
     with pytest.raises(ValueError, match="not an AutoWU scheduler state"):
         scheduler_from_state_dict({"base_lrs": [1.0], "last_epoch": 3})  # a plain Trainer's scheduler.pt
+    pytest.importorskip("matplotlib")
+    from hf_autowu import plot_autowu
+
+    with pytest.raises(ValueError, match="not an AutoWU scheduler state"):
+        plot_autowu({"base_lrs": [1.0], "last_epoch": 3})
 
 
 def test_plot_to_a_name_without_a_format_says_the_file_it_wrote(recorded_run, tmp_path, capsys):
