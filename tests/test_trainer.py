@@ -57,6 +57,19 @@ def scheduler_of(trainer: Trainer) -> AutoWU:
     return callback.scheduler
 
 
+def resumed_by_each_entry_point(tmp_path, checkpoint, caplog):
+    """For each entry point in turn: a 12-step run resumed from `checkpoint` (its warnings in `caplog`), with a
+    `StepRecorder`; yields (entry point, trainer, recorder)."""
+    for entry_point in ENTRY_POINTS:
+        caplog.clear()
+        recorder = StepRecorder()
+        args = training_args(str(tmp_path / entry_point), max_steps=12, logging_steps=100)
+        trainer = make_trainer(entry_point, args, callbacks=[recorder])
+        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+        yield entry_point, trainer, recorder
+
+
 def hand_fed_lrs(losses: list[torch.Tensor | None], total_steps: int, steps_per_epoch: int, **options) -> list[float]:
     """The LR of every step from an AutoWU fed `losses` by hand (`None`: a skipped step, not fed)."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -298,13 +311,7 @@ def test_a_checkpoint_saved_with_save_only_model_warms_up_again(tmp_path, caplog
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert not (checkpoint / "scheduler.pt").exists()
     lrs = {}
-    for entry_point in ENTRY_POINTS:
-        caplog.clear()
-        recorder = StepRecorder()
-        args = training_args(str(tmp_path / entry_point), max_steps=12, logging_steps=100)
-        trainer = make_trainer(entry_point, args, callbacks=[recorder])
-        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
-            trainer.train(resume_from_checkpoint=str(checkpoint))
+    for entry_point, trainer, recorder in resumed_by_each_entry_point(tmp_path, checkpoint, caplog):
         assert "holds no AutoWU state; warming up again over the remaining 8 steps" in caplog.text, entry_point
         scheduler = scheduler_of(trainer)
         assert scheduler.total_steps == scheduler.last_step == 8, entry_point
@@ -404,13 +411,7 @@ def test_after_warming_up_again_checkpoints_count_the_trainers_steps(writer, tmp
     expected = [args.learning_rate * (12 - step) / 12 for step in range(9, 12)]
     assert [group_lrs[0] for group_lrs in recorder.lrs[1:]] == pytest.approx(expected, rel=1e-12)
 
-    for entry_point in ENTRY_POINTS:
-        caplog.clear()
-        recorder = StepRecorder()
-        args = training_args(str(tmp_path / entry_point), max_steps=12, logging_steps=100)
-        trainer = make_trainer(entry_point, args, callbacks=[recorder])
-        with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
-            trainer.train(resume_from_checkpoint=checkpoint)
+    for entry_point, trainer, recorder in resumed_by_each_entry_point(tmp_path, checkpoint, caplog):
         assert "warming up again" not in caplog.text and "re-planned" not in caplog.text, entry_point
         assert [group_lrs[0] for group_lrs in recorder.lrs] == written[4:], entry_point
         assert scheduler_of(trainer).last_step == scheduler_of(trainer).total_steps == 8, entry_point
