@@ -111,9 +111,10 @@ def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
     Returns:
         `AutoWU`: a scheduler in the saved state; its `lr_at`, `losses`, `tests`, ... are those of the saved one.
     """
-    if not isinstance(state, Mapping) or "config" not in autowu_state_of(dict(state)):
+    state = autowu_state_of(dict(state)) if isinstance(state, Mapping) else state
+    if not isinstance(state, dict) or "config" not in state:
         raise CurveError("not an AutoWU scheduler state (no `config`): was it written by another scheduler?")
-    return AutoWU.from_state_dict(dict(state))
+    return AutoWU.from_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------- readers

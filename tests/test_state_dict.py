@@ -233,7 +233,9 @@ def test_a_sync_in_decay_changes_no_per_epoch_decision():
         if phase == "warmup":  # a valley in log LR
             distance = math.log10(lr / 1e-2)
             return 1.0 + (0.5 if distance < 0 else 2.0) * distance * distance
-        return {250: 1.2, 251: 1.2, 252: 1.2, 253: 1.2, 254: 1.2}.get(step, 0.9 if 255 <= step < 260 else 1.0)
+        if 250 <= step < 260:  # an epoch whose first half is above the level and second half below it
+            return 1.2 if step < 255 else 0.9
+        return 1.0
 
     def run(sync_at=None, resume_at=None):
         def build():
