@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "53389b8d2ea5": {
+        "66a69eee6bbd": "review tidies: the per-step path reads the schedule through `_lr_at` (`lr_at` alone checks "
+        "its argument), `AutoWU.from_state_dict` refuses another scheduler's state with a ValueError, and "
+        "`LossSpikeWatch.forget_held` takes its one caller's `before` as required; `probe_rows.py --at` replays all "
+        "1131 recorded AutoWU rows with losses under 53389b8d2ea5 to their recorded switch step, reason and LR",
+    },
     "66a69eee6bbd": {
         "70c1edccc9a4": "`AutoWUTrainerMixin.__init_subclass__` refuses a class that puts a Trainer before the mixin "
         "in its bases (its methods never ran); no benchmark builds such a class, and `probe_rows.py --at` replays "

@@ -213,8 +213,16 @@ class AutoWU:
 
         Returns:
             `AutoWU`: a scheduler in the saved state.
+
+        Raises:
+            `ValueError`: when `state` is not an AutoWU state (another scheduler's, or not a dict).
         """
         state = autowu_state_of(state)
+        if not isinstance(state, dict) or "config" not in state:
+            raise ValueError(
+                "AutoWU.from_state_dict: `state` is not an AutoWU scheduler state (no `config`): was it written by "
+                "another scheduler?"
+            )
         if optimizer is None:
             ratios = state.get("group_ratios") or [1.0]
             optimizer = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": ratio} for ratio in ratios], lr=1.0)
@@ -347,6 +355,10 @@ class AutoWU:
         """
         if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
             raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
+        return self._lr_at(int(step))
+
+    def _lr_at(self, step: int) -> float:
+        """`lr_at` without checking `step` (the per-step path and `lr_schedule` pass valid ones)."""
         if self.switch_step is not None and step < self.switch_step:
             return self._ramp(step)
         if self.switch_step is None:
@@ -372,7 +384,7 @@ class AutoWU:
 
     def lr_schedule(self) -> list[float]:
         """`lr_at(step)` for every step of the budget (the largest group's LR)."""
-        return [self.lr_at(step) for step in range(self.total_steps)]
+        return [self._lr_at(step) for step in range(self.total_steps)]
 
     def restart(self, total_steps: int) -> None:
         """Warm up again from the start, over `total_steps` steps: the state a new `AutoWU` on this optimizer, with
@@ -1022,7 +1034,7 @@ class AutoWU:
     def _apply_lr(self) -> None:
         """Set the LR of the next step (`self.last_step`) in every parameter group."""
         if self.phase != "decay":
-            self._lr = self.lr_at(self.last_step)
+            self._lr = self._lr_at(self.last_step)
         for group, ratio in zip(self.optimizer.param_groups, self._current_group_ratios(), strict=False):
             set_group_lr(group, self._lr * ratio)
 

@@ -158,15 +158,15 @@ class LossSpikeWatch:
             event.synchronize()  # the previous step's copy: normally finished already
         return float(value)
 
-    def forget_held(self, before: int | None = None) -> None:
+    def forget_held(self, before: int) -> None:
         """Drop the loss held for the next step, and any run of high losses: a retry after a non-finite loss has
         settled the losses so far (`AutoWU._retry_after_non_finite`).
 
         Args:
-            before (`int`, *optional*): Only the losses before this index are settled: a held loss from this index
-                on stays held, to be checked at the next step. None: every loss.
+            before (`int`): Only the losses before this index are settled: a held loss from this index on stays
+                held, to be checked at the next step.
         """
-        if before is None or (self._previous is not None and self._previous[0] < before):
+        if self._previous is not None and self._previous[0] < before:
             self._previous = None
         self._run_start, self._run_length = None, 0
         self.non_finite = False

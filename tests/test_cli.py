@@ -226,6 +226,9 @@ def test_a_csv_with_a_byte_order_mark_is_read(recorded_run, tmp_path):
 def test_scheduler_from_state_dict_refuses_another_schedulers_state():
     with pytest.raises(ValueError, match="not an AutoWU scheduler state"):
         scheduler_from_state_dict({"base_lrs": [1.0], "last_epoch": 3})  # a plain Trainer's scheduler.pt
+    for state in ({"base_lrs": [1.0], "last_epoch": 3}, [1.0]):
+        with pytest.raises(ValueError, match="not an AutoWU scheduler state"):
+            AutoWU.from_state_dict(state)
     pytest.importorskip("matplotlib")
     from hf_autowu import plot_autowu
 
