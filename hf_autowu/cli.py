@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -60,7 +61,8 @@ The budget (total steps) is --total-steps, else the log's max_steps (Trainer sta
 logged learning rates: the ramp's growth per step gives the warmup length W (max_warmup_fraction times the budget,
 or times sqrt(long_budget_steps * budget) for budgets above long_budget_steps), and the smallest budget with that
 W is used (it replays the same decisions). A log without learning rates needs
---total-steps.
+--total-steps. A Trainer state of a run resumed with another max_steps: its logged learning rates
+follow the ramp of the budget it began with, which is then inferred, and its cooldown the log's max_steps.
 
 Writes the figure to --plot PATH when given (needs matplotlib); nothing otherwise."""
 
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps-per-epoch",
         type=int,
         help="optimizer steps per epoch, as in the recorded run: the paper preset tests once per epoch, and "
-        "warmup_unit='epoch' and the per-epoch decay options need it",
+        "warmup_unit='epoch' and the per-epoch decay options need it (default: from a Trainer state's epochs)",
     )
     replay.add_argument("--loss-tag", help="TensorBoard tag of the loss")
     replay.add_argument("--lr-tag", help="TensorBoard tag of the learning rate")
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CurveError, ValueError, OSError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
-    print("\n".join(lines))
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): what it took is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet
     return 0
 
 

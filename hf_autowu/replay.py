@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import AutoWUConfig
+from .config import AutoWUConfig, is_number
 from .saved_state import autowu_state_of
 from .scheduler import AutoWU
 
@@ -47,6 +47,8 @@ class LossCurve:
             trained with, or the LR of the next step (the Trainer's convention before transformers 5).
         total_steps (`int`, *optional*): The step budget, when the log records it.
         source (`str`): What was read, for messages.
+        steps_per_epoch (`int`, *optional*): Optimizer steps per epoch, when the log records epochs (a Trainer
+            state's `epoch`).
     """
 
     steps: list[int]
@@ -54,6 +56,7 @@ class LossCurve:
     lrs: list[float] | None = None
     total_steps: int | None = None
     source: str = "curve"
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -201,7 +204,20 @@ def read_trainer_state(path: str | os.PathLike) -> LossCurve:
         )
     max_steps = state.get("max_steps")
     total_steps = _as_int(max_steps, f"{path}: `max_steps`") if max_steps else None
-    return _curve_from_points(points, total_steps, f"{path} (Trainer state)", zero_based_allowed=False)
+    curve = _curve_from_points(points, total_steps, f"{path} (Trainer state)", zero_based_allowed=False)
+    curve.steps_per_epoch = _steps_per_epoch_of(entries)
+    return curve
+
+
+def _steps_per_epoch_of(entries: list[dict[str, Any]]) -> int | None:
+    """Optimizer steps per epoch from the Trainer's log entries of the first epoch: `epoch` is the fraction of the
+    epoch's batches done, so that `step / epoch` is the epoch's batches over the accumulation steps, rounded up as
+    the Trainer counts updates (None when no entry of the first epoch has a usable `epoch`)."""
+    for entry in reversed(entries):  # the latest entry of the first epoch: the longest span, the least rounding
+        step, epoch = entry.get("step"), entry.get("epoch")
+        if is_number(step) and is_number(epoch) and 0 < epoch <= 1 and step >= 1:
+            return max(math.ceil(step / epoch - 1e-6), 1)
+    return None
 
 
 def read_csv_curve(path: str | os.PathLike) -> LossCurve:
@@ -378,7 +394,8 @@ def replay_curve(
         curve (`LossCurve`): The recorded curve.
         config (`AutoWUConfig`, *optional*): The options to replay with (default: AutoWU's defaults).
         total_steps (`int`, *optional*): The step budget (default: the curve's).
-        steps_per_epoch (`int`, *optional*): Steps per epoch, for options that act per epoch.
+        steps_per_epoch (`int`, *optional*): Steps per epoch, for options that act per epoch (default: the
+            curve's, when its log recorded epochs).
 
     Returns:
         `Replay`: the scheduler after the replay, and notes on the replay.
@@ -388,6 +405,7 @@ def replay_curve(
     """
     config = config or AutoWUConfig()
     notes = []
+    from_log = total_steps is None and curve.total_steps is not None
     total_steps = curve.total_steps if total_steps is None else total_steps
     inferred = total_steps is None
     if inferred:
@@ -412,6 +430,9 @@ def replay_curve(
             f"{curve.source}: the log begins at step {curve.steps[0]} (a resumed run's own log?): a replay needs the "
             "losses from the first step; give the whole run's log."
         )
+    if steps_per_epoch is None and curve.steps_per_epoch is not None:
+        steps_per_epoch = curve.steps_per_epoch
+        notes.append(f"steps per epoch read from the log's epochs: {steps_per_epoch} (--steps-per-epoch overrides).")
     scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=total_steps, config=config)
     if config.preset == "paper" and steps_per_epoch is None:
         notes.append(
@@ -435,9 +456,23 @@ def replay_curve(
         try:
             replayable = _ramp_steps(curve, scheduler)
         except CurveError as err:
-            if not inferred:
+            if inferred:
+                raise CurveError(f"{err} The budget, {total_steps} steps, was inferred from the logged LRs.") from None
+            ramp_budget = budget_from_lrs(curve, config) if from_log else None
+            if ramp_budget is None or ramp_budget == total_steps:
                 raise
-            raise CurveError(f"{err} The budget, {total_steps} steps, was inferred from the logged LRs.") from None
+            # a run resumed with another `max_steps` keeps the ramp of the budget it began with, and plans its
+            # cooldown for the new one (`AutoWU.load_state_dict`): replay it so
+            scheduler = AutoWU(dummy_optimizer(), steps_per_epoch, total_steps=ramp_budget, config=config)
+            scheduler.total_steps = total_steps
+            scheduler.cooldown_start = config.cooldown_start(total_steps)
+            replayable = _ramp_steps(curve, scheduler)
+            notes.append(
+                f"the logged learning rates follow the ramp of a {ramp_budget}-step budget, not that of the log's "
+                f"max_steps ({total_steps}): a run resumed with another max_steps keeps its ramp and plans its "
+                f"cooldown for the new budget; replayed so (if the resumed run's cooldown was due before the step it "
+                "resumed at, it ended warmup at that step instead)."
+            )
         if replayable < len(losses):
             notes.append(
                 f"the logged learning rate leaves the warmup ramp after step {replayable} (the recorded run switched "

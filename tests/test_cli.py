@@ -9,6 +9,7 @@ from helpers import make_optimizer, valley_loss
 
 from hf_autowu import AutoWU, AutoWUConfig, read_loss_curve, replay_curve, scheduler_from_state_dict
 from hf_autowu.cli import main
+from hf_autowu.replay import CurveError
 
 OPTIONS = {"min_lr": 1e-2, "max_lr": 10.0}
 TOTAL_STEPS = 400
@@ -61,13 +62,17 @@ def write_csv(path, rows, with_lr=True):
     return path
 
 
-def write_trainer_state(path, rows, logging_steps=1, lr_of_next_step=False):
-    """A trainer_state.json as the Trainer writes it (transformers >= 5 logs the LR the step trained with)."""
+def write_trainer_state(path, rows, logging_steps=1, lr_of_next_step=False, batches_per_epoch=None):
+    """A trainer_state.json as the Trainer writes it (transformers >= 5 logs the LR the step trained with; with
+    `batches_per_epoch`, the `epoch` of each entry: whole epochs plus the fraction of the epoch's batches done)."""
     history = []
     for end in range(logging_steps, len(rows) + 1, logging_steps):
         chunk = rows[end - logging_steps : end]
         lr = chunk[-1][3] if lr_of_next_step else chunk[-1][2]
         history.append({"loss": sum(r[1] for r in chunk) / len(chunk), "learning_rate": lr, "step": end})
+        if batches_per_epoch is not None:
+            epochs, batches = divmod(end, batches_per_epoch)
+            history[-1]["epoch"] = epochs + batches / batches_per_epoch
     history.append({"train_loss": 0.5, "step": len(rows)})
     state = {"global_step": len(rows), "max_steps": TOTAL_STEPS, "logging_steps": logging_steps}
     path.write_text(json.dumps({**state, "log_history": history}))
@@ -185,6 +190,63 @@ def test_replay_with_the_inferred_budget_reproduces_the_run(tmp_path, total_step
         assert [(t.step, t.votes, t.passed) for t in replayed.tests] == [
             (t.step, t.votes, t.passed) for t in scheduler.tests
         ]  # (the probabilities too from a CSV; TensorBoard keeps the losses in float32)
+
+
+def test_replay_of_a_paper_preset_trainer_state_reads_its_steps_per_epoch(tmp_path):
+    """The paper preset tests once per epoch: a Trainer state's `epoch` gives the steps per epoch, and the replay
+    without --steps-per-epoch reproduces the run's switch."""
+    generator = torch.Generator().manual_seed(2)
+    scheduler = AutoWU(make_optimizer(), 7, total_steps=TOTAL_STEPS, preset="paper", **OPTIONS)
+    rows = []
+    while scheduler.switch_step is None:
+        lr = scheduler.get_last_lr()[0]
+        loss = valley_loss(lr, 0.05, noise=0.02, generator=generator)
+        scheduler.step(loss)
+        rows.append((scheduler.last_step, loss, lr, None))
+    config = AutoWUConfig(preset="paper", **OPTIONS)
+    with_epochs = read_loss_curve(write_trainer_state(tmp_path / "trainer_state.json", rows, batches_per_epoch=7))
+    assert with_epochs.steps_per_epoch == 7
+    result = replay_curve(with_epochs, config)
+    assert any("steps per epoch read from the log's epochs: 7" in note for note in result.notes)
+    assert (result.scheduler.switch_step, result.scheduler.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+    without = read_loss_curve(write_trainer_state(tmp_path / "trainer_state.json", rows))
+    assert without.steps_per_epoch is None
+    assert result.scheduler.tests != replay_curve(without, config).scheduler.tests  # tests every T // 50 steps
+
+
+@pytest.mark.parametrize("resumed_budget", [300, 600])
+def test_replay_of_a_run_resumed_with_another_budget_is_exact(tmp_path, resumed_budget):
+    """A run saved in warmup and resumed with another budget keeps its ramp: the replay of its trainer_state.json,
+    whose max_steps is the new budget, finds the ramp's budget from the logged LRs and reproduces the switch."""
+    generator = torch.Generator().manual_seed(1)
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL_STEPS, **OPTIONS)
+    losses = []
+
+    def step_once():  # returns the LR the step trained with
+        lr = scheduler.get_last_lr()[0]
+        loss = valley_loss(lr, 0.05, noise=0.02, generator=generator)
+        losses.append(loss)
+        scheduler.step(loss)
+        return lr
+
+    trained = [step_once() for _ in range(60)]  # a checkpoint in warmup
+    assert scheduler.phase == "warmup"
+    state = scheduler.state_dict()
+    scheduler = AutoWU(make_optimizer(), total_steps=resumed_budget, **OPTIONS)
+    scheduler.load_state_dict(state)
+    while scheduler.switch_step is None:
+        trained.append(step_once())
+    assert scheduler.switch_step > 60 and scheduler.total_steps == resumed_budget  # decided after the resume
+    rows = [(step + 1, loss, lr, None) for step, (loss, lr) in enumerate(zip(losses, trained, strict=True))]
+    log = write_trainer_state(tmp_path / "trainer_state.json", rows)
+    state = json.loads(log.read_text())
+    log.write_text(json.dumps({**state, "max_steps": resumed_budget}))
+
+    result = replay_curve(read_loss_curve(log), AutoWUConfig(**OPTIONS))
+    assert any("follow the ramp of a 400-step budget" in note for note in result.notes)
+    assert (result.scheduler.switch_step, result.scheduler.peak_lr) == (scheduler.switch_step, scheduler.peak_lr)
+    with pytest.raises(CurveError, match="does not follow the warmup ramp"):  # a budget given by hand is the user's
+        replay_curve(read_loss_curve(log), AutoWUConfig(**OPTIONS), total_steps=resumed_budget)
 
 
 def test_replay_reads_an_accelerate_tensorboard_folder(recorded_run, tmp_path, capsys):
@@ -343,6 +405,22 @@ def test_cli_plot_reads_trainer_and_accelerate_checkpoints(recorded_run, tmp_pat
         assert figure.stat().st_size > 10_000
 
 
+def test_cli_output_into_a_closed_pipe_is_not_an_error(recorded_run, tmp_path):
+    """`hf-autowu replay LOG | head -1`: a reader that stops early (here: before anything is written) makes no
+    traceback and no failure."""
+    import subprocess
+    import sys
+
+    _, rows = recorded_run
+    log = write_csv(tmp_path / "run.csv", rows)
+    command = [sys.executable, "-m", "hf_autowu.cli", "replay", str(log), *OPTION_FLAGS, "-v"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # long before the child has imported torch
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
 def test_cli_refuses_lrs_that_contradict_the_options(recorded_run, tmp_path, capsys):
     _, rows = recorded_run
     log = str(write_csv(tmp_path / "run.csv", rows))
@@ -473,6 +551,7 @@ def test_replay_and_plot_of_a_real_trainer_run(tmp_path, capsys, groups):
         torch.set_num_threads(threads)
     scheduler = trainer.lr_scheduler
     assert scheduler.switch_reason in ("test", "divergence")  # a decision the replay must reproduce
+    assert read_loss_curve(tmp_path / "out").steps_per_epoch == 4096 // 64  # from the Trainer's `epoch`
     if groups == 2:
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         assert logged[0]["learning_rate"] == pytest.approx(0.5 * scheduler.lr_at(0))  # the first group's
