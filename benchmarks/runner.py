@@ -31,6 +31,15 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "8047bc575d5f": {
+        "53389b8d2ea5": "a review of odd inputs and loss shapes: the spike watch arms on differences of losses only "
+        "(no share of the loss's own level: a constant added to the loss changed when it armed) and takes the "
+        "smallest change seen as its noise when the latest losses are all equal; micro-batch losses are averaged at "
+        "their own precision; the state keeps the ramp's length (a second resume after a budget change rebuilt the "
+        "ramp); a damaged state, a NumPy string option, an offload folder that is a file or gone, ints beyond "
+        "floats and a group LR that would overflow are refused or handled; `probe_rows.py --at` replays all 1131 "
+        "recorded AutoWU rows with losses under 8047bc575d5f to their recorded switch step, reason and LR",
+    },
     "53389b8d2ea5": {
         "66a69eee6bbd": "review tidies: the per-step path reads the schedule through `_lr_at` (`lr_at` alone checks "
         "its argument), `AutoWU.from_state_dict` refuses another scheduler's state with a ValueError, and "

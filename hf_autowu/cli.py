@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         lines = _replay(args) if args.command == "replay" else _plot(args)
-    except (CurveError, ValueError, OSError) as err:
+    except (CurveError, ValueError, OSError, OverflowError) as err:
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -16,6 +16,8 @@ from .ramp import COOLDOWN_TYPES, WARMUP_TYPES
 PRESETS = ("robust", "paper")
 WARMUP_UNITS = ("step", "epoch")
 DECAY_PHASE_STATS = (None, "loss")
+MAX_N_TESTS = 10_000
+"""The most GP predictions a switch test may draw (`n_tests`): each costs a posterior sample over the history."""
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "robust": {
@@ -267,10 +269,12 @@ class AutoWUConfig:
     seed: int = field(default=0, metadata=_help("Seed of the subsampling generator (same on every process)."))
 
     def __post_init__(self) -> None:
-        for option in dataclasses.fields(self):  # numpy scalars become Python numbers (the state stays plain)
-            value = getattr(self, option.name)
+        for option in dataclasses.fields(self):  # numpy scalars become Python values (the state stays plain: a
+            value = getattr(self, option.name)  # numpy string in it would not load with `weights_only`)
             if isinstance(value, numbers.Number) and hasattr(value, "item") and not isinstance(value, bool):
                 setattr(self, option.name, value.item())
+            elif isinstance(value, str) and type(value) is not str:
+                setattr(self, option.name, str(value))
         if isinstance(self.rewind_offload_dir, os.PathLike):
             self.rewind_offload_dir = os.fspath(self.rewind_offload_dir)
         self._check_positive_finite("min_lr")
@@ -300,7 +304,7 @@ class AutoWUConfig:
         if not (_is_real(self.confidence) and 0.0 < self.confidence < 1.0):
             raise ValueError(f"`confidence` must be in (0, 1), got {self.confidence!r}.")
         self._check_int("patience")
-        self._check_int("n_tests")
+        self._check_int("n_tests", maximum=MAX_N_TESTS)
         if self.test_interval is not None:
             self._check_int("test_interval")
         if self.test_lr_growth is not None and not (
@@ -326,6 +330,9 @@ class AutoWUConfig:
             raise ValueError(f"`rewind_memory_fraction` must be in (0, 1], got {self.rewind_memory_fraction!r}.")
         if self.rewind_offload_dir is not None and not isinstance(self.rewind_offload_dir, str):
             raise ValueError(f"`rewind_offload_dir` must be a folder path or None, got {self.rewind_offload_dir!r}.")
+        if self.rewind_offload_dir is not None and os.path.exists(self.rewind_offload_dir):
+            if not os.path.isdir(self.rewind_offload_dir):
+                raise ValueError(f"`rewind_offload_dir` must be a folder, got a file: {self.rewind_offload_dir!r}.")
         for name in ("standardize_losses", "divergence_guard", "spike_watch", "estimate_at_cap", "rewind"):
             if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"`{name}` must be None, True or False, got {getattr(self, name)!r}.")
@@ -440,10 +447,12 @@ class AutoWUConfig:
         if value not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
-    def _check_int(self, name: str, minimum: int = 1) -> None:
+    def _check_int(self, name: str, minimum: int = 1, maximum: int | None = None) -> None:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"`{name}` must be an int in [{minimum}, {maximum}], got {value!r}.")
 
 
 def resolve_config(
@@ -498,5 +507,10 @@ def is_number(value: Any) -> bool:
 
 def _is_real(value: Any) -> bool:
     """An option's number: a plain int or float (numpy's scalars are converted at construction; anything else would
-    not load with `weights_only`), not NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    not load with `weights_only`), not NaN, and within a float's range (an int beyond it is no usable number)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return not math.isnan(value)
+    except OverflowError:
+        return False

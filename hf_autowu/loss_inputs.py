@@ -3,6 +3,8 @@ reads, without a device sync."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import is_number
@@ -33,7 +35,10 @@ def detach_loss(loss: torch.Tensor | float | None) -> torch.Tensor | float:
             return float(loss.detach())
         return loss.detach().reshape(()).clone()
     if is_number(loss):
-        return float(loss)
+        try:
+            return float(loss)
+        except OverflowError:  # an int beyond any float: as good as an infinite loss (a blow-up), not a crash
+            return math.inf if loss > 0 else -math.inf
     kind = getattr(getattr(loss, "dtype", None), "kind", "")
     if hasattr(loss, "__array__") and getattr(loss, "size", None) == 1 and kind in ("i", "u", "f"):
         return float(loss.item())  # a numpy array holding one number, of any shape
@@ -49,7 +54,7 @@ def mean_loss(losses: list[torch.Tensor | float]) -> torch.Tensor | float:
     Returns:
         `torch.Tensor` or `float`: their mean.
     """
-    values = [v.float() if isinstance(v, torch.Tensor) else v for v in losses]
+    values = [v.to(torch.promote_types(v.dtype, torch.float32)) if isinstance(v, torch.Tensor) else v for v in losses]
     return sum(values[1:], values[0]) / len(values)
 
 

@@ -29,6 +29,8 @@ LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
 # AutoWU's own LR (of the largest group) first: with several parameter groups a Trainer's `learning_rate` is group 0's
 LR_TAGS = ("train/autowu/lr", "autowu/lr", "train/learning_rate", "learning_rate", "train/lr", "lr")
 LR_RELATIVE_TOLERANCE = 1e-3
+MAX_STEP = 10**9
+"""The largest step number a log may hold (a billion optimizer steps: beyond any training run)."""
 
 
 class CurveError(ValueError):
@@ -72,10 +74,14 @@ class LossCurve:
         gaps = [b - a for a, b in zip([0, *self.steps], self.steps, strict=False)]
         return Counter(gaps).most_common(1)[0][0]
 
-    def per_step_losses(self) -> list[float]:
-        """One loss per optimizer step: each logged loss repeated over the steps it stands for."""
+    def per_step_losses(self, limit: int | None = None) -> list[float]:
+        """One loss per optimizer step: each logged loss repeated over the steps it stands for (the first `limit`
+        steps only, when given)."""
         losses: list[float] = []
         for step, loss in zip(self.steps, self.losses, strict=False):
+            if limit is not None and step > limit:
+                losses.extend([loss] * (limit - len(losses)))
+                break
             losses.extend([loss] * (step - len(losses)))
         return losses
 
@@ -198,10 +204,11 @@ def read_trainer_state(path: str | os.PathLike) -> LossCurve:
     points: dict[int, tuple[float, float | None]] = {}
     for entry in entries:
         step = _as_int(entry.get("step"), f"{path}: log entry {entry}: `step`")
-        points[step] = (
+        point = (
             _as_float(entry["loss"], f"{path}: step {step}: `loss`"),
             _as_float(entry[lr_key], f"{path}: step {step}: `{lr_key}`") if lr_key in entry else None,
         )
+        _add_point(points, step, point, str(path))
     max_steps = state.get("max_steps")
     total_steps = _as_int(max_steps, f"{path}: `max_steps`") if max_steps else None
     curve = _curve_from_points(points, total_steps, f"{path} (Trainer state)", zero_based_allowed=False)
@@ -248,11 +255,30 @@ def read_csv_curve(path: str | os.PathLike) -> LossCurve:
     points: dict[int, tuple[float, float | None]] = {}
     for line, row in rows:
         step = _as_int(_csv_number(row, "step", f"{path}: line {line}"), f"{path}: line {line}: `step`")
-        points[step] = (
+        point = (
             _csv_number(row, "loss", f"{path}: line {line}"),
             _csv_number(row, lr_column, f"{path}: line {line}") if lr_column else None,
         )
+        _add_point(points, step, point, f"{path}: line {line}")
     return _curve_from_points(points, None, f"{path} (CSV)")
+
+
+def _add_point(points: dict[int, tuple[float, float | None]], step: int, point: tuple, where: str) -> None:
+    """Record a logged (loss, LR) at `step`; a step logged before with other values is refused (two runs' logs in
+    one file would otherwise replay as one curve mixing both)."""
+    if step in points and points[step] != point and not _same_values(points[step], point):
+        raise CurveError(
+            f"{where}: step {step} was logged before with other values ({points[step][0]!r} then {point[0]!r}): "
+            "two runs in one log? Give one run's log."
+        )
+    points[step] = point
+
+
+def _same_values(a: tuple, b: tuple) -> bool:
+    return all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def read_tensorboard_curve(
@@ -368,9 +394,15 @@ def _as_float(value: Any, what: str) -> float:
 
 
 def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_whole(value):
         raise CurveError(f"{what} is not a whole number ({value!r}).")
+    if abs(value) > MAX_STEP:
+        raise CurveError(f"{what} is beyond any training run's steps (at most {MAX_STEP:.0e}).")
     return int(value)
+
+
+def _is_whole(value: int | float) -> bool:
+    return isinstance(value, int) or value.is_integer()
 
 
 # ---------------------------------------------------------------------------------------------------- replay
@@ -448,9 +480,8 @@ def replay_curve(
             f"{curve.steps[0]}): each logged value is repeated over the steps up to it, so the replay only "
             "approximates the run (log every step for an exact replay)."
         )
-    losses = curve.per_step_losses()
     if curve.lrs is None:
-        replayable = len(losses)
+        replayable = curve.steps[-1]
         notes.append("no learning rates logged: the curve is assumed to follow the options' warmup ramp.")
     else:
         try:
@@ -473,12 +504,12 @@ def replay_curve(
                 f"cooldown for the new budget; replayed so (if the resumed run's cooldown was due before the step it "
                 "resumed at, it ended warmup at that step instead)."
             )
-        if replayable < len(losses):
+        if replayable < curve.steps[-1]:
             notes.append(
                 f"the logged learning rate leaves the warmup ramp after step {replayable} (the recorded run switched "
                 f"or ended warmup there): the {replayable} steps before are replayed."
             )
-    for loss in losses[:replayable]:
+    for loss in curve.per_step_losses(limit=min(replayable, scheduler.warmup_steps)):  # no replay goes past warmup
         scheduler.step(loss)
         if scheduler.phase != "warmup":
             break
@@ -535,6 +566,8 @@ def budget_from_lrs(curve: LossCurve, config: AutoWUConfig) -> int | None:
         if abs(math.log(lr / predicted)) > math.log1p(LR_RELATIVE_TOLERANCE):
             break  # off the ramp: the recorded run switched
         warmup, previous = (step - first_step) / (fraction(lr) - start), lr
+    if not math.isfinite(warmup):  # LRs so large that their logarithms overflow
+        return None
     warmup = round(warmup)
     if warmup < 1:
         return None

@@ -733,6 +733,7 @@ class WarmupRewinder:
                 continue
             data = data if self.holds_snapshots else None
             if data is not None and self.offload_dir is not None:
+                self.offload_dir.mkdir(parents=True, exist_ok=True)  # a fresh node, a wiped scratch folder
                 entry["file"] = str(self._offload_path(entry["step"]))
                 torch.save(data, entry["file"])
             elif data is not None:

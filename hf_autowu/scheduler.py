@@ -19,7 +19,7 @@ from .loss_inputs import detach_loss, mean_loss, pending_to_tensor
 from .param_groups import configured_lr, lr_scale, set_group_lr
 from .ramp import cooldown_factor, warmup_lr
 from .rewind import WarmupRewinder, check_ema
-from .saved_state import autowu_state_of, config_fields
+from .saved_state import autowu_state_of, check_saved_schedule, config_fields
 from .switch_test import SwitchTester, SwitchTestOutcome, fell_over_ramp
 from .watch import RELAY_EVERY, LossSpikeWatch
 
@@ -322,8 +322,10 @@ class AutoWU:
         counts it: such updates are counted apart, so the next call's `num_updates` follows on.
 
         Raises:
-            `ValueError`: when `num_updates` skips steps (AutoWU needs the loss of every step).
+            `ValueError`: when `num_updates` is not an int or skips steps (AutoWU needs the loss of every step).
         """
+        if not isinstance(num_updates, numbers.Integral) or isinstance(num_updates, bool):
+            raise ValueError(f"`num_updates` must be an int (timm's count of updates), got {num_updates!r}.")
         counted = self.last_step + self._skipped_updates
         if num_updates <= counted:
             return  # this update was already counted
@@ -479,6 +481,7 @@ class AutoWU:
         return {
             "config": self.config.to_dict(),
             "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "group_ratios": list(self._current_group_ratios()),
             "last_step": self.last_step,
@@ -535,7 +538,7 @@ class AutoWU:
         before = dict(self.__dict__)
         try:
             self._load(state_dict)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        except Exception as error:
             self.__dict__.clear()
             self.__dict__.update(before)  # a state that cannot be loaded changes nothing
             if isinstance(error, ValueError):
@@ -547,6 +550,7 @@ class AutoWU:
 
     def _load(self, state_dict: dict[str, Any]) -> None:
         """`load_state_dict`'s work, on a state known to be AutoWU's."""
+        check_saved_schedule(state_dict)
         ratios = self._loaded_group_ratios(state_dict["group_ratios"])
         budget = self.total_steps
         saved_config = AutoWUConfig(**config_fields(state_dict["config"]))
@@ -556,7 +560,9 @@ class AutoWU:
             self.config = saved_config
         self.total_steps = int(state_dict["total_steps"])
         self.steps_per_epoch = state_dict["steps_per_epoch"]
-        self.warmup_steps = self.config.warmup_length(self.total_steps)
+        # the ramp's length: that of the budget the run began with, which a budget re-planned at a resume keeps
+        # (a state from before it was saved: the saved budget's)
+        self.warmup_steps = int(state_dict.get("warmup_steps", self.config.warmup_length(self.total_steps)))
         self.cooldown_start = self.config.cooldown_start(self.total_steps)
         self.group_ratios = ratios
         self.last_step = int(state_dict["last_step"])
@@ -632,7 +638,13 @@ class AutoWU:
         times its `lr_scale` (timm's layer-wise LR decay) when it has one."""
         top = self._top_configured_lr
         ratio = configured_lr(index, group) / top if top > 0 else 1.0
-        return ratio * lr_scale(index, group)
+        ratio *= lr_scale(index, group)
+        if not ratio * self.config.max_lr < math.inf:
+            raise ValueError(
+                f"Parameter group {index}: its LR ratio ({ratio:g}: its configured LR over the largest, times its "
+                f"lr_scale) times max_lr ({self.config.max_lr:g}) is not a finite learning rate."
+            )
+        return ratio
 
     def _current_group_ratios(self) -> list[float]:
         """`group_ratios`, extended to groups added to the optimizer since (`optimizer.add_param_group`, as in

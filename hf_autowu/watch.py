@@ -6,12 +6,13 @@ normally finished that copy (the only wait is for the previous step's work, neve
 is read the same way, so decisions do not depend on the device).
 
 The reference is set at each switch test: the median of the latest `LEVEL_WINDOW` losses (the level), the
-step-to-step noise of the latest `NOISE_WINDOW` (their median absolute change, as a standard deviation), and the
-progress made since warmup began (the level of the first losses minus the level now). A blow-up undoes progress:
-the margin above the level is the larger of `threshold` noise standard deviations and `PROGRESS_FRACTION` of the
-progress, so the check is scale-free, a falling or slowly rising curve stays below it, and a bump before the loss
-has fallen clearly (by `threshold` noise standard deviations and `ARM_FRACTION` of its starting level) is left to
-the switch test. A spike is a
+step-to-step noise of the latest `NOISE_WINDOW` (their median absolute change, as a standard deviation; when they
+are all equal, the smallest change seen, the step of a coarsely rounded loss), and the progress made since warmup
+began (the level of the first losses minus the level now). A blow-up undoes progress: the margin above the level is
+the larger of `threshold` noise standard deviations and `PROGRESS_FRACTION` of the progress, so the check is
+scale-free and shift-free (it reads differences of losses only: a constant added to the loss, or a negative loss,
+changes nothing), a falling or slowly rising curve stays below it, and a bump before the loss has fallen clearly
+(by `threshold` noise standard deviations) is left to the switch test. A spike is a
 loss above the margin on `confirm` consecutive steps, a loss `EXTREME_FACTOR` margins above the level (at once),
 or a non-finite loss (at once, always). Each loss is checked once, whether by the step that reads it or by a
 switch test's scan.
@@ -40,8 +41,6 @@ EXTREME_FACTOR = 4.0
 """A loss this many times `threshold` noise standard deviations above the level is a spike at once."""
 PROGRESS_FRACTION = 0.25
 """The share of the progress since warmup began that a loss must give back (at least) to count as a spike."""
-ARM_FRACTION = 0.01
-"""The watch acts only once the loss has fallen by this fraction of its starting level (and clearly above noise)."""
 LEVEL_WINDOW = 5
 """How many of the latest losses set the reference level (their median)."""
 NOISE_WINDOW = 20
@@ -82,12 +81,14 @@ class LossSpikeWatch:
             self.start_level = float(finite[:LEVEL_WINDOW].median())
         recent = finite[-NOISE_WINDOW:]
         noise_sd = float((recent[1:] - recent[:-1]).abs().median()) * _MAD_TO_SD
+        if noise_sd == 0.0:  # most recent losses equal (a float16 loss's coarse steps, a floor of exactly 0)
+            noise_sd = _smallest_change(finite)
         level = float(recent[-LEVEL_WINDOW:].median())
         if not (math.isfinite(noise_sd) and math.isfinite(level)):
             return
         self.level, self.noise_sd = level, noise_sd
-        progress = self.start_level - level
-        armed = noise_sd > 0 and progress > max(self.threshold * noise_sd, ARM_FRACTION * abs(self.start_level))
+        progress = self.start_level - level  # differences only: a constant added to the loss changes nothing
+        armed = noise_sd > 0 and progress > self.threshold * noise_sd
         self.margin = max(self.threshold * noise_sd, PROGRESS_FRACTION * progress) if armed else None
 
     def observe(self, index: int, loss: torch.Tensor | float) -> int | None:
@@ -193,3 +194,11 @@ class LossSpikeWatch:
         previous = state["previous"]
         self._previous = None if previous is None else (int(previous[0]), float(previous[1]), None)
         self.non_finite = bool(state.get("non_finite", False))
+
+
+def _smallest_change(losses: torch.Tensor) -> float:
+    """The smallest nonzero change between two consecutive losses of `losses` (the step of a coarsely rounded loss),
+    as the noise of a window whose losses are all equal; 0 when no two differ."""
+    changes = (losses[1:] - losses[:-1]).abs()
+    changes = changes[changes > 0]
+    return float(changes.min()) if changes.numel() else 0.0

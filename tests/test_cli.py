@@ -405,6 +405,14 @@ def test_cli_plot_reads_trainer_and_accelerate_checkpoints(recorded_run, tmp_pat
         assert figure.stat().st_size > 10_000
 
 
+def test_cli_replay_of_lrs_beyond_floats_asks_for_the_budget(tmp_path, capsys):
+    """Logged LRs so large that their logarithms overflow infer no budget: the error asks for it (it used to be
+    Python's "cannot convert float NaN to integer")."""
+    log = _write("a.csv", "step,loss,lr\n1,0.5,1e304\n2,0.4,1.0000000000000001e304\n3,0.4,1.1e304\n")(tmp_path)
+    assert main(["replay", log]) == 2  # the default options
+    assert "the step budget is unknown" in capsys.readouterr().err
+
+
 def test_cli_output_into_a_closed_pipe_is_not_an_error(recorded_run, tmp_path):
     """`hf-autowu replay LOG | head -1`: a reader that stops early (here: before anything is written) makes no
     traceback and no failure."""
@@ -462,6 +470,26 @@ MALFORMED = {
     "json_without_losses": (["replay"], _write("s.json", '{"log_history": [{"eval_loss": 1}]}'), "no training losses"),
     "json_bad_step": (["replay"], _write("s.json", '{"log_history": [{"loss": 1, "step": "x"}]}'), "`step`"),
     "unknown_format": (["replay"], _write("log.txt", "1 2 3"), "unknown log format"),
+    "csv_two_runs_in_one": (
+        ["replay"],
+        _write("a.csv", "step,loss\n1,0.5\n2,0.4\n1,0.6\n2,0.45\n"),
+        "line 4: step 1 was logged before with other values",
+    ),
+    "json_two_runs_in_one": (
+        ["replay"],
+        _write("s.json", '{"log_history": [{"loss": 1, "step": 1}, {"loss": 2, "step": 1}]}'),
+        "step 1 was logged before",
+    ),
+    "json_step_beyond_any_run": (
+        ["replay"],
+        _write("s.json", '{"log_history": [{"loss": 1, "step": 1' + "0" * 400 + "}]}"),
+        "beyond any training run's steps",
+    ),
+    "csv_step_beyond_any_run": (
+        ["replay"],
+        _write("a.csv", "step,loss\n1,0.5\n100000000000000000000,0.4\n"),
+        "line 3: `step` is beyond any training run's steps",
+    ),
     "corrupt_tensorboard": (["replay"], _write("events.out.tfevents.1", b"\x00\x01garbage"), "no scalars found"),
     "missing_file": (["replay"], lambda tmp_path: str(tmp_path / "nope.csv"), "no such file"),
     "plot_garbage": (["plot"], _write("scheduler.pt", b"garbage"), "not loadable with torch.load"),
@@ -473,8 +501,8 @@ MALFORMED = {
     ),
     "log_past_the_budget": (
         ["replay"],
-        _write("a.csv", "step,loss\n1,0.5\n100000000000,0.4\n"),
-        "goes on to step 100000000000, past the budget",
+        _write("a.csv", "step,loss\n1,0.5\n100000000,0.4\n"),
+        "goes on to step 100000000, past the budget",
     ),
 }
 

@@ -209,6 +209,10 @@ def test_on_off_options_are_command_line_flags():
         ({"descent_required_below": True}, "descent_required_below"),
         ({"rewind_memory_fraction": 0.0}, "rewind_memory_fraction"),
         ({"rewind_offload_dir": 3}, "rewind_offload_dir"),
+        ({"rewind_offload_dir": __file__}, "rewind_offload_dir"),  # a file, not a folder
+        ({"n_tests": 10**7}, "n_tests"),  # each a posterior sample over the history: memory runs out
+        ({"max_lr": 10**400}, "max_lr"),  # an int beyond any float
+        ({"min_lr": 10**400}, "min_lr"),
         ({"spike_watch": "yes"}, "spike_watch"),
     ],
 )

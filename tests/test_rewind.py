@@ -3,6 +3,7 @@ offloads to disk, survives resume, and turns itself off (with one warning) where
 
 import copy
 import math
+import shutil
 import warnings
 
 import pytest
@@ -169,6 +170,29 @@ def test_resume_with_the_default_rewind_is_bit_exact(where):
     optimizer2.load_state_dict(saved["opt"])
     scheduler2.load_state_dict(saved["sched"])
     train(model2, optimizer2, scheduler2, stop, 400, lrs=lrs)
+    assert lrs == expected
+    assert_state_equal(model2.state_dict(), final_state)
+
+
+def test_a_resume_with_an_offload_folder_that_is_gone_is_bit_exact(tmp_path):
+    """Snapshots offloaded to a folder travel in the state; resumed on a machine where that folder does not exist
+    (another node, a wiped scratch disk), the folder is made again and the run goes on as the uninterrupted one."""
+    folder = tmp_path / "scratch" / "autowu"
+    model, optimizer, scheduler = build(rewind_offload_dir=str(folder))
+    expected = []
+    train(model, optimizer, scheduler, 0, 400, lrs=expected)
+    final_state = model.state_dict()
+    model1, optimizer1, scheduler1 = build(rewind_offload_dir=str(folder))
+    lrs = []
+    train(model1, optimizer1, scheduler1, 0, 60, lrs=lrs)
+    saved = roundtrip({"model": model1.state_dict(), "opt": optimizer1.state_dict(), "sched": scheduler1.state_dict()})
+    assert saved["sched"]["listeners"]["rewind"]["snapshots"]
+    shutil.rmtree(tmp_path / "scratch")
+    model2, optimizer2, scheduler2 = build(seed=123, rewind_offload_dir=str(folder))
+    model2.load_state_dict(saved["model"])
+    optimizer2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    train(model2, optimizer2, scheduler2, 60, 400, lrs=lrs)
     assert lrs == expected
     assert_state_equal(model2.state_dict(), final_state)
 

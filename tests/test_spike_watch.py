@@ -18,9 +18,10 @@ def regression_batch(step):
     return x, x @ torch.linspace(-1, 1, 8).unsqueeze(1)
 
 
-def train_with_a_damaging_update(damage_at: int | None):
+def train_with_a_damaging_update(damage_at: int | None, offset: float = 0.0):
     """SGD on a linear regression; at step `damage_at` the gradient is multiplied by 1e4, so that one update wrecks
-    the weights and every later loss is huge (a real blow-up, between the tests at steps 100 and 150)."""
+    the weights and every later loss is huge (a real blow-up, between the tests at steps 100 and 150). AutoWU is
+    given the loss plus `offset` (in float64: the offset is not rounded away), the gradient is the loss's."""
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -32,16 +33,19 @@ def train_with_a_damaging_update(damage_at: int | None):
         (loss * (1e4 if step == damage_at else 1.0)).backward()
         optimizer.step()
         optimizer.zero_grad()
-        scheduler.step(loss)
+        scheduler.step(loss.detach().double() + offset if offset else loss)
         losses.append(loss.item())
         weights.append(model.weight.detach().clone())
     return scheduler, losses, weights
 
 
-def test_a_blow_up_between_tests_is_caught_on_the_next_step_and_rewound():
-    clean, _, _ = train_with_a_damaging_update(None)
+@pytest.mark.parametrize("offset", [0.0, 1000.0, -1000.0])
+def test_a_blow_up_between_tests_is_caught_on_the_next_step_and_rewound(offset):
+    """The same with a constant added to the loss (a negative log-likelihood can be negative, a loss can carry a
+    large constant term): the watch reads differences of losses only, and acts alike."""
+    clean, _, _ = train_with_a_damaging_update(None, offset)
     assert clean.phase == "warmup", "without the damage nothing happens in the first 300 steps"
-    scheduler, losses, weights = train_with_a_damaging_update(DAMAGE_AT)
+    scheduler, losses, weights = train_with_a_damaging_update(DAMAGE_AT, offset)
     first_bad = DAMAGE_AT + 1  # the first loss computed with the wrecked weights
     assert losses[first_bad] > 1e3 * losses[DAMAGE_AT]
     assert [r.step for r in scheduler.tests][-1] < first_bad < scheduler.tests[-1].step + INTERVAL
@@ -106,12 +110,36 @@ def test_a_moderate_jump_needs_two_steps_above_the_margin():
     assert scheduler.switch_reason == "spike" and scheduler.switch_step == 116 + 2
 
 
-def test_a_bump_before_the_loss_has_fallen_is_left_to_the_test():
-    """A smooth loss that has barely moved: a bump of many noise sds is no blow-up (nothing to give back)."""
+@pytest.mark.parametrize("offset", [0.0, -2.0, 1000.0])
+def test_a_bump_before_the_loss_has_fallen_is_left_to_the_test(offset):
+    """A noisy loss that has not yet fallen clearly (less than the watch's 6 noise sds): a bump of 5 noise sds on two
+    steps is no blow-up (nothing to give back), at any offset."""
     scheduler = AutoWU(make_optimizer(), total_steps=TOTAL, test_interval=INTERVAL)
+    generator = torch.Generator().manual_seed(0)
     for step in range(130):
-        scheduler.step(2.0 - 1e-5 * step + (0.01 if step in (110, 111) else 0.0))
+        noise = 0.01 * float(torch.randn((), generator=generator))
+        scheduler.step(offset + 2.0 - 1e-4 * step + noise + (0.05 if step in (110, 111) else 0.0))
     assert scheduler.phase == "warmup"
+
+
+@pytest.mark.parametrize("floor", ["zero", "bfloat16"])
+def test_a_blow_up_from_a_loss_whose_latest_values_are_all_equal_is_caught(floor):
+    """A loss that fell to exactly 0 (a memorised batch) or that bfloat16 rounds to the same value step after step:
+    the latest losses show no noise, and the watch takes the smallest change seen as its noise instead of going
+    blind; a blow-up is caught as on a noisy loss (before, only the test at step 150 could see it)."""
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL, test_interval=INTERVAL)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(130):
+        if floor == "zero":
+            loss = torch.tensor(max(2.0 - 0.04 * step, 0.0) if step < 120 else 1.5)
+        else:  # a level of about 1 after a fall from 2, noise far below bfloat16's step there (2**-7)
+            level = 1.0 + math.exp(-step / 10) if step < 120 else 1.6
+            loss = torch.tensor(level + 1e-4 * float(torch.randn((), generator=generator))).to(torch.bfloat16)
+        scheduler.step(loss)
+        if scheduler.phase != "warmup":
+            break
+    # two losses above the margin (120 and 121), the second read one step late
+    assert scheduler.switch_reason == "spike" and scheduler.switch_step == 121 + 2
 
 
 @pytest.mark.parametrize("seed", range(3))

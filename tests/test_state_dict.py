@@ -194,6 +194,76 @@ def test_a_state_loaded_into_a_scheduler_with_another_budget_is_re_planned_until
     assert run(resumed, 260, TOTAL, []) == lrs[260:TOTAL]
 
 
+def test_a_second_resume_after_a_budget_change_keeps_the_ramp():
+    """Begun with 400 steps, resumed in warmup with 600 (the ramp keeps its pace), saved and resumed again with 600:
+    the LRs are those of the run resumed once (the second resume used to rebuild the ramp from the new budget)."""
+    options = {"min_lr": 1e-2, "max_lr": 10.0}
+
+    def lrs_of(scheduler, start, stop, lrs):
+        for step in range(start, stop):
+            lrs.append(scheduler.get_last_lr()[0])
+            scheduler.step(valley_loss(lrs[-1], 1.0, 0.02, torch.Generator().manual_seed(step)))
+        return lrs
+
+    first = AutoWU(make_optimizer(), total_steps=400, **options)
+    lrs = lrs_of(first, 0, 60, [])
+    once = AutoWU(make_optimizer(), total_steps=600, **options)
+    once.load_state_dict(roundtrip(first.state_dict()))
+    lrs_of(once, 60, 80, lrs)
+    saved = roundtrip(once.state_dict())
+    expected = lrs_of(once, 80, 600, list(lrs))
+    assert once.switch_step > 80 and once.warmup_steps == 200  # decided after both resumes, on the 400-step ramp
+    twice = AutoWU(make_optimizer(), total_steps=600, **options)
+    twice.load_state_dict(saved)
+    assert lrs_of(twice, 80, 600, lrs) == expected
+
+
+@pytest.mark.parametrize(
+    "entry, value, name",
+    [
+        ("lr", math.nan, "`lr`"),
+        ("lr", -1.0, "`lr`"),
+        ("lr", math.inf, "`lr`"),
+        ("group_ratios", [math.nan], "`group_ratios`"),
+        ("group_ratios", [-1.0], "`group_ratios`"),
+        ("total_steps", 0, "`total_steps`"),
+        ("total_steps", 1.5, "`total_steps`"),
+        ("last_step", 10**6, "`last_step`"),
+        ("switch_step", -10, "`switch_step`"),
+        ("switch_step", "x", "`switch_step`"),
+        ("phase", "ramp", "`phase`"),
+        ("history", torch.zeros(2, 3), "`history`"),
+        ("retried", "x", "`retried`"),
+    ],
+)
+def test_a_damaged_state_is_refused_and_changes_nothing(entry, value, name):
+    """An edited or damaged state: a ValueError naming the entry, and the scheduler goes on as it was (it used to
+    load some of these and train at a NaN or negative LR, or fail at a later step)."""
+    saved = AutoWU(make_optimizer(), total_steps=TOTAL)
+    run(saved, 0, 40, [])
+    state = roundtrip(saved.state_dict())
+    state[entry] = value
+    scheduler = AutoWU(make_optimizer(), total_steps=500)
+    lrs = run(scheduler, 0, 10, [])
+    with pytest.raises(ValueError, match=name):
+        scheduler.load_state_dict(state)
+    assert scheduler.total_steps == 500 and scheduler.last_step == 10
+    fresh = AutoWU(make_optimizer(), total_steps=500)
+    assert run(scheduler, 10, 30, lrs) == run(fresh, 0, 30, [])
+
+
+def test_an_option_given_as_a_numpy_string_resumes():
+    """A NumPy string option (read from an array of settings) is stored as a plain `str`: the state loads with
+    `weights_only=True`, as the Trainer loads `scheduler.pt` (it used to refuse to unpickle it)."""
+    np = pytest.importorskip("numpy")
+    scheduler = AutoWU(make_optimizer(), total_steps=TOTAL, cooldown_type=np.str_("linear"))
+    run(scheduler, 0, 20, [])
+    assert type(scheduler.config.cooldown_type) is str
+    resumed = AutoWU(make_optimizer(), total_steps=TOTAL, cooldown_type="linear")
+    resumed.load_state_dict(roundtrip(scheduler.state_dict()))
+    assert resumed.last_step == 20
+
+
 def test_restart_warms_up_again_like_a_new_scheduler_and_keeps_outside_listeners(uninterrupted):
     """`restart(total_steps)` mid-run (here in decay): every LR from then on equals a new scheduler's with that budget
     on the same losses; a listener attached from outside hears every step, before and after."""
