@@ -1221,6 +1221,15 @@ def test_structured_noise_smoke(bench) -> None:
     assert len(table[(300, "period 25, amplitude 0.3")]) == 1
 
 
+def test_false_spikes_smoke(bench) -> None:
+    """A steadily falling loss with Gaussian or heavy-tailed noise over a 1e4-step budget: no run ends on a spike
+    (the limit the script documents appears at 1e5 steps and beyond), every run reaches the cap."""
+    false_spikes = bench("false_spikes")
+    table = false_spikes.main(["--smoke"])
+    assert set(table) == {(10**4, "gaussian"), (10**4, "student-t3")}
+    assert all(reason == "cap" for rows in table.values() for reason, _ in rows)
+
+
 def test_the_swing_probe_sets_the_margin_and_its_floor_and_undoes_them(bench) -> None:
     """``swing 0`` replays the code before `swing_margin` (the 300-step valley with a sine of period 25 and amplitude
     0.3, seed 0: a switch below 0.1 of the best LR; the defaults run on to 0.15-0.6 of it), ``swing 2`` counts every
