@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from .config import AutoWUConfig, is_number
-from .saved_state import autowu_state_of
 from .scheduler import AutoWU
 
 LOSS_TAGS = ("train/loss", "loss", "train_loss", "train/train_loss")
@@ -120,10 +119,7 @@ def scheduler_from_state_dict(state: Mapping[str, Any]) -> AutoWU:
     Returns:
         `AutoWU`: a scheduler in the saved state; its `lr_at`, `losses`, `tests`, ... are those of the saved one.
     """
-    state = autowu_state_of(dict(state)) if isinstance(state, Mapping) else state
-    if not isinstance(state, dict) or "config" not in state:
-        raise CurveError("not an AutoWU scheduler state (no `config`): was it written by another scheduler?")
-    return AutoWU.from_state_dict(state)
+    return AutoWU.from_state_dict(dict(state) if isinstance(state, Mapping) else state)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -266,7 +262,7 @@ def read_csv_curve(path: str | os.PathLike) -> LossCurve:
 def _add_point(points: dict[int, tuple[float, float | None]], step: int, point: tuple, where: str) -> None:
     """Record a logged (loss, LR) at `step`; a step logged before with other values is refused (two runs' logs in
     one file would otherwise replay as one curve mixing both)."""
-    if step in points and points[step] != point and not _same_values(points[step], point):
+    if step in points and not _same_values(points[step], point):
         raise CurveError(
             f"{where}: step {step} was logged before with other values ({points[step][0]!r} then {point[0]!r}): "
             "two runs in one log? Give one run's log."
@@ -394,15 +390,12 @@ def _as_float(value: Any, what: str) -> float:
 
 
 def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _is_whole(value):
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
         raise CurveError(f"{what} is not a whole number ({value!r}).")
     if abs(value) > MAX_STEP:
         raise CurveError(f"{what} is beyond any training run's steps (at most {MAX_STEP:.0e}).")
     return int(value)
-
-
-def _is_whole(value: int | float) -> bool:
-    return isinstance(value, int) or value.is_integer()
 
 
 # ---------------------------------------------------------------------------------------------------- replay
