@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "f53af25f5420": {
+        "8047bc575d5f": "review tidies: the epoch's losses are averaged over the processes by one method where "
+        "`sync_pending_losses` and the per-epoch decay each had a copy; the damaged-state checks raise through one "
+        "helper; `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under f53af25f5420 to "
+        "their recorded switch step, reason and LR",
+    },
     "8047bc575d5f": {
         "53389b8d2ea5": "a review of odd inputs and loss shapes: the spike watch arms on differences of losses only "
         "(no share of the loss's own level: a constant added to the loss changed when it armed) and takes the "

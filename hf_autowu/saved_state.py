@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import fields
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -65,47 +65,42 @@ def check_saved_schedule(state: dict[str, Any]) -> None:
     Raises:
         `ValueError`: naming the first entry that is wrong.
     """
-    try:
-        _check_schedule_entries(state)
-    except ValueError as error:
-        raise ValueError(f"AutoWU.load_state_dict: a damaged state: {error}") from None
 
-
-def _check_schedule_entries(state: dict[str, Any]) -> None:
-    """`check_saved_schedule`'s checks."""
+    def damaged(problem: str) -> NoReturn:
+        raise ValueError(f"AutoWU.load_state_dict: a damaged state: {problem}.")
 
     def count(name: str, minimum: int) -> int:
         value = state[name]
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+            damaged(f"`{name}` must be an int >= {minimum}, got {value!r}")
         return int(value)
 
     def rate(name: str, value: Any) -> None:
         if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value < math.inf):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+            damaged(f"`{name}` must be a finite number >= 0, got {value!r}")
 
     total, last = count("total_steps", 1), count("last_step", 0)
     if "warmup_steps" in state:
         count("warmup_steps", 0)
     phase, switch = state["phase"], state["switch_step"]
     if phase not in ("warmup", "decay", "cooldown"):
-        raise ValueError(f"`phase` must be 'warmup', 'decay' or 'cooldown', got {phase!r}.")
+        damaged(f"`phase` must be 'warmup', 'decay' or 'cooldown', got {phase!r}")
     if phase == "warmup" and last > total:
-        raise ValueError(f"`last_step` ({last}) is past the budget (`total_steps` {total}) in warmup.")
+        damaged(f"`last_step` ({last}) is past the budget (`total_steps` {total}) in warmup")
     if switch is not None and not (
         isinstance(switch, numbers.Integral) and not isinstance(switch, bool) and 0 <= switch <= last
     ):
-        raise ValueError(f"`switch_step` must be None or an int in [0, last_step={last}], got {switch!r}.")
+        damaged(f"`switch_step` must be None or an int in [0, last_step={last}], got {switch!r}")
     rate("lr", state["lr"])
     if state["peak_lr"] is not None:
         rate("peak_lr", state["peak_lr"])
     ratios = state["group_ratios"]
     if not isinstance(ratios, (list, tuple)):
-        raise ValueError(f"`group_ratios` must be a list, got {type(ratios).__name__}.")
+        damaged(f"`group_ratios` must be a list, got {type(ratios).__name__}")
     for ratio in ratios:
         rate("group_ratios", ratio)
     history = state["history"]
     if not (isinstance(history, torch.Tensor) and history.dim() == 1 and history.is_floating_point()):
-        raise ValueError("`history` must be a 1-D tensor of floats.")
+        damaged("`history` must be a 1-D tensor of floats")
     if state.get("retried") is not None and not isinstance(state["retried"], dict):
-        raise ValueError(f"`retried` must be None or a dict, got {type(state['retried']).__name__}.")
+        damaged(f"`retried` must be None or a dict, got {type(state['retried']).__name__}")

@@ -452,11 +452,8 @@ class AutoWU:
         """
         if self.phase == "warmup":
             self._flush_pending()
-            return
-        unsynced = self._pending[self._synced_pending :]
-        if unsynced:
-            self._pending[self._synced_pending :] = mean_over_processes(pending_to_tensor(unsynced)).tolist()
-            self._synced_pending = len(self._pending)
+        else:
+            self._average_epoch_losses()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe).
@@ -1016,10 +1013,8 @@ class AutoWU:
             return
         if not self._pending:
             return
-        synced, unsynced = self._pending[: self._synced_pending], self._pending[self._synced_pending :]
-        if unsynced:  # every process holds as many: the same collective everywhere
-            synced = [*synced, *mean_over_processes(pending_to_tensor(unsynced)).tolist()]
-        epoch_losses = torch.tensor(synced, dtype=torch.float64)
+        self._average_epoch_losses()
+        epoch_losses = torch.tensor(self._pending, dtype=torch.float64)
         self._clear_pending()
         finite = epoch_losses[torch.isfinite(epoch_losses)]
         mean_loss = float(finite.mean()) if finite.numel() else math.inf
@@ -1065,6 +1060,14 @@ class AutoWU:
             values = self._relay.wait()
             self._relay = None
             self._history = torch.cat([self._history, values])
+
+    def _average_epoch_losses(self) -> None:
+        """In decay, average over the processes the epoch's losses not averaged yet, where they are (every process
+        holds as many: the same collective everywhere)."""
+        unsynced = self._pending[self._synced_pending :]
+        if unsynced:
+            self._pending[self._synced_pending :] = mean_over_processes(pending_to_tensor(unsynced)).tolist()
+            self._synced_pending = len(self._pending)
 
     def _clear_pending(self) -> None:
         self._pending.clear()
