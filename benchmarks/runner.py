@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "d1a31d827471": {
+        "f53af25f5420": 'the plateau rule of `decay_phase_stat="loss"` counts an epoch as better by a share of the '
+        "best's size below zero too (it never cut with negative losses); no recorded row uses it, and "
+        "`probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under d1a31d827471 to their recorded "
+        "switch step, reason and LR",
+    },
     "f53af25f5420": {
         "8047bc575d5f": "review tidies: the epoch's losses are averaged over the processes by one method where "
         "`sync_pending_losses` and the per-epoch decay each had a copy; the damaged-state checks raise through one "

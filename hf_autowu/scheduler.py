@@ -1018,7 +1018,8 @@ class AutoWU:
         self._clear_pending()
         finite = epoch_losses[torch.isfinite(epoch_losses)]
         mean_loss = float(finite.mean()) if finite.numel() else math.inf
-        if mean_loss < self._plateau_best * (1.0 - _PLATEAU_THRESHOLD):
+        best = self._plateau_best  # better by a share of the best's size, below zero too (torch's 'rel' is not)
+        if mean_loss < best * (1.0 - math.copysign(_PLATEAU_THRESHOLD, best)):
             self._plateau_best = mean_loss
             self._plateau_bad_epochs = 0
         else:

@@ -154,9 +154,13 @@ def test_decay_phase_factor_per_epoch():
         assert lrs[t] == pytest.approx(start * 0.5 ** ((t - 40) // 10), rel=1e-12)
 
 
-def test_reduce_on_plateau_of_epoch_mean_loss():
+@pytest.mark.parametrize("offset", [0.0, -1000.0, 1000.0])
+def test_reduce_on_plateau_of_epoch_mean_loss(offset):
+    """A flat loss after warmup is a plateau wherever it lies: a constant added to the loss (a negative
+    log-likelihood below zero) changes nothing."""
+
     def plateau(t):
-        return falling(t) if t < 40 else 1.0  # flat after warmup: every epoch is a bad epoch
+        return offset + (falling(t) if t < 40 else 1.0)  # flat after warmup: every epoch is a bad epoch
 
     scheduler = AutoWU(
         make_optimizer(),
