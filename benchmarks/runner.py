@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "909794248805": {
+        "d1a31d827471": "`AutoWUArguments` (AutoWU's options beside `TrainingArguments` in one parser, with the run's "
+        "seed): the Trainer's entry points build AutoWU with `args.seed` when given them, and options on top of them "
+        "keep the class; no option of an `AutoWUConfig` changes, and `probe_rows.py --at` replays all 1131 recorded "
+        "AutoWU rows with losses under 909794248805 to their recorded switch step, reason and LR",
+    },
     "d1a31d827471": {
         "f53af25f5420": 'the plateau rule of `decay_phase_stat="loss"` counts an epoch as better by a share of the '
         "best's size below zero too (it never cut with negative losses); no recorded row uses it, and "

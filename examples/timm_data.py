@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import datasets
 import numpy as np
@@ -26,6 +25,7 @@ from sklearn.datasets import load_digits
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 
+from hf_autowu import AutoWUArguments as LibraryAutoWUArguments
 from hf_autowu import AutoWUConfig
 
 # The paper's recipe (ImageNet) and the settings used when no data argument is given (scikit-learn's digits).
@@ -378,37 +378,14 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = 
 _AUTOWU_FIELDS = {f.name: f for f in dataclasses.fields(AutoWUConfig)}
 
 
-def _autowu_field(name: str, **metadata: Any) -> Any:
-    """`AutoWUConfig`'s field `name` (default and help), with extra `HfArgumentParser` settings."""
-    base = _AUTOWU_FIELDS[name]
-    return dataclasses.field(default=base.default, metadata={**base.metadata, **metadata})
-
-
 @dataclass
-class AutoWUArguments(AutoWUConfig):
-    """`AutoWUConfig` as command-line flags: `HfArgumentParser(AutoWUArguments)` lists every AutoWU option.
-
-    The examples' recipe decays from the switch (`immediate_cooldown`, the paper's "cosine" schedule; linear with
-    the robust preset, `--cooldown_type cosine` for the paper's shape; `--no_immediate_cooldown` holds the LR until
-    the cooldown). The on/off options that default to "as the preset says" are flags (`--rewind`, or `--rewind
-    false`). The deprecated `device` is left out, and AutoWU's subsampling seed is the run's own `--seed` (see
-    `to_config`).
-    """
-
-    _argument_group_name = "AutoWU (the fields of hf_autowu.AutoWUConfig; they set the learning rate of every step)"
+class AutoWUArguments(LibraryAutoWUArguments):
+    """`hf_autowu.AutoWUArguments` (every AutoWU option as a flag, AutoWU's seed the run's `--seed`) with the examples'
+    recipe: decay from the switch (`immediate_cooldown`, the paper's "cosine" schedule; linear with the robust
+    preset, `--cooldown_type cosine` for the paper's shape; `--no_immediate_cooldown` holds the LR until the
+    cooldown)."""
 
     immediate_cooldown: bool = dataclasses.field(default=True, metadata=_AUTOWU_FIELDS["immediate_cooldown"].metadata)
-    standardize_losses: bool | None = _autowu_field("standardize_losses", nargs="?", const=True)
-    divergence_guard: bool | None = _autowu_field("divergence_guard", nargs="?", const=True)
-    spike_watch: bool | None = _autowu_field("spike_watch", nargs="?", const=True)
-    estimate_at_cap: bool | None = _autowu_field("estimate_at_cap", nargs="?", const=True)
-    rewind: bool | None = _autowu_field("rewind", nargs="?", const=True)
-    device: str | None = dataclasses.field(default=None, init=False, repr=False)
-    seed: int = dataclasses.field(default=0, init=False)
-
-    def to_config(self, seed: int) -> AutoWUConfig:
-        """The options as an `AutoWUConfig`, with `seed` as AutoWU's subsampling seed."""
-        return AutoWUConfig(**{**dataclasses.asdict(self), "seed": seed})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

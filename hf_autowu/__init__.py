@@ -1,5 +1,6 @@
 """hf_autowu: AutoWU, an automatic loss-driven learning-rate schedule, for PyTorch and the Hugging Face stack."""
 
+from .arguments import AutoWUArguments
 from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LOG_KEYS",
     "AutoWU",
+    "AutoWUArguments",
     "AutoWUCallback",
     "AutoWUConfig",
     "AutoWUTrainer",

@@ -477,7 +477,11 @@ def resolve_config(
         return AutoWUConfig(**{**config, **options})
     if not isinstance(config, AutoWUConfig):
         raise ValueError(f"`{argument}` must be an AutoWUConfig, a dict of its options or None, got {config!r}.")
-    return AutoWUConfig(**{**config.to_dict(), **options}) if options else config
+    if not options:
+        return config
+    if type(config) is not AutoWUConfig and not {"seed", "device"} & options.keys():
+        return dataclasses.replace(config, **options)  # stays `AutoWUArguments` (its seed is the run's)
+    return AutoWUConfig(**{**config.to_dict(), **options})
 
 
 def check_positive_int(name: str, value: Any) -> int:

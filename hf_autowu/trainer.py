@@ -24,6 +24,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from . import trainer_hooks
+from .arguments import config_for_run
 from .config import AutoWUConfig, resolve_config
 from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
@@ -297,7 +298,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
     offload).
 
     Args:
-        config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options.
+        config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options (`AutoWUArguments` take the run's seed).
         **options: Fields of `AutoWUConfig`, overriding `config`'s.
 
     Example:
@@ -367,6 +368,7 @@ class AutoWUCallback(_AutoWUEvents, ExportableState):
             saved = None
         elif saved is not None:
             total_steps = max(state.max_steps - _steps_before(saved), 1)
+        self.config = config_for_run(self.config, args.seed)  # what `state()` saves: the options this run uses
         scheduler = AutoWU(
             trainer.optimizer,
             _steps_per_epoch(train_dataloader, args),
@@ -436,7 +438,8 @@ class AutoWUTrainerMixin:
 
     Args:
         *args: The base trainer's positional arguments.
-        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options (defaults to `AutoWUConfig()`).
+        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options (defaults to `AutoWUConfig()`;
+            `AutoWUArguments` take the run's seed).
         **kwargs: The base trainer's keyword arguments.
 
     Example:
@@ -505,7 +508,7 @@ class AutoWUTrainerMixin:
                 optimizer,
                 self._autowu_steps_per_epoch,
                 total_steps=num_training_steps,
-                config=self.autowu_config,
+                config=config_for_run(self.autowu_config, self.args.seed),
                 step_loss=self._autowu_events.step_loss,
             )
             self._created_lr_scheduler = True  # the Trainer rebuilds it at the next `train()`
@@ -531,7 +534,8 @@ class AutoWUTrainer(AutoWUTrainerMixin, Trainer):
 
     Args:
         *args: `Trainer`'s positional arguments.
-        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options.
+        autowu_config (`AutoWUConfig` or `dict`, *optional*): The AutoWU options (`AutoWUArguments` take the
+            run's seed).
         **kwargs: `Trainer`'s keyword arguments (leave `optimizers[1]`, the scheduler, as `None`).
 
     Example:
