@@ -1,18 +1,19 @@
 #!/usr/bin/env python
 """How often the spike watch ends a long warmup on a loss that never blew up (a known limit).
 
-The watch's reference (the median of the latest 5 losses, the noise of the latest 20) is set at each switch test and
-every loss until the next test is checked against it; with the 1.1x LR growth between tests, a budget of 1e6 steps
-has about 90 steps between tests, 1e7 about 290, and a warmup of 11,000 or 35,000 losses is checked in all. A loss
-that falls steadily over the whole ramp (0.1 per decade of LR, never rising) with independent noise of 0.02, Gaussian
-or Student-t with 3 degrees of freedom (heavy tails: rare single losses far out), is fed to the real
-`hf_autowu.AutoWU` (an SGD stand-in optimizer, nothing trained, rewind off); any switch by "spike" is a false one.
+The watch's reference (the median of the latest 5 losses, the noise of as many of the latest as it will judge, at
+least 20) is set at each switch test and every loss until the next test is checked against it; with the 1.1x LR
+growth between tests, a budget of 1e6 steps has about 90 steps between tests, 1e7 about 290, and a warmup of 11,000
+or 35,000 losses is checked in all. A loss that falls steadily over the whole ramp (0.1 per decade of LR, never
+rising) with independent noise of 0.02, Gaussian or Student-t with 3 degrees of freedom (heavy tails: rare single
+losses far out), is fed to the real `hf_autowu.AutoWU` (an SGD stand-in optimizer, nothing trained, rewind off); any
+switch by "spike" is a false one.
 
     python benchmarks/false_spikes.py
     python benchmarks/false_spikes.py --smoke   # 1e4 steps, seeds 0-1, both noises (seconds)
 
 Prints, per budget and noise, how the runs ended (switch reasons counted) and the median peak LR of those that the
-watch ended. About 3 minutes on one CPU core. Section "False spikes at long budgets" of ``RESULTS.md``.
+watch ended. About 4 minutes on one CPU core. Section "False spikes at long budgets" of ``RESULTS.md``.
 """
 
 from __future__ import annotations

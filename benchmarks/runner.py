@@ -31,6 +31,13 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "51b8609b9188": {
+        "909794248805": "the spike watch reads the noise of its reference from as many of the latest losses as the "
+        "reference will judge until the next test (at least 20, as before): false spikes at long budgets, "
+        "`false_spikes.py`; every recorded row has fewer than 20 steps between tests, and `probe_rows.py --at` "
+        "replays all 1131 recorded AutoWU rows with losses under 51b8609b9188 to their recorded switch step, reason "
+        "and LR",
+    },
     "909794248805": {
         "d1a31d827471": "`AutoWUArguments` (AutoWU's options beside `TrainingArguments` in one parser, with the run's "
         "seed): the Trainer's entry points build AutoWU with `args.seed` when given them, and options on top of them "

@@ -780,7 +780,8 @@ class AutoWU:
             self.tests.append(SwitchTestRecord(t, outcome.probability, outcome.votes, counts, estimate, current_lr))
             self._passes = (self._passes + [counts])[-self.config.patience :]
         if self._watch is not None:
-            self._watch.set_reference(self._history)  # the same cross-process means on every process
+            # the same cross-process means on every process
+            self._watch.set_reference(self._history, judged=self._next_test - t)
         if first_bad is not None:  # a non-finite loss: the LR that produced it is too large, whatever the GP says
             self._switch_after_blow_up(t, first_bad, reason="divergence")
         elif self.config.effective_divergence_guard and outcome is not None and outcome.passed and outcome.rising:
@@ -833,7 +834,7 @@ class AutoWU:
         self._spike_at = None
         if self._watch is not None:
             self._watch.forget_held(before=settled)
-            self._watch.set_reference(self._history)
+            self._watch.set_reference(self._history, judged=self._next_test - t)
         self.retried = {
             "step": t,
             "loss_index": first_bad,

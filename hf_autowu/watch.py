@@ -6,8 +6,9 @@ normally finished that copy (the only wait is for the previous step's work, neve
 is read the same way, so decisions do not depend on the device).
 
 The reference is set at each switch test: the median of the latest `LEVEL_WINDOW` losses (the level), the
-step-to-step noise of the latest `NOISE_WINDOW` (their median absolute change, as a standard deviation; when they
-are all equal, the smallest change seen, the step of a coarsely rounded loss), and the progress made since warmup
+step-to-step noise of the latest `NOISE_WINDOW`, or of as many as the reference will judge until the next test where
+that is more (their median absolute change, as a standard deviation; when they are all equal, the smallest change
+seen, the step of a coarsely rounded loss), and the progress made since warmup
 began (the level of the first losses minus the level now). A blow-up undoes progress: the margin above the level is
 the larger of `threshold` noise standard deviations and `PROGRESS_FRACTION` of the progress, so the check is
 scale-free and shift-free (it reads differences of losses only: a constant added to the loss, or a negative loss,
@@ -72,18 +73,26 @@ class LossSpikeWatch:
         self._pinned: torch.Tensor | None = None  # one pinned float: the previous loss is read before it is reused
         self.non_finite = False  # whether the spike found last began with a non-finite loss
 
-    def set_reference(self, losses: torch.Tensor) -> None:
-        """Set the level, noise and margin from the finite losses of `losses` (the history at a switch test)."""
+    def set_reference(self, losses: torch.Tensor, judged: int = NOISE_WINDOW) -> None:
+        """Set the level, noise and margin from the finite losses of `losses` (the history at a switch test).
+
+        Args:
+            losses (`torch.Tensor`): The warmup's losses so far.
+            judged (`int`, *optional*, defaults to `NOISE_WINDOW`): How many losses this reference will judge (the
+                steps until the next test). The noise is read from at least as many of the latest losses: one
+                reference judges hundreds of losses at long budgets, and a noise read from 20 is too often low by
+                chance for that.
+        """
         finite = losses[torch.isfinite(losses)]
         if finite.numel() < LEVEL_WINDOW:
             return
         if self.start_level is None:
             self.start_level = float(finite[:LEVEL_WINDOW].median())
-        recent = finite[-NOISE_WINDOW:]
+        recent = finite[-max(NOISE_WINDOW, judged) :]
         noise_sd = float((recent[1:] - recent[:-1]).abs().median()) * _MAD_TO_SD
         if noise_sd == 0.0:  # most recent losses equal (a float16 loss's coarse steps, a floor of exactly 0)
             noise_sd = _smallest_change(finite)
-        level = float(recent[-LEVEL_WINDOW:].median())
+        level = float(finite[-LEVEL_WINDOW:].median())
         if not (math.isfinite(noise_sd) and math.isfinite(level)):
             return
         self.level, self.noise_sd = level, noise_sd

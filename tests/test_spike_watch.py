@@ -3,11 +3,13 @@ a falling loss and the paper preset never trigger it."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_optimizer, run_valley
 
 from hf_autowu import AutoWU
+from hf_autowu.watch import LossSpikeWatch
 
 TOTAL, INTERVAL, DAMAGE_AT = 2000, 50, 120
 
@@ -154,6 +156,39 @@ def test_heavy_tailed_noise_does_not_trigger_it(seed):
         value = 1.0 + (0.5 if distance < 0 else 2.0) * distance**2
         scheduler.step(value + 0.02 * float(t_noise.sample()))
     assert scheduler.switch_reason == "test"
+
+
+def test_the_noise_is_read_from_as_many_losses_as_the_reference_judges():
+    """Against a closed form: 300 losses whose last 20 barely move (changes of 0.001) after 280 with changes of
+    0.02. A reference that judges 20 losses reads its noise from the latest 20; one that judges 300 (a long budget's
+    steps between tests) from the latest 300, whose median change is 0.02."""
+    changes = (
+        torch.cat([torch.full((280,), 0.02), torch.full((19,), 0.001)]) * torch.tensor([-1.0, 1.0]).repeat(150)[1:]
+    )
+    losses = 2.0 + torch.cat([torch.zeros(1), changes.cumsum(0)]).to(torch.float64) - torch.linspace(0, 1, 300)
+    watch = LossSpikeWatch()
+    gaussian_sd = 1.4826 / math.sqrt(2.0)  # median |x_t - x_(t-1)| of Gaussian noise, as its standard deviation
+    noise = {}
+    for judged, window in ((5, 20), (20, 20), (300, 300), (1000, 300)):
+        watch.set_reference(losses, judged=judged)
+        recent = losses[-window:].numpy()
+        expected = float(np.median(np.abs(np.diff(recent)))) * gaussian_sd
+        assert watch.noise_sd == pytest.approx(expected, rel=1e-6), judged
+        noise[judged] = watch.noise_sd
+    assert noise[300] > 5 * noise[20]
+
+
+def test_a_long_budgets_reference_does_not_stop_a_falling_loss_on_noise():
+    """A budget of 1e6 steps: about 90 steps between tests, each judged against one reference. A loss that falls
+    steadily (0.1 per decade of LR) with Gaussian noise of 0.02 (`benchmarks/false_spikes.py`, seed 4) stopped on a
+    false spike at step 655 when the noise was read from 20 losses; read from as many as are judged, it warms up on."""
+    optimizer = make_optimizer()
+    scheduler = AutoWU(optimizer, total_steps=10**6, rewind=False)
+    draws = torch.randn(1500, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for draw in draws.tolist():
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(2.0 - 0.1 * math.log10(lr / 1e-5) + 0.02 * draw)
+    assert scheduler.phase == "warmup" and len(scheduler.tests) >= 10
 
 
 def test_the_paper_preset_has_no_watch():
