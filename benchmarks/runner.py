@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "d6d62a860338": {
+        "51b8609b9188": "a warmup checkpoint resumed with a budget whose cooldown point has passed ends warmup at "
+        "once and decays from the resumed step (no recorded row resumes), and `probe_rows.py --at` replays all 1131 "
+        "recorded AutoWU rows with losses under d6d62a860338 to their recorded switch step, reason and LR",
+    },
     "51b8609b9188": {
         "909794248805": "the spike watch reads the noise of its reference from as many of the latest losses as the "
         "reference will judge until the next test (at least 20, as before): false spikes at long budgets, "

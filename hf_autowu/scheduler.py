@@ -680,6 +680,12 @@ class AutoWU:
             f"AutoWU: the saved schedule was planned for {saved} steps; re-planned for this run's {total_steps}: the "
             f"cooldown starts at step {self.cooldown_start}."
         )
+        if self.phase == "warmup" and self.last_step >= self.cooldown_start:
+            # what `step()` does when its step count reaches the cooldown's start: warmup ends (at its cap: the
+            # GP's estimate, as planned), and the next step already decays
+            self._end_warmup_at_cap(self.last_step)
+        if self.phase != "cooldown" and self.last_step >= self.cooldown_start:
+            self._enter_cooldown(self.last_step)
 
     def _follow_config_rewind(self, changed: list[str]) -> None:
         """After a load that replaced the options (`changed` names them): the rewinder this scheduler builds itself is

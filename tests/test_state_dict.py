@@ -194,6 +194,34 @@ def test_a_state_loaded_into_a_scheduler_with_another_budget_is_re_planned_until
     assert run(resumed, 260, TOTAL, []) == lrs[260:TOTAL]
 
 
+def test_a_warmup_resumed_with_a_budget_whose_cooldown_has_passed_decays_from_the_resumed_step():
+    """Saved in warmup after 150 steps of a 400-step budget (a loss still falling: no switch), resumed with 160
+    steps, whose cooldown point (128) has passed: warmup ends at once, at its cap, and the resumed steps 150-159
+    decay linearly to 0, as in a run planned with its cooldown from step 150 (the same ramp, `cooldown_fraction`
+    250/400). The first resumed step used to train at the plan's LR and the cooldown to begin a step late."""
+
+    def falling(scheduler, start, stop, lrs):
+        for step in range(start, stop):
+            lrs.append(scheduler.get_last_lr()[0])
+            noise = 0.01 * float(torch.randn((), generator=torch.Generator().manual_seed(step)))
+            scheduler.step(2.0 - 0.1 * math.log10(lrs[-1] / 1e-5) + noise)
+        return lrs
+
+    saved = AutoWU(make_optimizer(), total_steps=400)
+    falling(saved, 0, 150, [])
+    assert saved.phase == "warmup" and saved.warmup_steps == 200
+    planned = AutoWU(make_optimizer(), total_steps=400, cooldown_fraction=250 / 400)
+    falling(planned, 0, 150, [])
+    assert planned.switch_step == 150 and planned.switch_reason == "cap"
+
+    resumed = AutoWU(make_optimizer(), total_steps=160)
+    resumed.load_state_dict(roundtrip(saved.state_dict()))
+    assert (resumed.phase, resumed.switch_step, resumed.switch_reason) == ("cooldown", 150, "cap")
+    assert resumed.peak_lr == planned.peak_lr
+    expected = [planned.peak_lr * (1.0 - (t - 150) / 10) for t in range(150, 160)]
+    assert falling(resumed, 150, 160, []) == pytest.approx(expected, rel=1e-12)
+
+
 def test_a_second_resume_after_a_budget_change_keeps_the_ramp():
     """Begun with 400 steps, resumed in warmup with 600 (the ramp keeps its pace), saved and resumed again with 600:
     the LRs are those of the run resumed once (the second resume used to rebuild the ramp from the new budget)."""
