@@ -31,13 +31,6 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
-    "5f384672ea45": {
-        "d6d62a860338": "the spike watch takes a single loss far out for a spike at once only when it also lies 4 "
-        "times as far out as any run of high losses the loss came back from (heavy-tailed noise); only the spike "
-        "watch reads it, and a row decides as before unless its switch changes: replayed under 5f384672ea45, 1117 "
-        "of the 1131 recorded AutoWU rows with losses (`probe_rows.py --at`) reproduce their recorded switch; the "
-        "other 14 (friedman_scaled seed 1) were removed and run again",
-    },
     "d6d62a860338": {
         "51b8609b9188": "a warmup checkpoint resumed with a budget whose cooldown point has passed ends warmup at "
         "once and decays from the resumed step (no recorded row resumes), and `probe_rows.py --at` replays all 1131 "

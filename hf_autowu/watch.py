@@ -5,18 +5,18 @@ Each optimizer step's loss is read one step late: a CUDA loss is copied to pinne
 normally finished that copy (the only wait is for the previous step's work, never the current one's; a CPU loss
 is read the same way, so decisions do not depend on the device).
 
-The reference is set at each switch test: the median of the latest `LEVEL_WINDOW` losses (the level), the step-to-
-step noise of the latest `NOISE_WINDOW`, or of as many as the reference will judge until the next test where that is
-more (their median absolute change, as a standard deviation; when they are all equal, the smallest change seen, the
-step of a coarsely rounded loss), and the progress made since warmup began (the level of the first losses minus the
-level now). A blow-up undoes progress: the margin above the level is the larger of `threshold` noise standard
-deviations and `PROGRESS_FRACTION` of the progress, so the check is scale-free and shift-free (it reads differences
-of losses only: a constant added to the loss, or a negative loss, changes nothing), a falling or slowly rising curve
-stays below it, and a bump before the loss has fallen clearly (by `threshold` noise standard deviations) is left to
-the switch test. A spike is a loss above the margin on `confirm` consecutive steps, a loss `EXTREME_FACTOR` margins
-above the level and `EXTREME_FACTOR` times as far out as any run of high losses the loss came back from (at once:
-heavy-tailed noise shows single losses far out that a long warmup must not stop on), or a non-finite loss (at once,
-always). Each loss is checked once, whether by the step that reads it or by a switch test's scan.
+The reference is set at each switch test: the median of the latest `LEVEL_WINDOW` losses (the level), the
+step-to-step noise of the latest `NOISE_WINDOW`, or of as many as the reference will judge until the next test where
+that is more (their median absolute change, as a standard deviation; when they are all equal, the smallest change
+seen, the step of a coarsely rounded loss), and the progress made since warmup
+began (the level of the first losses minus the level now). A blow-up undoes progress: the margin above the level is
+the larger of `threshold` noise standard deviations and `PROGRESS_FRACTION` of the progress, so the check is
+scale-free and shift-free (it reads differences of losses only: a constant added to the loss, or a negative loss,
+changes nothing), a falling or slowly rising curve stays below it, and a bump before the loss has fallen clearly
+(by `threshold` noise standard deviations) is left to the switch test. A spike is a
+loss above the margin on `confirm` consecutive steps, a loss `EXTREME_FACTOR` margins above the level (at once),
+or a non-finite loss (at once, always). Each loss is checked once, whether by the step that reads it or by a
+switch test's scan.
 
 With several processes each one only sees its own loss, and acting on it alone would let the processes disagree;
 there the scheduler runs the same check on the cross-process mean losses: every `RELAY_EVERY` warmup steps it starts
@@ -39,8 +39,7 @@ SPIKE_THRESHOLD = 6.0
 SPIKE_CONFIRM = 2
 """Consecutive losses above the threshold that make a spike (a non-finite loss is one at once)."""
 EXTREME_FACTOR = 4.0
-"""A loss this many margins above the level, and this many times as far out as any single high loss the run came back
-from, is a spike at once."""
+"""A loss this many times `threshold` noise standard deviations above the level is a spike at once."""
 PROGRESS_FRACTION = 0.25
 """The share of the progress since warmup began that a loss must give back (at least) to count as a spike."""
 LEVEL_WINDOW = 5
@@ -73,8 +72,6 @@ class LossSpikeWatch:
         self._previous: tuple[int, Any, Any] | None = None  # (index, value holder, CUDA event or None)
         self._pinned: torch.Tensor | None = None  # one pinned float: the previous loss is read before it is reused
         self.non_finite = False  # whether the spike found last began with a non-finite loss
-        self.survived = 0.0  # the farthest out (in margins) a run of high losses went before the loss came back
-        self._run_peak = 0.0  # the farthest out the current run of high losses went
 
     def set_reference(self, losses: torch.Tensor, judged: int = NOISE_WINDOW) -> None:
         """Set the level, noise and margin from the finite losses of `losses` (the history at a switch test).
@@ -121,14 +118,11 @@ class LossSpikeWatch:
             self.non_finite = True
             return index
         if self.margin is None or value <= self.level + self.margin:
-            self.survived = max(self.survived, self._run_peak)  # a run that ended without a spike: noise
-            self._run_start, self._run_length, self._run_peak = None, 0, 0.0
+            self._run_start, self._run_length = None, 0
             return None
-        out = (value - self.level) / self.margin
-        if out > EXTREME_FACTOR * max(1.0, self.survived):
+        if value > self.level + EXTREME_FACTOR * self.margin:
             self.non_finite = False
             return index if self._run_start is None else self._run_start
-        self._run_peak = max(self._run_peak, out)
         if self._run_start is None:
             self._run_start = index
         self._run_length += 1
@@ -184,7 +178,7 @@ class LossSpikeWatch:
         """
         if self._previous is not None and self._previous[0] < before:
             self._previous = None
-        self._run_start, self._run_length, self._run_peak = None, 0, 0.0
+        self._run_start, self._run_length = None, 0
         self.non_finite = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,8 +193,6 @@ class LossSpikeWatch:
             "run_length": self._run_length,
             "previous": previous,
             "non_finite": self.non_finite,
-            "survived": self.survived,
-            "run_peak": self._run_peak,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,8 +203,6 @@ class LossSpikeWatch:
         previous = state["previous"]
         self._previous = None if previous is None else (int(previous[0]), float(previous[1]), None)
         self.non_finite = bool(state.get("non_finite", False))
-        self.survived = float(state.get("survived", 0.0))  # a state saved before they were kept: none seen
-        self._run_peak = float(state.get("run_peak", 0.0))
 
 
 def _smallest_change(losses: torch.Tensor) -> float:

@@ -191,41 +191,6 @@ def test_a_long_budgets_reference_does_not_stop_a_falling_loss_on_noise():
     assert scheduler.phase == "warmup" and len(scheduler.tests) >= 10
 
 
-def test_a_single_loss_far_out_is_a_spike_at_once_only_beyond_what_the_run_came_back_from():
-    """A reference on a fall of 1 with noise 0.01 (margin: a quarter of the progress). With no high loss seen, one
-    loss 4.5 margins out is a spike at once; after the loss came back from one 3 margins out, a single loss 10
-    margins out is not (heavy-tailed noise); after it came back from that one too, 41 margins out is; two high losses
-    in a row are a spike as before (the farthest survived is kept in the state)."""
-    steps = torch.arange(40, dtype=torch.float64)
-    losses = 2.0 - steps / 39 + 0.01 * torch.randn(40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-
-    def fresh() -> LossSpikeWatch:
-        watch = LossSpikeWatch()
-        watch.set_reference(losses)
-        assert watch.margin == pytest.approx(0.25 * (watch.start_level - watch.level))
-        return watch
-
-    def at(watch: LossSpikeWatch, margins: float) -> float:
-        return watch.level + margins * watch.margin
-
-    watch = fresh()
-    assert watch.check(40, at(watch, 0.5)) is None and watch.check(41, at(watch, 4.5)) == 41
-
-    watch = fresh()
-    assert watch.check(40, at(watch, 3.0)) is None and watch.check(41, at(watch, 0.0)) is None
-    assert watch.survived == pytest.approx(3.0)
-    assert watch.check(42, at(watch, 10.0)) is None and watch.check(43, at(watch, 0.0)) is None
-    assert watch.survived == pytest.approx(10.0)  # came back again, from farther out
-    assert watch.check(44, at(watch, 41.0)) == 44  # 4 times as far out as any loss it came back from
-
-    watch = fresh()
-    watch.check(40, at(watch, 3.0)), watch.check(41, at(watch, 0.0))
-    restored = LossSpikeWatch()
-    restored.load_state_dict(watch.state_dict())
-    assert restored.survived == pytest.approx(3.0)
-    assert restored.check(42, at(watch, 1.5)) is None and restored.check(43, at(watch, 1.2)) == 42  # two in a row
-
-
 def test_the_paper_preset_has_no_watch():
     scheduler = AutoWU(make_optimizer(), total_steps=200, preset="paper")
     run_valley(scheduler, best_lr=1e-2)
