@@ -100,3 +100,15 @@ def test_options_on_top_keep_the_runs_seed(tmp_path):
     assert (scheduler.config.seed, scheduler.config.min_lr) == (5, AUTOWU_OPTIONS["min_lr"])
     _, scheduler = run_lrs("callback", str(tmp_path / "b"), 5, arguments, seed=3)
     assert scheduler.config.seed == 3
+
+
+@pytest.mark.parametrize("name", ["SFTConfig", "DPOConfig", "GRPOConfig", "RewardConfig"])
+def test_they_parse_beside_trls_configs(name):
+    """TRL's configs are `TrainingArguments` with more fields; none clashes with an AutoWU option."""
+    trl = pytest.importorskip("trl")
+    parser = HfArgumentParser((getattr(trl, name), AutoWUArguments))
+    training, autowu = parser.parse_args_into_dataclasses(
+        args=["--output_dir", "unused", "--use_cpu", "true", "--seed", "3", "--min_lr", "1e-4", "--rewind"]
+    )
+    assert training.seed == 3 and autowu.min_lr == 1e-4 and autowu.rewind is True
+    assert autowu.to_config(seed=training.seed).seed == 3
