@@ -289,6 +289,10 @@ def subsample_sorted(indices: torch.Tensor, size: int, generator: torch.Generato
     return indices[torch.tensor(sorted(chosen))]
 
 
+_SQUARES_SAFE = (1e-100, 1e100)
+"""Spreads of the losses whose squares a float64 standard deviation computes without underflow or overflow."""
+
+
 def standardize(values: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Shift and scale `values` so that its finite entries have mean 0 and standard deviation 1.
 
@@ -297,7 +301,13 @@ def standardize(values: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, flo
     """
     kept = values[finite]
     shift = float(kept.mean())
-    scale = float(kept.std()) if kept.size > 1 else 0.0
+    spread = float(np.abs(kept - shift).max()) if kept.size > 1 else 0.0
+    if 0.0 < spread < math.inf and not _SQUARES_SAFE[0] < spread < _SQUARES_SAFE[1]:
+        # losses whose squares overflow (beyond ~1e154) or underflow (below ~1e-154): the same standard deviation,
+        # computed on the deviations brought to order 1 (in between, the plain one: decisions stay bit for bit)
+        scale = spread * float(((kept - shift) / spread).std())
+    else:
+        scale = float(kept.std()) if kept.size > 1 else 0.0
     if not (scale > 0.0 and scale < math.inf):
         scale = 1.0
     return (values - shift) / scale, shift, scale

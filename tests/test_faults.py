@@ -137,6 +137,29 @@ def test_extreme_loss_values_do_not_break_the_gp():
     assert math.isfinite(scheduler.get_last_lr()[0])
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-160, 1e160, 1e300])
+def test_decisions_are_the_same_at_any_loss_scale_a_float_holds(scale):
+    """The default standardizes the losses: a valley's losses times 1e-300 ... 1e300 give the unscaled run's switch
+    step, reason and LR. Beyond about 1e154 (or below 1e-154) the squares of a plain standard deviation overflow
+    (underflow), and every test used to be skipped (the switch then came at the cap, from the range test's rule)."""
+
+    def decide(factor):
+        optimizer = make_optimizer()
+        scheduler = AutoWU(optimizer, total_steps=400)
+        generator = torch.Generator().manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow warning either
+            while scheduler.phase == "warmup":
+                distance = math.log10(optimizer.param_groups[0]["lr"] / 1e-2)
+                noise = 0.02 * float(torch.randn((), generator=generator))
+                scheduler.step(factor * (1.0 + (0.5 if distance < 0 else 2.0) * distance**2 + noise))
+        return scheduler.switch_step, scheduler.switch_reason, scheduler.peak_lr, len(scheduler.tests)
+
+    reference = decide(1.0)
+    assert reference[1] == "test"
+    assert decide(scale) == reference
+
+
 @pytest.mark.parametrize("total", [1, 2, 3])
 @pytest.mark.parametrize("preset", ["robust", "paper"])
 def test_tiny_budgets(total, preset):
