@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "7dfe70878585": {
+        "e3c0d46d2f16": "review: a switch made while a state is loaded (a resume whose budget's cooldown point has "
+        "passed) is flagged, so that the Trainer's rewinder and log, attached after the load, still hear of it; no "
+        "recorded row resumes, and `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under "
+        "7dfe70878585 to their recorded switch step, reason and LR",
+    },
     "e3c0d46d2f16": {
         "d6d62a860338": "the losses' standard deviation is computed on deviations brought to order 1 when their "
         "spread is beyond 1e100 or below 1e-100 (squares that overflow or underflow; in between the plain one, bit "

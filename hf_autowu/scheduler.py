@@ -172,6 +172,9 @@ class AutoWU:
         self.damaged_from: int | None = None
         # the first non-finite loss of warmup, after which warmup went on (`_retry_after_non_finite`)
         self.retried: dict[str, Any] | None = None
+        # warmup ended while a state was loaded (`_replan_budget`): listeners attached after the load (the Trainer's,
+        # in `on_train_begin`) have not heard of the switch yet
+        self.switched_on_load = False
         self.tests: list[SwitchTestRecord] = []
         self.last_outcome: SwitchTestOutcome | None = None
         # the LR estimate of the latest test before `last_outcome` that saw no rise (`_lr_after_blow_up`)
@@ -684,6 +687,7 @@ class AutoWU:
             # what `step()` does when its step count reaches the cooldown's start: warmup ends (at its cap: the
             # GP's estimate, as planned), and the next step already decays
             self._end_warmup_at_cap(self.last_step)
+            self.switched_on_load = True
         if self.phase != "cooldown" and self.last_step >= self.cooldown_start:
             self._enter_cooldown(self.last_step)
 

@@ -210,6 +210,11 @@ class _AutoWUEvents(TrainerCallback):
                     "uninterrupted one."
                 )
         scheduler.add_switch_listener(self._on_switch)
+        if scheduler.switched_on_load:  # the resume's budget ended warmup at the load: restore and log as at a switch
+            scheduler.switched_on_load = False
+            if scheduler.rewinder is not None:
+                scheduler.rewinder.on_switch(scheduler)
+            self._on_switch(scheduler)
 
     def _on_switch(self, scheduler: AutoWU) -> None:
         """Log once at the switch; on the main process, one line and the figure."""

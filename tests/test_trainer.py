@@ -561,3 +561,24 @@ def test_resume_after_a_retried_nan_is_bit_exact(entry_point, tmp_path):
     reference_weights = full.model.state_dict()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, reference_weights[name]), name
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_a_resume_whose_budget_ends_warmup_at_the_load_logs_the_switch(entry_point, tmp_path, caplog):
+    """Resumed in warmup (step 10) with 12 steps in all, whose cooldown point has passed: warmup ends as the state is
+    loaded, before the Trainer attaches its rewinder and its log; they still hear of the switch (one line, from the
+    integration), and the 2 steps left decay linearly from the peak to 0."""
+    args = training_args(str(tmp_path / "full"), save_strategy="steps", save_steps=10, logging_steps=100)
+    full = make_trainer(entry_point, args)
+    full.train()
+    assert scheduler_of(full).switch_step > 10
+    recorder = StepRecorder()
+    resumed = make_trainer(entry_point, training_args(str(tmp_path / "r"), max_steps=12), callbacks=[recorder])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_autowu.trainer"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
+    scheduler = scheduler_of(resumed)
+    assert (scheduler.switch_step, scheduler.switch_reason) == (10, "cap")
+    switch_lines = [r for r in caplog.records if r.name == "hf_autowu.trainer" and "warmup ended" in r.getMessage()]
+    assert len(switch_lines) == 1 and "after 10 steps (cap)" in switch_lines[0].getMessage()
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx([scheduler.peak_lr, 0.5 * scheduler.peak_lr], rel=1e-12)
