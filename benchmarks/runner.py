@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "3459a62a45bb": {
+        "7dfe70878585": "uneven inputs under `torch.distributed.algorithms.Join`: AutoWU is a `Joinable` whose hook "
+        "shadows the steps of the processes still training, and loss averages under a `Join` are over the processes "
+        "that hold each loss; nothing changes outside a `Join`, and `probe_rows.py --at` replays all 1131 recorded "
+        "AutoWU rows with losses under 3459a62a45bb to their recorded switch step, reason and LR",
+    },
     "7dfe70878585": {
         "e3c0d46d2f16": "review: a switch made while a state is loaded (a resume whose budget's cooldown point has "
         "passed) is flagged, so that the Trainer's rewinder and log, attached after the load, still hear of it; no "

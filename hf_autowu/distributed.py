@@ -39,16 +39,26 @@ class MeanInFlight:
     when `wait()` is called: `wait()` is then a collective (`needs_collective`), to call on every process alike.
     Every process must start it at the same point, with values of the same shape.
 
+    With `present` (under `torch.distributed.algorithms.Join`, where a process that ran out of inputs holds no
+    loss for the steps it shadows), the mean of each entry is over the processes that hold it: the values and the
+    flags travel in one reduction, and the sums are divided by the counts.
+
     Args:
-        values (`torch.Tensor`): This process's values (1-D).
+        values (`torch.Tensor`): This process's values (1-D); entries not `present` are ignored.
+        present (`torch.Tensor`, *optional*): Bool, the shape of `values`: which entries this process holds.
     """
 
-    def __init__(self, values: torch.Tensor):
+    def __init__(self, values: torch.Tensor, present: torch.Tensor | None = None):
         self.count = int(values.numel())
         self._world = world_size()
         self._work: Any = None
         self._event: Any = None
         self._reduce_on_wait = False
+        self._weighted = present is not None
+        if present is not None:
+            present = present.to(device=values.device, dtype=torch.bool)
+            values = values.to(torch.float64)
+            values = torch.cat([torch.where(present, values, torch.zeros_like(values)), present.to(values.dtype)])
         device = collective_device(values) if self._world > 1 else values.device
         if values.device.type == "cuda" and device.type == "cpu":  # gloo with CUDA tensors
             self._values = self._to_pinned(values.to(torch.float64))
@@ -83,7 +93,7 @@ class MeanInFlight:
             raise RuntimeError("MeanInFlight.local_values: the values are already being reduced in place.")
         if self._event is not None:
             self._event.synchronize()
-        return self._values.clone()
+        return self._values[: self.count].clone()
 
     def wait(self) -> torch.Tensor:
         """The mean over processes, float64 on the CPU (waits for what was started, if not done yet)."""
@@ -94,22 +104,26 @@ class MeanInFlight:
         values = self._values
         if self._reduce_on_wait:
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        if self._world > 1:
+        if self._weighted:
+            values = values[: self.count] / values[self.count :]
+        elif self._world > 1:
             values = values / self._world
         return values.to(device="cpu", dtype=torch.float64)
 
 
-def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+def mean_over_processes(values: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
     """Element-wise mean of `values` over all processes, returned as float64 on the CPU (`MeanInFlight`, waited for
     at once).
 
     Args:
         values (`torch.Tensor`): Same shape on every process.
+        present (`torch.Tensor`, *optional*): Which entries this process holds (`MeanInFlight`); given on every
+            process or on none.
 
     Returns:
         `torch.Tensor`: the mean, float64, CPU.
     """
-    return MeanInFlight(values).wait()
+    return MeanInFlight(values, present).wait()
 
 
 def min_over_processes(value: float) -> float:

@@ -338,6 +338,8 @@ class WarmupRewinder:
             "shapes": self._shapes(),
         }
         if self.holds_snapshots:
+            # under `Join`, a main process that ran out of inputs copies the state it stopped at (`scheduler.joined`):
+            # an earlier state of the run, trained with LRs below its label, so still a valid rewind target
             data = {
                 "params": [_host_copy(p) for p, _ in self._state_tensors()],
                 "state": [
@@ -390,7 +392,8 @@ class WarmupRewinder:
         if index is not None:
             chosen = self.snapshots[index]
             data = self._snapshot_data(chosen)
-            shift = self._shift_since(data) if self.min_shift > 0.0 and scheduler.damaged_from is None else math.inf
+            gated = self.min_shift > 0.0 and scheduler.damaged_from is None
+            shift = self._shift_since(data, scheduler.joined) if gated else math.inf
             if shift < self.min_shift:
                 self.kept = {"step": chosen["step"], "lr": chosen["lr"], "shift": shift}
             else:
@@ -519,13 +522,16 @@ class WarmupRewinder:
                 if tensor.shape == mask.shape:
                     tensor[~mask] = 0
 
-    def _shift_since(self, data: dict[str, Any] | None) -> float:
+    def _shift_since(self, data: dict[str, Any] | None, joined: bool = False) -> float:
         """How far the parameters have moved since the snapshot `data`: `||now - snapshot|| / ||snapshot||` over all
         parameters, in float64 on the host, the same value on every process (sharded: the sums are added over the
-        processes; replicated: the main process's value). NaN when a parameter is not finite (then rewind
-        restores). At the switch only: one pass over the parameters, one collective."""
+        processes; replicated: the main process's value). NaN when a parameter is not finite, or when this process
+        reads it and has joined under `Join` (its parameters stopped where it joined): then rewind restores. At the
+        switch only: one pass over the parameters, one collective."""
         sums = torch.zeros(2, dtype=torch.float64)
-        if data is not None:
+        if joined:
+            sums.fill_(math.nan)
+        elif data is not None:
             with torch.no_grad():
                 masks = self._padding_masks or [None] * len(data["params"])
                 for (p, _), saved, mask in zip(self._state_tensors(), data["params"], masks, strict=True):

@@ -15,6 +15,7 @@ import torch
 from .accelerate_steps import MICRO_BATCH, UPDATE, AccelerateSteps
 from .config import AutoWUConfig, check_optional_positive_int, check_positive_int, is_number, resolve_config
 from .distributed import MeanInFlight, broadcast_floats, mean_over_processes, process_rank, world_size
+from .join import Joinable, JoinedSteps, join_device, join_enabled, join_process_group, leave_join, notify_join
 from .loss_inputs import detach_loss, mean_loss, pending_to_tensor
 from .param_groups import configured_lr, lr_scale, set_group_lr
 from .ramp import cooldown_factor, warmup_lr
@@ -65,7 +66,7 @@ class SwitchTestRecord:
     lr: float
 
 
-class AutoWU:
+class AutoWU(Joinable):
     """Automatic warmup and decay of the learning rate, driven by the training loss.
 
     The LR grows from `min_lr` (exponentially by default) while a Gaussian process smooths the loss; once
@@ -76,6 +77,9 @@ class AutoWU:
     largest LR configured in the optimizer, and every other group is scaled by its configured ratio to it. A group's
     `lr_scale` (timm's layer-wise LR decay, `timm.optim.create_optimizer_v2(..., layer_decay=0.75)`) multiplies its
     ratio, as timm's own schedulers apply it.
+
+    With several processes and uneven inputs, it is a `Joinable`: `with Join([ddp_model, scheduler]):` lets a process
+    that runs out of batches keep taking the others' steps (`hf_autowu.join`).
 
     Args:
         optimizer (`torch.optim.Optimizer`): The optimizer whose LRs are set.
@@ -119,6 +123,7 @@ class AutoWU:
         ema: Any = None,
         **options: Any,
     ):
+        super().__init__()  # `Joinable`: outside any `Join` context until one is entered
         config = resolve_config(config, options, "config")
         if not hasattr(optimizer, "param_groups"):
             raise ValueError(
@@ -150,6 +155,8 @@ class AutoWU:
         self._ema = ema
         self._own_rewinder: WarmupRewinder | None = None  # the rewinder built here: it follows the config
         self._accelerate_steps = AccelerateSteps(optimizer)
+        # under `Join`: whether this process ran out of inputs and shadows the steps of the others (`join.py`)
+        self.joined = False
         self._start()
 
     def _start(self) -> None:
@@ -180,7 +187,7 @@ class AutoWU:
         # the LR estimate of the latest test before `last_outcome` that saw no rise (`_lr_after_blow_up`)
         self._estimate_before_last: float | None = None
         self._history = torch.empty(0, dtype=torch.float64)
-        self._pending: list[torch.Tensor | float] = []
+        self._pending: list[torch.Tensor | float | None] = []  # None: a step shadowed under `Join` (`join.py`)
         # in decay with `decay_phase_stat="loss"`: how many of the epoch's pending losses `sync_pending_losses` has
         # already averaged over the processes (they stay pending until the epoch ends)
         self._synced_pending = 0
@@ -258,7 +265,17 @@ class AutoWU:
         """
         if metric is not None:
             return
+        joining = join_enabled(self)
+        if joining:
+            notify_join(self)
         kind = self._accelerate_steps.classify()
+        if joining and kind != UPDATE:
+            other = "a micro-batch of gradient accumulation" if kind == MICRO_BATCH else "an fp16-skipped update"
+            raise RuntimeError(
+                "AutoWU under `Join` (uneven inputs) needs one optimizer update per forward of the model: a process "
+                f"that has joined cannot tell a step from {other}. Accumulate no gradients inside the `Join`, or keep "
+                "the processes' batches even (Accelerate's default `even_batches=True`)."
+            )
         if kind == UPDATE:
             self._step_after_update(loss)
         elif kind == MICRO_BATCH:
@@ -272,12 +289,16 @@ class AutoWU:
         """Whether this step's loss is kept: during warmup, and in decay with `decay_phase_stat="loss"`."""
         return self.phase == "warmup" or (self.phase == "decay" and self.config.decay_phase_stat == "loss")
 
-    def _step_after_update(self, loss: torch.Tensor | float | None) -> None:
-        """`step(loss)` for a call known to follow an optimizer update (the Trainer integration calls it directly)."""
+    def _step_after_update(self, loss: torch.Tensor | float | None, absent: bool = False) -> None:
+        """`step(loss)` for a call known to follow an optimizer update (the Trainer integration calls it directly);
+        with `absent`, a step this process shadows under `Join` and holds no loss of (`_step_while_joined`)."""
         if self._recording():
-            loss = detach_loss(loss)
-            if self._micro_batch_losses:
-                loss = mean_loss([*self._micro_batch_losses, loss])
+            if absent:
+                loss = None
+            else:
+                loss = detach_loss(loss)
+                if self._micro_batch_losses:
+                    loss = mean_loss([*self._micro_batch_losses, loss])
             self._pending.append(loss)
         self._micro_batch_losses.clear()
         self.last_step += 1
@@ -465,6 +486,11 @@ class AutoWU:
         the losses since the last switch test are held per process until then, and a state saved from one process
         would resume with that process's losses instead of their mean (a warning says so).
         """
+        if self.joined:
+            raise RuntimeError(
+                "AutoWU.state_dict: this process has run out of inputs under `Join` and holds no loss for the steps "
+                "it shadows; save after the `Join` block, where every process holds the same averaged losses."
+            )
         if self._relay is not None and not self._relay.needs_collective:
             self._land_relay()  # only waits: the averaging was started on every process
         pending = pending_to_tensor(self._pending).cpu()
@@ -1048,6 +1074,50 @@ class AutoWU:
         self._clear_pending()
         self._cooldown_from = (t, self._lr)
 
+    # ------------------------------------------------------------------ uneven inputs (`Join`)
+
+    def join_hook(self, **kwargs: Any) -> JoinedSteps:
+        """The hook `torch.distributed.algorithms.Join` runs once this process has run out of inputs (see
+        `hf_autowu.join`): it shadows each step the other processes take. Keyword arguments (the model's, such as
+        DDP's `divide_by_initial_world_size`) are ignored.
+
+        Returns:
+            `JoinedSteps`: the hook.
+        """
+        return JoinedSteps(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        """The device of the `Join` context's own all-reduces when AutoWU is its first joinable."""
+        return join_device()
+
+    @property
+    def join_process_group(self) -> Any:
+        """The process group of AutoWU's collectives (the default one)."""
+        return join_process_group()
+
+    def _step_while_joined(self) -> None:
+        """This process has run out of inputs: take the step the others take, without a loss of its own."""
+        self.joined = True
+        self._step_after_update(None, absent=True)
+
+    def _leave_join(self) -> None:
+        """Every process has joined: average the losses held per process (a collective, on every process alike)."""
+        self.sync_pending_losses()
+        self.joined = False
+        leave_join(self)
+
+    def _pending_payload(self, entries: list[torch.Tensor | float | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Buffered losses as one float64 tensor and, under `Join`, which of them this process holds (None for a
+        step it shadowed; `MeanInFlight` then averages each over the processes that hold it)."""
+        if not join_enabled(self):
+            return pending_to_tensor(entries), None
+        if all(v is not None for v in entries):  # a process that has not joined: no host copy, no sync
+            values = pending_to_tensor(entries)
+            return values, torch.ones(values.shape, dtype=torch.bool, device=values.device)
+        present = torch.tensor([v is not None for v in entries], dtype=torch.bool)
+        return pending_to_tensor([0.0 if v is None else v for v in entries]), present
+
     # ------------------------------------------------------------------ helpers
 
     def _apply_lr(self) -> None:
@@ -1063,7 +1133,7 @@ class AutoWU:
         (`_land_relay`), instead of at the next switch test. Every process calls it at the same steps, with as many
         losses."""
         if self._pending and self._relay is None:
-            self._relay = MeanInFlight(pending_to_tensor(self._pending))
+            self._relay = MeanInFlight(*self._pending_payload(self._pending))
             self._pending.clear()
 
     def _land_relay(self) -> None:
@@ -1078,7 +1148,7 @@ class AutoWU:
         holds as many: the same collective everywhere)."""
         unsynced = self._pending[self._synced_pending :]
         if unsynced:
-            self._pending[self._synced_pending :] = mean_over_processes(pending_to_tensor(unsynced)).tolist()
+            self._pending[self._synced_pending :] = mean_over_processes(*self._pending_payload(unsynced)).tolist()
             self._synced_pending = len(self._pending)
 
     def _clear_pending(self) -> None:
@@ -1088,7 +1158,7 @@ class AutoWU:
     def _flush_pending(self) -> None:
         self._land_relay()
         if self._pending:
-            values = mean_over_processes(pending_to_tensor(self._pending))
+            values = mean_over_processes(*self._pending_payload(self._pending))
             self._history = torch.cat([self._history, values])
             self._pending.clear()
 
