@@ -10,7 +10,11 @@ three features of the ramp, medians over its seeds:
 - ``noise_over_fall``: the first losses' noise (`switch_test.start_noise_sd`) over the fall of the losses' level
   (`switch_test.level_fall`, medians of ten, as the blow-up rule reads it): how noisy the descent is;
 - ``relative_fall``: that fall over the first level: how much of the loss the ramp removed (small for a fine-tune);
-- ``growth_per_step``: the ramp's log-LR growth per step (large on a short budget).
+- ``growth_per_step``: the ramp's log-LR growth per step (large on a short budget);
+- the descent's shape in LR, from the medians of ten consecutive losses (the level) and the geometric mean of their
+  LRs: ``descent_width``, the LR where the level has made 90% of its fall over the LR where it made 10%;
+  ``min_over_half``, the LR of the lowest level over the LR of half the fall; ``rise_after``, how far the level at
+  the switch lies above its lowest, as a share of the fall.
 
 Printed: the table, the correlation of each feature's log with the best multiplier's log2, and, leaving one of the
 tasks that are not unseen out at a time, a least-squares line of the best log2 multiplier on each feature's log (or
@@ -38,7 +42,8 @@ from hf_autowu import AutoWU
 from hf_autowu.switch_test import LEVEL_WINDOW, level_fall, start_noise_sd
 
 LOG2_MULTIPLIERS = np.arange(-4.0, 4.01, 0.25)
-FEATURES = ("noise_over_fall", "relative_fall", "growth_per_step")
+FEATURES = ("noise_over_fall", "relative_fall", "growth_per_step", "descent_width", "min_over_half", "rise_after")
+SHAPE_FEATURES = FEATURES[3:]
 
 
 def ramp_features(scheduler: AutoWU) -> dict[str, float]:
@@ -54,13 +59,39 @@ def ramp_features(scheduler: AutoWU) -> dict[str, float]:
     finite = history[np.isfinite(history)]
     growth = math.log(scheduler.config.max_lr / scheduler.config.min_lr) / scheduler.warmup_steps
     if finite.size < LEVEL_WINDOW:
-        return {"noise_over_fall": math.nan, "relative_fall": math.nan, "growth_per_step": growth}
+        return {"noise_over_fall": math.nan, "relative_fall": math.nan, "growth_per_step": growth} | dict.fromkeys(
+            SHAPE_FEATURES, math.nan
+        )
     start = float(np.median(finite[:LEVEL_WINDOW]))
     fall = level_fall(history)
     return {
         "noise_over_fall": start_noise_sd(history) / fall if fall > 0 else math.inf,
         "relative_fall": fall / abs(start) if start != 0 else math.nan,
         "growth_per_step": growth,
+    } | descent_shape(scheduler, history)
+
+
+def descent_shape(scheduler: AutoWU, history: np.ndarray) -> dict[str, float]:
+    """`SHAPE_FEATURES`: where in LR the level (medians of `LEVEL_WINDOW` consecutive finite losses, at the geometric
+    mean of their LRs) made 10%, 50% and 90% of its fall, where it was lowest, and how far it rose after."""
+    finite = np.isfinite(history)
+    losses = history[finite]
+    lrs = np.array([scheduler._ramp(i) for i in range(len(history))])[finite]
+    windows = range(len(losses) - LEVEL_WINDOW + 1)
+    level = np.array([np.median(losses[i : i + LEVEL_WINDOW]) for i in windows])
+    at = np.array([math.exp(np.mean(np.log(lrs[i : i + LEVEL_WINDOW]))) for i in windows])
+    lowest = int(np.argmin(level))
+    fall = level[0] - level[lowest]
+    if len(level) < 2 or fall <= 0:
+        return dict.fromkeys(SHAPE_FEATURES, math.nan)
+
+    def lr_at_share(share: float) -> float:
+        return float(at[np.nonzero(level[: lowest + 1] <= level[0] - share * fall)[0][0]])
+
+    return {
+        "descent_width": lr_at_share(0.9) / lr_at_share(0.1),
+        "min_over_half": float(at[lowest]) / lr_at_share(0.5),
+        "rise_after": float(level[-1] - level[lowest]) / fall,
     }
 
 
@@ -93,7 +124,7 @@ def test_regret_at(row: dict[str, Any], log2_multiplier: float) -> float:
 
 def log_feature(row: dict[str, Any], name: str) -> float:
     """The log of a task's median feature over its seeds."""
-    return math.log(max(float(np.median([s[name] for s in row["seeds"]])), 1e-12))
+    return math.log(max(float(np.nanmedian([s[name] for s in row["seeds"]])), 1e-12))
 
 
 def fitted_line(rows: dict[str, dict[str, Any]], feature: str | None) -> tuple[float, float]:
