@@ -1257,6 +1257,7 @@ def test_ideal_multiplier_finds_the_best_multiplier_and_a_feature_that_predicts_
     def row(best: float, feature: float, group: str = "suite") -> dict:
         seed = {"val": np.abs(k - best).tolist(), "test": np.abs(k - best).tolist()}
         seed |= {"noise_over_fall": feature, "relative_fall": 0.5, "growth_per_step": 0.1}
+        seed |= {"descent_width": 10.0, "min_over_half": 3.0, "rise_after": 0.2}
         return {"group": group, "seeds": [seed, seed]}
 
     rows = {f"t{i}": row(b, math.exp(b)) for i, b in enumerate([-2.0, -1.0, 0.0, 1.0, 2.0])}
@@ -1275,3 +1276,8 @@ def test_ideal_multiplier_finds_the_best_multiplier_and_a_feature_that_predicts_
     scheduler = bench("decisions").replay(bench("tasks").TASKS["digits_cnn"], losses)
     features = probe.ramp_features(scheduler)
     assert features["relative_fall"] == pytest.approx(0.5, abs=0.05) and features["noise_over_fall"] < 0.1
+    # the level of ten losses drops from 2 to 1 within one step of the ramp (the windows with five and six losses past
+    # the step): every share of the fall is made within one step's LR growth, and the level barely moves after it
+    one_step = scheduler._ramp(1) / scheduler._ramp(0)
+    assert 1.0 <= features["descent_width"] <= one_step * (1 + 1e-9) and features["min_over_half"] >= 1.0
+    assert 0.0 <= features["rise_after"] < 0.1
