@@ -342,6 +342,47 @@ def test_a_second_train_keeps_the_parameter_groups_ratio(entry_point, tmp_path):
     assert all(second == pytest.approx(first * 0.25, rel=1e-12) and first > 0 for first, second in recorder.lrs)
 
 
+class OutOfMemoryAt(TrainerCallback):
+    """Raises the CPU allocator's out-of-memory error at the end of optimizer step `step`, once: what
+    `auto_find_batch_size` answers by running the training loop again with half the batch."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.raised = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.raised and state.global_step == self.step:
+            self.raised = True
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.")
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_auto_find_batch_size_warms_up_again_for_the_smaller_batch(entry_point, tmp_path):
+    """`auto_find_batch_size=True`: the first loop (batches of 5, 3 steps an epoch, 45 in all) runs out of memory at
+    step 3, and the Trainer runs it again with batches of 4 (Accelerate cuts it by 10%: 4 steps an epoch, 60 in all). AutoWU plans the retry
+    afresh, for its own budget: its LRs are those of an AutoWU fed the retry's losses alone, it saw each of them once,
+    and it switches, rewinds and cools down to 0 inside the retry."""
+    recorder = StepRecorder()
+    args = training_args(str(tmp_path), per_device_train_batch_size=5, logging_steps=100, auto_find_batch_size=True)
+    trainer = make_trainer(entry_point, args, callbacks=[recorder, OutOfMemoryAt(3)])
+    trainer.train()
+    scheduler = scheduler_of(trainer)
+    assert trainer._train_batch_size == 4 and trainer.state.global_step == trainer.state.max_steps == 60
+    assert len(recorder.lrs) == 3 + 60
+    losses = recorder.step_losses()
+    lrs = [group_lrs[0] for group_lrs in recorder.lrs]
+    assert lrs[:3] == hand_fed_lrs(losses[:3], 45, 3, **AUTOWU_OPTIONS)
+    assert lrs[3:] == hand_fed_lrs(losses[3:], 60, 4, **AUTOWU_OPTIONS)
+    assert scheduler.total_steps == 60 and scheduler.steps_per_epoch == 4 and scheduler.last_step == 60
+    warmup = scheduler.switch_step
+    assert warmup is not None and torch.equal(scheduler.losses.float(), torch.stack(losses[3 : 3 + warmup]))
+    rewound = scheduler.rewinder.rewound_to
+    assert rewound is not None and 0 < rewound["step"] < warmup
+    snapshot, after_switch = recorder.begin_states[3 + rewound["step"]], recorder.begin_states[3 + warmup]
+    assert all(torch.equal(after_switch[key], value) for key, value in snapshot.items())
+    assert all(group["lr"] == 0.0 for group in trainer.optimizer.param_groups)
+
+
 def test_two_autowu_callbacks_on_one_trainer_are_refused(tmp_path):
     args = training_args(str(tmp_path), max_steps=4)
     trainer = make_trainer("callback", args)
