@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "2db6b58eae4f": {
+        "3459a62a45bb": "`hf_autowu.register_for_checkpointing(accelerator, scheduler)`, a new module: Accelerate's "
+        "`save_state`/`load_state` average the pending losses first and keep each process's own state; no step, test "
+        "or switch changes, and `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under "
+        "2db6b58eae4f to their recorded switch step, reason and LR",
+    },
     "3459a62a45bb": {
         "7dfe70878585": "uneven inputs under `torch.distributed.algorithms.Join`: AutoWU is a `Joinable` whose hook "
         "shadows the steps of the processes still training, and loss averages under a `Join` are over the processes "

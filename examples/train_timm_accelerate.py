@@ -18,7 +18,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from timm.layers import convert_sync_batchnorm
 from timm.utils import ModelEmaV3
 from timm_data import (
@@ -45,7 +45,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from hf_autowu import AutoWU, AutoWUConfig, autowu_log_entries, save_autowu_figure, switch_message
+from hf_autowu import (
+    AutoWU,
+    AutoWUConfig,
+    autowu_log_entries,
+    register_for_checkpointing,
+    save_autowu_figure,
+    switch_message,
+)
 
 
 class RunHistory:
@@ -196,13 +203,12 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
 
     scheduler.add_switch_listener(on_switch)
     history = RunHistory()
-    accelerator.register_for_checkpointing(scheduler, history)
+    # `save_state` averages the losses each process holds first, and keeps each process's own AutoWU state (under
+    # FSDP or DeepSpeed its rewind snapshots hold that process's shards); `load_state` gives each its own back
+    register_for_checkpointing(accelerator, scheduler)
+    accelerator.register_for_checkpointing(history)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    # `register_for_checkpointing` saves the main process's state only. Under FSDP or DeepSpeed each process's AutoWU
-    # state holds rewind snapshots of its own shards, so each process also saves its own, and loads it on resume.
-    own_state = f"autowu_rank{accelerator.process_index}.pt"
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -213,8 +219,6 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
         checkpoint = find_checkpoint(args.resume, args.output_dir)
         accelerator.print(f"Resuming from {checkpoint}")
         accelerator.load_state(checkpoint)
-        if os.path.exists(os.path.join(checkpoint, own_state)):
-            scheduler.load_state_dict(torch.load(os.path.join(checkpoint, own_state), weights_only=True))
     total_steps = steps_per_epoch * config["epochs"]
     max_steps = min(total_steps, args.max_train_steps or total_steps)
     start_epoch, skip_steps = divmod(history.completed_steps, steps_per_epoch)
@@ -268,11 +272,8 @@ def training_function(config: dict, autowu_config: AutoWUConfig, args: argparse.
                 accelerator.log({"train/loss": mean_loss, **autowu_log_entries(scheduler)}, step=completed)
                 logged_loss, logged_steps = torch.zeros_like(logged_loss), 0
             if args.checkpointing_steps and completed % args.checkpointing_steps == 0:
-                scheduler.sync_pending_losses()  # a collective: the saved state then holds cross-process means
                 folder = os.path.join(args.output_dir, "checkpoints", f"step_{completed}")
                 accelerator.save_state(folder)
-                if sharded:
-                    torch.save(scheduler.state_dict(), os.path.join(folder, own_state))
             if completed >= max_steps:
                 break
         top1, top5 = evaluate(accelerator, accelerator.unwrap_model(model), val_loader)

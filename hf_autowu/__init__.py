@@ -1,5 +1,6 @@
 """hf_autowu: AutoWU, an automatic loss-driven learning-rate schedule, for PyTorch and the Hugging Face stack."""
 
+from .accelerate_checkpointing import register_for_checkpointing
 from .arguments import AutoWUArguments
 from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP
@@ -32,6 +33,7 @@ __all__ = [
     "minimum_in_past_probability",
     "plot_autowu",
     "read_loss_curve",
+    "register_for_checkpointing",
     "replay_curve",
     "save_autowu_figure",
     "scheduler_from_state_dict",

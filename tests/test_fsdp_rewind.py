@@ -80,6 +80,26 @@ def test_resume_from_saved_per_process_state_is_exact(load, layout):
         assert same_tensors(resumed["states"][full["switch_step"]], full["states"][full["rewound_to"]["step"]])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_accelerate_checkpoints_resume_every_process_exactly(load, layout):
+    """`hf_autowu.register_for_checkpointing(accelerator, scheduler)`: `accelerator.save_state` keeps each process's
+    own AutoWU state (saving changes nothing in the run, and says nothing), and after `load_state` each process
+    restores its own snapshot at the switch: the resumed run gives the uninterrupted run's LRs and final shards bit
+    for bit, with no warning. (The losses are averaged at every step here, so pending losses are checked in
+    `tests/test_scheduler_multiprocess.py`.)"""
+    for full, saved, resumed in zip(
+        load(layout), load(f"{layout}-accelerate"), load(f"{layout}-accelerate-resumed"), strict=True
+    ):
+        assert saved["save_warnings"] == []
+        assert saved["lrs"] == full["lrs"] and same_tensors(saved["states"][TOTAL], full["states"][TOTAL])
+        assert full["rewound_to"]["step"] < RESUME_AT < full["switch_step"]
+        assert resumed["warnings"] == []
+        assert resumed["lrs"] == {step: lr for step, lr in full["lrs"].items() if step >= RESUME_AT}
+        assert resumed["rewound_to"] == full["rewound_to"] and resumed["switch_step"] == full["switch_step"]
+        assert same_tensors(resumed["states"][full["switch_step"]], full["states"][full["rewound_to"]["step"]])
+        assert same_tensors(resumed["states"][TOTAL], full["states"][TOTAL])
+
+
 @pytest.mark.parametrize("layout", SHARDED)
 def test_another_processs_snapshots_are_never_restored(load, layout):
     """Every process loads the main process's scheduler state (as `accelerator.register_for_checkpointing` does):

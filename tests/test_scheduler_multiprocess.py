@@ -21,6 +21,7 @@ from scheduler_two_processes import (  # noqa: E402
     FLAT_TOTAL,
     NAN_STEP,
     RETRY_STEP,
+    SAVE_STEP,
     SHORT_TOTAL,
     SPIKE_INTERVAL,
     SPIKE_STEP,
@@ -123,6 +124,25 @@ def test_a_state_saved_between_tests_from_the_main_process_resumes_exactly_after
         assert result["resumed"]["lrs"] == result["nan"]["lrs"], rank
         assert result["resumed"]["warnings_unsynced"] == (1 if rank == 0 else 0), rank
         assert result["resumed"]["warnings_synced"] == 0, rank
+
+
+@pytest.mark.multiprocess
+def test_accelerate_checkpoints_average_the_pending_losses_and_resume_exactly(ranks):
+    """`hf_autowu.register_for_checkpointing(accelerator, scheduler)`, saved between tests by `save_state` alone:
+    the main process's saved history holds the mean over the processes of every loss so far (computed here from
+    each process's own losses), with no warning, each other process keeps its own file, and after `load_state` the
+    run is the uninterrupted one on both."""
+    saved = ranks[0]["accelerate"]["saved_history"]
+    lrs = ranks[0]["nan"]["lrs"]
+    mean = [(local_loss(0, step, lrs[step]) + local_loss(1, step, lrs[step])) / 2 for step in range(SAVE_STEP)]
+    torch.testing.assert_close(
+        torch.tensor(saved, dtype=torch.float64), torch.tensor(mean, dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    for rank, result in enumerate(ranks):
+        accelerate = result["accelerate"]
+        assert accelerate["pending_before_save"] == SAVE_STEP and accelerate["warnings"] == [], rank
+        assert accelerate["own_file"] == (rank == 1)
+        assert accelerate["lrs"] == result["nan"]["lrs"], rank
 
 
 @pytest.mark.multiprocess

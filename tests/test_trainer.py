@@ -359,9 +359,9 @@ class OutOfMemoryAt(TrainerCallback):
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_auto_find_batch_size_warms_up_again_for_the_smaller_batch(entry_point, tmp_path):
     """`auto_find_batch_size=True`: the first loop (batches of 5, 3 steps an epoch, 45 in all) runs out of memory at
-    step 3, and the Trainer runs it again with batches of 4 (Accelerate cuts it by 10%: 4 steps an epoch, 60 in all). AutoWU plans the retry
-    afresh, for its own budget: its LRs are those of an AutoWU fed the retry's losses alone, it saw each of them once,
-    and it switches, rewinds and cools down to 0 inside the retry."""
+    step 3, and the Trainer runs it again with batches of 4 (Accelerate cuts it by 10%: 4 steps an epoch, 60 in all).
+    AutoWU plans the retry afresh, for its own budget: its LRs are those of an AutoWU fed the retry's losses alone, it
+    saw each of them once, and it switches, rewinds and cools down to 0 inside the retry."""
     recorder = StepRecorder()
     args = training_args(str(tmp_path), per_device_train_batch_size=5, logging_steps=100, auto_find_batch_size=True)
     trainer = make_trainer(entry_point, args, callbacks=[recorder, OutOfMemoryAt(3)])

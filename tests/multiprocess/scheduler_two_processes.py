@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 from collective_counter import CollectiveCounter
 from process_exit import leave
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, register_for_checkpointing
 from hf_autowu.distributed import MeanInFlight, mean_over_processes
 
 TOTAL = 240
@@ -102,6 +103,40 @@ def saved_and_resumed(rank: int, losses) -> dict:
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step(torch.tensor(losses(step, lrs[-1])))
     return {"lrs": lrs, "warnings_unsynced": unsynced, "warnings_synced": synced}
+
+
+def saved_with_accelerate(rank: int, losses, folder: Path) -> dict:
+    """`run` under `NAN_OPTIONS`, saved at `SAVE_STEP` by `accelerator.save_state` with
+    `hf_autowu.register_for_checkpointing` (no explicit sync) and resumed into a new scheduler with `load_state` on
+    both; with the losses each process held before the save, the warnings, and the history the main process saved."""
+
+    def build():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **NAN_OPTIONS)
+        accelerator = Accelerator(cpu=True)
+        register_for_checkpointing(accelerator, scheduler)
+        return optimizer, scheduler, accelerator
+
+    optimizer, scheduler, accelerator = build()
+    lrs = []
+    for step in range(TOTAL):
+        if step == SAVE_STEP:
+            pending = len(scheduler._pending)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                accelerator.save_state(str(folder))
+            optimizer, scheduler, accelerator = build()
+            accelerator.load_state(str(folder))
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    saved = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+    return {
+        "lrs": lrs,
+        "pending_before_save": pending,
+        "warnings": [str(w.message) for w in caught if "AutoWU" in str(w.message)],
+        "saved_history": saved["history"].tolist(),
+        "own_file": (folder / f"autowu_rank{rank}.pt").exists(),
+    }
 
 
 def saved_mid_relay(rank: int, losses) -> dict:
@@ -232,6 +267,9 @@ def main() -> None:
         "nan": run(rank, lambda step, lr: local_loss(rank, step, lr), **NAN_OPTIONS),
         "resumed": saved_and_resumed(rank, lambda step, lr: local_loss(rank, step, lr)),
         "watched": run(rank, lambda step, lr: local_loss(rank, step, lr)),
+        "accelerate": saved_with_accelerate(
+            rank, lambda step, lr: local_loss(rank, step, lr), Path(sys.argv[1], "accelerate_checkpoint")
+        ),
         "resumed_mid_relay": saved_mid_relay(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
         "retried": retried_run(rank),

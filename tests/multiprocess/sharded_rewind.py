@@ -9,6 +9,8 @@ data, and each process writes `OUT_DIR/{run}_rank{rank}.pt`: the LR of every ste
   the switch restores): model and optimizer with `torch.distributed.checkpoint` (FSDP2) or each process's local
   tensors (FSDP1, DDP), and each process's `scheduler.state_dict()`, which holds its own rewind snapshots;
 - `{layout}-resumed`: rebuilt from another initialisation, loaded from that checkpoint, continued to the end;
+- `{layout}-accelerate` and `{layout}-accelerate-resumed`: the same two runs with AutoWU's state saved and loaded by
+  `accelerator.save_state`/`load_state` (`hf_autowu.register_for_checkpointing`);
 - `{layout}-resumed-main`: the same, but every process loads the main process's `scheduler.state_dict()`, as
   `accelerator.register_for_checkpointing(scheduler)` does (with AutoWU's warnings);
 - `{layout}-kept`: `rewind_min_shift=1e9`, so the switch keeps the state it reached (and records the shift);
@@ -35,11 +37,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
 from process_exit import leave
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from hf_autowu import AutoWU
+from hf_autowu import AutoWU, register_for_checkpointing
 from hf_autowu.rewind import sharding_of
 
 TOTAL = 200
@@ -119,11 +122,15 @@ def nbytes(tensors: list[list[torch.Tensor]]) -> int:
 class Run:
     """A model, AdamW and AutoWU with its defaults, stepped by hand; records what the tests compare."""
 
-    def __init__(self, layout: str, hidden: int, seed: int = 0, **options: Any):
+    def __init__(self, layout: str, hidden: int, seed: int = 0, accelerate: bool = False, **options: Any):
         self.layout = layout
         self.model = wrap(layout, make_model(hidden, seed))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1.0)
         self.scheduler = AutoWU(self.optimizer, total_steps=TOTAL, **options)
+        self.accelerator = None
+        if accelerate:  # checkpoints through Accelerate's `save_state`/`load_state` (it prepares nothing here)
+            self.accelerator = Accelerator(cpu=True)
+            register_for_checkpointing(self.accelerator, self.scheduler)
         self.record: dict[str, Any] = {
             "sharding": sharding_of(self.optimizer, self.model),
             "lrs": {},
@@ -186,7 +193,8 @@ class Run:
 
     def save(self, folder: Path) -> None:
         """Model and optimizer (FSDP2: with `torch.distributed.checkpoint`; FSDP1 and DDP, whose local parts are
-        plain tensors: each process's own), and each process's `scheduler.state_dict()` with its rewind snapshots."""
+        plain tensors: each process's own), and each process's `scheduler.state_dict()` with its rewind snapshots
+        (with an accelerator: its `save_state`, in `folder / "accelerate"`)."""
         rank = dist.get_rank()
         if self.layout == "fsdp2":
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -195,7 +203,13 @@ class Run:
             folder.mkdir(parents=True, exist_ok=True)
             params = [p.detach().clone() for p in self.model.parameters()]
             torch.save({"params": params, "optimizer": self.optimizer.state_dict()}, folder / f"local_rank{rank}.pt")
-        torch.save(self.scheduler.state_dict(), folder / f"scheduler_rank{rank}.pt")
+        if self.accelerator is not None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.accelerator.save_state(str(folder / "accelerate"))
+            self.record["save_warnings"] = [str(w.message) for w in caught if "AutoWU" in str(w.message)]
+        else:
+            torch.save(self.scheduler.state_dict(), folder / f"scheduler_rank{rank}.pt")
 
     def load(self, folder: Path, scheduler_of: int | None = None) -> None:
         """Model and optimizer as `save` wrote them, and the scheduler state of process `scheduler_of` (by default
@@ -214,8 +228,29 @@ class Run:
                 for p, value in zip(self.model.parameters(), saved["params"], strict=True):
                     p.copy_(value)
             self.optimizer.load_state_dict(saved["optimizer"])
+        if self.accelerator is not None:
+            self.accelerator.load_state(str(folder / "accelerate"))
+            return
         scheduler_of = rank if scheduler_of is None else scheduler_of
         self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{scheduler_of}.pt", weights_only=True))
+
+
+def through_accelerate(layout: str, hidden: int, folder: Path, out_dir: Path) -> None:
+    """The uninterrupted run and its resume again, with AutoWU's state in `accelerator.save_state`/`load_state`
+    (`hf_autowu.register_for_checkpointing`) instead of a file per process written by hand."""
+    rank = dist.get_rank()
+    full = Run(layout, hidden, accelerate=True)
+    full.train(0, TOTAL, save_at=(RESUME_AT, folder))
+    torch.save(full.finish(), out_dir / f"{layout}-accelerate_rank{rank}.pt")
+    dist.barrier()
+    resumed = Run(layout, hidden, seed=123, accelerate=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load(folder)
+        resumed.train(RESUME_AT, TOTAL)
+    record = resumed.finish()
+    record["warnings"] = [str(w.message) for w in caught if "AutoWU" in str(w.message)]
+    torch.save(record, out_dir / f"{layout}-accelerate-resumed_rank{rank}.pt")
 
 
 def main() -> None:
@@ -249,6 +284,7 @@ def main() -> None:
         resumed.load(folder)
         resumed.train(RESUME_AT, TOTAL)
         torch.save(resumed.finish(), args.out_dir / f"{layout}-resumed_rank{rank}.pt")
+        through_accelerate(layout, args.hidden, args.out_dir / f"{layout}-accelerate-checkpoint", args.out_dir)
         kept = Run(layout, args.hidden, rewind_min_shift=1e9)  # a threshold no run reaches: nothing is restored
         kept.train(0, TOTAL)
         torch.save(kept.finish(), args.out_dir / f"{layout}-kept_rank{rank}.pt")
