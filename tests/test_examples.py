@@ -211,7 +211,7 @@ def test_accelerate_two_processes(image_folders, example_env, tmp_path):
 
     command = [*two_processes(), str(ACCELERATE_SCRIPT), *folder_args(image_folders), "--model", "test_resnet"]
     command += ["--image-size", "32", "--batch-size", str(BATCH), "--epochs", "2", "--output-dir", str(tmp_path)]
-    command += ["--log-every", "2", "--cpu"]
+    command += ["--log-every", "2", "--cpu", "--checkpointing-steps", "3"]
     result = run_example(command, example_env)
     assert result.stdout.count("AutoWU summary: switch_step=") == 1
     summary = read_summary(tmp_path)
@@ -219,6 +219,15 @@ def test_accelerate_two_processes(image_folders, example_env, tmp_path):
     # the logged loss, averaged over both processes at every second step (a collective on each of them)
     losses = EventAccumulator(str(tmp_path / "autowu")).Reload().Scalars("train/loss")
     assert [event.step for event in losses] == [2, 4, 6]
+    # the checkpoint after the first epoch keeps process 1's own AutoWU state beside the main process's, and both
+    # processes resumed from it repeat the uninterrupted run's LRs
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    assert (checkpoint / "custom_checkpoint_0.pkl").is_file() and (checkpoint / "autowu_rank1.pt").is_file()
+    resumed_dir = tmp_path / "resumed"
+    resume = [arg if arg != str(tmp_path) else str(resumed_dir) for arg in command[: command.index("--log-every")]]
+    run_example([*resume, "--cpu", "--report-to", "none", "--resume", str(checkpoint)], example_env)
+    resumed = read_summary(resumed_dir)
+    assert resumed["lr"] == summary["lr"] and resumed["switch_step"] == summary["switch_step"]
 
 
 @pytest.mark.slow
