@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTTrainer
 
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
 from hf_autowu.trainer import LOG_KEYS
 
 sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
-from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, tiny_llama  # noqa: E402
+from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, lora_adapter, sft_config, tiny_llama  # noqa: E402
 
 # LRs from 1e-4 to 10 over 30 warmup steps: the loss falls, then blows up, and AutoWU switches inside the budget
 OPTIONS = {"min_lr": 1e-4, "max_lr": 10.0}
@@ -91,29 +91,10 @@ def make_trainer(
     entry_point: str, lora: str | None, output_dir: str, logging_steps: int, save: bool = True
 ) -> RecordingSFTTrainer:
     model = tiny_llama()
-    # on a randomly initialised model, adapters alone barely move the loss: the output layer trains in full
-    adapter = LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"], task_type="CAUSAL_LM"
-    )
+    adapter = lora_adapter()
     if lora == "get_peft_model":
         model = get_peft_model(model, adapter)
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=logging_steps,
-        save_strategy="steps" if save else "no",
-        save_steps=SAVE_STEPS,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        max_length=None,
-        packing=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-    )
+    args = sft_config(output_dir, STEPS, SAVE_STEPS, logging_steps, save)
     common = {
         "model": model,
         "args": args,

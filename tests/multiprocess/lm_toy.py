@@ -3,6 +3,8 @@ PEFT tests (no download)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,3 +46,37 @@ def lm_dataset(n: int = 64, seed: int = 0) -> Dataset:
         start = int(torch.randint(0, len(TEXT), (), generator=g))
         rows.append({"input_ids": [TEXT[(start + k) % len(TEXT)] for k in range(12 + i % 9)]})
     return Dataset.from_list(rows)
+
+
+def lora_adapter() -> Any:
+    """A LoRA adapter on every linear layer; on a randomly initialised model adapters alone barely move the loss,
+    so the output layer trains in full."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"], task_type="CAUSAL_LM"
+    )
+
+
+def sft_config(output_dir: str, steps: int, save_steps: int, logging_steps: int = 1, save: bool = True) -> Any:
+    """TRL's `SFTConfig` of the TRL tests: `steps` steps of two micro-batches of 4 on the CPU, on the pre-tokenized
+    `lm_dataset` (no dataset preparation), a checkpoint every `save_steps` steps when `save`."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=logging_steps,
+        save_strategy="steps" if save else "no",
+        save_steps=save_steps,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        max_length=None,
+        packing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lm_toy import byte_tokenizer, lm_dataset, tiny_llama
-from peft import LoraConfig
+from lm_toy import byte_tokenizer, lm_dataset, lora_adapter, sft_config, tiny_llama
 from process_exit import leave
 from transformers import TrainerCallback
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 import hf_autowu.trainer
 from hf_autowu import AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
@@ -52,33 +51,14 @@ class LRRecorder(TrainerCallback):
 
 
 def train(entry_point: str, output_dir: str, resume: str | None = None) -> dict[str, Any]:
-    adapter = LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["lm_head"], task_type="CAUSAL_LM"
-    )
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_strategy="no" if resume else "steps",
-        save_steps=SAVE_STEPS,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        max_length=None,
-        packing=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-    )
+    args = sft_config(output_dir, STEPS, SAVE_STEPS, save=resume is None)
     recorder = LRRecorder()
     common = {
         "model": tiny_llama(),
         "args": args,
         "train_dataset": lm_dataset(n=128),
         "processing_class": byte_tokenizer(),
-        "peft_config": adapter,
+        "peft_config": lora_adapter(),
         "callbacks": [recorder],
     }
     config = AutoWUConfig(**OPTIONS)
