@@ -31,6 +31,11 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "c96ee2bedbf1": {
+        "2db6b58eae4f": "`register_for_checkpointing` refuses a scheduler already registered with the accelerator; "
+        "`probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under c96ee2bedbf1 to their recorded "
+        "switch step, reason and LR",
+    },
     "2db6b58eae4f": {
         "3459a62a45bb": "`hf_autowu.register_for_checkpointing(accelerator, scheduler)`, a new module: Accelerate's "
         "`save_state`/`load_state` average the pending losses first and keep each process's own state; no step, test "

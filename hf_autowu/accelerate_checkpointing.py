@@ -84,7 +84,9 @@ def register_for_checkpointing(accelerator: Any, scheduler: AutoWU) -> None:
         scheduler (`AutoWU`): The scheduler.
 
     Raises:
-        `ValueError`: when `scheduler` is not an `AutoWU`.
+        `ValueError`: when `scheduler` is not an `AutoWU`, or is already registered with `accelerator` (by this
+            function or by `accelerator.register_for_checkpointing`: its state would be loaded twice, the second
+            time over the first).
     """
     from .scheduler import AutoWU
 
@@ -92,6 +94,12 @@ def register_for_checkpointing(accelerator: Any, scheduler: AutoWU) -> None:
         raise ValueError(
             f"register_for_checkpointing: `scheduler` must be an AutoWU scheduler, got {type(scheduler).__name__} "
             "(for other objects use `accelerator.register_for_checkpointing`)."
+        )
+    registered = getattr(accelerator, "_custom_objects", [])
+    if any(obj is scheduler or getattr(obj, "scheduler", None) is scheduler for obj in registered):
+        raise ValueError(
+            "register_for_checkpointing: `scheduler` is already registered with this accelerator; register it once, "
+            "with `hf_autowu.register_for_checkpointing` only (not also `accelerator.register_for_checkpointing`)."
         )
     states = _ProcessStates(scheduler, accelerator.process_index, accelerator.is_main_process)
     accelerator.register_for_checkpointing(states)

@@ -1,7 +1,7 @@
 """`hf_autowu.register_for_checkpointing` in one process: `accelerator.save_state` in late warmup (rewind snapshots
-held) and `load_state` into a rebuilt model, optimizer and scheduler continue the uninterrupted run
-bit for bit; anything but an AutoWU is refused. (Two processes: `tests/test_scheduler_multiprocess.py` and
-`tests/test_fsdp_rewind.py`.)"""
+held) and `load_state` into a rebuilt model, optimizer and scheduler continue the uninterrupted run bit for bit;
+anything but an AutoWU, or a scheduler registered twice, is refused. (Two processes:
+`tests/test_scheduler_multiprocess.py` and `tests/test_fsdp_rewind.py`.)"""
 
 from __future__ import annotations
 
@@ -62,3 +62,17 @@ def test_anything_but_an_autowu_is_refused():
     other = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(ValueError, match="`scheduler` must be an AutoWU scheduler, got LambdaLR"):
         register_for_checkpointing(Accelerator(cpu=True), other)
+
+
+@pytest.mark.parametrize("first", ["accelerate", "hf_autowu"])
+def test_a_scheduler_registered_twice_is_refused(first):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = AutoWU(optimizer, total_steps=100)
+    accelerator = Accelerator(cpu=True)
+    if first == "accelerate":
+        accelerator.register_for_checkpointing(scheduler)
+    else:
+        register_for_checkpointing(accelerator, scheduler)
+    with pytest.raises(ValueError, match="`scheduler` is already registered with this accelerator"):
+        register_for_checkpointing(accelerator, scheduler)
+    assert len(accelerator._custom_objects) == 1
