@@ -1,7 +1,8 @@
 """AutoWU in an Accelerate loop under DeepSpeed ZeRO 2 and 3 (one process, `DS_ACCELERATOR=cpu`), built before
 `accelerator.prepare` and handed to it, as Accelerate's documentation builds a scheduler: rewind finds DeepSpeed's
 wrapper of the optimizer and runs exactly as with AutoWU built on the optimizer `prepare` returns, and its state
-travels with `register_for_checkpointing`, `save_state` and `load_state` to an exact resume."""
+travels with `register_for_checkpointing` (Accelerate's, or `hf_autowu.register_for_checkpointing`), `save_state` and
+`load_state` to an exact resume."""
 
 from __future__ import annotations
 
@@ -41,11 +42,14 @@ def test_autowu_built_before_prepare_rewinds_as_on_the_prepared_optimizer(load, 
     assert same_tensors(before["states"][TOTAL], after["states"][TOTAL])
 
 
+@pytest.mark.parametrize("registered", ["before", "after"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_register_for_checkpointing_resumes_exactly(load, stage):
-    """Saved after the snapshot the switch restores and before the switch: the resumed run restores it from the
-    loaded state and ends on the uninterrupted run's LRs, masters, AdamW state and weights, bit for bit."""
-    full, resumed = load(f"zero{stage}-before"), load(f"zero{stage}-before-resumed")
+def test_register_for_checkpointing_resumes_exactly(load, stage, registered):
+    """Saved after the snapshot the switch restores and before the switch (with Accelerate's
+    `register_for_checkpointing` when AutoWU was built before `prepare`, with hf_autowu's when after): the resumed run
+    restores it from the loaded state and ends on the uninterrupted run's LRs, masters, AdamW state and weights, bit
+    for bit."""
+    full, resumed = load(f"zero{stage}-{registered}"), load(f"zero{stage}-{registered}-resumed")
     assert full["rewound_to"]["step"] < RESUME_AT < full["switch_step"]
     assert resumed["rewound_to"] == full["rewound_to"] and resumed["warnings"] == []
     assert resumed["lrs"] == {step: lr for step, lr in full["lrs"].items() if step >= RESUME_AT}

@@ -9,7 +9,9 @@ DeepSpeed plugin, which Accelerate keeps for the process), written to `OUT_DIR/{
 after every step DeepSpeed's fp32 master partitions with their AdamW state and the model's weights, the rewind
 bookkeeping and AutoWU's rewind warnings):
 
-- `zero{stage}-after`: AutoWU built on the optimizer `accelerator.prepare` returns;
+- `zero{stage}-after`: AutoWU built on the optimizer `accelerator.prepare` returns, registered with
+  `hf_autowu.register_for_checkpointing`, and the state saved with `accelerator.save_state` after `RESUME_AT` steps;
+- `zero{stage}-after-resumed`: another initialisation, `accelerator.load_state` of that folder, trained to the end;
 - `zero{stage}-before`: AutoWU built on AdamW before `accelerator.prepare(model, optimizer, scheduler)`, registered
   with `accelerator.register_for_checkpointing`, and the state saved with `accelerator.save_state` after
   `RESUME_AT` steps;
@@ -33,7 +35,7 @@ from deepspeed_rewind import master_state, model_weights  # noqa: E402
 from process_exit import leave  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_autowu import AutoWU  # noqa: E402
+from hf_autowu import AutoWU, register_for_checkpointing  # noqa: E402
 
 TOTAL, RESUME_AT, HIDDEN, DIM = 160, 60, 32, 8
 STAGES = (2, 3)
@@ -63,6 +65,7 @@ def run(before: bool, folder: Path, resume: bool = False) -> dict[str, Any]:
         else:
             model, optimizer = accelerator.prepare(model, optimizer)
             scheduler = AutoWU(optimizer, total_steps=TOTAL)
+            register_for_checkpointing(accelerator, scheduler)
         start = 0
         if resume:
             accelerator.load_state(str(folder))
@@ -77,7 +80,7 @@ def run(before: bool, folder: Path, resume: bool = False) -> dict[str, Any]:
             scheduler.step(loss.detach())
             record["states"][step + 1] = master_state(optimizer.optimizer)
             record["weights"][step + 1] = model_weights(model.module)
-            if before and not resume and step + 1 == RESUME_AT:
+            if not resume and step + 1 == RESUME_AT:
                 accelerator.save_state(str(folder))
     rewinder = scheduler.rewinder
     record.update(
@@ -103,10 +106,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1}
     _plugin.append(DeepSpeedPlugin(hf_ds_config={**config, "zero_optimization": {"stage": stage}}))
-    folder = out / f"zero{stage}-state"
-    torch.save(run(before=False, folder=folder), out / f"zero{stage}-after.pt")
-    torch.save(run(before=True, folder=folder), out / f"zero{stage}-before.pt")
-    torch.save(run(before=True, folder=folder, resume=True), out / f"zero{stage}-before-resumed.pt")
+    for before, name in ((False, "after"), (True, "before")):
+        folder = out / f"zero{stage}-{name}-state"
+        torch.save(run(before=before, folder=folder), out / f"zero{stage}-{name}.pt")
+        torch.save(run(before=before, folder=folder, resume=True), out / f"zero{stage}-{name}-resumed.pt")
     leave()
 
 
