@@ -6,6 +6,7 @@ their loss."""
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from datasets import Dataset
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast, TrainerCallback
-from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTTrainer
 
 import hf_autowu.trainer
 from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
@@ -29,6 +30,7 @@ from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, lora_adapter, sft_co
 # LRs from 1e-4 to 10 over 30 warmup steps: the loss falls, then blows up, and AutoWU switches inside the budget
 OPTIONS = {"min_lr": 1e-4, "max_lr": 10.0}
 STEPS, STEPS_PER_EPOCH, SAVE_STEPS = 60, 8, 3  # 64 rows in batches of 4, gradient accumulation 2
+GRPO_STEPS, GRPO_SAVE_STEPS = 40, 10
 
 # (entry point, how the LoRA adapter comes in, logging_steps)
 SETUPS = [
@@ -281,6 +283,63 @@ def test_reward_trainer(entry_point, tmp_path):
     trainer = with_autowu(entry_point, RecordingRewardTrainer, AutoWURewardTrainer, common)
     trainer.train()
     assert_autowu_drove(trainer, REWARD_METRICS)
+
+
+class AutoWUGRPOTrainer(AutoWUTrainerMixin, GRPOTrainer):
+    pass
+
+
+def grpo_trainer(entry_point: str, output_dir: Path, save: bool = True) -> GRPOTrainer:
+    """TRL's `GRPOTrainer` on the tiny LM: 40 steps of 4 completions (8 bytes) of one prompt, rewarded for each "a",
+    with AutoWU from `min_lr` 1e-5 to `max_lr` 0.1 (a ramp the policy survives), a checkpoint every 10 steps."""
+    args = GRPOConfig(
+        output_dir=str(output_dir),
+        max_steps=GRPO_STEPS,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        logging_steps=1,
+        save_strategy="steps" if save else "no",
+        save_steps=GRPO_SAVE_STEPS,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+    )
+    common = {
+        "model": tiny_llama(),
+        "reward_funcs": lambda completions, **kwargs: [float(text.count("a")) for text in completions],
+        "args": args,
+        "train_dataset": Dataset.from_list([{"prompt": "the quick brown "}] * 64),
+        "processing_class": byte_tokenizer(),
+        "callbacks": [LRRecorder()],
+    }
+    config = AutoWUConfig(min_lr=1e-5, max_lr=0.1)
+    if entry_point == "callback":
+        return GRPOTrainer(**{**common, "callbacks": [*common["callbacks"], AutoWUCallback(config)]})
+    return AutoWUGRPOTrainer(**common, autowu_config=config)
+
+
+@pytest.mark.parametrize("entry_point", ["callback", "mixin"])
+def test_grpo_trainer_decays_from_min_lr_and_resumes_exactly(entry_point, tmp_path, caplog):
+    """GRPO's loss is about 0 by construction (README, "Scaling out"): the ramp reaches its cap without a fall, and
+    AutoWU decays from `min_lr` and says why; a resume from a checkpoint written in warmup repeats the LRs and ends on
+    the uninterrupted run's weights, bit for bit."""
+    full = grpo_trainer(entry_point, tmp_path / "full")
+    with caplog.at_level(logging.WARNING, logger="hf_autowu"):
+        full.train()
+    scheduler = scheduler_of(full)
+    assert scheduler.switch_reason == "cap" and scheduler.switch_step == GRPO_STEPS // 2
+    assert scheduler.peak_lr == 1e-5 and "never really fell" in caplog.text
+    applied = [lrs[0] for lrs in recorder_of(full).lrs]
+    assert len(applied) == GRPO_STEPS and max(applied[scheduler.switch_step :]) <= 1e-5
+    resumed = grpo_trainer(entry_point, tmp_path / "resumed", save=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{GRPO_SAVE_STEPS}"))
+    assert [lrs[0] for lrs in recorder_of(resumed).lrs] == applied[GRPO_SAVE_STEPS:]
+    final, reference = weights(resumed), weights(full)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[name], value) for name, value in reference.items())
 
 
 def test_the_mixin_after_a_trainer_in_the_bases_is_refused_when_the_class_is_made():
