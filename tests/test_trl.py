@@ -25,7 +25,7 @@ from hf_autowu import AutoWU, AutoWUCallback, AutoWUConfig, AutoWUTrainerMixin
 from hf_autowu.trainer import LOG_KEYS
 
 sys.path.insert(0, str(Path(__file__).parent / "multiprocess"))
-from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, lora_adapter, sft_config, tiny_llama  # noqa: E402
+from lm_toy import TRL_METRICS, byte_tokenizer, lm_dataset, lora_adapter, sft_config, tiny_llama, trl_run_options  # noqa: E402
 
 # LRs from 1e-4 to 10 over 30 warmup steps: the loss falls, then blows up, and AutoWU switches inside the budget
 OPTIONS = {"min_lr": 1e-4, "max_lr": 10.0}
@@ -292,21 +292,8 @@ class AutoWUGRPOTrainer(AutoWUTrainerMixin, GRPOTrainer):
 def grpo_trainer(entry_point: str, output_dir: Path, save: bool = True) -> GRPOTrainer:
     """TRL's `GRPOTrainer` on the tiny LM: 40 steps of 4 completions (8 bytes) of one prompt, rewarded for each "a",
     with AutoWU from `min_lr` 1e-5 to `max_lr` 0.1 (a ramp the policy survives), a checkpoint every 10 steps."""
-    args = GRPOConfig(
-        output_dir=str(output_dir),
-        max_steps=GRPO_STEPS,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        logging_steps=1,
-        save_strategy="steps" if save else "no",
-        save_steps=GRPO_SAVE_STEPS,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-    )
+    options = trl_run_options(str(output_dir), GRPO_STEPS, GRPO_SAVE_STEPS, save=save)
+    args = GRPOConfig(**options, num_generations=4, max_completion_length=8)
     common = {
         "model": tiny_llama(),
         "reward_funcs": lambda completions, **kwargs: [float(text.count("a")) for text in completions],

@@ -58,24 +58,32 @@ def lora_adapter() -> Any:
     )
 
 
+def trl_run_options(output_dir: str, steps: int, save_steps: int, logging_steps: int = 1, save: bool = True) -> dict:
+    """The options every TRL config of these tests shares: `steps` steps with batches of 4 on the CPU, seeded, quiet,
+    a log entry every `logging_steps` steps and a checkpoint every `save_steps` steps when `save`."""
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": 4,
+        "logging_steps": logging_steps,
+        "save_strategy": "steps" if save else "no",
+        "save_steps": save_steps,
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+
+
 def sft_config(output_dir: str, steps: int, save_steps: int, logging_steps: int = 1, save: bool = True) -> Any:
-    """TRL's `SFTConfig` of the TRL tests: `steps` steps of two micro-batches of 4 on the CPU, on the pre-tokenized
-    `lm_dataset` (no dataset preparation), a checkpoint every `save_steps` steps when `save`."""
+    """TRL's `SFTConfig` of the TRL tests (`trl_run_options`), with two micro-batches a step, on the pre-tokenized
+    `lm_dataset` (no dataset preparation)."""
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=4,
+        **trl_run_options(output_dir, steps, save_steps, logging_steps, save),
         gradient_accumulation_steps=2,
-        logging_steps=logging_steps,
-        save_strategy="steps" if save else "no",
-        save_steps=save_steps,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
         max_length=None,
         packing=False,
         dataset_kwargs={"skip_prepare_dataset": True},
