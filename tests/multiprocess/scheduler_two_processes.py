@@ -125,6 +125,7 @@ def saved_with_accelerate(rank: int, losses, folder: Path) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 accelerator.save_state(str(folder))
+            accelerator.wait_for_everyone()  # the main process's file is written before any process reads it
             optimizer, scheduler, accelerator = build()
             accelerator.load_state(str(folder))
         lrs.append(optimizer.param_groups[0]["lr"])
