@@ -537,7 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redo", action="store_true", help="re-run the selected runs even if recorded")
     parser.add_argument("--out-dir", type=Path, default=None, help="where holdout.json goes (default results/)")
     parser.add_argument("--results-md", type=Path, default=None, help="Markdown file to update")
-    parser.add_argument("--smoke", action="store_true", help="30 steps, 1 seed, 2 grid points: checks that it runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="30 steps, 1 seed, 2 grid points, the other settings than the default and the paper preset on the first "
+        "task only: checks that it runs",
+    )
     parser.add_argument(
         "--replay",
         default=None,
@@ -619,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         autowu = {
             label: [one(label, s, **options) for s in range(args.default_seeds if label == default_label else seeds)]
             for label, options in settings.items()
+            if not args.smoke or name == names[0] or label in (default_label, "paper preset")
         }
         if args.baselines:
             baselines = {label: [one(label, s, baseline=b) for s in range(seeds)] for label, b in BASELINES.items()}

@@ -256,7 +256,9 @@ def test_holdout_smoke(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     assert f"| mean of {roles.count('unseen')} | unseen |" in section
     # every run is recorded, so a second invocation trains nothing and writes the same section
     recorded = json.loads((tmp_path / "holdout.json").read_text())["runs"]
-    assert len(recorded) == len(holdout.TASKS) * (2 + 5 + 1)  # 2 grid points; defaults, 2 rewind, 0.1, paper; ramp
+    # every task: 2 grid points, the defaults, the paper preset and the ramp; the first also 2 rewind settings and 0.1
+    assert len(recorded) == len(holdout.TASKS) * (2 + 2 + 1) + 3
+    assert sum(key.startswith("mlp_sgd|") for key in recorded) == 2 + 5 + 1
     assert "| paper preset |" in section
     # the summary's regret of the default on the MLP: its test accuracy against the grid point best on validation
     grid = [run for key, run in recorded.items() if key.startswith("mlp_sgd|oracle ")]
