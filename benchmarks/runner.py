@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "02fb9fe5ba55": {
+        "c96ee2bedbf1": "`hf_autowu.save_scheduler_state`/`load_scheduler_state` (a new module, `process_files`) for "
+        "loops that checkpoint by hand, and the Trainer's and Accelerate's per-process files chosen and written by "
+        "it; no step, test or switch changes, and `probe_rows.py --at` replays all 1131 recorded AutoWU rows with "
+        "losses under 02fb9fe5ba55 to their recorded switch step, reason and LR",
+    },
     "c96ee2bedbf1": {
         "2db6b58eae4f": "`register_for_checkpointing` refuses a scheduler already registered with the accelerator; "
         "`probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under c96ee2bedbf1 to their recorded "

@@ -6,6 +6,7 @@ from .config import AutoWUConfig
 from .gp import ClosedFormLossCurveGP
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .plotting import log_figure_to_tensorboard, plot_autowu, save_autowu_figure
+from .process_files import load_scheduler_state, save_scheduler_state
 from .replay import read_loss_curve, replay_curve, scheduler_from_state_dict
 from .rewind import WarmupRewinder
 from .scheduler import AutoWU, SwitchTestRecord
@@ -29,6 +30,7 @@ __all__ = [
     "SwitchTester",
     "autowu_log_entries",
     "WarmupRewinder",
+    "load_scheduler_state",
     "log_figure_to_tensorboard",
     "minimum_in_past_probability",
     "plot_autowu",
@@ -36,6 +38,7 @@ __all__ = [
     "register_for_checkpointing",
     "replay_curve",
     "save_autowu_figure",
+    "save_scheduler_state",
     "scheduler_from_state_dict",
     "switch_message",
 ]

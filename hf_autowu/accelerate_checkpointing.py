@@ -19,28 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .process_files import SCHEDULER_STATE_FILE, own_file, write_own_file
+
 if TYPE_CHECKING:
     from .scheduler import AutoWU
-
-PROCESS_STATE_FILE = "autowu_rank{rank}.pt"
-"""Where each process other than the main one keeps its AutoWU state in a checkpoint folder of `save_state`."""
 
 
 class _ProcessStates:
     """What Accelerate checkpoints in AutoWU's place: `state_dict()` on every process (Accelerate keeps the main
     process's), `load_state_dict(main_state)` on every process, and the two hooks that tell it the folder."""
 
-    def __init__(self, scheduler: AutoWU, process_index: int, is_main_process: bool):
+    def __init__(self, scheduler: AutoWU, is_main_process: bool):
         self.scheduler = scheduler
-        self.process_index = process_index
         self.is_main_process = is_main_process
         self._folder: str | None = None  # of the `save_state` or `load_state` under way
-
-    @property
-    def _own_file(self) -> str | None:
-        if self._folder is None:
-            return None
-        return os.path.join(self._folder, PROCESS_STATE_FILE.format(rank=self.process_index))
 
     def before_save(self, models: list[Any], weights: list[Any], output_dir: str) -> None:
         """`save_state`'s pre-hook, on every process: average the pending losses (a collective), keep the folder."""
@@ -54,17 +46,16 @@ class _ProcessStates:
     def state_dict(self) -> dict[str, Any]:
         """The scheduler's state; a process other than the main one also writes it to its own file in the folder."""
         state = self.scheduler.state_dict()
-        own = self._own_file
-        self._folder = None
-        if own is not None and not self.is_main_process:
-            torch.save(state, own)
+        folder, self._folder = self._folder, None
+        if folder is not None and not self.is_main_process:
+            write_own_file(state, folder, SCHEDULER_STATE_FILE)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load this process's own state from the folder when it wrote one, else `state` (the main process's)."""
-        own = self._own_file
-        self._folder = None
-        if own is not None and not self.is_main_process and os.path.exists(own):
+        folder, self._folder = self._folder, None
+        own = own_file(folder, SCHEDULER_STATE_FILE) if folder is not None and not self.is_main_process else None
+        if own is not None and os.path.exists(own):
             state = torch.load(own, map_location="cpu", weights_only=True)
         self.scheduler.load_state_dict(state)
 
@@ -77,7 +68,8 @@ def register_for_checkpointing(accelerator: Any, scheduler: AutoWU) -> None:
     `save_state` on every process, as Accelerate asks); the main process's state is saved by Accelerate, every other
     process's in `autowu_rank<N>.pt` in the same folder, and `load_state` gives each process its own. With sharded
     state (FSDP, DeepSpeed ZeRO) each process's rewind snapshots hold its own shards, so a resume then keeps rewind;
-    with replicated state it costs one small file per process.
+    with replicated state it costs one small file per process. To load in the same job that saved, wait for every
+    process first (`accelerator.wait_for_everyone()`): the main process writes what every process reads.
 
     Args:
         accelerator (`accelerate.Accelerator`): The accelerator whose `save_state`/`load_state` the loop calls.
@@ -101,7 +93,7 @@ def register_for_checkpointing(accelerator: Any, scheduler: AutoWU) -> None:
             "register_for_checkpointing: `scheduler` is already registered with this accelerator; register it once, "
             "with `hf_autowu.register_for_checkpointing` only (not also `accelerator.register_for_checkpointing`)."
         )
-    states = _ProcessStates(scheduler, accelerator.process_index, accelerator.is_main_process)
+    states = _ProcessStates(scheduler, accelerator.is_main_process)
     accelerator.register_for_checkpointing(states)
     accelerator.register_save_state_pre_hook(states.before_save)
     accelerator.register_load_state_pre_hook(states.before_load)

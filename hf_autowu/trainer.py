@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from .distributed import process_rank
 from .log_entries import LOG_KEYS, autowu_log_entries, switch_message
 from .param_groups import set_group_lr
 from .plotting import save_autowu_figure
+from .process_files import own_or_main_file, write_own_file
 from .rewind import WarmupRewinder
 from .saved_state import TRAINER_STATE_KEY, autowu_state_of
 from .scheduler import AutoWU
@@ -245,8 +245,7 @@ class _AutoWUEvents(TrainerCallback):
         rewinder = self.scheduler.rewinder if self.scheduler is not None else None
         if rewinder is None or rewinder.state_key is not None or self._trainer.args.save_only_model:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(rewinder.state_dict(), os.path.join(output_dir, REWIND_FILE.format(rank=process_rank())))
+        write_own_file(rewinder.state_dict(), output_dir, REWIND_FILE)
 
     # ------------------------------------------------------------------ Trainer events
 
@@ -625,12 +624,11 @@ def _load_rewind_state(rewinder: WarmupRewinder, checkpoint: str | None) -> bool
     them. Returns whether a rewind state was found."""
     if checkpoint is None:
         return False
-    for rank in dict.fromkeys((process_rank(), 0)):
-        path = os.path.join(checkpoint, REWIND_FILE.format(rank=rank))
-        if os.path.exists(path):
-            rewinder.load_state_dict(torch.load(path, weights_only=True, mmap=True))
-            return True
-    return False
+    path = own_or_main_file(checkpoint, REWIND_FILE)
+    if path is None:
+        return False
+    rewinder.load_state_dict(torch.load(path, weights_only=True, mmap=True))
+    return True
 
 
 def _refuse_unsupported(trainer: Trainer, entry_point: str, optimizer: torch.optim.Optimizer | None = None) -> None:

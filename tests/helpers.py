@@ -46,6 +46,36 @@ def regression_batch(step: int, rows: int = 16) -> tuple[torch.Tensor, torch.Ten
     return x, x[:, :3].sum(dim=1, keepdim=True)
 
 
+def train_regression(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: AutoWU,
+    steps: range,
+    backward=None,
+    after_step=None,
+) -> dict:
+    """The README's hand-written loop on `regression_batch` for `steps` (`backward(loss)`: `loss.backward()` by
+    default); `after_step(steps_done, record)` runs after each. Returns the LR of each step, the switch step, the
+    snapshot rewind restored and the final weights."""
+    record = {"lrs": []}
+    for step in steps:
+        x, y = regression_batch(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        (backward or torch.Tensor.backward)(loss)
+        record["lrs"].append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step(loss.detach())
+        if after_step is not None:
+            after_step(step + 1, record)
+    record.update(
+        switch_step=scheduler.switch_step,
+        rewound_to=scheduler.rewinder.rewound_to,
+        weights=[p.detach().clone() for p in model.parameters()],
+    )
+    return record
+
+
 def fine_tune_loss(lr: float, noise: float) -> float:
     """A fine-tune's ramp: flat below LR 1e-3 (small LRs leave a pretrained model where it is), a fall from 2 to 1
     by 3e-3 (95% of it), a flat bottom up to 3e-2, then a rise of 3 per decade; plus `noise`."""

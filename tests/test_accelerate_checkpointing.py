@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import regression_batch, regression_mlp
+from helpers import regression_mlp, train_regression
 
 from hf_autowu import AutoWU, register_for_checkpointing
 
@@ -26,24 +26,14 @@ def train(folder, save: bool, resume: bool) -> dict:
     register_for_checkpointing(accelerator, scheduler)
     if resume:
         accelerator.load_state(str(folder))
-    record = {"lrs": []}
-    for step in range(SAVE_AT if resume else 0, TOTAL):
-        x, y = regression_batch(step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        accelerator.backward(loss)
-        record["lrs"].append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step(loss.detach())
-        if save and step + 1 == SAVE_AT:
+
+    def save_at(steps_done: int, record: dict) -> None:
+        if save and steps_done == SAVE_AT:
             record["snapshots"] = len(scheduler.rewinder.snapshots)
             accelerator.save_state(str(folder))
-    record.update(
-        switch_step=scheduler.switch_step,
-        rewound_to=scheduler.rewinder.rewound_to,
-        weights=[p.detach().clone() for p in model.parameters()],
-    )
-    return record
+
+    steps = range(SAVE_AT if resume else 0, TOTAL)
+    return train_regression(model, optimizer, scheduler, steps, backward=accelerator.backward, after_step=save_at)
 
 
 def test_save_state_and_load_state_resume_exactly(tmp_path):

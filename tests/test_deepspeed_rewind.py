@@ -68,9 +68,11 @@ def test_rewind_restores_masters_state_and_weights_bit_for_bit(load, run):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_from_deepspeed_checkpoint_and_scheduler_state_is_exact(load, stage):
-    """Saved late in warmup, after the snapshot the switch restores: it comes back from each process's
-    `scheduler.state_dict()`, and the resumed run gives the uninterrupted run's LRs and final state bit for bit."""
-    for full, resumed in zip(load(f"zero{stage}"), load(f"zero{stage}-resumed"), strict=True):
+    """Saved late in warmup, after the snapshot the switch restores: it comes back from each process's own file in
+    the checkpoint's tag folder (`hf_autowu.save_scheduler_state` / `load_scheduler_state`), and the resumed run gives
+    the uninterrupted run's LRs and final state bit for bit."""
+    for rank, (full, resumed) in enumerate(zip(load(f"zero{stage}"), load(f"zero{stage}-resumed"), strict=True)):
+        assert resumed["scheduler_file"] == f"autowu_rank{rank}.pt"
         assert full["rewound_to"]["step"] < RESUME_AT < full["switch_step"]
         assert resumed["rewound_to"] == full["rewound_to"] and resumed["switch_step"] == full["switch_step"]
         assert {k: v for k, v in full["lrs"].items() if k >= RESUME_AT} == resumed["lrs"]

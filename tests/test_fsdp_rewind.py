@@ -68,9 +68,11 @@ def test_rewind_restores_every_shard_bit_for_bit(load, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_resume_from_saved_per_process_state_is_exact(load, layout):
-    """Saved late in warmup, after the snapshot the switch restores: it must come back from each process's
-    `scheduler.state_dict()`, and the resumed run gives the uninterrupted run's LRs and final shards bit for bit."""
-    for full, resumed in zip(load(layout), load(f"{layout}-resumed"), strict=True):
+    """Saved late in warmup, after the snapshot the switch restores: it must come back from each process's own file
+    (`hf_autowu.save_scheduler_state` / `load_scheduler_state`), and the resumed run gives the uninterrupted run's LRs
+    and final shards bit for bit."""
+    for rank, (full, resumed) in enumerate(zip(load(layout), load(f"{layout}-resumed"), strict=True)):
+        assert resumed["scheduler_file"] == f"autowu_rank{rank}.pt"
         assert full["snapshot_steps"][0] < RESUME_AT < full["switch_step"]
         assert full["rewound_to"]["step"] < RESUME_AT and full["rewound_to"]["step"] not in resumed["snapshot_steps"]
         assert sorted(resumed["lrs"]) == list(range(RESUME_AT, TOTAL))

@@ -146,6 +146,18 @@ def test_accelerate_checkpoints_average_the_pending_losses_and_resume_exactly(ra
 
 
 @pytest.mark.multiprocess
+def test_states_saved_by_hand_average_the_pending_losses_and_resume_exactly(ranks):
+    """`hf_autowu.save_scheduler_state` on both processes between tests, each to its own file, with no warning;
+    process 1, its own file removed, loads the main process's, and the run resumed from it on both is the
+    uninterrupted one: the main process's file holds the mean of both processes' losses, not its own."""
+    for rank, result in enumerate(ranks):
+        by_hand = result["by_hand"]
+        assert by_hand["written"] == f"autowu_rank{rank}.pt" and by_hand["loaded"] == "autowu_rank0.pt", rank
+        assert by_hand["warnings"] == [], rank
+        assert by_hand["lrs"] == result["nan"]["lrs"], rank
+
+
+@pytest.mark.multiprocess
 def test_a_state_saved_by_the_main_process_alone_while_the_relay_runs_resumes_exactly(ranks):
     """With the spike watch on, a state taken on the main process alone, without a sync, while the relay started
     at that step is under way: `state_dict()` only waits for it (no collective: a call on one process does not hang),

@@ -8,7 +8,8 @@ Run with `torchrun --standalone --nproc_per_node 2 tests/multiprocess/deepspeed_
 master partitions with their AdamW state (what DeepSpeed's optimizer steps) and the weights the model computes with
 (ZeRO 1 and 2: every parameter in full; ZeRO 3: this process's partition of each, and the full tensor of the
 persistent ones), plus the rewind bookkeeping. The uninterrupted run saves after `RESUME_AT` steps (late warmup)
-with `engine.save_checkpoint` and each process's `scheduler.state_dict()`; the resumed run starts from another
+with `engine.save_checkpoint` and each process's scheduler state (`hf_autowu.save_scheduler_state` in the checkpoint's
+tag folder); the resumed run starts from another
 initialisation, loads both and continues to the end. Runs of ZeRO 2, ZeRO 3 and stage 0 (fp32) build AutoWU on
 AdamW before `deepspeed.initialize`, as a scheduler built before `accelerator.prepare` is, without `model`:
 DeepSpeed replaces AdamW's parameters with its master partitions and wraps AdamW (or, in stage 0, steps it itself),
@@ -45,7 +46,7 @@ from process_exit import leave  # noqa: E402
 from sharded_rewind import batch, local_state, make_model, switch_record  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_autowu import AutoWU  # noqa: E402
+from hf_autowu import AutoWU, load_scheduler_state, save_scheduler_state  # noqa: E402
 
 TOTAL, RESUME_AT, HIDDEN, NAN_LOSS_AT = 200, 70, 32, 60
 STAGES = (1, 2, 3)
@@ -151,11 +152,11 @@ class Run:
                 self.record["weights"][step + 1] = model_weights(self.engine.module)
             if save_to is not None and step + 1 == RESUME_AT:
                 self.engine.save_checkpoint(str(save_to), tag="warmup")
-                torch.save(self.scheduler.state_dict(), save_to / f"scheduler_rank{dist.get_rank()}.pt")
+                save_scheduler_state(self.scheduler, save_to / "warmup")
 
     def load(self, folder: Path) -> None:
         self.engine.load_checkpoint(str(folder), tag="warmup")
-        self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{dist.get_rank()}.pt", weights_only=True))
+        self.record["scheduler_file"] = load_scheduler_state(self.scheduler, folder / "warmup").name
 
     def finish(self) -> dict[str, Any]:
         self.record.update(switch_record(self.scheduler), optimizer=type(self.optimizer).__name__)

@@ -1,10 +1,11 @@
 """Two processes (torchrun, gloo) drive one AutoWU each with different local losses: one of them NaN once (spike
 watch off), or both blowing up between two switch tests (spike watch on); and the first run saved between two tests
-from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both; and a
-30-step budget, too short for a switch test; and a loss that never moves, to the cap. And a
-small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one process
-only: warmup goes on from the main process's snapshot, on both. And a model under DDP that one update wrecks between
-two switch tests, with the steps at which AutoWU calls a collective.
+from the main process's state, as `accelerator.register_for_checkpointing` saves it, then resumed on both; saved
+with `hf_autowu.register_for_checkpointing` and with `hf_autowu.save_scheduler_state` (then resumed from the main
+process's file on both); and a 30-step budget, too short for a switch test; and a loss that never moves, to the
+cap. And a small model trained alike on both with AutoWU's defaults, whose loss and gradients turn NaN once on one
+process only: warmup goes on from the main process's snapshot, on both. And a model under DDP that one update wrecks
+between two switch tests, with the steps at which AutoWU calls a collective.
 
 Run with `torchrun --standalone --nproc_per_node 2 scheduler_two_processes.py OUT_DIR`; writes the LR of every
 step and the decisions to `OUT_DIR/rank{rank}.json` for `tests/test_scheduler_multiprocess.py`.
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from collective_counter import CollectiveCounter
 from process_exit import leave
 
-from hf_autowu import AutoWU, register_for_checkpointing
+from hf_autowu import AutoWU, load_scheduler_state, register_for_checkpointing, save_scheduler_state
 from hf_autowu.distributed import MeanInFlight, mean_over_processes
 
 TOTAL = 240
@@ -60,9 +61,14 @@ def flat_loss(rank: int, step: int) -> float:
     return 1.0 + rank + 0.05 * float(torch.randn((), generator=g))
 
 
-def run(rank: int, losses, total: int = TOTAL, **options) -> dict:
+def build(total: int = TOTAL, **options) -> tuple[torch.optim.Optimizer, AutoWU]:
+    """A one-parameter SGD and AutoWU on it, straight to cooldown at the switch, without rewind."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = AutoWU(optimizer, total_steps=total, immediate_cooldown=True, rewind=False, **options)
+    return optimizer, AutoWU(optimizer, total_steps=total, immediate_cooldown=True, rewind=False, **options)
+
+
+def run(rank: int, losses, total: int = TOTAL, **options) -> dict:
+    optimizer, scheduler = build(total, **options)
     lrs = []
     for step in range(total):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -77,64 +83,88 @@ def run(rank: int, losses, total: int = TOTAL, **options) -> dict:
     }
 
 
+def resumed_run(losses, save_step: int, resume, **options) -> list[float]:
+    """`run`'s loop (with `options`) in which, before step `save_step`, `resume(scheduler)` saves the scheduler and
+    returns the optimizer and scheduler the run goes on with. The LR of every step."""
+    optimizer, scheduler = build(**options)
+    lrs = []
+    for step in range(TOTAL):
+        if step == save_step:
+            optimizer, scheduler = resume(scheduler)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    return lrs
+
+
 def saved_and_resumed(rank: int, losses) -> dict:
     """`run` under `NAN_OPTIONS`, saved at `SAVE_STEP` from the main process's `state_dict()` (after
     `sync_pending_losses()` on every process) and loaded into a new scheduler on both; with how many warnings
     `state_dict()` gave before and after the sync."""
+    result = {}
 
-    def build():
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return optimizer, AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **NAN_OPTIONS)
+    def resume(scheduler: AutoWU) -> tuple[torch.optim.Optimizer, AutoWU]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scheduler.state_dict()
+            result["warnings_unsynced"] = len(caught)
+            scheduler.sync_pending_losses()
+            state = [scheduler.state_dict()]
+            result["warnings_synced"] = len(caught) - result["warnings_unsynced"]
+        dist.broadcast_object_list(state, src=0)
+        optimizer, scheduler = build(**NAN_OPTIONS)
+        scheduler.load_state_dict(state[0])
+        return optimizer, scheduler
 
-    optimizer, scheduler = build()
-    lrs = []
-    for step in range(TOTAL):
-        if step == SAVE_STEP:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                scheduler.state_dict()
-                unsynced = len(caught)
-                scheduler.sync_pending_losses()
-                state = [scheduler.state_dict()]
-                synced = len(caught) - unsynced
-            dist.broadcast_object_list(state, src=0)
-            optimizer, scheduler = build()
-            scheduler.load_state_dict(state[0])
-        lrs.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(torch.tensor(losses(step, lrs[-1])))
-    return {"lrs": lrs, "warnings_unsynced": unsynced, "warnings_synced": synced}
+    return result | {"lrs": resumed_run(losses, SAVE_STEP, resume, **NAN_OPTIONS)}
+
+
+def saved_by_hand(rank: int, losses, folder: Path) -> dict:
+    """`run` under `NAN_OPTIONS`, saved at `SAVE_STEP` by `hf_autowu.save_scheduler_state` on both processes (no
+    explicit sync); process 1's file is then removed, so that `load_scheduler_state` gives it the main process's (as
+    in a resume with fewer processes), and both go on in new schedulers. With the files each process loaded."""
+    result = {}
+
+    def resume(scheduler: AutoWU) -> tuple[torch.optim.Optimizer, AutoWU]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = save_scheduler_state(scheduler, folder)
+        result.update(written=written.name, warnings=[str(w.message) for w in caught if "AutoWU" in str(w.message)])
+        dist.barrier()
+        if rank == 1:
+            written.unlink()
+        dist.barrier()
+        optimizer, scheduler = build(**NAN_OPTIONS)
+        result["loaded"] = load_scheduler_state(scheduler, folder).name
+        return optimizer, scheduler
+
+    return result | {"lrs": resumed_run(losses, SAVE_STEP, resume, **NAN_OPTIONS)}
 
 
 def saved_with_accelerate(rank: int, losses, folder: Path) -> dict:
     """`run` under `NAN_OPTIONS`, saved at `SAVE_STEP` by `accelerator.save_state` with
     `hf_autowu.register_for_checkpointing` (no explicit sync) and resumed into a new scheduler with `load_state` on
     both; with the losses each process held before the save, the warnings, and the history the main process saved."""
+    result = {}
 
-    def build():
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False, **NAN_OPTIONS)
+    def registered(scheduler: AutoWU) -> Accelerator:
         accelerator = Accelerator(cpu=True)
         register_for_checkpointing(accelerator, scheduler)
-        return optimizer, scheduler, accelerator
+        return accelerator
 
-    optimizer, scheduler, accelerator = build()
-    lrs = []
-    for step in range(TOTAL):
-        if step == SAVE_STEP:
-            pending = len(scheduler._pending)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                accelerator.save_state(str(folder))
-            accelerator.wait_for_everyone()  # the main process's file is written before any process reads it
-            optimizer, scheduler, accelerator = build()
-            accelerator.load_state(str(folder))
-        lrs.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(torch.tensor(losses(step, lrs[-1])))
+    def resume(scheduler: AutoWU) -> tuple[torch.optim.Optimizer, AutoWU]:
+        result["pending_before_save"] = len(scheduler._pending)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            registered(scheduler).save_state(str(folder))
+        result["warnings"] = [str(w.message) for w in caught if "AutoWU" in str(w.message)]
+        dist.barrier()  # the main process's file is written before any process reads it
+        optimizer, scheduler = build(**NAN_OPTIONS)
+        registered(scheduler).load_state(str(folder))
+        return optimizer, scheduler
+
+    result["lrs"] = resumed_run(losses, SAVE_STEP, resume, **NAN_OPTIONS)
     saved = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
-    return {
-        "lrs": lrs,
-        "pending_before_save": pending,
-        "warnings": [str(w.message) for w in caught if "AutoWU" in str(w.message)],
+    return result | {
         "saved_history": saved["history"].tolist(),
         "own_file": (folder / f"autowu_rank{rank}.pt").exists(),
     }
@@ -144,25 +174,21 @@ def saved_mid_relay(rank: int, losses) -> dict:
     """`run` with the defaults (spike watch on), saved after `RELAY_SAVE_STEP` steps, while the relay started at that
     step is under way, from `state_dict()` called on the main process alone and without `sync_pending_losses()` (a
     collective there would hang), then loaded into a new scheduler on both."""
+    result = {"warnings": 0}
 
-    def build():
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return optimizer, AutoWU(optimizer, total_steps=TOTAL, immediate_cooldown=True, rewind=False)
+    def resume(scheduler: AutoWU) -> tuple[torch.optim.Optimizer, AutoWU]:
+        result["in_flight"] = scheduler._relay is not None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = [scheduler.state_dict() if rank == 0 else None]
+        result["warnings"] = len(caught)
+        dist.broadcast_object_list(state, src=0)
+        optimizer, scheduler = build()
+        scheduler.load_state_dict(state[0])
+        result["pending"] = state[0]["pending"].tolist()
+        return optimizer, scheduler
 
-    optimizer, scheduler = build()
-    lrs, caught = [], []
-    for step in range(TOTAL):
-        if step == RELAY_SAVE_STEP:
-            in_flight = scheduler._relay is not None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                state = [scheduler.state_dict() if rank == 0 else None]
-            dist.broadcast_object_list(state, src=0)
-            optimizer, scheduler = build()
-            scheduler.load_state_dict(state[0])
-        lrs.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(torch.tensor(losses(step, lrs[-1])))
-    return {"lrs": lrs, "in_flight": in_flight, "warnings": len(caught), "pending": state[0]["pending"].tolist()}
+    return result | {"lrs": resumed_run(losses, RELAY_SAVE_STEP, resume)}
 
 
 def retried_run(rank: int) -> dict:
@@ -271,6 +297,7 @@ def main() -> None:
         "accelerate": saved_with_accelerate(
             rank, lambda step, lr: local_loss(rank, step, lr), Path(sys.argv[1], "accelerate_checkpoint")
         ),
+        "by_hand": saved_by_hand(rank, lambda step, lr: local_loss(rank, step, lr), Path(sys.argv[1], "by_hand")),
         "resumed_mid_relay": saved_mid_relay(rank, lambda step, lr: local_loss(rank, step, lr)),
         "spike": run(rank, lambda step, lr: blown_up_loss(rank, step), test_interval=SPIKE_INTERVAL),
         "retried": retried_run(rank),

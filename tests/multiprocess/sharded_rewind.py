@@ -7,8 +7,10 @@ data, and each process writes `OUT_DIR/{run}_rank{rank}.pt`: the LR of every ste
 
 - `{layout}`: uninterrupted; it also saves a checkpoint after `RESUME_AT` steps (late warmup, after the snapshot
   the switch restores): model and optimizer with `torch.distributed.checkpoint` (FSDP2) or each process's local
-  tensors (FSDP1, DDP), and each process's `scheduler.state_dict()`, which holds its own rewind snapshots;
-- `{layout}-resumed`: rebuilt from another initialisation, loaded from that checkpoint, continued to the end;
+  tensors (FSDP1, DDP), and each process's scheduler state, which holds its own rewind snapshots
+  (`hf_autowu.save_scheduler_state`);
+- `{layout}-resumed`: rebuilt from another initialisation, loaded from that checkpoint
+  (`hf_autowu.load_scheduler_state`), continued to the end;
 - `{layout}-accelerate` and `{layout}-accelerate-resumed`: the same two runs with AutoWU's state saved and loaded by
   `accelerator.save_state`/`load_state` (`hf_autowu.register_for_checkpointing`);
 - `{layout}-resumed-main`: the same, but every process loads the main process's `scheduler.state_dict()`, as
@@ -42,7 +44,7 @@ from process_exit import leave
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from hf_autowu import AutoWU, register_for_checkpointing
+from hf_autowu import AutoWU, load_scheduler_state, register_for_checkpointing, save_scheduler_state
 from hf_autowu.rewind import sharding_of
 
 TOTAL = 200
@@ -193,8 +195,8 @@ class Run:
 
     def save(self, folder: Path) -> None:
         """Model and optimizer (FSDP2: with `torch.distributed.checkpoint`; FSDP1 and DDP, whose local parts are
-        plain tensors: each process's own), and each process's `scheduler.state_dict()` with its rewind snapshots
-        (with an accelerator: its `save_state`, in `folder / "accelerate"`)."""
+        plain tensors: each process's own), and each process's scheduler state with its rewind snapshots
+        (`hf_autowu.save_scheduler_state`; with an accelerator: its `save_state`, in `folder / "accelerate"`)."""
         rank = dist.get_rank()
         if self.layout == "fsdp2":
             model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
@@ -209,7 +211,7 @@ class Run:
                 self.accelerator.save_state(str(folder / "accelerate"))
             self.record["save_warnings"] = [str(w.message) for w in caught if "AutoWU" in str(w.message)]
         else:
-            torch.save(self.scheduler.state_dict(), folder / f"scheduler_rank{rank}.pt")
+            save_scheduler_state(self.scheduler, folder)
 
     def load(self, folder: Path, scheduler_of: int | None = None) -> None:
         """Model and optimizer as `save` wrote them, and the scheduler state of process `scheduler_of` (by default
@@ -231,8 +233,10 @@ class Run:
         if self.accelerator is not None:
             self.accelerator.load_state(str(folder / "accelerate"))
             return
-        scheduler_of = rank if scheduler_of is None else scheduler_of
-        self.scheduler.load_state_dict(torch.load(folder / f"scheduler_rank{scheduler_of}.pt", weights_only=True))
+        if scheduler_of is None:
+            self.record["scheduler_file"] = load_scheduler_state(self.scheduler, folder).name
+        else:
+            self.scheduler.load_state_dict(torch.load(folder / f"autowu_rank{scheduler_of}.pt", weights_only=True))
 
 
 def through_accelerate(layout: str, hidden: int, folder: Path, out_dir: Path) -> None:
