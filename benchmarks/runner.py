@@ -31,6 +31,12 @@ NOT_DECISION_CODE = ("__init__.py", "cli.py", "plotting.py", "replay.py", "log_e
 """Modules of `hf_autowu` that cannot change what AutoWU decides or trains (every other module can)."""
 
 SAME_DECISIONS_AS: dict[str, dict[str, str]] = {
+    "09c2a9f4b7a9": {
+        "02fb9fe5ba55": "the losses' mean for standardizing them is taken on the losses scaled down where their sum "
+        "overflows (losses near 1e306; no recorded row comes near), and `load_scheduler_state` reads its file without "
+        "memory-mapping it; `probe_rows.py --at` replays all 1131 recorded AutoWU rows with losses under 09c2a9f4b7a9 "
+        "to their recorded switch step, reason and LR",
+    },
     "02fb9fe5ba55": {
         "c96ee2bedbf1": "`hf_autowu.save_scheduler_state`/`load_scheduler_state` (a new module, `process_files`) for "
         "loops that checkpoint by hand, and the Trainer's and Accelerate's per-process files chosen and written by "

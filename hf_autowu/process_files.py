@@ -102,7 +102,7 @@ def load_scheduler_state(scheduler: AutoWU, input_dir: str | os.PathLike) -> Pat
             f"load_scheduler_state: no AutoWU state in {os.fspath(input_dir)!r} (no {looked_for}); write it with "
             "`hf_autowu.save_scheduler_state`."
         )
-    scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return Path(path)
 
 

@@ -300,7 +300,11 @@ def standardize(values: np.ndarray, finite: np.ndarray) -> tuple[np.ndarray, flo
         `tuple`: the standardised values, and the (shift, scale) that undo it.
     """
     kept = values[finite]
-    shift = float(kept.mean())
+    with np.errstate(over="ignore"):
+        shift = float(kept.mean())
+    if not math.isfinite(shift):  # a sum past float64's range (losses near 1e306): the mean of the values scaled down
+        peak = float(np.abs(kept).max())
+        shift = peak * float((kept / peak).mean())
     spread = float(np.abs(kept - shift).max()) if kept.size > 1 else 0.0
     if 0.0 < spread < math.inf and not _SQUARES_SAFE[0] < spread < _SQUARES_SAFE[1]:
         # losses whose squares overflow (beyond ~1e154) or underflow (below ~1e-154): the same standard deviation,
