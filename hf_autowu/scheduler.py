@@ -482,9 +482,10 @@ class AutoWU(Joinable):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit, as plain types and CPU tensors (`weights_only`-safe).
 
-        With several processes, call `sync_pending_losses()` on every process first (the Trainer's entry points do):
-        the losses since the last switch test are held per process until then, and a state saved from one process
-        would resume with that process's losses instead of their mean (a warning says so).
+        With several processes, call `sync_pending_losses()` on every process first (the Trainer's entry points,
+        `hf_autowu.register_for_checkpointing` and `hf_autowu.save_scheduler_state` do): the losses since the last
+        switch test are held per process until then, and a state saved from one process would resume with that
+        process's losses instead of their mean (a warning says so).
         """
         if self.joined:
             raise RuntimeError(
