@@ -45,6 +45,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from hf_autowu import AutoWU, load_scheduler_state, register_for_checkpointing, save_scheduler_state
+from hf_autowu.process_files import SCHEDULER_STATE_FILE
 from hf_autowu.rewind import sharding_of
 
 TOTAL = 200
@@ -236,7 +237,8 @@ class Run:
         if scheduler_of is None:
             self.record["scheduler_file"] = load_scheduler_state(self.scheduler, folder).name
         else:
-            self.scheduler.load_state_dict(torch.load(folder / f"autowu_rank{scheduler_of}.pt", weights_only=True))
+            main_file = folder / SCHEDULER_STATE_FILE.format(rank=scheduler_of)
+            self.scheduler.load_state_dict(torch.load(main_file, weights_only=True))
 
 
 def through_accelerate(layout: str, hidden: int, folder: Path, out_dir: Path) -> None:
